@@ -1,0 +1,142 @@
+"""Checkpoints and artifacts that survive kill -9 and refuse to load when damaged.
+
+Every file is written atomically (temporary file in the same folder, flush + fsync, rename) and
+gets a ``<name>.sha256`` sidecar; :func:`load` verifies the hash before unpickling and then uses
+``torch.load(weights_only=True)``, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or artifact is missing, truncated, corrupted or of the wrong kind."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, sidecar: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically, plus ``path.sha256`` when ``sidecar``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if sidecar:
+            # The sidecar goes first: a crash between the two renames leaves the old file with a
+            # new hash, which load() reports as corrupted rather than trusting a stale pair.
+            digest = hashlib.sha256(data).hexdigest()
+            atomic_write_bytes(path.with_name(path.name + ".sha256"),
+                               f"{digest}  {path.name}\n".encode(), sidecar=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write pretty JSON with a sha256 sidecar (results artifacts)."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write a text artifact (e.g. history.csv) with a sha256 sidecar."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def save(obj: dict[str, Any], path: str | Path) -> Path:
+    """Atomically ``torch.save`` a dict of tensors / plain data to ``path`` (with sidecar)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def verify(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` exists and matches its sha256 sidecar."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    side = path.with_name(path.name + ".sha256")
+    if not side.is_file():
+        raise CheckpointError(f"{path} has no {side.name} beside it; cannot verify it (re-create "
+                              "it, or write the hash with anchor_lib.checkpoint.write_sidecar)")
+    expected = side.read_text().split()[0] if side.read_text().split() else ""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(f"{path} is corrupted or truncated: sha256 {actual[:12]}... does not "
+                              f"match {side.name} ({expected[:12]}...)")
+
+
+def write_sidecar(path: str | Path) -> Path:
+    """Write ``path.sha256`` for an existing file (e.g. one copied in from elsewhere)."""
+    path = Path(path)
+    return atomic_write_bytes(path.with_name(path.name + ".sha256"),
+                              f"{sha256_file(path)}  {path.name}\n".encode(), sidecar=False)
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu",
+         verify_hash: bool = True) -> dict[str, Any]:
+    """Verify and load a checkpoint written by :func:`save` (``weights_only=True``)."""
+    path = Path(path)
+    if verify_hash:
+        verify(path)
+    elif not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged pickles/zips
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(f"{path} is not an anchor_lib checkpoint (no 'model' entry)")
+    return obj
+
+
+# --- random number generator state, in weights_only-loadable form ------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states as tensors / tuples (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))

@@ -1,0 +1,448 @@
+"""The trainer: standard, PGD-AT, TRADES, SupCon-AT and ANCHOR in one readable loop.
+
+Every hyper-parameter is a field of :class:`TrainConfig`; ``train(config)`` returns the per-epoch
+history and, with ``out_dir`` set, writes ``checkpoint.pt`` (everything needed to resume, every
+epoch), ``best.pt`` (the weights with the best validation robust accuracy) and ``history.csv``.
+
+One training step, by method (x is a uint8 batch on the device, a1 and a2 are two augmented views):
+
+=========== ==========================================================================
+standard    CE(f(a1), y)
+pgd_at      CE(f(x_adv), y),  x_adv = PGD-10 on a1 (Madry et al.)
+trades      CE(f(a1), y) + β_trades · KL(f(a1) ‖ f(x_adv)),  x_adv maximises the KL
+supcon_at   CE(f(x_adv), y) + λ · SupCon(z[a1, a2, x_adv])  (ANCHOR with β = 0)
+anchor      CE(f(x_adv), y) + λ · ANCHOR(z[a1, a2, x_adv]; τ, β)  (DESIGN §3)
+=========== ==========================================================================
+
+Speed without cleverness (DESIGN §7, airbench): the data stays on the device as uint8, augmentation
+is tensor ops, attack steps ask autograd for the input gradient only, there is no host sync inside
+an epoch except the progress bar's every ``log_every`` steps, and on CUDA the model runs in bf16
+autocast with channels_last.
+
+Determinism: epoch ``e`` seeds every random draw (data order, crops, flips, PGD's random start)
+from ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e - 1`` continues exactly as the
+uninterrupted run would (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import attacks, checkpoint, data, evaluate, losses
+from .models import PreActResNet18
+
+METHODS = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
+PROFILES = ("smoke", "demo", "full")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (DESIGN §3, §5). Defaults are the ``full`` profile."""
+
+    method: str = "anchor"
+    # data
+    data: str = "cifar10"            # "cifar10" or "synthetic"
+    train_subset: int | None = None  # use only the first N training images (after the val split)
+    val_size: int = 1000             # held out from the training set for model selection
+    # model
+    width: int = 64
+    proj_dim: int = 128
+    # optimisation: SGD + Nesterov, one-cycle (linear up, linear down) per step
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.2
+    # training attack: PGD, L-inf
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    attack_steps: int = 10
+    # contrastive term
+    temperature: float = 0.1
+    beta: float = 1.0                # hard-positive mining strength; 0 = SupCon
+    lam: float = 1.0                 # weight of the contrastive term
+    adv_in_contrastive: bool = True  # include the adversarial view among the contrastive views
+    trades_beta: float = 6.0
+    # validation and bookkeeping
+    val_attack_steps: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None           # bf16 autocast; None = on for CUDA
+    channels_last: bool | None = None  # None = on for CUDA
+    log_every: int = 20
+    progress: bool = True
+    out_dir: str | None = None
+    profile: str = "full"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.data not in ("cifar10", "synthetic"):
+            raise ValueError(f"data must be 'cifar10' or 'synthetic', got {self.data!r}")
+        for name in ("epochs", "batch_size", "width", "proj_dim", "attack_steps",
+                     "val_attack_steps", "val_size", "log_every"):
+            value = getattr(self, name)
+            low = 0 if name in ("val_size", "attack_steps", "val_attack_steps") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name in ("lr", "eps", "alpha", "temperature", "beta", "lam", "trades_beta",
+                     "momentum", "weight_decay", "warmup_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.temperature == 0 or self.lr == 0:
+            raise ValueError("temperature and lr must be > 0")
+        if self.train_subset is not None and self.train_subset < self.batch_size:
+            raise ValueError(f"train_subset ({self.train_subset}) must be >= batch_size "
+                             f"({self.batch_size}) so that an epoch has at least one step")
+
+    @classmethod
+    def from_profile(cls, profile: str | None = None, **overrides: Any) -> TrainConfig:
+        """A config for ``smoke`` (CPU, seconds), ``demo`` (a Colab GPU) or ``full``.
+
+        ``profile=None`` reads ``ANCHOR_PROFILE`` (default: ``demo`` with a GPU, else ``smoke``).
+        """
+        profile = profile or default_profile()
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+        settings: dict[str, Any] = {
+            "smoke": dict(width=8, epochs=1, batch_size=128, lr=0.1, train_subset=1024,
+                          val_size=256, attack_steps=5, val_attack_steps=5, log_every=4),
+            "demo": dict(width=32, epochs=5, batch_size=256, lr=0.1, train_subset=20000,
+                         val_size=1000),
+            "full": {},
+        }[profile]
+        return cls(**{**settings, "profile": profile, **overrides})
+
+
+def default_profile() -> str:
+    """``$ANCHOR_PROFILE``, else ``demo`` when a GPU is present, else ``smoke``."""
+    profile = os.environ.get("ANCHOR_PROFILE") or ("demo" if torch.cuda.is_available() else "smoke")
+    if profile not in PROFILES:
+        raise ValueError(f"ANCHOR_PROFILE must be one of {', '.join(PROFILES)}, got {profile!r}")
+    return profile
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the message names the epoch and step."""
+
+
+# --- data for a run -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    """Device-resident uint8 training / validation / test tensors for one run."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    label: str
+
+
+def load_run_data(cfg: TrainConfig, device: torch.device,
+                  dataset: data.CIFAR10 | None = None) -> RunData:
+    """Split the training set into train / validation (fixed seed 0) and move it to ``device``."""
+    if dataset is None:
+        dataset = (data.synthetic(n_train=max(2 * cfg.val_size, 4000), n_test=1000)
+                   if cfg.data == "synthetic" else data.load_cifar10())
+    # The split does not depend on cfg.seed: every run is selected on the same validation images.
+    train_idx, val_idx = data.train_val_split(len(dataset.y_train), cfg.val_size, seed=0)
+    if cfg.train_subset is not None:
+        train_idx = train_idx[: cfg.train_subset]
+    if len(train_idx) < cfg.batch_size:
+        raise ValueError(f"only {len(train_idx)} training images, fewer than batch_size "
+                         f"{cfg.batch_size}")
+    d = dataset
+    return RunData(d.x_train[train_idx].to(device), d.y_train[train_idx].to(device),
+                   d.x_train[val_idx].to(device), d.y_train[val_idx].to(device),
+                   d.x_test.to(device), d.y_test.to(device), d.label)
+
+
+# --- one step -----------------------------------------------------------------------------------
+
+
+def _kl_to_clean(clean_probs: torch.Tensor):
+    """TRADES' inner loss: KL(p_clean ‖ p(x')), summed, with the clean side held fixed."""
+    def loss_fn(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(logits.float(), dim=1), clean_probs, reduction="sum")
+    return loss_fn
+
+
+def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+                  generator: torch.Generator, amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one step for ``cfg.method`` on a uint8 batch ``x`` (N, 3, H, W).
+
+    Returns the scalar loss and a dict of detached per-step diagnostics (device tensors, never
+    synced here): ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
+    """
+    a1 = data.augment(x, generator)
+    attack = partial(attacks.pgd_core, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps,
+                     amp=amp)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
+    zero = torch.zeros((), device=x.device)
+
+    if cfg.method == "standard":
+        with autocast:
+            logits = model(a1)
+        ce = F.cross_entropy(logits.float(), y)
+        return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
+
+    if cfg.method == "trades":
+        model.eval()
+        with torch.no_grad(), autocast:
+            clean_probs = F.softmax(model(a1).float(), dim=1)
+        # TRADES starts from a small Gaussian around the clean image, not a uniform start.
+        start = (a1 + 0.001 * torch.randn_like(a1)).clamp(0, 1)
+        x_adv = attack(model, start, y, random_start=False, loss_fn=_kl_to_clean(clean_probs),
+                       x_ref=a1)
+        model.train()
+        with autocast:
+            logits_clean, logits_adv = model(a1), model(x_adv)
+        loss = losses.trades_loss(logits_clean.float(), logits_adv.float(), y, beta=cfg.trades_beta,
+                                  validate=False)
+        ce = F.cross_entropy(logits_clean.float(), y)
+        return loss, {"ce": ce.detach(), "con": (loss - ce).detach(),
+                      "correct": (logits_adv.argmax(1) == y).sum()}
+
+    model.eval()
+    x_adv = attack(model, a1, y, random_start=True)
+    model.train()
+    if cfg.method == "pgd_at":
+        with autocast:
+            logits = model(x_adv)
+        ce = F.cross_entropy(logits.float(), y)
+        return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
+
+    # supcon_at / anchor: one backbone pass over all views, CE on the adversarial view only.
+    a2 = data.augment(x, generator)
+    views = torch.cat([a1, a2, x_adv])
+    with autocast:
+        logits, z = model.forward_all(views)
+    n = y.shape[0]
+    ce = F.cross_entropy(logits[2 * n:].float(), y)
+    n_views = 3 if cfg.adv_in_contrastive else 2
+    beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
+    con = losses.anchor_loss(z[: n_views * n].float(), y.repeat(n_views),
+                             temperature=cfg.temperature, beta=beta, validate=False)
+    loss = ce + cfg.lam * con
+    return loss, {"ce": ce.detach(), "con": con.detach(),
+                  "correct": (logits[2 * n:].argmax(1) == y).sum()}
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, num_classes: int = 10) -> PreActResNet18:
+    """The PreAct ResNet-18 a config describes (on the CPU, fp32)."""
+    return PreActResNet18(num_classes=num_classes, width=cfg.width, proj_dim=cfg.proj_dim)
+
+
+def _schedule(total_steps: int, warmup_fraction: float):
+    warm = max(1, int(round(warmup_fraction * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+    return factor
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+def validate(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+             amp: bool = False) -> dict[str, float]:
+    """Clean and PGD-``val_attack_steps`` accuracy on the validation split (fp32 unless amp)."""
+    if x.shape[0] == 0:
+        return {"val_clean": float("nan"), "val_pgd": float("nan")}
+    xf = data.to_float(x)
+    clean = evaluate.accuracy(model, xf, y, batch_size=500)
+    if cfg.method == "standard" and cfg.val_attack_steps == 0:
+        return {"val_clean": clean, "val_pgd": float("nan")}
+    attack = partial(attacks.pgd, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.val_attack_steps)
+    robust = evaluate.robust_accuracy(model, xf, y, attack, batch_size=500)
+    return {"val_clean": clean, "val_pgd": robust}
+
+
+HISTORY_FIELDS = ("epoch", "loss", "ce", "con", "train_acc", "val_clean", "val_pgd", "lr",
+                  "seconds", "best")
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """The history as CSV text, one row per epoch (DESIGN §6 ``history.csv``)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | None = None,
+          fail_at: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """Train ``config.method``; return the history (one dict per epoch).
+
+    Args:
+        config: the run.
+        resume: continue from ``out_dir/checkpoint.pt`` (verified) if it exists.
+        dataset: use this dataset instead of loading one (tests, notebooks).
+        fail_at: ``(epoch, step)`` at which to inject a NaN into the loss (fault-injection tests).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint is kept.
+    """
+    cfg = config
+    device = resolve_device(cfg.device)
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+
+    torch.manual_seed(cfg.seed)
+    run = load_run_data(cfg, device, dataset)
+    num_classes = int(max(run.y_train.max().item(), run.y_test.max().item())) + 1
+    model = build_model(cfg, max(num_classes, 2)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    steps_per_epoch = run.x_train.shape[0] // cfg.batch_size
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=True, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best = 0, -1.0
+    if resume and out is not None and (out / "checkpoint.pt").exists():
+        state = checkpoint.load(out / "checkpoint.pt", map_location=device)
+        saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
+        mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
+        if saved != mine:
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+            raise ValueError(f"cannot resume {out / 'checkpoint.pt'}: its config differs in "
+                             f"{', '.join(diff)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        history, start_epoch, best = list(state["history"]), state["epoch"] + 1, state["best"]
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+        gen = torch.Generator(device=device).manual_seed(_epoch_seed(cfg.seed, epoch) + 1)
+        model.train()
+        sums = torch.zeros(4, device=device)  # loss, ce, con, correct — summed on the device
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False)
+        for step, (xb, yb) in enumerate(data.batches(run.x_train, run.y_train, cfg.batch_size,
+                                                     generator=gen)):
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            loss, parts = training_loss(model, cfg, xb, yb, gen, amp)
+            if fail_at == (epoch, step):
+                loss = loss * float("nan")
+            bad = ~torch.isfinite(loss)
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([loss.detach(), parts["ce"], parts["con"],
+                                 parts["correct"].float()])
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                # The only host sync inside an epoch: progress and the NaN check.
+                _raise_if_nonfinite(first_bad, epoch, out)
+                done = (step + 1)
+                s = sums.tolist()
+                bar.set_postfix(loss=f"{s[0] / done:.3f}",
+                                acc=f"{s[3] / (done * cfg.batch_size):.3f}")
+            bar.update(1)
+        bar.close()
+        _raise_if_nonfinite(first_bad, epoch, out)
+
+        s = sums.tolist()
+        metrics = validate(model, cfg, run.x_val, run.y_val)
+        score = metrics["val_clean"] if cfg.method == "standard" else metrics["val_pgd"]
+        is_best = not math.isnan(score) and score > best
+        best = max(best, score) if not math.isnan(score) else best
+        row = {"epoch": epoch + 1, "loss": s[0] / steps_per_epoch, "ce": s[1] / steps_per_epoch,
+               "con": s[2] / steps_per_epoch,
+               "train_acc": s[3] / (steps_per_epoch * cfg.batch_size),
+               **metrics, "lr": scheduler.get_last_lr()[0],
+               "seconds": time.perf_counter() - t0, "best": bool(is_best)}
+        history.append(row)
+        if cfg.progress:
+            tqdm.write(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} "
+                       f"train acc {row['train_acc']:.3f} val clean {row['val_clean']:.3f} "
+                       f"val PGD-{cfg.val_attack_steps} {row['val_pgd']:.3f} "
+                       f"({row['seconds']:.1f} s)")
+        if out is not None:
+            model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if is_best:
+                checkpoint.save({"model": model_state, "config": asdict(cfg), "epoch": epoch,
+                                 "val": metrics, "data": run.label}, out / "best.pt")
+            checkpoint.save({"model": model_state, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                             "config": asdict(cfg), "epoch": epoch, "history": history,
+                             "best": best, "data": run.label}, out / "checkpoint.pt")
+            checkpoint.write_text(out / "history.csv", history_csv(history))
+    return history
+
+
+# Fields that may change between a run and its resumption without changing the computation.
+_RESUME_FREE = {"progress", "log_every", "out_dir", "extra"}
+
+
+def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, out: Path | None) -> None:
+    step = int(first_bad.item())
+    if step >= 0:
+        kept = (f"; the last good checkpoint is kept at {out / 'checkpoint.pt'}"
+                if out is not None and (out / "checkpoint.pt").exists() else "")
+        raise NonFiniteLossError(f"non-finite training loss at epoch {epoch + 1}, step {step + 1}"
+                                 f"{kept}. Lower the learning rate or check the data.")
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a :class:`TrainConfig` from ``asdict`` output, ignoring unknown keys."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PreActResNet18, dict]:
+    """Load a verified ``best.pt`` / ``checkpoint.pt``; returns (model in eval mode, checkpoint)."""
+    state = checkpoint.load(path)
+    cfg = config_from_dict(state["config"])
+    num_classes = state["model"]["linear.weight"].shape[0]
+    model = build_model(cfg, num_classes)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in state["model"].items()})
+    return model.to(device).eval(), state

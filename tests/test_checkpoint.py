@@ -1,0 +1,87 @@
+"""anchor_lib.checkpoint: atomic writes, sha256 sidecars, weights_only loads, RNG round trips."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from anchor_lib import checkpoint
+
+
+def test_save_load_round_trip_with_sidecar(tmp_path):
+    path = tmp_path / "ck.pt"
+    checkpoint.save({"model": {"w": torch.arange(4.0)}, "epoch": 3}, path)
+    assert (tmp_path / "ck.pt.sha256").read_text().split()[0] == checkpoint.sha256_file(path)
+    state = checkpoint.load(path)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0))
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_sidecar", "missing"])
+def test_damaged_checkpoint_names_the_file(tmp_path, damage):
+    path = tmp_path / "ck.pt"
+    checkpoint.save({"model": {"w": torch.randn(100)}}, path)
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        path.write_bytes(raw[:50] + bytes([raw[50] ^ 0xFF]) + raw[51:])
+    elif damage == "no_sidecar":
+        (tmp_path / "ck.pt.sha256").unlink()
+    else:
+        path.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="ck.pt"):
+        checkpoint.load(path)
+
+
+def test_unverified_garbage_still_gives_a_clear_error(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"garbage" * 10)
+    checkpoint.write_sidecar(path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint .*junk.pt"):
+        checkpoint.load(path)
+
+
+def test_weights_only_refuses_code(tmp_path):
+    """A pickle that would run code on load is rejected, even with a matching hash."""
+    path = tmp_path / "evil.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": {}, "payload": Evil()}, path)
+    checkpoint.write_sidecar(path)
+    with pytest.raises(checkpoint.CheckpointError, match="evil.pt"):
+        checkpoint.load(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.pt"
+    checkpoint.save({"something": 1}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not an anchor_lib checkpoint"):
+        checkpoint.load(path)
+
+
+def test_json_artifact_atomic_and_verifiable(tmp_path):
+    path = checkpoint.write_json(tmp_path / "m.json", {"a": 1})
+    checkpoint.verify(path)
+    path.write_text('{"a": 2}\n')
+    with pytest.raises(checkpoint.CheckpointError, match="m.json"):
+        checkpoint.verify(path)
+
+
+def test_rng_state_round_trip_and_weights_only(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    state = checkpoint.rng_state()
+    checkpoint.save({"model": {}, "rng": state}, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "r.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0])
+    assert np.array_equal(expected[1], got[1]) and expected[2] == got[2]

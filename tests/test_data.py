@@ -1,0 +1,203 @@
+"""anchor_lib.data: resolution order, decoding, caching, faults, batches and augmentation."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anchor_lib import data
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+CACHE = os.environ.get("ANCHOR_CACHE_DIR", "/tmp/anchor-test-cache")  # before fixtures change it
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_image_folder(root: Path, per_class: int = 2, classes=data.CLASSES) -> Path:
+    for split in ("train", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                (d / f"{i:04d}.jpg").write_bytes(_jpeg(hash((split, c, i)) % 2**32))
+    return root
+
+
+def make_tar(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:xz") as tar:
+        for split in ("train", "test"):
+            tar.add(folder / split, arcname=split)
+    return archive
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANCHOR_OFFLINE", "1")
+    monkeypatch.setenv("ANCHOR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_image_folder_is_decoded_and_cached(tmp_path):
+    root = make_image_folder(tmp_path / "copy-jpeg")
+    d = data.load_cifar10(root)
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_train.dtype == torch.uint8
+    assert d.y_train.dtype == torch.int64 and sorted(d.y_train.tolist()) == sorted(
+        list(range(10)) * 2)
+    assert d.label == data.JPEG_COPY_LABEL
+    assert list(root.glob(".anchor-cache-*.npz")), "decoded arrays are cached next to the source"
+    again = data.load_cifar10(root)
+    assert torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
+
+
+def test_labels_follow_class_folders(tmp_path):
+    root = make_image_folder(tmp_path / "f", per_class=1)
+    d = data.load_cifar10(root)
+    # Sorted by path, so class k's single image is at position k.
+    assert d.y_train.tolist() == sorted(range(10), key=lambda k: data.CLASSES[k])
+
+
+def test_read_only_source_caches_elsewhere(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "src")
+    root = tmp_path / "ro"
+    root.mkdir()
+    make_tar(folder, root / "cifar10-jpeg.tar.xz")
+    real_access = os.access
+    # CI runs as root, for whom chmod cannot make a folder unwritable: simulate it instead.
+    monkeypatch.setattr(data.os, "access", lambda p, mode: False if Path(p) == root
+                        else real_access(p, mode))
+    d = data.load_cifar10(root)
+    assert d.x_test.shape[0] == 20
+    assert not list(root.glob(".anchor-cache-*")), "nothing is written into a read-only source"
+    assert list((tmp_path / "cache").glob(".anchor-cache-*.npz"))
+
+
+def test_tar_archive_read_directly(tmp_path):
+    folder = make_image_folder(tmp_path / "src")
+    root = tmp_path / "root"
+    root.mkdir()
+    make_tar(folder, root / "c.tar.xz")
+    d = data.load_cifar10(root)
+    from_folder = data.load_cifar10(folder)
+    assert torch.equal(d.x_train, from_folder.x_train)
+
+
+def test_pickle_batches(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                 "labels": list(rng.integers(0, 10, 4))}
+        (base / name).write_bytes(pickle.dumps(entry))
+    d = data.load_cifar10(tmp_path)
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
+    assert d.label == "CIFAR-10"
+
+
+def test_missing_data_lists_where_it_looked(tmp_path):
+    with pytest.raises(data.DataNotFoundError) as info:
+        data.load_cifar10(tmp_path / "nothing-here")
+    message = str(info.value)
+    assert "nothing-here" in message and "ANCHOR_DATA_DIR" in message
+    assert "ANCHOR_OFFLINE" in message
+
+
+def test_corrupt_jpeg_names_the_file(tmp_path):
+    root = make_image_folder(tmp_path / "f", per_class=1)
+    bad = root / "train" / "cat" / "0000.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(ValueError, match=r"corrupt image .*cat/0000\.jpg"):
+        data.load_cifar10(root)
+
+
+def test_missing_class_folder_is_named(tmp_path):
+    root = make_image_folder(tmp_path / "f", per_class=1, classes=data.CLASSES[:9])
+    with pytest.raises(ValueError, match="truck"):
+        data.load_cifar10(root)
+
+
+def test_truncated_archive_is_named(tmp_path):
+    folder = make_image_folder(tmp_path / "src")
+    root = tmp_path / "root"
+    root.mkdir()
+    archive = make_tar(folder, root / "c.tar.xz")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"c\.tar\.xz"):
+        data.load_cifar10(root)
+
+
+def test_unreachable_network_fails_fast(tmp_path, monkeypatch):
+    """With downloads allowed but no route to the internet, the error comes quickly."""
+    import time
+
+    import torchvision
+
+    monkeypatch.delenv("ANCHOR_OFFLINE")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable (simulated)")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    t0 = time.perf_counter()
+    with pytest.raises(data.DataNotFoundError, match="download .* failed"):
+        data.load_cifar10(tmp_path / "empty")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_augment_shapes_range_and_determinism():
+    x = data.synthetic(n_train=16, n_test=2).x_train
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = data.augment(x, g1), data.augment(x, g2)
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+
+
+def test_augment_is_a_crop_or_flip_of_the_padded_image():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) / (2 * 3 * 64)
+    out = data.augment(x, torch.Generator().manual_seed(0), pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(2):
+        crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+
+
+def test_batches_cover_the_data_once():
+    x = torch.arange(10).view(10, 1, 1, 1).to(torch.uint8)
+    y = torch.arange(10)
+    seen = torch.cat([yb for _, yb in data.batches(x, y, 3, drop_last=False)])
+    assert sorted(seen.tolist()) == list(range(10))
+    assert sum(1 for _ in data.batches(x, y, 3)) == 3  # drop_last keeps shapes equal
+    with pytest.raises(ValueError, match="same length"):
+        next(data.batches(x, y[:5], 3))
+
+
+def test_train_val_split_is_fixed_and_disjoint():
+    a_train, a_val = data.train_val_split(100, 10, seed=0)
+    b_train, b_val = data.train_val_split(100, 10, seed=0)
+    assert torch.equal(a_val, b_val) and len(a_val) == 10
+    assert not set(a_train.tolist()) & set(a_val.tolist())
+    with pytest.raises(ValueError, match="val_size"):
+        data.train_val_split(10, 10)
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.xz").exists(),
+                    reason="the shared CIFAR-10 JPEG copy is not beside this checkout")
+def test_shared_jpeg_copy(monkeypatch):
+    monkeypatch.setenv("ANCHOR_CACHE_DIR", CACHE)
+    d = data.load_cifar10(SHARED)
+    assert d.x_train.shape == (50000, 3, 32, 32) and d.x_test.shape == (10000, 3, 32, 32)
+    assert torch.equal(d.y_train.bincount(), torch.full((10,), 5000))
+    assert d.label == "CIFAR-10 (JPEG q75 copy)"
