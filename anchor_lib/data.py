@@ -298,11 +298,15 @@ def synthetic(n_train: int = 1000, n_test: int = 200, *, num_classes: int = 10, 
 
 
 def train_val_split(n: int, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, seeded split of ``range(n)`` into (train indices, validation indices)."""
+    """A fixed, seeded split of ``range(n)`` into (train indices, validation indices).
+
+    Both come in the permutation's (random) order, so their first k entries are a random,
+    class-balanced-in-expectation subset even when the source is sorted by class.
+    """
     if not 0 <= val_size < n:
         raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[val_size:].sort().values, perm[:val_size].sort().values
+    return perm[val_size:], perm[:val_size]
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

@@ -218,10 +218,9 @@ def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: t
         model.eval()
         with torch.no_grad(), autocast:
             clean_probs = F.softmax(model(a1).float(), dim=1)
-        # TRADES starts from a small Gaussian around the clean image, not a uniform start.
-        start = (a1 + 0.001 * torch.randn_like(a1)).clamp(0, 1)
-        x_adv = attack(model, start, y, random_start=False, loss_fn=_kl_to_clean(clean_probs),
-                       x_ref=a1)
+        # The official code starts at x + 0.001·N(0, I) because the KL's gradient vanishes at x;
+        # a uniform start in the ball does the same job and keeps one attack core for all methods.
+        x_adv = attack(model, a1, y, random_start=True, loss_fn=_kl_to_clean(clean_probs))
         model.train()
         with autocast:
             logits_clean, logits_adv = model(a1), model(x_adv)

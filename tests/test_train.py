@@ -1,0 +1,127 @@
+"""anchor_lib.train on small synthetic tasks: methods work, robustness appears, resume is exact."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from anchor_lib import attacks, checkpoint, data, evaluate
+from anchor_lib.train import (METHODS, NonFiniteLossError, TrainConfig, build_model, load_model,
+                              train, training_loss)
+
+
+def tiny(method: str = "standard", **overrides) -> TrainConfig:
+    base = dict(method=method, data="synthetic", width=4, proj_dim=16, epochs=1, batch_size=64,
+                lr=0.05, train_subset=256, val_size=64, attack_steps=3, val_attack_steps=3,
+                eps=8 / 255, alpha=3 / 255, progress=False, log_every=2, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return data.synthetic(n_train=1024, n_test=256, size=16, noise=0.1, seed=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_reports(method, small_data):
+    history = train(tiny(method), dataset=small_data)
+    row = history[-1]
+    for key in ("loss", "ce", "train_acc", "val_clean", "val_pgd", "lr", "seconds"):
+        assert key in row and row[key] == row[key], f"{key} missing or NaN"
+    assert 0.0 <= row["val_pgd"] <= row["val_clean"] <= 1.0
+    if method in ("supcon_at", "anchor"):
+        assert row["con"] > 0
+
+
+def test_pgd_at_is_more_robust_than_standard(small_data, tmp_path):
+    """The point of adversarial training, on a task where eps is large enough to matter."""
+    eps = 16 / 255
+    kw = dict(epochs=4, lr=0.1, train_subset=512, eps=eps, alpha=eps / 3, attack_steps=3, width=8)
+    x, y = data.to_float(small_data.x_test), small_data.y_test
+    attack = partial(attacks.pgd, eps=eps, alpha=eps / 4, steps=10)
+    robust = {}
+    for method in ("standard", "pgd_at"):
+        train(tiny(method, out_dir=str(tmp_path / method), **kw), dataset=small_data)
+        model, _ = load_model(tmp_path / method / "best.pt")
+        robust[method] = evaluate.robust_accuracy(model, x, y, attack)
+    assert robust["pgd_at"] > robust["standard"] + 0.2, robust
+
+
+def test_anchor_loss_falls(small_data):
+    history = train(tiny("anchor", epochs=3, train_subset=512), dataset=small_data)
+    assert history[-1]["con"] < history[0]["con"]
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_resume_matches_uninterrupted_bit_for_bit(tmp_path, small_data):
+    full = tiny("anchor", epochs=2, out_dir=str(tmp_path / "full"))
+    train(full, dataset=small_data)
+    half = tiny("anchor", epochs=2, out_dir=str(tmp_path / "resumed"))
+    # Train one epoch by asking for a NaN at the start of epoch 2; the checkpoint of epoch 1 stays.
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 1"):
+        train(half, dataset=small_data, fail_at=(1, 0))
+    history = train(half, resume=True, dataset=small_data)
+    assert [r["epoch"] for r in history] == [1, 2]
+    a = checkpoint.load(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_stops_with_epoch_and_step_and_keeps_last_good(tmp_path, small_data):
+    cfg = tiny("pgd_at", epochs=2, out_dir=str(tmp_path))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3.*last good checkpoint"):
+        train(cfg, dataset=small_data, fail_at=(1, 2))
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+
+
+def test_resume_refuses_a_different_config(tmp_path, small_data):
+    train(tiny("pgd_at", out_dir=str(tmp_path)), dataset=small_data)
+    with pytest.raises(ValueError, match="differs in .*lr"):
+        train(tiny("pgd_at", out_dir=str(tmp_path), lr=0.5), resume=True, dataset=small_data)
+
+
+def test_artifacts_written(tmp_path, small_data):
+    train(tiny("standard", epochs=2, out_dir=str(tmp_path)), dataset=small_data)
+    for name in ("checkpoint.pt", "best.pt", "history.csv"):
+        checkpoint.verify(tmp_path / name)
+    lines = (tmp_path / "history.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,loss,ce,con,train_acc,val_clean,val_pgd")
+    assert len(lines) == 3
+    model, state = load_model(tmp_path / "best.pt")
+    assert not model.training and state["config"]["method"] == "standard"
+
+
+def test_training_loss_parts_are_consistent(small_data):
+    cfg = tiny("anchor", lam=0.5)
+    model = build_model(cfg)
+    x, y = small_data.x_train[:32], small_data.y_train[:32]
+    loss, parts = training_loss(model, cfg, x, y, torch.Generator().manual_seed(0), False)
+    assert torch.allclose(loss, parts["ce"] + 0.5 * parts["con"])
+    assert 0 <= parts["correct"].item() <= 32
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(method="nope"), "method must be one of"),
+    (dict(epochs=0), "epochs must be an int >= 1"),
+    (dict(eps=-0.1), "eps must be a finite number >= 0"),
+    (dict(temperature=0.0), "temperature and lr must be > 0"),
+    (dict(batch_size=512, train_subset=100), "train_subset"),
+    (dict(data="imagenet"), "data must be"),
+])
+def test_bad_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**{"method": "standard", **bad})
+
+
+def test_profiles(monkeypatch):
+    monkeypatch.setenv("ANCHOR_PROFILE", "smoke")
+    cfg = TrainConfig.from_profile(method="anchor")
+    assert cfg.profile == "smoke" and cfg.width == 8 and cfg.epochs == 1
+    assert TrainConfig.from_profile("full").width == 64
+    monkeypatch.setenv("ANCHOR_PROFILE", "huge")
+    with pytest.raises(ValueError, match="ANCHOR_PROFILE"):
+        TrainConfig.from_profile()
