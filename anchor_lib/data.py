@@ -39,6 +39,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 JPEG_COPY_LABEL = "CIFAR-10 (JPEG q75 copy)"
 DOWNLOAD_TIMEOUT_S = 20.0
+CACHE_VERSION = 2  # bump when the decoded layout changes, so old caches are not reused
 _REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -176,8 +177,11 @@ def _assemble(items: dict[str, list[tuple[str, bytes]]], where: str) -> dict[str
                              "a half-extracted archive looks like this)")
         xs = [_decode_jpeg(data, f"{where}/{split}/{rel}") for rel, data in entries]
         ys = [CLASSES.index(Path(rel).parts[0]) for rel, _ in entries]
-        out[f"x_{split}"] = np.stack(xs)
-        out[f"y_{split}"] = np.asarray(ys, dtype=np.int64)
+        # Folder copies are sorted by class; a fixed shuffle makes "the first n test images"
+        # class-balanced, as in the original interleaved release (AutoAttack uses the first 1,000).
+        order = np.random.default_rng(0).permutation(len(entries))
+        out[f"x_{split}"] = np.stack(xs)[order]
+        out[f"y_{split}"] = np.asarray(ys, dtype=np.int64)[order]
     return out
 
 
@@ -232,7 +236,8 @@ def _download(root: Path) -> CIFAR10:
 
 def _cache_path(source: Path, kind: str) -> Path:
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{kind}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    key = hashlib.sha256(f"{CACHE_VERSION}|{source.resolve()}|{kind}|{stat.st_size}|"
+                         f"{stat.st_mtime_ns}".encode())
     name = f".anchor-cache-{kind}-{key.hexdigest()[:16]}.npz"
     parent = source.parent if source.is_file() else source
     if os.access(parent, os.W_OK):

@@ -77,6 +77,7 @@ class TrainConfig:
     lam: float = 1.0                 # weight of the contrastive term
     adv_in_contrastive: bool = True  # include the adversarial view among the contrastive views
     trades_beta: float = 6.0
+    attack_bn: str = "eval"          # BatchNorm mode while crafting training attacks
     # validation and bookkeeping
     val_attack_steps: int = 10
     seed: int = 0
@@ -108,6 +109,33 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.temperature == 0 or self.lr == 0:
             raise ValueError("temperature and lr must be > 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.train_subset is not None and (isinstance(self.train_subset, bool)
+                                              or not isinstance(self.train_subset, int)):
+            raise ValueError(f"train_subset must be None or an int, got {self.train_subset!r}")
+        for name in ("adv_in_contrastive", "progress", "amp", "channels_last"):
+            value, optional = getattr(self, name), name in ("amp", "channels_last")
+            if not isinstance(value, bool) and not (optional and value is None):
+                raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, "
+                                 f"got {value!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        try:
+            if not isinstance(self.device, str):
+                raise RuntimeError
+            if self.device != "auto":
+                torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be 'auto' or a torch device string such as 'cpu' or "
+                             f"'cuda:0', got {self.device!r}") from None
+        if isinstance(self.out_dir, os.PathLike):
+            # A Path in the config would make every checkpoint unloadable with weights_only=True.
+            self.out_dir = os.fspath(self.out_dir)
+        if self.out_dir is not None and not isinstance(self.out_dir, str):
+            raise ValueError(f"out_dir must be None or a folder path, got {self.out_dir!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {self.extra!r}")
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ValueError(f"train_subset ({self.train_subset}) must be >= batch_size "
                              f"({self.batch_size}) so that an epoch has at least one step")
@@ -230,7 +258,7 @@ def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: t
         return loss, {"ce": ce.detach(), "con": (loss - ce).detach(),
                       "correct": (logits_adv.argmax(1) == y).sum()}
 
-    model.eval()
+    model.train(cfg.attack_bn == "train")
     x_adv = attack(model, a1, y, random_start=True)
     model.train()
     if cfg.method == "pgd_at":
@@ -352,6 +380,9 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         history, start_epoch, best = list(state["history"]), state["epoch"] + 1, state["best"]
+        # A kill between checkpoint.pt and history.csv of the last epoch leaves history.csv one
+        # epoch behind, and no later epoch would rewrite it: bring it up to date now.
+        _write_history_if_changed(out / "history.csv", history)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -415,6 +446,17 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                              "best": best, "data": run.label}, out / "checkpoint.pt")
             checkpoint.write_text(out / "history.csv", history_csv(history))
     return history
+
+
+def _write_history_if_changed(path: Path, history: list[dict[str, Any]]) -> None:
+    text = history_csv(history)
+    try:
+        checkpoint.verify(path)
+        if path.read_text() == text:
+            return
+    except (checkpoint.CheckpointError, OSError):
+        pass
+    checkpoint.write_text(path, text)
 
 
 # Fields that may change between a run and its resumption without changing the computation.

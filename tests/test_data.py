@@ -61,11 +61,17 @@ def test_image_folder_is_decoded_and_cached(tmp_path):
     assert torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
 
 
-def test_labels_follow_class_folders(tmp_path):
-    root = make_image_folder(tmp_path / "f", per_class=1)
+def test_labels_follow_class_folders_and_order_is_mixed(tmp_path):
+    root = make_image_folder(tmp_path / "f", per_class=3)
     d = data.load_cifar10(root)
-    # Sorted by path, so class k's single image is at position k.
-    assert d.y_train.tolist() == sorted(range(10), key=lambda k: data.CLASSES[k])
+    for split_x, split_y, split in ((d.x_train, d.y_train, "train"), (d.x_test, d.y_test, "test")):
+        for img, label in zip(split_x, split_y):
+            folder = root / split / data.CLASSES[label]
+            decoded = [np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)
+                       for p in folder.glob("*.jpg")]
+            assert any(np.array_equal(img.numpy(), ref) for ref in decoded)
+    # Not sorted by class: the first ten test images cover more than one class.
+    assert len(set(d.y_test[:10].tolist())) > 1
 
 
 def test_read_only_source_caches_elsewhere(tmp_path, monkeypatch):
@@ -200,4 +206,5 @@ def test_shared_jpeg_copy(monkeypatch):
     d = data.load_cifar10(SHARED)
     assert d.x_train.shape == (50000, 3, 32, 32) and d.x_test.shape == (10000, 3, 32, 32)
     assert torch.equal(d.y_train.bincount(), torch.full((10,), 5000))
+    assert d.y_test[:1000].bincount().min() > 50, "the first 1,000 test images mix all classes"
     assert d.label == "CIFAR-10 (JPEG q75 copy)"

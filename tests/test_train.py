@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from anchor_lib import attacks, checkpoint, data, evaluate
-from anchor_lib.train import (METHODS, NonFiniteLossError, TrainConfig, build_model, load_model,
-                              train, training_loss)
+from anchor_lib.train import (
+    METHODS,
+    NonFiniteLossError,
+    TrainConfig,
+    build_model,
+    load_model,
+    train,
+    training_loss,
+)
 
 
 def tiny(method: str = "standard", **overrides) -> TrainConfig:

@@ -1,0 +1,290 @@
+"""Training and evaluation speed, measured against a plain reference loop in the same run.
+
+``run_benchmark()`` times (DESIGN §6 ``data/results/bench/<device>.json``):
+
+- ``reference_pgd_at``: the way most public code trains — a ``torchvision.transforms`` pipeline in
+  a ``DataLoader``, fp32, and ``loss.backward()`` inside every attack step (which also computes
+  parameter gradients nobody uses);
+- ``standard``, ``pgd_at`` and ``anchor`` through :func:`anchor_lib.train.training_loss`;
+- ``eval_pgd20_10k``: PGD-20 over 10,000 images; ``autoattack_1k``: AutoAttack on 1,000.
+
+Each training method is timed as the median of several windows of steps after a warm-up, with the
+device synchronised at window edges; an epoch is ``steps_per_epoch × median step time``. Random
+CIFAR-sized data is used: speed does not depend on pixel values (AutoAttack's does, so its time is
+reported with the clean accuracy of the model it ran on). On a CPU the configuration is tiny and the
+JSON says so: its absolute times mean nothing, only the ratios measured in one run do.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import attacks, checkpoint, data, provenance
+from .train import TrainConfig, build_model, training_loss
+
+FULL = {"n_images": 50_000, "batch_size": 512, "width": 64, "windows": 5, "window_steps": 10,
+        "warmup_steps": 5, "eval_n": 10_000, "autoattack_n": 1_000, "workers": 8}
+TINY = {"n_images": 2_048, "batch_size": 64, "width": 8, "windows": 3, "window_steps": 2,
+        "warmup_steps": 1, "eval_n": 256, "autoattack_n": 8, "workers": 0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_step_seconds(step: Callable[[], None], device: torch.device, *, windows: int,
+                         window_steps: int, warmup_steps: int) -> float:
+    for _ in range(warmup_steps):
+        step()
+    times = []
+    for _ in range(windows):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(window_steps):
+            step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) / window_steps)
+    return statistics.median(times)
+
+
+# --- the reference loop -------------------------------------------------------------------------
+
+
+class _ReferenceDataset(torch.utils.data.Dataset):
+    """CIFAR-style dataset: HWC uint8 arrays -> PIL -> torchvision transforms (as most code does)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        import torchvision.transforms as T
+
+        self.x, self.y = x, y
+        self.transform = T.Compose([T.RandomCrop(x.shape[1], padding=4, padding_mode="reflect"),
+                                    T.RandomHorizontalFlip(), T.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def reference_pgd(model, x, y, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """PGD as commonly written: model in train mode, ``loss.backward()`` for the input gradient."""
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x + delta), y)
+        loss.backward()
+        delta.data = (delta + alpha * delta.grad.sign()).clamp(-eps, eps)
+        delta.data = (x + delta.data).clamp(0, 1) - x
+        delta.grad.zero_()
+    return (x + delta).detach()
+
+
+def reference_loader(x_hwc: np.ndarray, y: np.ndarray, batch_size: int, workers: int,
+                     seed: int = 0) -> torch.utils.data.DataLoader:
+    """The reference input pipeline over HWC uint8 images."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(_ReferenceDataset(x_hwc, y), batch_size=batch_size,
+                                       shuffle=True, drop_last=True, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), generator=g,
+                                       persistent_workers=workers > 0)
+
+
+def reference_train_steps(model, loader, optimizer, device, cfg: TrainConfig):
+    """Yield after each reference PGD-AT step (fp32, backward inside the attack)."""
+    while True:
+        for xb, yb in loader:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            model.train()
+            x_adv = reference_pgd(model, xb, yb, cfg.eps, cfg.alpha, cfg.attack_steps)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x_adv), yb).backward()
+            optimizer.step()
+            yield
+
+
+def same_answers(dataset: data.CIFAR10, cfg: TrainConfig, steps: int,
+                 device: str | torch.device = "cpu", workers: int = 0) -> dict[str, Any]:
+    """Train PGD-AT for ``steps`` steps by the reference loop and by anchor_lib's fast path.
+
+    Both start from the same weights and see the same number of images with the same optimiser;
+    only the input pipeline, precision (bf16 on CUDA for the fast path) and the attack's gradient
+    plumbing differ. Returns each path's clean and PGD-10 test accuracy, and the differences.
+    """
+    from . import evaluate
+
+    dev = torch.device(device)
+    amp = dev.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    init = build_model(cfg).state_dict()
+    x_test, y_test = data.to_float(dataset.x_test).to(dev), dataset.y_test.to(dev)
+    pgd10 = partial(attacks.pgd, eps=cfg.eps, alpha=cfg.alpha, steps=10)
+    out: dict[str, Any] = {"steps": steps, "batch_size": cfg.batch_size}
+    for path in ("reference", "fast"):
+        model = build_model(cfg)
+        model.load_state_dict(init)
+        model = model.to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                              weight_decay=cfg.weight_decay)
+        torch.manual_seed(cfg.seed + 1)
+        if path == "reference":
+            loader = reference_loader(dataset.x_train.permute(0, 2, 3, 1).numpy(),
+                                      dataset.y_train.numpy(), cfg.batch_size, workers, cfg.seed)
+            it = reference_train_steps(model, loader, opt, dev, cfg)
+            for _ in range(steps):
+                next(it)
+        else:
+            x, y = dataset.x_train.to(dev), dataset.y_train.to(dev)
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+            done = 0
+            while done < steps:
+                for xb, yb in data.batches(x, y, cfg.batch_size, generator=gen):
+                    model.train()
+                    loss, _ = training_loss(model, cfg, xb, yb, gen, amp)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    done += 1
+                    if done == steps:
+                        break
+        out[path] = {"clean": evaluate.accuracy(model, x_test, y_test),
+                     "pgd10": evaluate.robust_accuracy(model, x_test, y_test, pgd10)}
+    out["difference"] = {k: round(out["fast"][k] - out["reference"][k], 4) for k in ("clean", "pgd10")}
+    return out
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
+                  device: str | None = None,
+                  methods: tuple[str, ...] = ("standard", "pgd_at", "anchor"),
+                  settings: dict[str, int] | None = None) -> Path:
+    """Run the benchmark and write its JSON; returns the path.
+
+    Args:
+        out: JSON path (default ``data/results/bench/<device>.json``).
+        tiny: the tiny configuration (default: on when there is no GPU).
+        device: ``cuda`` / ``cpu`` (default: CUDA when available).
+        settings: overrides of the ``FULL`` / ``TINY`` sizes (tests shrink them further).
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tiny = dev.type != "cuda" if tiny is None else tiny
+    s = {**(TINY if tiny else FULL), **(settings or {})}
+    torch.manual_seed(0)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    g = torch.Generator().manual_seed(0)
+    x_u8 = torch.randint(0, 256, (s["n_images"], 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (s["n_images"],), generator=g)
+    steps_per_epoch = s["n_images"] // s["batch_size"]
+    timing = partial(_median_step_seconds, device=dev, windows=s["windows"],
+                     window_steps=s["window_steps"], warmup_steps=s["warmup_steps"])
+    results: dict[str, Any] = {}
+
+    def record(name: str, step_seconds: float) -> None:
+        results[name] = {"epoch_seconds": round(step_seconds * steps_per_epoch, 3),
+                         "images_per_second": round(s["batch_size"] / step_seconds, 1),
+                         "step_seconds": round(step_seconds, 5)}
+
+    # Reference: fp32, DataLoader + torchvision transforms, backward() inside the attack.
+    cfg = TrainConfig(method="pgd_at", width=s["width"], batch_size=s["batch_size"],
+                      device=str(dev), progress=False)
+    model = build_model(cfg).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+    loader = reference_loader(x_u8.permute(0, 2, 3, 1).numpy(), y.numpy(), s["batch_size"],
+                              s["workers"] if dev.type == "cuda" else 0)
+    steps = reference_train_steps(model, loader, opt, dev, cfg)
+    record("reference_pgd_at", timing(lambda: next(steps)))
+
+    # anchor_lib: data on the device, tensor-op augmentation, bf16 + channels_last on CUDA.
+    x_dev, y_dev = x_u8.to(dev), y.to(dev)
+    amp = dev.type == "cuda"
+    for method in methods:
+        cfg = TrainConfig(method=method, width=s["width"], batch_size=s["batch_size"],
+                          device=str(dev), progress=False)
+        model = build_model(cfg).to(dev)
+        if amp:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4, **({"fused": True} if amp else {}))
+        gen = torch.Generator(device=dev).manual_seed(0)
+        it = iter(())
+
+        def step(model=model, opt=opt, cfg=cfg, gen=gen) -> None:
+            nonlocal it
+            batch = next(it, None)
+            if batch is None:
+                it = data.batches(x_dev, y_dev, cfg.batch_size, generator=gen)
+                batch = next(it)
+            xb, yb = batch
+            if amp:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            model.train()
+            loss, _ = training_loss(model, cfg, xb, yb, gen, amp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        record(method, timing(step))
+
+    # Evaluation: PGD-20 (fp32, as DESIGN §4 requires) over eval_n images, and AutoAttack.
+    model = build_model(TrainConfig(width=s["width"])).to(dev).eval()
+    xe, ye = data.to_float(x_dev[: s["eval_n"]]), y_dev[: s["eval_n"]]
+    pgd20 = partial(attacks.pgd, eps=8 / 255, alpha=2 / 255, steps=20)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for i in range(0, len(ye), 1000):
+        pgd20(model, xe[i:i + 1000], ye[i:i + 1000])
+    _sync(dev)
+    results["eval_pgd20_10k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ye)}
+    xa = xe[: s["autoattack_n"]]
+    if len(xa) == 0:  # autoattack_n = 0 skips it
+        return _write(out, dev, tiny, s, steps_per_epoch, results, methods)
+    with torch.no_grad():
+        # AutoAttack skips misclassified points; labelling each image with the model's own
+        # prediction makes every point one it must attack, as on a well-trained model.
+        ya = model(xa).argmax(1)
+    t0 = time.perf_counter()
+    attacks.autoattack(model, xa, ya, eps=8 / 255, batch_size=500)
+    _sync(dev)
+    results["autoattack_1k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ya),
+                                "note": "untrained model, labels = its own predictions, so every "
+                                        "point is attacked"}
+
+    return _write(out, dev, tiny, s, steps_per_epoch, results, methods)
+
+
+def _write(out, dev, tiny, s, steps_per_epoch, results, methods) -> Path:
+    ref = results["reference_pgd_at"]["epoch_seconds"]
+    report = {
+        "device": provenance.hardware(dev), "torch": torch.__version__,
+        "commit": provenance.git_commit(), "configuration": "tiny (CPU smoke: absolute times "
+        "are meaningless; compare ratios only)" if tiny else "full",
+        "data": "random uint8 CIFAR-sized tensors", **{k: v for k, v in s.items()},
+        "steps_per_epoch": steps_per_epoch, "results": results,
+        "speedup_vs_reference": {m: round(ref / results[m]["epoch_seconds"], 2)
+                                 for m in methods if m in results},
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        if dev.type == "cuda" else None,
+    }
+    if out is None:
+        name = provenance.hardware(dev).replace(" ", "_").replace("(", "").replace(")", "")
+        name = "".join(c for c in name if c.isalnum() or c in "_-.,")
+        out = Path("data/results/bench") / f"{'tiny-' if tiny else ''}{name}.json"
+    checkpoint.write_json(out, report)
+    return Path(out)

@@ -1,0 +1,196 @@
+"""``python -m anchor_lib {train,evaluate,embed,reproduce,bench}`` (DESIGN §2).
+
+Exit codes: 0 success, 2 usage error (argparse, or arguments that make no valid run), 1 any other
+error, reported as one line on stderr with no traceback unless ``--debug`` is given (before or after
+the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from functools import partial
+from pathlib import Path
+
+from .train import METHODS, PROFILES
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _attack_list(text: str) -> tuple[str, ...]:
+    from .evaluate import ATTACKS
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in ATTACKS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown attack(s) {', '.join(bad) or '(none given)'}; choose from {','.join(ATTACKS)}")
+    return names
+
+
+class UsageError(ValueError):
+    """Arguments that parse but do not make a valid run (exit 2, like argparse's own errors)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m anchor_lib",
+                                     description="ANCHOR: adversarial training with hard-mined "
+                                                 "supervised contrastive learning.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug is also accepted after the command; SUPPRESS keeps the top-level value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = partial(sub.add_parser, parents=[common])
+
+    p = add("train", help="train one method")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="smoke | demo | full (default: $ANCHOR_PROFILE, else demo on GPU / smoke)")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--out", type=Path, help="folder for checkpoint.pt, best.pt, history.csv")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data", choices=("cifar10", "synthetic"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    small = p.add_argument_group("overrides of the profile (tiny runs for tests and tutorials)")
+    small.add_argument("--width", type=_positive_int, help="channels of the first ResNet stage")
+    small.add_argument("--proj-dim", type=_positive_int, help="dimension of the embedding z")
+    small.add_argument("--batch-size", type=_positive_int)
+    small.add_argument("--train-subset", type=_positive_int,
+                       help="train on the first N training images (>= batch size)")
+    small.add_argument("--val-size", type=int, help="validation images held out (>= 0)")
+    small.add_argument("--attack-steps", type=int, help="PGD steps of the training attack")
+    small.add_argument("--val-attack-steps", type=int, help="PGD steps of the validation attack")
+    small.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule")
+
+    p = add("evaluate", help="evaluate a checkpoint by the DESIGN §4 protocol")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--attacks", type=_attack_list, default=None,
+                   help="comma-separated subset of clean,fgsm,pgd20,cw,autoattack")
+    p.add_argument("--n", type=_positive_int, help="first N test images (default: all)")
+    p.add_argument("--autoattack-n", type=_positive_int, default=1000)
+    p.add_argument("--sanity", action="store_true",
+                   help="also run the DESIGN §4 sanity checks (on the AutoAttack images)")
+    p.add_argument("--out", type=Path, help="write metrics.json here (default: print)")
+
+    p = add("embed", help="embeddings of clean / augmented / adversarial views")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--n", type=_positive_int, default=1000)
+
+    p = add("reproduce", help="train and evaluate every method; skips finished runs")
+    p.add_argument("--profile", choices=PROFILES, default="full")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--out", type=Path, default=Path("data/results"))
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--data", choices=("cifar10", "synthetic"))
+
+    p = add("bench", help="training / evaluation speed benchmark")
+    p.add_argument("--out", type=Path, help="JSON file (default data/results/bench/<device>.json)")
+    p.add_argument("--tiny", action="store_true", help="tiny configuration (the CPU default)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, *names: str) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .train import TrainConfig, train
+
+        if args.resume and not args.out:
+            raise UsageError("--resume needs --out, the folder that holds checkpoint.pt")
+        try:
+            cfg = TrainConfig.from_profile(
+                args.profile, method=args.method, out_dir=str(args.out) if args.out else None,
+                progress=not args.quiet,
+                **_overrides(args, "epochs", "seed", "data", "width", "proj_dim", "batch_size",
+                             "train_subset", "val_size", "attack_steps", "val_attack_steps", "lr"))
+        except (ValueError, TypeError) as err:  # the arguments do not make a valid config
+            raise UsageError(str(err)) from err
+        history = train(cfg, resume=args.resume)
+        last = history[-1] if history else {}
+        print(json.dumps({"epochs": len(history), "last": last}, default=str))
+        return 0
+
+    if args.command == "evaluate":
+        from . import checkpoint
+        from .reproduce import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(args.checkpoint, attacks=args.attacks, n=args.n,
+                                      autoattack_n=args.autoattack_n, sanity=args.sanity)
+        if args.out:
+            checkpoint.write_json(args.out, metrics)
+            print(f"wrote {args.out}")
+        else:
+            print(json.dumps(metrics, indent=2, default=str))
+        return 0
+
+    if args.command == "embed":
+        from . import data, embeddings, provenance
+        from .train import load_model
+
+        model, state = load_model(args.checkpoint)
+        dataset = (data.synthetic(n_train=4000, n_test=1000)
+                   if state["config"].get("data") == "synthetic" else data.load_cifar10())
+        emb = embeddings.embed_views(model, dataset.x_test[: args.n], dataset.y_test[: args.n])
+        embeddings.save_embeddings(args.out, emb, {"checkpoint": str(args.checkpoint),
+                                                   "data": dataset.label, "n": args.n,
+                                                   **provenance.describe()})
+        print(f"wrote {args.out}")
+        return 0
+
+    if args.command == "reproduce":
+        from .reproduce import reproduce
+
+        reproduce(args.profile, tuple(args.methods), args.out,
+                  **_overrides(args, "epochs", "data"))
+        return 0
+
+    if args.command == "bench":
+        from .bench import run_benchmark
+
+        path = run_benchmark(out=args.out, tiny=True if args.tiny else None)
+        print(f"wrote {path}")
+        return 0
+    raise AssertionError(args.command)  # argparse guarantees a known command
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (multi-line messages, e.g. where data was looked for, are
+    joined rather than cut, so the line still names the file or folder)."""
+    lines = [re.sub(r"^\s*-\s+", "", line).strip() for line in str(err).splitlines()]
+    message = " ".join(line for line in lines if line)
+    return message or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on usage errors
+    try:
+        return run(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        parser.error(f"{args.command}: {one_line(err)}")  # exits 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+    except Exception as err:  # the CLI's contract: one line, no traceback
+        if args.debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1

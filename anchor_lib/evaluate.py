@@ -1,0 +1,372 @@
+"""Measuring robustness honestly: accuracies under attack and the gradient-masking sanity checks.
+
+``evaluate_suite`` runs the protocol of DESIGN section 4 (clean, FGSM, PGD-20, CW-inf,
+AutoAttack at L-inf eps = 8/255) and returns the ``accuracy`` section of ``metrics.json``;
+``sanity_checks`` returns its ``sanity`` section. Every accuracy is a Python float in [0, 1].
+
+An example counts as robust only when the model classifies it correctly both clean and under
+attack, so robust accuracy never exceeds clean accuracy. Only the clean-correct examples are
+attacked: attacking the others could not change the result and would only cost time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+from anchor_lib.attacks import attack_mode, cw_linf, fgsm, pgd, square
+from anchor_lib.attacks import autoattack as autoattack_attack
+from anchor_lib.checks import check_images, check_labels, check_logits, check_number
+
+__all__ = [
+    "ATTACKS",
+    "EVAL_EPS",
+    "Attack",
+    "accuracy",
+    "check_autoattack_gap",
+    "check_black_box_weaker",
+    "check_eps_sweep",
+    "check_more_steps",
+    "evaluate_suite",
+    "robust_accuracy",
+    "sanity_checks",
+    "standard_attacks",
+]
+
+#: L-inf radius of the evaluation protocol (CIFAR-10).
+EVAL_EPS = 8 / 255
+
+#: Names ``evaluate_suite`` understands, in the order of the results table.
+ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
+
+#: ``attack(model, x, y) -> x_adv``, e.g. ``partial(pgd, eps=8/255, alpha=2/255, steps=20)``.
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracies
+# --------------------------------------------------------------------------------------------
+
+def _check_data(x: object, y: object, batch_size: object) -> tuple[torch.Tensor, torch.Tensor]:
+    x = check_images(x)
+    y = check_labels(y, x.shape[0])
+    check_number(batch_size, "batch_size", low=1, integer=True)
+    return x, y
+
+
+def _predict(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """Predicted classes ``(n,)`` of one batch, checking the model's output and the labels."""
+    with torch.no_grad():
+        out = model(xb)
+    expected = getattr(model, "num_classes", None)
+    logits = check_logits(out, xb.shape[0], expected if isinstance(expected, int) else None)
+    check_labels(yb, xb.shape[0], logits.shape[1])
+    return logits.argmax(dim=1)
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Clean accuracy in [0, 1], in eval mode without gradients; the model's mode is restored.
+
+    Args:
+        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
+        y: integer labels ``(N,)`` in ``[0, K)``.
+        batch_size: images per forward pass.
+    """
+    x, y = _check_data(x, y, batch_size)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    with attack_mode(model):
+        for s in _batches(len(x), batch_size):
+            correct += (_predict(model, x[s], y[s]) == y[s]).sum()
+    return correct.item() / len(x)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
+                    batch_size: int = 500) -> float:
+    """Fraction of examples classified correctly both clean and after ``attack``, in [0, 1].
+
+    Args:
+        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
+        y: integer labels ``(N,)`` in ``[0, K)``.
+        attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``.
+        batch_size: images per attack call.
+    """
+    x, y = _check_data(x, y, batch_size)
+    if not callable(attack):
+        raise TypeError(f"attack must be callable as attack(model, x, y) -> x_adv, "
+                        f"got {type(attack).__name__}")
+    robust = 0
+    with attack_mode(model):
+        for s in _batches(len(x), batch_size):
+            xb, yb = x[s], y[s]
+            keep = (_predict(model, xb, yb) == yb).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                continue
+            x_adv = attack(model, xb[keep], yb[keep])
+            if not isinstance(x_adv, torch.Tensor) or x_adv.shape != xb[keep].shape:
+                got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv)
+                raise ValueError(f"attack must return x_adv of shape {tuple(xb[keep].shape)}, "
+                                 f"got {got}")
+            robust += (_predict(model, x_adv, yb[keep]) == yb[keep]).sum().item()
+    return robust / len(x)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation protocol
+# --------------------------------------------------------------------------------------------
+
+def standard_attacks(eps: float = EVAL_EPS) -> dict[str, Attack]:
+    """The attacks of DESIGN section 4 at L-inf radius ``eps``, as ``attack(model, x, y)``.
+
+    - ``"fgsm"``: one step of size eps.
+    - ``"pgd20"``: 20 steps of ``eps / 4`` (2/255 at 8/255) from a uniform random start,
+      cross-entropy. 20 steps of eps/4 travel 5 eps, enough to reach any corner of the ball.
+    - ``"cw"``: CW-inf, 30 steps of ``eps / 4`` on the margin loss from a random start. The
+      same step as PGD-20 keeps the two comparable; the margin loss is the only change.
+    - ``"autoattack"``: standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square).
+    """
+    eps = check_number(eps, "eps", low=0.0)
+    # alpha must be > 0 even when eps == 0 (then the attacks return x unchanged).
+    alpha = eps / 4 if eps > 0 else 1 / 255
+    return {
+        "fgsm": partial(fgsm, eps=eps),
+        "pgd20": partial(pgd, eps=eps, alpha=alpha, steps=20, random_start=True),
+        "cw": partial(cw_linf, eps=eps, alpha=alpha, steps=30),
+        "autoattack": partial(autoattack_attack, eps=eps),
+    }
+
+
+def _check_count(value: object, name: str) -> int | None:
+    return None if value is None else check_number(value, name, low=1, integer=True)
+
+
+def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   attacks: Sequence[str] | str = ATTACKS, n: int | None = None,
+                   autoattack_n: int = 1000, batch_size: int = 500, progress: bool = False,
+                   eps: float = EVAL_EPS) -> dict[str, dict[str, float | int]]:
+    """Accuracies of ``model`` under the protocol's attacks, as in ``metrics.json``.
+
+    Args:
+        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
+        y: integer labels ``(N,)`` in ``[0, K)``.
+        attacks: names from ``ATTACKS`` (a sequence, or one comma-separated string).
+        n: evaluate on the first ``n`` examples (default: all).
+        autoattack_n: AutoAttack runs on the first ``min(n, autoattack_n)`` examples only (it
+            is by far the slowest; the protocol asks for at least 1,000).
+        batch_size: images per attack call.
+        progress: print one line per attack with its accuracy and wall time.
+        eps: L-inf radius (default 8/255).
+
+    Returns:
+        ``{name: {"value": accuracy in [0, 1], "n": number of examples}}`` in the order asked.
+    """
+    names = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    names = [name.strip() for name in names]
+    unknown = [name for name in names if name not in ATTACKS]
+    if unknown or not names:
+        raise ValueError(f"unknown attack name(s) {unknown}; expected a non-empty selection of "
+                         f"{list(ATTACKS)}")
+    n = _check_count(n, "n")
+    autoattack_n = _check_count(autoattack_n, "autoattack_n")
+    x, y = _check_data(x, y, batch_size)
+    if n is not None:
+        x, y = x[:n], y[:n]
+    table = standard_attacks(eps)
+    results: dict[str, dict[str, float | int]] = {}
+    for name in names:
+        start = time.perf_counter()
+        xs, ys = (x[:autoattack_n], y[:autoattack_n]) if name == "autoattack" else (x, y)
+        if name == "clean":
+            value = accuracy(model, xs, ys, batch_size)
+        else:
+            value = robust_accuracy(model, xs, ys, table[name], batch_size)
+        results[name] = {"value": value, "n": len(xs)}
+        if progress:
+            print(f"[evaluate] {name:>10}: {value:.4f} on {len(xs)} images "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Sanity checks against gradient masking (DESIGN section 4)
+# --------------------------------------------------------------------------------------------
+
+def _tolerance(n: int) -> float:
+    """Slack for comparing two accuracies on ``n`` examples: one example or half a point."""
+    return max(1.0 / n, 0.005)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with a fixed seed without disturbing the caller's RNG streams.
+
+    Re-seeding before each run gives every run the same random start, so runs that differ in
+    one setting (steps, eps) differ in nothing else.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                  batch_size: int, seed: int, alpha: float | None = None) -> float:
+    if eps == 0:
+        return accuracy(model, x, y, batch_size)
+    attack = partial(pgd, eps=eps, alpha=eps / 4 if alpha is None else alpha, steps=steps)
+    with _seeded(seed, x.device):
+        return robust_accuracy(model, x, y, attack, batch_size)
+
+
+def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                     steps: Sequence[int] = (1, 5, 20, 50), *, alpha: float | None = None,
+                     batch_size: int = 500, seed: int = 0) -> dict:
+    """More PGD steps must not raise robust accuracy.
+
+    Runs L-inf PGD with step ``alpha`` (default eps / 4) for each step count, all from the same
+    random start, and passes when each accuracy is at most the previous one plus one example or
+    half a point. Accuracy that rises with more steps means the attack is not converging, a
+    classic symptom of a noisy or masked gradient.
+
+    Returns:
+        ``{"steps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
+    """
+    eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    steps = [check_number(s, "steps", low=0, integer=True) for s in steps]
+    accs = [_pgd_accuracy(model, x, y, eps, s, batch_size, seed, alpha) for s in steps]
+    tol = _tolerance(len(x))
+    rises = [(steps[i], steps[i + 1]) for i in range(len(accs) - 1) if accs[i + 1] > accs[i] + tol]
+    passed = not rises
+    detail = ("accuracy does not rise with more steps" if passed else
+              f"accuracy rises from {rises[0][0]} to {rises[0][1]} steps: the attack is not "
+              "converging (possible gradient masking)")
+    return {"steps": steps, "accuracy": accs, "passed": passed, "detail": detail}
+
+
+def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    eps_values: Sequence[float] = (0, 2 / 255, 4 / 255, 8 / 255, 16 / 255,
+                                                   32 / 255, 64 / 255),
+                    *, steps: int = 20, max_final: float = 0.10, batch_size: int = 500,
+                    seed: int = 0) -> dict:
+    """Robust accuracy must fall as eps grows, to near 0 at the largest eps.
+
+    PGD-``steps`` (step eps / 4) at each eps. Passes when the accuracies never rise by more
+    than one example or half a point and the accuracy at the largest eps is below
+    ``max_final``. An attack that cannot push accuracy to ~0 with a huge budget (64/255 lets
+    it paint over the image) is not finding the model's weaknesses.
+
+    Returns:
+        ``{"eps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
+    """
+    eps_values = [check_number(e, "eps", low=0.0) for e in eps_values]
+    if not eps_values:
+        raise ValueError("eps_values must hold at least one eps")
+    accs = [_pgd_accuracy(model, x, y, e, steps, batch_size, seed) for e in eps_values]
+    tol = _tolerance(len(x))
+    monotone = all(accs[i + 1] <= accs[i] + tol for i in range(len(accs) - 1))
+    final_ok = accs[-1] < max_final
+    passed = monotone and final_ok
+    if passed:
+        detail = f"accuracy falls to {accs[-1]:.3f} at eps = {eps_values[-1] * 255:.0f}/255"
+    elif not final_ok:
+        detail = (f"accuracy is still {accs[-1]:.3f} at eps = {eps_values[-1] * 255:.0f}/255 "
+                  f"(expected < {max_final}): the attack fails even with a huge budget")
+    else:
+        detail = "accuracy rises with eps: the attack is unreliable"
+    return {"eps": eps_values, "accuracy": accs, "passed": passed, "detail": detail}
+
+
+def check_black_box_weaker(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                           n_queries: int = 1000, pgd_acc: float | None = None,
+                           batch_size: int = 500, seed: int = 0) -> dict:
+    """The black-box Square attack must not beat white-box PGD-20.
+
+    Square only queries outputs. If it finds adversarial examples that PGD misses, the
+    gradients PGD follows are misleading: the classic signature of gradient masking.
+    Passes when ``square >= pgd20 - tolerance`` (one example or half a point).
+
+    Args:
+        pgd_acc: PGD-20 accuracy on the same ``x`` if already measured (else it is measured).
+
+    Returns:
+        ``{"square": float, "pgd20": float, "n_queries": int, "passed": bool, "detail": str}``.
+    """
+    eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    if pgd_acc is None:
+        pgd_acc = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
+    attack = partial(square, eps=eps, n_queries=n_queries, seed=seed)
+    square_acc = robust_accuracy(model, x, y, attack, batch_size)
+    passed = square_acc >= pgd_acc - _tolerance(len(x))
+    detail = (f"Square {square_acc:.3f} >= PGD-20 {pgd_acc:.3f}" if passed else
+              f"Square {square_acc:.3f} < PGD-20 {pgd_acc:.3f}: a black-box attack beats the "
+              "white-box one, a sign of gradient masking")
+    return {"square": square_acc, "pgd20": pgd_acc, "n_queries": n_queries, "passed": passed,
+            "detail": detail}
+
+
+def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05) -> dict:
+    """AutoAttack accuracy must be within ``max_gap`` of PGD-20 accuracy (same examples).
+
+    A larger gap means PGD-20 overestimates robustness, typically because of gradient masking.
+
+    Returns:
+        ``{"pgd20": float, "autoattack": float, "gap": float, "max_gap": float,
+        "passed": bool, "detail": str}``.
+    """
+    pgd20_acc = check_number(pgd20_acc, "pgd20_acc", low=0.0, high=1.0)
+    aa_acc = check_number(aa_acc, "aa_acc", low=0.0, high=1.0)
+    max_gap = check_number(max_gap, "max_gap", low=0.0)
+    gap = pgd20_acc - aa_acc
+    passed = gap <= max_gap
+    detail = (f"AutoAttack is {gap * 100:.1f} points below PGD-20 (allowed {max_gap * 100:.1f})"
+              + ("" if passed else ": PGD-20 overestimates robustness (gradient masking?)"))
+    return {"pgd20": float(pgd20_acc), "autoattack": float(aa_acc), "gap": float(gap),
+            "max_gap": float(max_gap), "passed": passed, "detail": detail}
+
+
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EVAL_EPS, *,
+                  pgd20: float | None = None, autoattack: float | None = None,
+                  n_queries: int = 1000, batch_size: int = 500, seed: int = 0) -> dict[str, dict]:
+    """All four checks of DESIGN section 4 on ``(x, y)``; the ``sanity`` part of metrics.json.
+
+    The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1.
+    PGD-20 is measured once and shared by the black-box and AutoAttack checks.
+
+    Args:
+        pgd20: PGD-20 accuracy already measured (e.g. by ``evaluate_suite``); None measures it
+            on ``x``. The comparisons are fairest when both numbers come from the same images.
+        autoattack: AutoAttack accuracy already measured; None runs AutoAttack on ``x`` here,
+            so keep ``x`` small (about 1,000 images on a GPU).
+        n_queries: queries of the Square attack in the black-box check.
+
+    Returns:
+        ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...}``,
+        each a dict with the measured numbers, ``"passed"`` and ``"detail"``.
+    """
+    eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    x, y = _check_data(x, y, batch_size)
+    sweep = [min(eps * f, 1.0) for f in (0, 0.25, 0.5, 1, 2, 4, 8)]
+    if pgd20 is None:
+        pgd20 = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
+    if autoattack is None:
+        autoattack = robust_accuracy(model, x, y, partial(autoattack_attack, eps=eps, seed=seed),
+                                     batch_size)
+    return {
+        "more_steps": check_more_steps(model, x, y, eps, batch_size=batch_size, seed=seed),
+        "eps_sweep": check_eps_sweep(model, x, y, sweep, batch_size=batch_size, seed=seed),
+        "black_box_weaker": check_black_box_weaker(model, x, y, eps, n_queries=n_queries,
+                                                   pgd_acc=pgd20, batch_size=batch_size,
+                                                   seed=seed),
+        "autoattack_gap": check_autoattack_gap(pgd20, autoattack),
+    }

@@ -1,0 +1,671 @@
+"""Tests for anchor_lib.attacks on CPU with a tiny CNN trained on a synthetic 10-class task.
+
+The task: each class is a smooth random 16x16 template near grey; images are a template plus
+uniform noise. A small CNN reaches ~100% clean accuracy in a few seconds and, at eps = 4/255,
+loses about half of it to PGD: the attacks have something to break and something left to
+compare.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import nn
+
+from anchor_lib import attacks
+from anchor_lib.attacks import (
+    attack_mode,
+    autoattack,
+    cw_l2,
+    cw_linf,
+    fgsm,
+    logits_only,
+    margin_loss,
+    pgd,
+    pgd_core,
+    square,
+)
+from anchor_lib.models import PreActResNet18
+
+K = 10
+EPS = 4 / 255
+L2_EPS = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: synthetic task and a tiny trained model
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # On a small shared CPU, one intra-op thread is several times faster than two that contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_task(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    templates = 0.5 + 0.1 * (torch.rand(K, 3, 4, 4, generator=gen) * 2 - 1)
+    templates = F.interpolate(templates, size=16, mode="bilinear", align_corners=False)
+
+    def sample(n: int, sample_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(sample_seed)
+        y = torch.randint(0, K, (n,), generator=g)
+        x = (templates[y] + 0.1 * (torch.rand(n, 3, 16, 16, generator=g) * 2 - 1)).clamp(0, 1)
+        return x, y
+
+    return sample
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU-pool twice and a linear layer; has BatchNorm so eval mode matters."""
+
+    def __init__(self, num_classes: int = K) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(16 * 4 * 4, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def train_tiny(steps: int = 80) -> TinyCNN:
+    torch.manual_seed(0)
+    sample = make_task()
+    model = TinyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for i in range(steps):
+        x, y = sample(128, 1000 + i)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[TinyCNN, torch.Tensor, torch.Tensor]:
+    model = train_tiny()
+    x, y = make_task()(400, 1)
+    return model, x, y
+
+
+@pytest.fixture
+def small(trained):
+    model, x, y = trained
+    return model, x[:64], y[:64]
+
+
+def acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).flatten(1).abs().amax(dim=1)
+
+
+def l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).flatten(1).norm(dim=1)
+
+
+def test_fixture_model_is_accurate_but_breakable(trained):
+    model, x, y = trained
+    assert acc(model, x, y) > 0.95
+    x_adv = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=20)
+    assert 0.1 < acc(model, x_adv, y) < 0.8
+
+
+# --------------------------------------------------------------------------------------------
+# Output contract: box, ball, shape, dtype, detached
+# --------------------------------------------------------------------------------------------
+
+ATTACKS_LINF = {
+    "fgsm": lambda m, x, y: fgsm(m, x, y, eps=EPS),
+    "pgd": lambda m, x, y: pgd(m, x, y, eps=EPS, alpha=EPS / 4, steps=10),
+    "pgd_restarts": lambda m, x, y: pgd(m, x, y, eps=EPS, alpha=EPS / 4, steps=5, restarts=2),
+    "pgd_big_step": lambda m, x, y: pgd(m, x, y, eps=EPS, alpha=1.0, steps=3),
+    "cw_linf": lambda m, x, y: cw_linf(m, x, y, eps=EPS, alpha=EPS / 4, steps=10),
+    "square": lambda m, x, y: square(m, x, y, eps=EPS, n_queries=20),
+}
+ATTACKS_L2 = {
+    "pgd_l2": lambda m, x, y: pgd(m, x, y, eps=L2_EPS, alpha=L2_EPS / 4, steps=10, norm="L2"),
+    "pgd_l2_big_step": lambda m, x, y: pgd(m, x, y, eps=L2_EPS, alpha=10.0, steps=3, norm="L2"),
+    "pgd_l2_restarts": lambda m, x, y: pgd(m, x, y, eps=L2_EPS, alpha=0.1, steps=3, norm="L2",
+                                           restarts=2),
+}
+
+
+def _check_contract(x_adv: torch.Tensor, x: torch.Tensor, perturbed: bool = True) -> None:
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert not x_adv.requires_grad and x_adv.grad_fn is None
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    if perturbed:
+        assert not torch.equal(x_adv, x), "the attack did not perturb anything"
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS_LINF))
+def test_linf_attacks_stay_in_box_and_ball(small, name):
+    model, x, y = small
+    x_adv = ATTACKS_LINF[name](model, x, y)
+    # torchattacks' Square returns the clean image wherever it fails (it does at 20 queries).
+    _check_contract(x_adv, x, perturbed=name != "square")
+    assert linf(x_adv, x).max() <= EPS + 1e-6
+    # Sign steps of size >= eps land on the ball's surface: the budget is used, not wasted.
+    if name in ("fgsm", "pgd_big_step"):
+        assert linf(x_adv, x).min() >= EPS - 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS_L2))
+def test_l2_attacks_stay_in_box_and_ball(small, name):
+    model, x, y = small
+    x_adv = ATTACKS_L2[name](model, x, y)
+    _check_contract(x_adv, x)
+    norms = l2(x_adv, x)
+    assert norms.max() <= L2_EPS * (1 + 1e-5)
+    if name == "pgd_l2_big_step":
+        # Steps much larger than eps are projected back onto the sphere.
+        assert norms.min() >= 0.9 * L2_EPS
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS_LINF) + sorted(ATTACKS_L2))
+def test_box_respected_at_image_edges(name):
+    # Saturated pixels (exactly 0 or 1) are where a missing clamp to [0, 1] shows.
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x, y = make_task()(16, 3)
+    x = torch.where(torch.rand_like(x) < 0.5, (x > 0.5).float(), x)
+    call = {**ATTACKS_LINF, **ATTACKS_L2}[name]
+    x_adv = call(model, x, y)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    if name in ATTACKS_L2:
+        assert l2(x_adv, x).max() <= L2_EPS * (1 + 1e-5)
+    else:
+        assert linf(x_adv, x).max() <= EPS + 1e-6
+
+
+def test_linf_random_start_is_uniform_in_ball(small):
+    model, x, y = small
+    torch.manual_seed(0)
+    x0 = pgd(model, x, y, eps=EPS, alpha=EPS, steps=0)
+    delta = x0 - x
+    assert delta.abs().max() <= EPS + 1e-6
+    # Uniform on [-eps, eps] (the images are far from 0 and 1, so no clamping): mean |d| = eps/2.
+    assert abs(delta.abs().mean().item() - EPS / 2) < 0.02 * EPS
+    assert abs(delta.mean().item()) < 0.02 * EPS
+
+
+def test_l2_random_start_radius_uniform(small):
+    model, x, y = small
+    torch.manual_seed(0)
+    x0 = pgd(model, x, y, eps=L2_EPS, alpha=0.1, steps=0, norm="L2")
+    radii = l2(x0, x) / L2_EPS
+    assert radii.max() <= 1 + 1e-5
+    assert radii.min() < 0.25 and radii.max() > 0.75
+    assert 0.35 < radii.mean().item() < 0.65
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x, y: fgsm(m, x, y, eps=0.0),
+    lambda m, x, y: pgd(m, x, y, eps=0.0, alpha=0.01, steps=5),
+    lambda m, x, y: pgd(m, x, y, eps=0, alpha=0.01, steps=5, norm="L2", restarts=3),
+    lambda m, x, y: cw_linf(m, x, y, eps=0.0, alpha=0.01, steps=5),
+    lambda m, x, y: square(m, x, y, eps=0.0),
+    lambda m, x, y: autoattack(m, x, y, eps=0.0),
+    lambda m, x, y: pgd(m, x, y, eps=EPS, alpha=0.01, steps=0, random_start=False),
+], ids=["fgsm", "pgd", "pgd_l2", "cw_linf", "square", "autoattack", "steps0"])
+def test_zero_budget_returns_x_exactly(small, call):
+    model, x, y = small
+    x_adv = call(model, x, y)
+    assert torch.equal(x_adv, x)
+    assert x_adv is not x
+
+
+def test_fgsm_is_one_pgd_step_without_random_start(small):
+    model, x, y = small
+    assert torch.equal(fgsm(model, x, y, eps=EPS),
+                       pgd(model, x, y, eps=EPS, alpha=EPS, steps=1, random_start=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Strength
+# --------------------------------------------------------------------------------------------
+
+def test_pgd_stronger_than_fgsm_and_robust_below_clean(trained):
+    model, x, y = trained
+    clean = acc(model, x, y)
+    torch.manual_seed(0)
+    a_fgsm = acc(model, fgsm(model, x, y, eps=EPS), y)
+    a_pgd = acc(model, pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=20), y)
+    a_cw = acc(model, cw_linf(model, x, y, eps=EPS, alpha=EPS / 4, steps=20), y)
+    assert a_pgd <= a_fgsm <= clean
+    assert a_pgd < clean - 0.2
+    assert a_cw < clean - 0.2
+
+
+def test_pgd_agrees_with_torchattacks(trained):
+    model, x, y = trained
+    torch.manual_seed(0)
+    ours = acc(model, pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=10), y)
+    reference = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
+    theirs = acc(model, reference(x, y), y)
+    assert 0.1 < theirs < 0.9, "the comparison is only informative at intermediate accuracy"
+    assert abs(ours - theirs) <= 0.02
+
+
+def test_pgd_l2_agrees_with_torchattacks(trained):
+    model, x, y = trained
+    eps = 0.3
+    ours = acc(model, pgd(model, x, y, eps=eps, alpha=eps / 4, steps=10, norm="L2",
+                          random_start=False), y)
+    reference = torchattacks.PGDL2(model, eps=eps, alpha=eps / 4, steps=10, random_start=False)
+    theirs = acc(model, reference(x, y), y)
+    assert 0.1 < theirs < 0.9
+    assert abs(ours - theirs) <= 0.02
+
+
+def test_restarts_never_raise_accuracy(trained):
+    model, x, y = trained
+    kwargs = dict(eps=EPS, alpha=EPS / 8, steps=3)
+    torch.manual_seed(0)
+    one = pgd(model, x, y, **kwargs, restarts=1)
+    torch.manual_seed(0)
+    three = pgd(model, x, y, **kwargs, restarts=3)
+    with torch.no_grad():
+        wrong_one = model(one).argmax(1) != y
+        wrong_three = model(three).argmax(1) != y
+    # The first restart is the single run; a found adversarial is never given up.
+    assert bool((wrong_three | ~wrong_one).all())
+    assert wrong_three.sum() >= wrong_one.sum()
+    # Where both fail, the kept restart has at least the single run's loss.
+    both_fail = ~wrong_one & ~wrong_three
+    with torch.no_grad():
+        loss_one = F.cross_entropy(model(one), y, reduction="none")
+        loss_three = F.cross_entropy(model(three), y, reduction="none")
+    assert bool((loss_three[both_fail] >= loss_one[both_fail] - 1e-6).all())
+
+
+def test_restarts_prefer_misclassified_over_loss(trained):
+    # With a loss that is flat (zero everywhere) PGD never moves and every restart is just a
+    # random start with the same loss: only "is it misclassified?" can pick the worst case.
+    model, x, y = trained
+    flat = lambda logits, labels: logits.sum(dim=1) * 0  # noqa: E731
+    kwargs = dict(eps=0.3, alpha=0.01, steps=1, loss_fn=flat)
+    torch.manual_seed(0)
+    one = acc(model, pgd(model, x, y, **kwargs), y)
+    torch.manual_seed(0)
+    five = acc(model, pgd(model, x, y, **kwargs, restarts=5), y)
+    assert one < 0.9, "random noise should fool the model sometimes for this test to matter"
+    assert five < one - 0.1
+
+
+def test_loss_fn_hook(small):
+    model, x, y = small
+    torch.manual_seed(0)
+    via_hook = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=5, loss_fn=margin_loss)
+    torch.manual_seed(0)
+    cw = cw_linf(model, x, y, eps=EPS, alpha=EPS / 4, steps=5)
+    assert torch.equal(via_hook, cw)
+    torch.manual_seed(0)
+    with_ce = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=5)
+    assert not torch.equal(via_hook, with_ce)
+    # A loss without gradient leaves x where it started: the hook is what drives the steps.
+    flat = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=5, random_start=False,
+               loss_fn=lambda logits, labels: logits.sum() * 0)
+    assert torch.equal(flat, x)
+    # Minimising cross-entropy (maximising its negative) makes examples *more* correct.
+    helped = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=10,
+                 loss_fn=lambda logits, labels: -F.cross_entropy(logits, labels))
+    assert acc(model, helped, y) >= acc(model, x, y)
+
+
+def test_loss_fn_wrong_shape_rejected(small):
+    model, x, y = small
+    with pytest.raises(ValueError, match="loss_fn must return"):
+        pgd(model, x, y, eps=EPS, alpha=0.01, steps=1, loss_fn=lambda logits, labels: logits)
+
+
+def test_margin_loss_values():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(margin_loss(logits, y), torch.tensor([-1.0, 3.0]))
+
+
+def test_cw_l2_search_and_minimality(small):
+    model, x, y = small
+    results = {s: cw_l2(model, x, y, c_init=1e-3, steps=20, search_steps=s) for s in (1, 2, 4)}
+    success = {}
+    for s, x_adv in results.items():
+        assert x_adv.shape == x.shape and not x_adv.requires_grad
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        with torch.no_grad():
+            wrong = model(x_adv).argmax(1) != y
+        # Each example is either adversarial or the untouched original.
+        unchanged = (x_adv == x).flatten(1).all(dim=1)
+        assert bool((wrong | unchanged).all())
+        success[s] = wrong
+    rates = [success[s].float().mean().item() for s in (1, 2, 4)]
+    assert rates == sorted(rates), f"success rate dropped with more search steps: {rates}"
+    assert rates[-1] > rates[0] + 0.5, f"the binary search over c does not help: {rates}"
+    # The best result is kept across rounds, so more rounds never lengthen a perturbation.
+    both = success[2] & success[4]
+    assert bool((l2(results[4], x)[both] <= l2(results[2], x)[both] + 1e-6).all())
+    # And the distance is small compared with an image's norm (a *minimal* perturbation).
+    assert l2(results[4], x)[success[4]].median() < 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# AutoAttack and Square through torchattacks
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fast_autoattack(monkeypatch):
+    # The reference budget (100 iterations, 5,000 queries) takes minutes on this CPU; the call
+    # path, n_classes, batching and the output contract are the same with a tiny budget.
+    monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 3)
+    monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 20)
+
+
+def test_autoattack_valid_and_preserves_rng(trained, fast_autoattack):
+    model, x, y = trained
+    x, y = x[:12], y[:12]
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    x_adv = autoattack(model, x, y, eps=EPS, batch_size=5)
+    assert torch.equal(torch.rand(3), expected), "autoattack changed the caller's RNG stream"
+    _check_contract(x_adv, x)
+    assert linf(x_adv, x).max() <= EPS + 1e-6
+    assert acc(model, x_adv, y) < acc(model, x, y)
+    # Deterministic given the seed.
+    assert torch.equal(autoattack(model, x, y, eps=EPS, batch_size=5), x_adv)
+
+
+def test_autoattack_passes_number_of_classes(fast_autoattack):
+    # torchattacks assumes 10 classes unless told; with 5 its APGD-T would index out of range.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = torch.rand(6, 3, 8, 8)
+    y = model(x).argmax(1)
+    x_adv = autoattack(model, x, y, eps=0.05)
+    assert linf(x_adv, x).max() <= 0.05 + 1e-6
+    model3 = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        autoattack(model3, x, model3(x).argmax(1), eps=0.05)
+
+
+def test_square_valid_and_preserves_rng(small):
+    model, x, y = small
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    x_adv = square(model, x[:16], y[:16], eps=2 * EPS, n_queries=50)
+    assert torch.equal(torch.rand(2), expected)
+    _check_contract(x_adv, x[:16])
+    assert linf(x_adv, x[:16]).max() <= 2 * EPS + 1e-6
+    assert acc(model, x_adv, y[:16]) < acc(model, x[:16], y[:16])
+
+
+# --------------------------------------------------------------------------------------------
+# Model mode and parameter flags
+# --------------------------------------------------------------------------------------------
+
+class Probe(nn.Module):
+    """Records the mode and parameter flags it sees during forward passes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.num_classes = K
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training or any(m.training for m in self.modules()),
+                          any(p.requires_grad for p in self.parameters())))
+        return self.inner(x)
+
+
+def _state(model: nn.Module):
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
+
+
+ALL_ATTACKS = {
+    "fgsm": lambda m, x, y: fgsm(m, x, y, eps=EPS),
+    "pgd": lambda m, x, y: pgd(m, x, y, eps=EPS, alpha=0.01, steps=2, restarts=2),
+    "pgd_l2": lambda m, x, y: pgd(m, x, y, eps=0.5, alpha=0.1, steps=2, norm="L2"),
+    "cw_linf": lambda m, x, y: cw_linf(m, x, y, eps=EPS, alpha=0.01, steps=2),
+    "cw_l2": lambda m, x, y: cw_l2(m, x, y, c_init=0.1, steps=2, search_steps=2),
+    "square": lambda m, x, y: square(m, x, y, eps=EPS, n_queries=5),
+    "autoattack": lambda m, x, y: autoattack(m, x, y, eps=EPS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_ATTACKS))
+@pytest.mark.parametrize("start", ["train", "eval", "mixed"])
+def test_mode_and_requires_grad_restored(fast_autoattack, name, start):
+    torch.manual_seed(0)
+    model = Probe(TinyCNN())
+    x, y = make_task()(8, 3)
+    if start == "train":
+        model.train()
+    elif start == "eval":
+        model.eval()
+    else:  # training, but with a frozen first conv and a BatchNorm kept in eval mode
+        model.train()
+        model.inner.net[0].requires_grad_(False)
+        model.inner.net[1].eval()
+    before = _state(model)
+    bn = model.inner.net[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    ALL_ATTACKS[name](model, x, y)
+    assert _state(model) == before
+    assert model.seen and all(seen == (False, False) for seen in model.seen), \
+        "the attack ran a forward pass in train mode or with parameter gradients on"
+    assert all(p.grad is None for p in model.parameters())
+    # Eval mode means BatchNorm statistics are not polluted by adversarial images.
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2])
+
+
+def test_mode_restored_after_exception():
+    model = TinyCNN().train()
+    model.net[0].requires_grad_(False)
+    before = _state(model)
+    x, y = make_task()(4, 3)
+
+    calls = []
+
+    def exploding_loss(logits, labels):
+        calls.append(1)
+        if len(calls) > 2:  # the first call validates the hook; fail inside the attack loop
+            raise RuntimeError("boom")
+        return margin_loss(logits, labels)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pgd(model, x, y, eps=EPS, alpha=0.01, steps=2, loss_fn=exploding_loss)
+    assert _state(model) == before
+    with pytest.raises(KeyError):
+        with attack_mode(model):
+            assert not model.training
+            raise KeyError("inside")
+    assert _state(model) == before
+
+
+def test_attack_mode_nests():
+    model = TinyCNN().train()
+    before = _state(model)
+    with attack_mode(model):
+        with attack_mode(model):
+            assert not model.training
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert _state(model) == before
+
+
+def test_pgd_core_leaves_mode_alone():
+    # A fresh model: in train mode BatchNorm updates its statistics, which would spoil `trained`.
+    torch.manual_seed(0)
+    model = TinyCNN().train()
+    x, y = make_task()(8, 3)
+    x_adv = pgd_core(model, x, y, EPS, EPS / 4, 2)
+    assert model.training
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert linf(x_adv, x).max() <= EPS + 1e-6 and not x_adv.requires_grad
+
+
+def test_attacks_work_under_no_grad_and_with_amp_flag_on_cpu(small):
+    model, x, y = small
+    torch.manual_seed(0)
+    plain = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        no_grad = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=3, amp=True)
+    assert torch.equal(plain, no_grad)  # amp is ignored on CPU
+
+
+def test_input_requiring_grad_is_not_modified(small):
+    model, x, y = small
+    xg = x.clone().requires_grad_(True)
+    x_adv = pgd(model, xg, y, eps=EPS, alpha=EPS / 4, steps=2)
+    assert not x_adv.requires_grad and xg.grad is None and torch.equal(xg.detach(), x)
+
+
+def test_preact_resnet_tiny(fast_autoattack):
+    torch.manual_seed(0)
+    model = PreActResNet18(num_classes=K, width=4).train()
+    x = torch.rand(4, 3, 16, 16)
+    y = torch.arange(4)
+    before = _state(model)
+    x_adv = pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=2)
+    assert linf(x_adv, x).max() <= EPS + 1e-6
+    assert _state(model) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Tuple-returning models
+# --------------------------------------------------------------------------------------------
+
+class TupleModel(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.num_classes = K
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner(x), x.flatten(1)
+
+
+def test_tuple_model_rejected_then_wrapped(small):
+    model, x, y = small
+    tuple_model = TupleModel(model)
+    with pytest.raises(TypeError, match="logits_only"):
+        pgd(tuple_model, x, y, eps=EPS, alpha=0.01, steps=1)
+    wrapped = logits_only(tuple_model)
+    assert isinstance(wrapped, nn.Module) and wrapped.num_classes == K
+    torch.manual_seed(0)
+    a = pgd(wrapped, x, y, eps=EPS, alpha=0.01, steps=2)
+    torch.manual_seed(0)
+    b = pgd(model, x, y, eps=EPS, alpha=0.01, steps=2)
+    assert torch.equal(a, b)
+    assert logits_only(model)(x).shape == (64, K)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    x, y = make_task()(4, 3)
+    ok = dict(eps=EPS, alpha=0.01, steps=2)
+    return {
+        "x_not_tensor": (dict(x=x.numpy()), {}, TypeError, "torch.Tensor"),
+        "x_3d": (dict(x=x[0]), {}, ValueError, r"\(N, C, H, W\)"),
+        "x_uint8": (dict(x=(x * 255).to(torch.uint8)), {}, ValueError, "float"),
+        "x_above_1": (dict(x=x * 2), {}, ValueError, r"\[0, 1\]"),
+        "x_negative": (dict(x=x - 0.6), {}, ValueError, r"\[0, 1\]"),
+        "x_nan": (dict(x=x.clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan")))),
+                  {}, ValueError, "NaN"),
+        "x_empty": (dict(x=x[:0], y=y[:0]), {}, ValueError, "empty"),
+        "y_float": (dict(y=y.float()), {}, ValueError, "integer"),
+        "y_wrong_length": (dict(y=y[:3]), {}, ValueError, r"shape \(4,\)"),
+        "y_2d": (dict(y=y[:, None]), {}, ValueError, r"shape \(4,\)"),
+        "y_out_of_range": (dict(y=y + K), {}, ValueError, f"{K} classes"),
+        "y_negative": (dict(y=y - 100), {}, ValueError, "negative"),
+        "eps_negative": ({}, dict(ok, eps=-0.1), ValueError, "eps must be >= 0"),
+        "eps_nan": ({}, dict(ok, eps=float("nan")), ValueError, "eps must be finite"),
+        "eps_string": ({}, dict(ok, eps="8/255"), TypeError, "eps must be a number"),
+        "alpha_zero": ({}, dict(ok, alpha=0.0), ValueError, "alpha must be > 0"),
+        "alpha_negative": ({}, dict(ok, alpha=-1.0), ValueError, "alpha must be > 0"),
+        "steps_negative": ({}, dict(ok, steps=-1), ValueError, "steps must be >= 0"),
+        "steps_float": ({}, dict(ok, steps=2.5), TypeError, "steps must be an int"),
+        "steps_bool": ({}, dict(ok, steps=True), TypeError, "steps must be an int"),
+        "restarts_zero": ({}, dict(ok, restarts=0), ValueError, "restarts must be >= 1"),
+        "norm_unknown": ({}, dict(ok, norm="L1"), ValueError, "norm must be one of"),
+        "loss_fn_not_callable": ({}, dict(ok, loss_fn=3), TypeError, "loss_fn must be callable"),
+    }
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_pgd_rejects_bad_input(case):
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x, y = make_task()(4, 3)
+    overrides, kwargs, error, message = BAD[case]
+    args = {"x": x, "y": y, **overrides}
+    before = _state(model)
+    with pytest.raises(error, match=message):
+        pgd(model, args["x"], args["y"], **(kwargs or dict(eps=EPS, alpha=0.01, steps=2)))
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, x, y: fgsm(m, x, y, eps=-1.0), ValueError, "eps must be >= 0"),
+    (lambda m, x, y: cw_linf(m, x, y, eps=EPS, alpha=0.0, steps=3), ValueError, "alpha"),
+    (lambda m, x, y: cw_l2(m, x, y, c_init=0.0, steps=3, search_steps=1), ValueError, "c_init"),
+    (lambda m, x, y: cw_l2(m, x, y, c_init=1.0, steps=3, search_steps=-1), ValueError,
+     "search_steps"),
+    (lambda m, x, y: cw_l2(m, x, y, c_init=1.0, steps=3, search_steps=1, kappa=-1), ValueError,
+     "kappa"),
+    (lambda m, x, y: autoattack(m, x, y, eps=EPS, norm="L1"), ValueError, "norm"),
+    (lambda m, x, y: autoattack(m, x, y, eps=EPS, version="fast"), ValueError, "version"),
+    (lambda m, x, y: autoattack(m, x, y, eps=EPS, batch_size=0), ValueError, "batch_size"),
+    (lambda m, x, y: square(m, x, y, eps=EPS, n_queries=0), ValueError, "n_queries"),
+    (lambda m, x, y: fgsm(lambda t: m(t), x, y, eps=EPS), TypeError, "nn.Module"),
+    (lambda m, x, y: fgsm(m, x, y.float(), eps=EPS), ValueError, "integer"),
+], ids=["fgsm_eps", "cw_alpha", "cw_l2_c", "cw_l2_search", "cw_l2_kappa", "aa_norm",
+        "aa_version", "aa_batch", "square_queries", "not_a_module", "fgsm_labels"])
+def test_other_attacks_reject_bad_input(call, error, message):
+    model = TinyCNN().eval()
+    x, y = make_task()(4, 3)
+    with pytest.raises(error, match=message):
+        call(model, x, y)
+
+
+def test_wrong_number_of_classes_rejected():
+    model = TinyCNN(num_classes=5)
+    model.num_classes = K  # claims 10 classes, returns 5 logits
+    x, y = make_task()(4, 3)
+    with pytest.raises(ValueError, match=re.escape("returned 5 logits per image, expected 10")):
+        pgd(model, x, y % 5, eps=EPS, alpha=0.01, steps=1)
+    # Without the attribute the output decides, and labels beyond it are rejected.
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 5))
+    with pytest.raises(ValueError, match="5 classes"):
+        fgsm(plain, x, torch.tensor([0, 1, 2, 7]), eps=EPS)
+
+
+def test_model_returning_wrong_shape_rejected():
+    x, y = make_task()(4, 3)
+    model = nn.Sequential(nn.Flatten(0))  # returns a 1-D tensor
+    with pytest.raises(ValueError, match="logits of shape"):
+        fgsm(model, x, y, eps=EPS)

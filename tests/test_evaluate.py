@@ -1,0 +1,316 @@
+"""Tests for anchor_lib.evaluate on CPU: accuracies, the protocol suite and the sanity checks.
+
+Same synthetic task as test_attacks.py (smooth class templates near grey plus noise, a tiny CNN
+trained for a few seconds), repeated here so that each test file stands alone.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anchor_lib import attacks, evaluate
+from anchor_lib.attacks import fgsm, pgd
+from anchor_lib.evaluate import (
+    ATTACKS,
+    EVAL_EPS,
+    accuracy,
+    check_autoattack_gap,
+    check_black_box_weaker,
+    check_eps_sweep,
+    check_more_steps,
+    evaluate_suite,
+    robust_accuracy,
+    sanity_checks,
+    standard_attacks,
+)
+
+K = 10
+EPS = 4 / 255
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # On a small shared CPU, one intra-op thread is several times faster than two that contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_task(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    templates = 0.5 + 0.1 * (torch.rand(K, 3, 4, 4, generator=gen) * 2 - 1)
+    templates = F.interpolate(templates, size=16, mode="bilinear", align_corners=False)
+
+    def sample(n: int, sample_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(sample_seed)
+        y = torch.randint(0, K, (n,), generator=g)
+        x = (templates[y] + 0.1 * (torch.rand(n, 3, 16, 16, generator=g) * 2 - 1)).clamp(0, 1)
+        return x, y
+
+    return sample
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = K
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(16 * 4 * 4, K))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class QuantizedInput(nn.Module):
+    """The gradient-masking trap: rounding the input to 8 bits has a zero gradient everywhere.
+
+    The function is (almost) the same as the wrapped model's, so it is no more robust, but PGD
+    sees a zero gradient and never moves. A black-box attack does not care.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = K
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * 255) / 255)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[TinyCNN, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    sample = make_task()
+    model = TinyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for i in range(80):
+        x, y = sample(128, 1000 + i)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = sample(200, 1)
+    # A few wrong labels so that clean accuracy is below 1 and "clean-correct" matters.
+    y = y.clone()
+    y[:10] = (y[:10] + 1) % K
+    return model, x, y
+
+
+@pytest.fixture
+def fast_autoattack(monkeypatch):
+    # The reference AutoAttack budget takes minutes on this CPU; the call path is the same.
+    monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 3)
+    monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 20)
+
+
+def manual_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy and robust_accuracy
+# --------------------------------------------------------------------------------------------
+
+def test_accuracy_matches_manual_and_restores_mode(trained):
+    model, x, y = trained
+    expected = manual_accuracy(model, x, y)
+    assert 0.9 < expected < 0.96  # 10 of 200 labels are wrong on purpose
+    model.train()
+    model.net[1].eval()
+    modes = [m.training for m in model.modules()]
+    stats = model.net[1].running_mean.clone()
+    try:
+        for batch_size in (7, 500):
+            assert accuracy(model, x, y, batch_size=batch_size) == pytest.approx(expected)
+        assert [m.training for m in model.modules()] == modes
+        assert torch.equal(model.net[1].running_mean, stats)
+    finally:
+        model.eval()
+
+
+def test_robust_accuracy_counts_clean_and_adversarial(trained):
+    model, x, y = trained
+    clean = accuracy(model, x, y)
+    attack = partial(fgsm, eps=EPS)
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+        adv_ok = model(fgsm(model, x, y, eps=EPS)).argmax(1) == y
+    expected = (clean_ok & adv_ok).float().mean().item()
+    assert robust_accuracy(model, x, y, attack) == pytest.approx(expected)
+    assert robust_accuracy(model, x, y, attack, batch_size=13) == pytest.approx(expected)
+    assert expected < clean
+    # The identity "attack" gives back clean accuracy.
+    assert robust_accuracy(model, x, y, lambda m, xb, yb: xb) == pytest.approx(clean)
+
+
+def test_robust_accuracy_never_exceeds_clean(trained):
+    model, x, y = trained
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    # A "helpful attack" that swaps each image for one the model classifies as its label would
+    # raise accuracy above clean if examples wrong on clean inputs could count as robust.
+    prototype = {int(c): x[(pred == c) & (y == c)][0] for c in range(K)}
+
+    def helpful(m, xb, yb):
+        return torch.stack([prototype[int(c)] for c in yb])
+
+    clean = accuracy(model, x, y)
+    assert robust_accuracy(model, x, y, helpful) == pytest.approx(clean)
+    seen = []
+
+    def recording(m, xb, yb):
+        seen.append(len(yb))
+        return xb
+
+    robust_accuracy(model, x, y, recording, batch_size=50)
+    assert len(seen) == 4
+    assert sum(seen) == round(clean * len(x)), "only clean-correct examples should be attacked"
+
+
+def test_robust_accuracy_rejects_bad_attack(trained):
+    model, x, y = trained
+    with pytest.raises(TypeError, match="callable"):
+        robust_accuracy(model, x, y, "pgd20")
+    with pytest.raises(ValueError, match="x_adv of shape"):
+        robust_accuracy(model, x, y, lambda m, xb, yb: xb[:, :1])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        robust_accuracy(model, x * 3, y, partial(fgsm, eps=EPS))
+    with pytest.raises(ValueError, match="10 classes"):
+        accuracy(model, x, y + K)
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------
+
+def test_standard_attacks_follow_the_protocol():
+    table = standard_attacks()
+    assert set(table) == {"fgsm", "pgd20", "cw", "autoattack"}
+    assert table["pgd20"].keywords == dict(eps=EVAL_EPS, alpha=2 / 255, steps=20,
+                                           random_start=True)
+    assert table["cw"].func is attacks.cw_linf
+    assert table["cw"].keywords["steps"] == 30 and table["cw"].keywords["eps"] == EVAL_EPS
+    assert table["fgsm"].keywords == dict(eps=EVAL_EPS)
+    assert table["autoattack"].keywords["eps"] == EVAL_EPS
+    assert standard_attacks(4 / 255)["pgd20"].keywords["alpha"] == pytest.approx(1 / 255)
+
+
+def test_evaluate_suite_structure_and_order(trained, fast_autoattack):
+    model, x, y = trained
+    torch.manual_seed(0)
+    result = evaluate_suite(model, x, y, n=120, autoattack_n=16, batch_size=50, eps=EPS)
+    assert list(result) == list(ATTACKS)
+    for name, entry in result.items():
+        assert set(entry) == {"value", "n"}
+        assert isinstance(entry["value"], float) and 0.0 <= entry["value"] <= 1.0
+        assert entry["n"] == (16 if name == "autoattack" else 120)
+    acc = {name: entry["value"] for name, entry in result.items()}
+    assert acc["pgd20"] <= acc["fgsm"] <= acc["clean"]
+    assert acc["cw"] <= acc["clean"] - 0.2
+    assert acc["clean"] == pytest.approx(manual_accuracy(model, x[:120], y[:120]))
+    json.dumps(result)  # goes straight into metrics.json
+
+
+def test_evaluate_suite_selection_and_errors(trained, capsys):
+    model, x, y = trained
+    result = evaluate_suite(model, x, y, attacks="clean,fgsm", progress=True, eps=EPS)
+    assert list(result) == ["clean", "fgsm"] and result["clean"]["n"] == len(x)
+    assert "fgsm" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="pgd100.*expected.*'clean'.*'autoattack'"):
+        evaluate_suite(model, x, y, attacks=("clean", "pgd100"))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        evaluate_suite(model, x, y, attacks=("clean",), n=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Sanity checks
+# --------------------------------------------------------------------------------------------
+
+def test_check_more_steps_passes_on_trained_model(trained):
+    model, x, y = trained
+    result = check_more_steps(model, x, y, EPS, steps=(1, 5, 20))
+    assert result["passed"] is True, result
+    assert result["steps"] == [1, 5, 20] and len(result["accuracy"]) == 3
+    assert result["accuracy"][-1] < result["accuracy"][0]
+    assert isinstance(result["detail"], str) and result["detail"]
+
+
+def test_check_eps_sweep(trained):
+    model, x, y = trained
+    result = check_eps_sweep(model, x, y, (0, 2 / 255, 4 / 255, 16 / 255), steps=10)
+    assert result["passed"] is True, result
+    assert result["accuracy"][0] == pytest.approx(accuracy(model, x, y))
+    assert result["accuracy"][-1] < 0.1
+    # Stopping the sweep at a small eps leaves accuracy far from 0: the check must fail.
+    short = check_eps_sweep(model, x, y, (0, 2 / 255), steps=10)
+    assert short["passed"] is False and "still" in short["detail"]
+
+
+def test_black_box_weaker_on_trained_model(trained):
+    model, x, y = trained
+    result = check_black_box_weaker(model, x[:48], y[:48], EPS, n_queries=50)
+    assert result["passed"] is True, result
+    assert result["square"] >= result["pgd20"]
+
+
+def test_gradient_masking_trap_is_caught(trained):
+    model, x, y = trained
+    masked = QuantizedInput(model)
+    x, y = x[:48], y[:48]
+    eps = 8 / 255
+    # PGD sees zero gradients and only its random start: the model *looks* robust...
+    torch.manual_seed(0)
+    pgd_acc = robust_accuracy(masked, x, y, partial(pgd, eps=eps, alpha=eps / 4, steps=10))
+    assert pgd_acc > accuracy(masked, x, y) - 0.1
+    # ...while the same attack on the unmasked model breaks it.
+    torch.manual_seed(0)
+    assert robust_accuracy(model, x, y, partial(pgd, eps=eps, alpha=eps / 4, steps=10)) < 0.2
+    # Square only queries outputs and is not fooled: the check fails, as it must.
+    result = check_black_box_weaker(masked, x, y, eps, n_queries=200, pgd_acc=pgd_acc)
+    assert result["passed"] is False, result
+    assert result["square"] < pgd_acc - 0.4
+    assert "gradient masking" in result["detail"]
+
+
+def test_check_autoattack_gap():
+    ok = check_autoattack_gap(0.50, 0.48)
+    assert ok["passed"] is True and ok["gap"] == pytest.approx(0.02)
+    bad = check_autoattack_gap(0.50, 0.30)
+    assert bad["passed"] is False and "gradient masking" in bad["detail"]
+    assert check_autoattack_gap(0.50, 0.30, max_gap=0.25)["passed"] is True
+    with pytest.raises(ValueError, match="pgd20_acc must be <= 1"):
+        check_autoattack_gap(1.5, 0.3)
+
+
+def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
+    model, x, y = trained
+    x, y = x[:48], y[:48]
+    rng = torch.random.get_rng_state()
+    result = sanity_checks(model, x, y, eps=EPS, n_queries=50)
+    assert torch.equal(torch.random.get_rng_state(), rng), "sanity checks moved the caller's RNG"
+    assert set(result) == {"more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap"}
+    for name, check in result.items():
+        assert check["passed"] is True, (name, check)
+        assert isinstance(check["detail"], str)
+    assert result["eps_sweep"]["eps"][-1] == pytest.approx(8 * EPS)
+    json.dumps(result)
+    # Numbers measured elsewhere are used as given.
+    given = sanity_checks(model, x, y, eps=EPS, n_queries=20, pgd20=0.9, autoattack=0.1)
+    assert given["autoattack_gap"]["passed"] is False
+    assert given["black_box_weaker"]["pgd20"] == 0.9
+
+
+def test_module_exports():
+    for name in evaluate.__all__:
+        assert hasattr(evaluate, name)
