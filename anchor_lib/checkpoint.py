@@ -3,6 +3,11 @@
 Every file is written atomically (temporary file in the same folder, flush + fsync, rename) and
 gets a ``<name>.sha256`` sidecar; :func:`load` verifies the hash before unpickling and then uses
 ``torch.load(weights_only=True)``, so a checkpoint can never run code.
+
+Replacing a file and its sidecar takes three renames: the sidecar first lists the new hash *and*
+the old one(s), then the file is renamed into place, then the sidecar keeps the new hash only. A
+kill -9 at any moment therefore leaves either the old or the new file, each matching a hash in the
+sidecar: a resumed run finds the last complete checkpoint, never a "corrupted" one.
 """
 
 from __future__ import annotations
@@ -44,12 +49,18 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, sidecar: bool = True) -
             f.flush()
             os.fsync(f.fileno())
         if sidecar:
-            # The sidecar goes first: a crash between the two renames leaves the old file with a
-            # new hash, which load() reports as corrupted rather than trusting a stale pair.
+            side = path.with_name(path.name + ".sha256")
             digest = hashlib.sha256(data).hexdigest()
-            atomic_write_bytes(path.with_name(path.name + ".sha256"),
-                               f"{digest}  {path.name}\n".encode(), sidecar=False)
-        os.replace(tmp, path)
+            # While the file is being replaced the sidecar accepts the old content and the new:
+            # a crash between the renames leaves a complete file that still verifies.
+            old = [h for h in _sidecar_hashes(side) if h != digest] if path.exists() else []
+            lines = "".join(f"{h}  {path.name}\n" for h in [digest, *old])
+            atomic_write_bytes(side, lines.encode(), sidecar=False)
+            os.replace(tmp, path)
+            if old:
+                atomic_write_bytes(side, f"{digest}  {path.name}\n".encode(), sidecar=False)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -73,6 +84,15 @@ def save(obj: dict[str, Any], path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _sidecar_hashes(side: Path) -> list[str]:
+    """The hashes a sidecar lists (first word of each line, ``sha256sum`` format)."""
+    try:
+        text = side.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0] for line in text.splitlines() if line.split()]
+
+
 def verify(path: str | Path) -> None:
     """Raise :class:`CheckpointError` unless ``path`` exists and matches its sha256 sidecar."""
     path = Path(path)
@@ -82,9 +102,10 @@ def verify(path: str | Path) -> None:
     if not side.is_file():
         raise CheckpointError(f"{path} has no {side.name} beside it; cannot verify it (re-create "
                               "it, or write the hash with anchor_lib.checkpoint.write_sidecar)")
-    expected = side.read_text().split()[0] if side.read_text().split() else ""
+    hashes = _sidecar_hashes(side)
+    expected = hashes[0] if hashes else ""
     actual = sha256_file(path)
-    if actual != expected:
+    if actual not in hashes:
         raise CheckpointError(f"{path} is corrupted or truncated: sha256 {actual[:12]}... does not "
                               f"match {side.name} ({expected[:12]}...)")
 

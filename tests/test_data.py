@@ -65,7 +65,7 @@ def test_labels_follow_class_folders_and_order_is_mixed(tmp_path):
     root = make_image_folder(tmp_path / "f", per_class=3)
     d = data.load_cifar10(root)
     for split_x, split_y, split in ((d.x_train, d.y_train, "train"), (d.x_test, d.y_test, "test")):
-        for img, label in zip(split_x, split_y):
+        for img, label in zip(split_x, split_y, strict=True):
             folder = root / split / data.CLASSES[label]
             decoded = [np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)
                        for p in folder.glob("*.jpg")]
