@@ -11,8 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "bench", "checkpoint", "checks", "cli", "data", "embeddings",
-               "evaluate", "losses", "models", "plots", "provenance", "reproduce", "train",
-               "widgets")
+               "evaluate", "losses", "models", "plots", "provenance", "reproduce", "results",
+               "train", "widgets")
 
 
 def __getattr__(name: str):

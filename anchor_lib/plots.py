@@ -1,0 +1,304 @@
+"""Matplotlib figure helpers for the chapters.
+
+Every function draws on the ``ax`` it is given (or a new figure) and returns the Axes (or, for
+multi-panel helpers, the Figure); none calls ``plt.show()`` or changes global settings, so the
+functions work the same in a notebook, in a headless book build (Agg) and in tests. The chapters
+call ``plt.show()`` themselves.
+
+Conventions: colour = class (matplotlib's ``tab10``, CIFAR-10 class names in the legend);
+marker = view (clean ``o``, augmented ``^``, adversarial ``x``); eps is shown in units of 1/255.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+
+from .data import CLASSES
+from .results import (
+    ATTACK_LABELS,
+    ATTACKS,
+    METHOD_LABELS,
+    ablation_table,
+    format_results_table,
+    load_history,
+    provenance_table,
+    results_table,
+)
+
+VIEW_MARKERS = {"clean": "o", "aug": "^", "adv": "x"}
+VIEW_LABELS = {"clean": "clean", "aug": "augmented", "adv": "adversarial (PGD)"}
+HISTORY_LABELS = {"train_acc": "train accuracy", "val_clean": "validation clean",
+                  "val_pgd": "validation PGD", "loss": "loss", "ce": "cross-entropy",
+                  "con": "contrastive term", "lr": "learning rate"}
+
+__all__ = ["VIEW_MARKERS", "class_colors", "format_results_table", "plot_ablation",
+           "plot_accuracy_vs_eps", "plot_history", "plot_umap", "plot_umap_panels",
+           "provenance_table", "results_table", "show_images"]
+
+
+def class_colors(num_classes: int = 10) -> np.ndarray:
+    """``(num_classes, 4)`` RGBA colours, one per class (tab10, then tab20 beyond 10)."""
+    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    return np.array([cmap(i % cmap.N) for i in range(num_classes)])
+
+
+def _new_ax(ax, figsize=(5.0, 3.5)):
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+def _history_frame(history: Any):
+    import pandas as pd
+
+    if isinstance(history, (str, Path)):
+        return load_history(history)
+    if isinstance(history, pd.DataFrame):
+        return history
+    return pd.DataFrame(list(history))
+
+
+def plot_history(history: Any, ax=None, *, columns: Sequence[str] | None = None,
+                 label: str | None = None, title: str | None = None, **line_kw: Any):
+    """Training curves against the epoch.
+
+    Args:
+        history: ``train()``'s list of dicts, a DataFrame, or the path of a ``history.csv``.
+        ax: Axes to draw on (default: a new figure).
+        columns: which columns to plot; default the accuracies present
+            (``train_acc``, ``val_clean``, ``val_pgd``; all-NaN columns skipped).
+        label: prefix for the legend entries (e.g. the method, when overlaying runs).
+        title: Axes title.
+
+    Returns:
+        The Axes. The y axis is accuracy in [0, 1] when only accuracy columns are drawn.
+    """
+    df = _history_frame(history)
+    if "epoch" not in df.columns:
+        raise ValueError(f"history needs an 'epoch' column, got columns {list(df.columns)}")
+    if columns is None:
+        columns = [c for c in ("train_acc", "val_clean", "val_pgd")
+                   if c in df.columns and df[c].notna().any()]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"history has no column(s) {', '.join(missing)}; it has "
+                         f"{', '.join(map(str, df.columns))}")
+    ax = _new_ax(ax)
+    marker = "o" if len(df) <= 12 else None
+    for c in columns:
+        name = HISTORY_LABELS.get(c, c)
+        ax.plot(df["epoch"], df[c], marker=marker, label=f"{label}: {name}" if label else name,
+                **line_kw)
+    ax.set_xlabel("epoch")
+    if columns and all(c in ("train_acc", "val_clean", "val_pgd") for c in columns):
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+    if len(df):
+        ax.set_xticks(np.unique(np.linspace(df["epoch"].min(), df["epoch"].max(),
+                                            min(len(df), 8)).round()))
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if columns:
+        ax.legend(fontsize="small")
+    return ax
+
+
+def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.ndarray,
+              ax=None, *, title: str | None = None, class_names: Sequence[str] = CLASSES,
+              show_views: Sequence[str] | None = None, highlight: int | None = None,
+              legend: bool = True, s: float = 14.0, alpha: float = 0.75):
+    """Scatter 2-D embedding coordinates: colour = class, marker = view.
+
+    Args:
+        coords: ``(N, 2)`` (e.g. from :func:`anchor_lib.embeddings.umap_2d`).
+        labels: ``(N,)`` class indices.
+        views: ``(N,)`` view names among ``"clean"``, ``"aug"``, ``"adv"``.
+        show_views: only draw these views (default: all present).
+        highlight: draw this class in colour and the others in light grey.
+        legend: add a class legend and a view legend.
+
+    Returns:
+        The Axes (axis ticks hidden: UMAP's axes have no units).
+    """
+    coords = np.asarray(coords)
+    labels = np.asarray(labels).astype(int)
+    views = np.asarray(views).astype(str)
+    if coords.ndim != 2 or coords.shape[1] != 2 or not (len(coords) == len(labels) == len(views)):
+        raise ValueError(f"coords must be (N, 2) with labels and views of length N; got "
+                         f"{coords.shape}, {labels.shape}, {views.shape}")
+    unknown = sorted(set(views) - set(VIEW_MARKERS))
+    if unknown:
+        raise ValueError(f"unknown view name(s) {unknown}; expected {list(VIEW_MARKERS)}")
+    ax = _new_ax(ax, (5.0, 4.5))
+    colors = class_colors(max(len(class_names), int(labels.max()) + 1 if len(labels) else 1))
+    present = [v for v in VIEW_MARKERS if v in set(views)]
+    drawn = [v for v in present if show_views is None or v in show_views]
+    grey = np.array([0.8, 0.8, 0.8, 1.0])
+    for v in drawn:
+        m = views == v
+        c = colors[labels[m]]
+        if highlight is not None:
+            c = np.where((labels[m] == highlight)[:, None], c, grey)
+        # circles get a thin white edge; small triangles stay solid (an edge would wash them
+        # out); 'x' is a line marker and takes the colour as is
+        kw = {"clean": {"edgecolors": "white", "linewidths": 0.3},
+              "aug": {"linewidths": 0, "s": 1.4 * s}, "adv": {"linewidths": 1.0}}[v]
+        order = np.argsort(labels[m] == highlight) if highlight is not None else slice(None)
+        ax.scatter(coords[m][order, 0], coords[m][order, 1], c=c[order], alpha=alpha,
+                   marker=VIEW_MARKERS[v], **{"s": s, **kw})
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    if legend and len(labels):
+        classes = sorted(set(labels.tolist()))
+        handles = [Line2D([], [], ls="", marker="o", color=colors[k],
+                          label=class_names[k] if k < len(class_names) else str(k))
+                   for k in classes]
+        first = ax.legend(handles=handles, fontsize="x-small", loc="upper left",
+                          bbox_to_anchor=(1.0, 1.0), frameon=False, title="class",
+                          title_fontsize="x-small")
+        ax.add_artist(first)
+        vh = [Line2D([], [], ls="", marker=VIEW_MARKERS[v], color="0.3", label=VIEW_LABELS[v])
+              for v in drawn]
+        ax.legend(handles=vh, fontsize="x-small", loc="lower left", bbox_to_anchor=(1.0, 0.0),
+                  frameon=False, title="view", title_fontsize="x-small")
+    return ax
+
+
+def plot_umap_panels(results: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                     show_views: Sequence[str] | None = None, class_names: Sequence[str] = CLASSES,
+                     panel_size: float = 4.0, s: float = 10.0):
+    """One UMAP panel per method, side by side, with one shared legend on the right.
+
+    Args:
+        results: ``{name: (coords (N, 2), labels (N,), views (N,))}``; names like ``"anchor"``
+            are shown as ``"ANCHOR"``.
+
+    Returns:
+        The Figure.
+    """
+    if not results:
+        raise ValueError("results is empty: nothing to plot")
+    k = len(results)
+    fig, axes = plt.subplots(1, k, figsize=(panel_size * k + 1.6, panel_size),
+                             layout="constrained", squeeze=False)
+    for i, (name, (coords, labels, views)) in enumerate(results.items()):
+        plot_umap(coords, labels, views, axes[0, i], title=METHOD_LABELS.get(name, name),
+                  class_names=class_names, show_views=show_views, legend=(i == k - 1), s=s)
+    return fig
+
+
+def plot_accuracy_vs_eps(eps_values: Sequence[float],
+                         accuracies: Sequence[float] | Mapping[str, Sequence[float]], ax=None, *,
+                         label: str | None = None, title: str | None = None):
+    """Accuracy against the attack radius eps (x axis in units of 1/255).
+
+    ``accuracies`` is one curve (a sequence, labelled ``label``) or ``{label: curve}``.
+    Returns the Axes.
+    """
+    eps = np.asarray(eps_values, dtype=float)
+    curves = dict(accuracies) if isinstance(accuracies, Mapping) else {label: accuracies}
+    ax = _new_ax(ax)
+    for name, acc in curves.items():
+        acc = np.asarray(acc, dtype=float)
+        if acc.shape != eps.shape:
+            raise ValueError(f"curve {name!r} has {acc.shape[0] if acc.ndim else 0} values for "
+                             f"{eps.shape[0]} eps values")
+        ax.plot(eps * 255, acc, marker="o", label=name)
+    ax.set_xlabel("eps (× 1/255)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if any(name is not None for name in curves):
+        ax.legend(fontsize="small")
+    return ax
+
+
+def _to_hwc(x: Any) -> np.ndarray:
+    """Images as float numpy ``(N, H, W, C)`` in [0, 1] from NCHW tensors / arrays or NHWC."""
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            x = x.numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W) or (N, H, W, C), got {x.shape}")
+    if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = x.transpose(0, 2, 3, 1)
+    return np.clip(x, 0, 1)
+
+
+def show_images(x: Any, titles: Sequence[str] | None = None, *, ncols: int = 8,
+                scale: float = 1.4, suptitle: str | None = None):
+    """A grid of images with optional titles.
+
+    Args:
+        x: ``(N, C, H, W)`` tensor / array (uint8 or float in [0, 1]) or ``(N, H, W, C)``.
+        titles: one per image.
+
+    Returns:
+        The Figure.
+    """
+    imgs = _to_hwc(x)
+    n = len(imgs)
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"got {len(titles)} titles for {n} images")
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows + 0.3),
+                             squeeze=False, layout="constrained")
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            img = imgs[i]
+            # nearest: show the pixels as they are (and keep the PNG small)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img,
+                      cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1,
+                      interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize="small")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def plot_ablation(runs: Sequence[Any], param: str, ax=None, *,
+                  attacks: Sequence[str] = ("clean", "pgd20", "autoattack"),
+                  title: str | None = None):
+    """Accuracy against an ablated TrainConfig field (e.g. ``beta``), one line per attack.
+
+    ``runs`` are :class:`anchor_lib.results.RunResult` objects or ``metrics.json`` dicts.
+    Returns the Axes.
+    """
+    df = ablation_table(runs, param, [a for a in ATTACKS if a in attacks] or list(attacks))
+    ax = _new_ax(ax)
+    for a in attacks:
+        if a in df.columns and df[a].notna().any():
+            ax.plot(df[param], df[a], marker="o", label=ATTACK_LABELS.get(a, a))
+    ax.set_xlabel(param)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return ax

@@ -1,0 +1,407 @@
+"""Reading committed results artifacts (DESIGN §6) into tables, for chapter 8.
+
+Layout under the results root (default: the repository's ``data/results/``, or
+``$ANCHOR_RESULTS_DIR``)::
+
+    <run>/metrics.json            one training run, evaluated by DESIGN §4 (e.g. full-anchor/)
+    <run>/history.csv             its per-epoch history
+    <run>/embeddings.npz          its clean / aug / adv embeddings (chapter 7)
+    ablation_<param>/<run>/...    runs of an ablation that vary TrainConfig field <param>
+                                  (e.g. ablation_beta/beta-0.5/metrics.json)
+    bench/                        speed results (not read here)
+
+Every number these functions return comes from a file, with the file's provenance beside it;
+nothing is filled in. ``metrics.json`` files are checked against their ``.sha256`` sidecar when
+one is present, and malformed files raise ``ValueError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+
+ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
+ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW∞",
+                 "autoattack": "AutoAttack"}
+METHOD_LABELS = {"standard": "Standard", "pgd_at": "PGD-AT", "trades": "TRADES",
+                 "supcon_at": "SupCon-AT", "anchor": "ANCHOR"}
+METHOD_ORDER = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
+REQUIRED = ("method", "data", "hardware", "commit", "seed", "epochs", "config", "accuracy")
+PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed", "epochs",
+              "selected_epoch", "train_seconds", "eval_seconds")
+
+_REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
+
+__all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "RunResult", "ablation_param",
+           "ablation_table", "compare", "default_root", "find_embeddings", "format_results_table",
+           "load_ablations", "load_history", "load_results", "load_run",
+           "load_tutorial_checkpoint", "provenance_table", "results_table", "sanity_table",
+           "validate_metrics"]
+
+
+def default_root() -> Path:
+    """``$ANCHOR_RESULTS_DIR`` if set, else the repository's ``data/results``.
+
+    With a pip-installed ``anchor_lib`` (Colab) the package has no ``data/results`` beside it;
+    then ``../data/results`` or ``data/results`` under the working directory is used if it
+    exists (a notebook run from a clone's ``book/`` folder). If nothing exists, the returned
+    folder does not exist and every loader returns nothing.
+    """
+    env = os.environ.get("ANCHOR_RESULTS_DIR")
+    if env:
+        return Path(env).expanduser()
+    if _REPO_RESULTS.is_dir():
+        return _REPO_RESULTS
+    for candidate in (Path("..") / "data" / "results", Path("data") / "results"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return _REPO_RESULTS
+
+
+@dataclass
+class RunResult:
+    """One run's artifacts: ``metrics`` (the parsed metrics.json) and its folder."""
+
+    name: str
+    path: Path
+    metrics: dict[str, Any]
+    verified: bool  # True: matched its .sha256 sidecar; False: no sidecar was there
+
+    @property
+    def method(self) -> str:
+        return str(self.metrics["method"])
+
+    @property
+    def profile(self) -> str:
+        return str(self.metrics.get("profile") or self.metrics["config"].get("profile", "?"))
+
+    @property
+    def history_path(self) -> Path:
+        return self.path / "history.csv"
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.path / "embeddings.npz"
+
+
+def validate_metrics(d: Any, where: str = "metrics") -> dict[str, Any]:
+    """Check a parsed ``metrics.json`` has the DESIGN §6 fields; raise ``ValueError`` if not.
+
+    Each ``accuracy`` entry must be ``{"value": float in [0, 1], "n": int >= 1}``.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (DESIGN §6 metrics.json)")
+    if not isinstance(d["config"], dict):
+        raise ValueError(f"{where}: 'config' must be an object of TrainConfig fields")
+    acc = d["accuracy"]
+    if not isinstance(acc, dict) or not acc:
+        raise ValueError(f"{where}: 'accuracy' must be a non-empty object of "
+                         '{"value": ..., "n": ...} entries')
+    for name, entry in acc.items():
+        if not isinstance(entry, dict) or "value" not in entry or "n" not in entry:
+            raise ValueError(f"{where}: accuracy[{name!r}] must be {{'value': v, 'n': n}}, "
+                             f"got {entry!r}")
+        v, n = entry["value"], entry["n"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"{where}: accuracy[{name!r}].value must be a number in [0, 1], "
+                             f"got {v!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{where}: accuracy[{name!r}].n must be an int >= 1, got {n!r}")
+    return d
+
+
+def load_run(folder: str | Path) -> RunResult:
+    """Load ``folder/metrics.json`` (verifying its sidecar when present)."""
+    folder = Path(folder)
+    path = folder / "metrics.json"
+    verified = path.with_name("metrics.json.sha256").is_file()
+    if verified:
+        checkpoint.verify(path)  # raises CheckpointError (a ValueError) naming the file
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    return RunResult(folder.name, folder, validate_metrics(d, str(path)), verified)
+
+
+def _sort_key(run: RunResult) -> tuple:
+    order = METHOD_ORDER.index(run.method) if run.method in METHOD_ORDER else len(METHOD_ORDER)
+    return (run.profile, order, run.name)
+
+
+def load_results(root: str | Path | None = None) -> list[RunResult]:
+    """Every ``<root>/<run>/metrics.json`` (ablation and bench folders excluded), sorted."""
+    root = Path(root) if root is not None else default_root()
+    if not root.is_dir():
+        return []
+    runs = [load_run(p) for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith(("ablation_", "bench", "."))
+            and (p / "metrics.json").is_file()]
+    return sorted(runs, key=_sort_key)
+
+
+def load_ablations(root: str | Path | None = None) -> dict[str, list[RunResult]]:
+    """``{"ablation_beta": [runs...], ...}`` from ``<root>/ablation_*/<run>/metrics.json``."""
+    root = Path(root) if root is not None else default_root()
+    if not root.is_dir():
+        return {}
+    out: dict[str, list[RunResult]] = {}
+    for folder in sorted(p for p in root.glob("ablation_*") if p.is_dir()):
+        runs = [load_run(p) for p in sorted(folder.iterdir())
+                if p.is_dir() and (p / "metrics.json").is_file()]
+        if runs:
+            out[folder.name] = runs
+    return out
+
+
+def load_history(path: str | Path):
+    """``history.csv`` as a pandas DataFrame (verifying its sidecar when present)."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.with_name(path.name + ".sha256").is_file():
+        checkpoint.verify(path)
+    return pd.read_csv(path)
+
+
+def _as_metrics(item: RunResult | dict[str, Any], i: int) -> tuple[str, dict[str, Any]]:
+    if isinstance(item, RunResult):
+        return item.name, item.metrics
+    validate_metrics(item, f"metrics_list[{i}]")
+    name = f"{item.get('profile') or item['config'].get('profile', '?')}-{item['method']}"
+    return name, item
+
+
+def _runs(items: Iterable[RunResult | dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    out = [_as_metrics(item, i) for i, item in enumerate(items)]
+    names = [n for n, _ in out]
+    # Make row names unique (two dicts for the same method and profile, e.g. two seeds).
+    return [(f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n, m)
+            for i, (n, m) in enumerate(out)]
+
+
+def results_table(metrics_list: Iterable[RunResult | dict[str, Any]],
+                  attacks: Sequence[str] = ATTACKS):
+    """The results table: one row per run, accuracies as fractions and their sample sizes.
+
+    Args:
+        metrics_list: :class:`anchor_lib.results.RunResult` objects or parsed ``metrics.json`` dicts.
+        attacks: accuracy columns, in order; a run without one gets NaN (never a guess).
+
+    Returns:
+        DataFrame indexed by run name with columns ``method``, ``profile``, ``data``, one column
+        per attack (fraction in [0, 1]) and ``n_<attack>`` (number of test images).
+    """
+    import pandas as pd
+
+    rows = []
+    for name, m in _runs(metrics_list):
+        row: dict[str, Any] = {"run": name, "method": m["method"],
+                               "profile": m.get("profile") or m["config"].get("profile"),
+                               "data": m["data"]}
+        for a in attacks:
+            entry = m["accuracy"].get(a)
+            row[a] = float(entry["value"]) if entry else math.nan
+            row[f"n_{a}"] = int(entry["n"]) if entry else pd.NA
+        rows.append(row)
+    columns = ["method", "profile", "data", *attacks, *(f"n_{a}" for a in attacks)]
+    df = pd.DataFrame(rows, columns=["run", *columns]).set_index("run")
+    for a in attacks:
+        df[f"n_{a}"] = df[f"n_{a}"].astype("Int64")
+    return df
+
+
+def format_results_table(df, attacks: Sequence[str] = ATTACKS):
+    """A display copy of :func:`anchor_lib.results.results_table`: ``"xx.x % (n=1,000)"`` cells."""
+    import pandas as pd
+
+    attacks = [a for a in attacks if a in df.columns]
+    out = pd.DataFrame(index=df.index)
+    out["method"] = [METHOD_LABELS.get(m, m) for m in df["method"]]
+    for col in ("profile", "data"):
+        out[col] = df[col]
+    for a in attacks:
+        out[ATTACK_LABELS.get(a, a)] = [
+            "—" if pd.isna(v) else f"{100 * v:.1f} % (n={int(n):,})"
+            for v, n in zip(df[a], df[f"n_{a}"], strict=True)]
+    return out
+
+
+def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):
+    """Where each run's numbers come from: data copy, hardware, torch, commit, seed, epochs,
+    selected epoch, train / eval seconds, profile and whether the file matched its sha256."""
+    import pandas as pd
+
+    items = list(runs)
+    rows = []
+    for (name, m), item in zip(_runs(items), items, strict=True):
+        row = {"run": name, **{k: m.get(k) for k in PROVENANCE}}
+        row["profile"] = m.get("profile") or m["config"].get("profile")
+        if isinstance(item, RunResult):
+            row["file"] = str(item.path / "metrics.json")
+            row["sha256"] = "verified" if item.verified else "no sidecar"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
+
+
+def sanity_table(runs: Iterable[RunResult | dict[str, Any]]):
+    """The DESIGN §4 sanity checks per run: ``passed`` flags as True / False (None if absent)."""
+    import pandas as pd
+
+    rows = []
+    for name, m in _runs(runs):
+        row: dict[str, Any] = {"run": name}
+        for check, result in (m.get("sanity") or {}).items():
+            if isinstance(result, dict) and "passed" in result:
+                row[check] = bool(result["passed"])
+            elif isinstance(result, bool):
+                row[check] = result
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
+
+
+def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
+            baseline: str = "pgd_at", *, profile: str | None = "full",
+            attacks: Sequence[str] = ATTACKS):
+    """Does ``method`` beat ``baseline``? One row per attack, computed from the files only.
+
+    Runs of the same method (several seeds) are averaged. A difference smaller than two binomial
+    standard errors, ``2 * sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)``, is called "within noise".
+
+    Returns:
+        DataFrame indexed by attack with columns ``method``, ``baseline`` (accuracies),
+        ``n_method``, ``n_baseline``, ``runs_method``, ``runs_baseline``, ``difference``
+        (method - baseline, in accuracy points, i.e. percent), ``noise_2se`` (points) and
+        ``verdict``. Empty when either method has no run at ``profile`` (None = any profile).
+    """
+    import pandas as pd
+
+    chosen = [m for _, m in _runs(runs)
+              if profile is None or (m.get("profile") or m["config"].get("profile")) == profile]
+    groups = {k: [m for m in chosen if m["method"] == k] for k in (method, baseline)}
+    columns = ["method", "baseline", "n_method", "n_baseline", "runs_method", "runs_baseline",
+               "difference", "noise_2se", "verdict"]
+    if not groups[method] or not groups[baseline]:
+        return pd.DataFrame(columns=columns).rename_axis("attack")
+    rows = []
+    for a in attacks:
+        have = {k: [m["accuracy"][a] for m in g if a in m["accuracy"]] for k, g in groups.items()}
+        if not have[method] or not have[baseline]:
+            continue
+        p = {k: sum(e["value"] for e in v) / len(v) for k, v in have.items()}
+        n = {k: min(e["n"] for e in v) for k, v in have.items()}
+        diff = 100 * (p[method] - p[baseline])
+        noise = 200 * math.sqrt(sum(p[k] * (1 - p[k]) / n[k] for k in p))
+        if abs(diff) <= noise:
+            verdict = "within noise"
+        else:
+            better = METHOD_LABELS.get(method if diff > 0 else baseline, "")
+            verdict = f"{better} higher"
+        rows.append({"attack": ATTACK_LABELS.get(a, a), "method": p[method],
+                     "baseline": p[baseline], "n_method": n[method], "n_baseline": n[baseline],
+                     "runs_method": len(have[method]), "runs_baseline": len(have[baseline]),
+                     "difference": diff, "noise_2se": noise, "verdict": verdict})
+    return pd.DataFrame(rows, columns=["attack", *columns]).set_index("attack")
+
+
+def ablation_param(name: str, runs: Sequence[RunResult | dict[str, Any]]) -> str | None:
+    """The TrainConfig field an ablation varies: ``ablation_<field>`` if that is a config key
+    whose value differs between runs, else the single config key that differs (None if unclear)."""
+    configs = [m["config"] for _, m in _runs(runs)]
+    field = name.removeprefix("ablation_")
+    if configs and all(field in c for c in configs):
+        return field
+    keys = set().union(*configs) if configs else set()
+    varying = sorted(k for k in keys if k not in ("out_dir", "extra", "progress")
+                     and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+    return varying[0] if len(varying) == 1 else None
+
+
+def ablation_table(runs: Sequence[RunResult | dict[str, Any]], param: str,
+                   attacks: Sequence[str] = ATTACKS):
+    """One row per run of an ablation, sorted by the varied ``param`` (a TrainConfig field)."""
+    df = results_table(runs, attacks)
+    df.insert(0, param, [m["config"].get(param) for _, m in _runs(runs)])
+    return df.sort_values(param, kind="stable")
+
+
+# --- committed artifacts the chapters can use instead of training live --------------------------
+
+
+def find_embeddings(method: str, root: str | Path | None = None, *, profile: str = "full"
+                    ) -> RunResult | None:
+    """The run of ``method`` at ``profile`` that has a committed ``embeddings.npz``, or None.
+
+    When several runs qualify (seeds), the first by name is returned.
+    """
+    for run in load_results(root):
+        if run.method == method and run.profile == profile and run.embeddings_path.is_file():
+            return run
+    return None
+
+
+def _manifest_entries(manifest: Any) -> list[dict[str, Any]]:
+    """Entries of ``{"checkpoints": [...]}``, ``{"checkpoints": {method: {...}}}`` or
+    ``{method: {...}}``."""
+    items = manifest.get("checkpoints", manifest) if isinstance(manifest, dict) else manifest
+    if isinstance(items, dict):
+        items = [{"method": k, **v} for k, v in items.items() if isinstance(v, dict)]
+    return [e for e in items or [] if isinstance(e, dict)]
+
+
+def load_tutorial_checkpoint(method: str, root: str | Path | None = None,
+                             device: str = "cpu"):
+    """Load the committed tutorial checkpoint of ``method`` listed in ``manifest.json``.
+
+    ``root`` (default: the repository's ``data/checkpoints``, or ``../data/checkpoints`` from a
+    notebook's folder) holds ``manifest.json`` whose entries name ``method``, ``file`` (or
+    ``path``, relative to ``root``) and ``sha256``. The file must match that sha256.
+
+    Returns:
+        ``(model in eval mode, checkpoint dict, manifest entry)``, or None when no manifest or no
+        entry for ``method`` exists.
+
+    Raises:
+        anchor_lib.checkpoint.CheckpointError: the listed file is missing or does not match.
+    """
+    from . import train
+
+    if root is None:
+        root = _REPO_RESULTS.parent / "checkpoints"
+        if not root.is_dir() and (Path("..") / "data" / "checkpoints").is_dir():
+            root = Path("..") / "data" / "checkpoints"
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    try:
+        entries = _manifest_entries(json.loads(manifest_path.read_text()))
+    except json.JSONDecodeError as err:
+        raise checkpoint.CheckpointError(f"{manifest_path} is not valid JSON: {err}") from err
+    entry = next((e for e in entries if e.get("method") == method), None)
+    if entry is None:
+        return None
+    path = root / str(entry.get("file") or entry.get("path") or "")
+    if not path.is_file():
+        raise checkpoint.CheckpointError(f"{manifest_path} lists {path}, which does not exist")
+    expected = str(entry.get("sha256", ""))
+    actual = checkpoint.sha256_file(path)
+    if actual != expected:
+        raise checkpoint.CheckpointError(f"{path} does not match the sha256 in {manifest_path} "
+                                         f"({actual[:12]}... != {expected[:12]}...)")
+    state = checkpoint.load(path, verify_hash=False)  # verified against the manifest above
+    cfg = train.config_from_dict(state["config"])
+    model = train.build_model(cfg, state["model"]["linear.weight"].shape[0])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in state["model"].items()})
+    return model.to(device).eval(), state, entry

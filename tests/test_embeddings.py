@@ -1,0 +1,295 @@
+"""Tests for anchor_lib.embeddings: views, the embeddings.npz artifact, cluster metrics, UMAP.
+
+Metric tests use constructed embeddings whose answer is known by construction (one-hot class
+centres, antipodal or orthogonal adversarial views) or written out by hand in a loop here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from anchor_lib import checkpoint, data, embeddings
+from anchor_lib.models import PreActResNet18
+
+
+@pytest.fixture(scope="module")
+def model() -> PreActResNet18:
+    torch.manual_seed(0)
+    return PreActResNet18(num_classes=10, width=4, proj_dim=16).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    ds = data.synthetic(n_train=20, n_test=24, seed=1)
+    return ds.x_test, ds.y_test
+
+
+@pytest.fixture(scope="module")
+def emb(model, images) -> dict[str, np.ndarray]:
+    x, y = images
+    return embeddings.embed_views(model, x, y, steps=2, batch_size=10)
+
+
+# --- embed_views ------------------------------------------------------------------------------
+
+
+def test_embed_views_shapes_dtypes_and_unit_norm(emb, images):
+    _, y = images
+    n = len(y)
+    for view in embeddings.VIEWS:
+        assert emb[view].shape == (n, 16) and emb[view].dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(emb[view], axis=1), 1.0, atol=1e-5)
+    assert emb["labels"].dtype == np.int64
+    np.testing.assert_array_equal(emb["labels"], y.numpy())
+    for key in ("pred_clean", "pred_aug", "pred_adv"):
+        assert emb[key].shape == (n,) and emb[key].dtype == np.int64
+        assert emb[key].min() >= 0 and emb[key].max() < 10
+    # the three views are different images, so (for a random model) different embeddings
+    assert not np.allclose(emb["clean"], emb["aug"])
+    assert not np.allclose(emb["clean"], emb["adv"])
+
+
+def test_embed_views_deterministic_keeps_rng_and_mode(model, images, emb):
+    x, y = images
+    model.train()
+    state = torch.get_rng_state()
+    try:
+        again = embeddings.embed_views(model, x, y, steps=2, batch_size=10)
+        rebatched = embeddings.embed_views(model, x, y, steps=2, batch_size=7)
+    finally:
+        assert model.training, "embed_views must restore the model's training flag"
+        model.eval()
+    assert torch.equal(torch.get_rng_state(), state), "the caller's RNG stream must be untouched"
+    for view in embeddings.VIEWS:
+        np.testing.assert_array_equal(again[view], emb[view])
+    # clean and augmented views do not depend on the batching (PGD's random start does)
+    for view in ("clean", "aug"):
+        np.testing.assert_allclose(rebatched[view], emb[view], atol=1e-5)
+
+
+def test_uint8_and_float_inputs_agree(model, images):
+    x, y = images
+    a = embeddings.embed_views(model, x[:6], y[:6], steps=1)
+    b = embeddings.embed_views(model, data.to_float(x[:6]), y[:6], steps=1)
+    for view in embeddings.VIEWS:
+        np.testing.assert_allclose(a[view], b[view], atol=1e-6)
+
+
+def test_no_attack_gives_adv_equal_clean(model, images):
+    x, y = images
+    for kw in ({"steps": 0}, {"eps": 0.0}):
+        e = embeddings.embed_views(model, x[:5], y[:5], **kw)
+        np.testing.assert_array_equal(e["adv"], e["clean"])
+        np.testing.assert_array_equal(e["pred_adv"], e["pred_clean"])
+
+
+def test_feature_space(model, images):
+    x, y = images
+    e = embeddings.embed_views(model, x[:5], y[:5], steps=1, space="features")
+    assert e["clean"].shape == (5, model.feature_dim)
+    np.testing.assert_allclose(np.linalg.norm(e["adv"], axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"space": "pixels"}, "space"),
+    ({"eps": -1.0}, "eps"),
+    ({"steps": 1.5}, "steps"),
+])
+def test_embed_views_rejects_bad_arguments(model, images, kwargs, match):
+    x, y = images
+    with pytest.raises((ValueError, TypeError), match=match):
+        embeddings.embed_views(model, x[:3], y[:3], **kwargs)
+
+
+def test_embed_views_rejects_bad_images_and_labels(model, images):
+    x, y = images
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        embeddings.embed_views(model, data.to_float(x[:3]) * 2, y[:3])
+    with pytest.raises(ValueError, match="label"):
+        embeddings.embed_views(model, x[:3], torch.tensor([0, 1, 10]))
+    with pytest.raises(ValueError, match="shape"):
+        embeddings.embed_views(model, x[:3], y[:2])
+
+
+def test_balanced_indices_on_class_sorted_labels():
+    y = torch.arange(4).repeat_interleave(5)  # sorted by class, like some CIFAR-10 copies
+    idx = embeddings.balanced_indices(y, 6)
+    assert isinstance(idx, torch.Tensor) and idx.dtype == torch.int64
+    assert idx.tolist() == [0, 5, 10, 15, 1, 6]  # first items of each class, interleaved
+    assert np.bincount(y[embeddings.balanced_indices(y, 20)].numpy()).tolist() == [5] * 4
+    assert embeddings.balanced_indices(y.numpy(), 4).tolist() == [0, 5, 10, 15]
+    with pytest.raises(ValueError, match="balanced"):
+        embeddings.balanced_indices(torch.tensor([0, 0, 0, 1]), 4)
+    with pytest.raises(ValueError, match="n must be"):
+        embeddings.balanced_indices(y, 0)
+
+
+# --- embeddings.npz ---------------------------------------------------------------------------
+
+
+def test_npz_round_trip_with_sidecar(tmp_path, emb):
+    path = tmp_path / "run" / "embeddings.npz"
+    embeddings.save_embeddings(path, emb, {"method": "anchor", "data": "synthetic"})
+    assert path.is_file() and (tmp_path / "run" / "embeddings.npz.sha256").is_file()
+    with np.load(path, allow_pickle=False) as raw:  # the stored format (DESIGN §6)
+        assert raw["clean"].dtype == np.float16 and raw["labels"].dtype == np.int64
+        assert set(raw.files) >= {"clean", "aug", "adv", "labels", "meta"}
+    back = embeddings.load_embeddings(path)
+    for view in embeddings.VIEWS:
+        assert back[view].dtype == np.float32
+        np.testing.assert_allclose(back[view], emb[view], atol=2e-3)
+    np.testing.assert_array_equal(back["labels"], emb["labels"])
+    np.testing.assert_array_equal(back["pred_adv"], emb["pred_adv"])
+    meta = back["meta"]
+    assert meta["method"] == "anchor" and meta["n"] == len(emb["labels"]) and meta["dim"] == 16
+    assert meta["format"] == embeddings.FORMAT
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_sidecar"])
+def test_damaged_npz_is_refused_naming_the_file(tmp_path, emb, damage):
+    path = tmp_path / "embeddings.npz"
+    embeddings.save_embeddings(path, emb, {})
+    raw = path.read_bytes()
+    if damage == "flip":
+        i = len(raw) // 2
+        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
+    elif damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 3])
+    else:
+        (tmp_path / "embeddings.npz.sha256").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="embeddings.npz"):
+        embeddings.load_embeddings(path)
+
+
+def test_unreadable_npz_with_matching_sidecar_is_refused(tmp_path):
+    path = tmp_path / "embeddings.npz"
+    checkpoint.atomic_write_bytes(path, b"not a zip file")
+    with pytest.raises(checkpoint.CheckpointError, match="embeddings.npz"):
+        embeddings.load_embeddings(path)
+
+
+def test_save_rejects_inconsistent_shapes(tmp_path, emb):
+    bad = dict(emb, adv=emb["adv"][:-1])
+    with pytest.raises(ValueError, match="adv"):
+        embeddings.save_embeddings(tmp_path / "e.npz", bad, {})
+    with pytest.raises(ValueError, match="labels"):
+        embeddings.save_embeddings(tmp_path / "e.npz", {"clean": emb["clean"]}, {})
+
+
+# --- cluster metrics --------------------------------------------------------------------------
+
+
+def separated(n_per_class: int = 6, classes: int = 3, dim: int = 8, noise: float = 0.01,
+              seed: int = 0) -> dict[str, np.ndarray]:
+    """Clusters around orthogonal one-hot centres: the ideal geometry, views = clean."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    clean = np.eye(dim)[labels] + noise * rng.standard_normal((len(labels), dim))
+    clean /= np.linalg.norm(clean, axis=1, keepdims=True)
+    return {"clean": clean, "aug": clean.copy(), "adv": clean.copy(), "labels": labels}
+
+
+def test_metrics_on_perfect_clusters():
+    m = embeddings.cluster_metrics(separated())
+    assert m["silhouette_clean"] > 0.95 and m["silhouette_all"] > 0.95
+    assert m["clean_adv_distance"] == pytest.approx(0.0, abs=1e-12)
+    assert m["clean_aug_distance"] == pytest.approx(0.0, abs=1e-12)
+    assert m["intra_class_cos"] == pytest.approx(1.0, abs=1e-3)
+    assert m["inter_class_cos"] == pytest.approx(0.0, abs=0.05)
+    assert m["class_cos_gap"] > 0.9
+    assert m["knn_clean"] == 1.0 and m["knn_adv_agreement"] == 1.0
+    json.dumps(m, allow_nan=False)  # goes into metrics.json as is
+
+
+def test_clean_adv_distance_known_values():
+    e = separated()
+    assert embeddings.cluster_metrics(dict(e, adv=-e["clean"]))["clean_adv_distance"] \
+        == pytest.approx(2.0)
+    # adv = the next class's centre: orthogonal to clean (distance ~1), and its nearest clean
+    # neighbours all belong to the wrong class
+    shifted = dict(e, adv=np.roll(e["clean"], 1, axis=1))
+    m = embeddings.cluster_metrics(shifted)
+    assert m["clean_adv_distance"] == pytest.approx(1.0, abs=0.05)
+    assert m["knn_adv_agreement"] == 0.0 and m["knn_clean"] == 1.0
+
+
+def test_intra_inter_against_a_loop():
+    angles = [0.0, 20.0, 90.0, 100.0, 200.0]
+    labels = np.array([0, 0, 1, 1, 0])
+    z = np.stack([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles])
+    intra, inter = [], []
+    for i in range(5):
+        for j in range(5):
+            if i != j:
+                c = math.cos(math.radians(angles[i] - angles[j]))
+                (intra if labels[i] == labels[j] else inter).append(c)
+    m = embeddings.cluster_metrics({"clean": z, "aug": z, "adv": z, "labels": labels}, k=1)
+    assert m["intra_class_cos"] == pytest.approx(sum(intra) / len(intra))
+    assert m["inter_class_cos"] == pytest.approx(sum(inter) / len(inter))
+    assert m["class_cos_gap"] == pytest.approx(m["intra_class_cos"] - m["inter_class_cos"])
+
+
+def test_knn_leave_one_out_excludes_own_clean_view():
+    # pairs of near-identical points with different labels: each point's nearest *other* point
+    # is of the other class. With adv = clean, counting an image's own clean view would give
+    # agreement 1; leave-one-out gives 0.
+    angles = np.radians([0.0, 10.0, 180.0, 190.0])
+    z = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    e = {"clean": z, "aug": z, "adv": z.copy(), "labels": np.array([0, 1, 1, 0])}
+    m = embeddings.cluster_metrics(e, k=1)
+    assert m["knn_clean"] == 0.0 and m["knn_adv_agreement"] == 0.0
+
+
+def test_metrics_accuracy_and_undefined_cases():
+    e = separated(n_per_class=4, classes=2)
+    e["pred_clean"] = e["labels"].copy()
+    e["pred_adv"] = 1 - e["labels"]
+    m = embeddings.cluster_metrics(e)
+    assert m["acc_clean"] == 1.0 and m["acc_adv"] == 0.0
+    one = separated(n_per_class=5, classes=1)
+    m1 = embeddings.cluster_metrics(one)
+    assert m1["silhouette_clean"] is None and m1["inter_class_cos"] is None
+    assert m1["class_cos_gap"] is None
+    json.dumps(m1, allow_nan=False)
+
+
+def test_metrics_renormalise_float16_rows():
+    e = separated()
+    half = {k: (v.astype(np.float16) * 3 if k != "labels" else v) for k, v in e.items()}
+    assert embeddings.cluster_metrics(half)["clean_adv_distance"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stack_views():
+    e = separated(n_per_class=2, classes=2)
+    points, labels, views = embeddings.stack_views(e)
+    assert points.shape == (12, 8) and labels.shape == (12,) and views.shape == (12,)
+    assert list(views[:4]) == ["clean"] * 4 and list(views[-4:]) == ["adv"] * 4
+    np.testing.assert_array_equal(labels[4:8], e["labels"])
+
+
+# --- UMAP -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # the first umap-learn call compiles numba kernels (~10-30 s on a CPU)
+def test_umap_2d_shape_determinism_and_separation():
+    e = separated(n_per_class=15, classes=2, dim=8, noise=0.05)
+    a = embeddings.umap_2d(e["clean"], n_neighbors=10, seed=0)
+    b = embeddings.umap_2d(e["clean"], n_neighbors=10, seed=0)
+    assert a.shape == (30, 2) and a.dtype == np.float32 and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    # the two clusters stay apart in 2-D: every point's nearest neighbour is of its class
+    d = np.linalg.norm(a[:, None] - a[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    assert (e["labels"][d.argmin(1)] == e["labels"]).all()
+
+
+def test_umap_2d_rejects_bad_input():
+    with pytest.raises(ValueError, match="N >= 4"):
+        embeddings.umap_2d(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        embeddings.umap_2d(np.full((10, 3), np.nan))

@@ -1,0 +1,285 @@
+"""Tests for anchor_lib.plots, anchor_lib.widgets and anchor_lib.results (chapters 7 and 8).
+
+Figures are drawn with the Agg backend and widgets are built with no frontend, as in the
+headless book build. The results tests feed a temporary folder of fake but well-formed
+DESIGN §6 artifacts to the same functions chapter 8 calls; the numbers in them are made up
+for the test and never reach the book.
+"""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from anchor_lib import checkpoint, plots, results, widgets  # noqa: E402
+from anchor_lib.data import CLASSES  # noqa: E402
+from anchor_lib.models import PreActResNet18  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def umap_like(n: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(4), n // 4 * 3)[: 3 * n]
+    views = np.repeat(np.array(["clean", "aug", "adv"]), n)
+    return rng.standard_normal((3 * n, 2)).astype(np.float32), labels, views
+
+
+HISTORY = [{"epoch": e, "loss": 2.0 / e, "ce": 1.5 / e, "con": 0.5 / e, "train_acc": 0.2 * e,
+            "val_clean": 0.25 * e, "val_pgd": 0.1 * e, "lr": 0.1, "seconds": 3.0,
+            "best": True} for e in (1, 2, 3)]
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def test_plot_history_from_list_frame_and_csv(tmp_path):
+    ax = plots.plot_history(HISTORY, title="run")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "train accuracy", "validation clean", "validation PGD"]
+    assert ax.get_ylim() == (0.0, 1.0)
+    plots.plot_history(pd.DataFrame(HISTORY), ax=ax, columns=["val_pgd"], label="anchor")
+    csv = tmp_path / "history.csv"
+    pd.DataFrame(HISTORY).to_csv(csv, index=False)
+    ax2 = plots.plot_history(csv, columns=["loss", "ce", "con"])
+    assert len(ax2.get_lines()) == 3
+    with pytest.raises(ValueError, match="no column"):
+        plots.plot_history(HISTORY, columns=["nope"])
+
+
+def test_plot_history_skips_all_nan_columns():
+    rows = [dict(r, val_pgd=float("nan")) for r in HISTORY]  # e.g. a standard model
+    ax = plots.plot_history(rows)
+    assert len(ax.get_lines()) == 2
+
+
+def test_plot_umap_colours_markers_and_legends():
+    coords, labels, views = umap_like()
+    ax = plots.plot_umap(coords, labels, views, title="t")
+    assert len(ax.collections) == 3  # one scatter per view
+    legends = [c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
+    texts = {t.get_text() for leg in legends for t in leg.get_texts()}
+    assert {CLASSES[0], CLASSES[3], "adversarial (PGD)", "clean"} <= texts
+    ax = plots.plot_umap(coords, labels, views, show_views=["adv"], highlight=2, legend=False)
+    assert len(ax.collections) == 1
+    with pytest.raises(ValueError, match="view"):
+        plots.plot_umap(coords, labels, np.array(["other"] * len(labels)))
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        plots.plot_umap(coords[:, :1], labels, views)
+
+
+def test_plot_umap_panels():
+    fig = plots.plot_umap_panels({m: umap_like(seed=i) for i, m in
+                                  enumerate(["standard", "pgd_at", "anchor"])})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["Standard", "PGD-AT", "ANCHOR"]
+
+
+def test_plot_accuracy_vs_eps_and_show_images():
+    eps = [0, 2 / 255, 4 / 255, 8 / 255]
+    ax = plots.plot_accuracy_vs_eps(eps, {"standard": [0.9, 0.3, 0.1, 0.0],
+                                          "pgd_at": [0.8, 0.7, 0.6, 0.45]})
+    assert np.allclose(ax.get_lines()[0].get_xdata(), [0, 2, 4, 8])
+    plots.plot_accuracy_vs_eps(eps, [1, 0.5, 0.2, 0.0], label="one curve")
+    with pytest.raises(ValueError, match="eps values"):
+        plots.plot_accuracy_vs_eps(eps, [1.0, 0.5])
+    x = torch.rand(5, 3, 8, 8)
+    fig = plots.show_images(x, [f"img {i}" for i in range(5)], ncols=3)
+    assert len(fig.axes) == 6 and fig.axes[0].get_title() == "img 0"
+    plots.show_images((x * 255).to(torch.uint8))
+    plots.show_images(x.numpy().transpose(0, 2, 3, 1)[0])  # one HWC image
+    with pytest.raises(ValueError, match="titles"):
+        plots.show_images(x, ["a"])
+
+
+# --- widgets (no frontend) --------------------------------------------------------------------
+
+
+def test_embedding_explorer_headless():
+    import ipywidgets
+
+    box = widgets.embedding_explorer({"pgd_at": umap_like(), "anchor": umap_like(seed=1)})
+    assert isinstance(box, ipywidgets.VBox)
+    method, view, cls = box.children[0].children
+    assert [v for _, v in method.options] == ["pgd_at", "anchor"]
+    method.value, view.value, cls.value = "anchor", "adv", 3  # redraws, must not raise
+    with pytest.raises(ValueError, match="empty"):
+        widgets.embedding_explorer({})
+
+
+def test_eps_explorer_headless():
+    import ipywidgets
+
+    torch.manual_seed(0)
+    model = PreActResNet18(width=2, proj_dim=8).eval()
+    x = torch.rand(3, 32, 32)
+    eps = [0.0, 2 / 255, 8 / 255]
+    frames = widgets.eps_frames(model, x, 3, eps, attack="fgsm")
+    assert [f["eps"] for f in frames] == eps
+    assert torch.equal(frames[0]["x_adv"], frames[0]["x"])
+    for f in frames:
+        assert (f["x_adv"] - f["x"]).abs().max() <= f["eps"] + 1e-6
+        assert f["probs_adv"].shape == (10,) and abs(f["probs_adv"].sum() - 1) < 1e-5
+    fig = widgets.plot_eps_frame(frames[2])
+    assert len(fig.axes) == 4
+    box = widgets.eps_explorer(model, x, torch.tensor([3]), eps, attack="pgd", steps=1)
+    assert isinstance(box, ipywidgets.VBox)
+    slider = box.children[0]
+    slider.value = 2  # redraw, must not raise
+    with pytest.raises(ValueError, match="attack"):
+        widgets.eps_frames(model, x, 3, eps, attack="cw")
+
+
+# --- results (chapter 8's code path) ----------------------------------------------------------
+
+
+def fake_metrics(method: str, accs: dict[str, tuple[float, int]], *, profile: str = "full",
+                 **config) -> dict:
+    return {"method": method, "data": "CIFAR-10 (JPEG q75 copy)",
+            "hardware": "FAKE GPU (test fixture)", "torch": "0.0", "commit": "0" * 40,
+            "seed": 0, "epochs": 30, "selected_epoch": 28, "train_seconds": 100.0,
+            "eval_seconds": 10.0, "profile": profile,
+            "config": {"method": method, "profile": profile, "beta": 1.0, "lam": 1.0, **config},
+            "accuracy": {k: {"value": v, "n": n} for k, (v, n) in accs.items()},
+            "sanity": {"more_steps": {"passed": True},
+                       "eps_sweep": {"passed": method != "standard"}}}
+
+
+def full_accs(clean: float, pgd: float, aa: float) -> dict[str, tuple[float, int]]:
+    return {"clean": (clean, 10000), "fgsm": (pgd + 0.05, 10000), "pgd20": (pgd, 10000),
+            "cw": (max(0.0, pgd - 0.01), 10000), "autoattack": (aa, 1000)}
+
+
+@pytest.fixture()
+def results_root(tmp_path):
+    root = tmp_path / "results"
+    runs = {"full-standard": fake_metrics("standard", full_accs(0.94, 0.0, 0.0)),
+            "full-pgd_at": fake_metrics("pgd_at", full_accs(0.801, 0.50, 0.46)),
+            "full-anchor": fake_metrics("anchor", full_accs(0.800, 0.55, 0.47))}
+    for name, m in runs.items():
+        checkpoint.write_json(root / name / "metrics.json", m)
+        checkpoint.write_text(root / name / "history.csv",
+                              pd.DataFrame(HISTORY).to_csv(index=False))
+    for beta in (2.0, 0.0, 0.5):
+        m = fake_metrics("anchor", full_accs(0.8, 0.5 + beta / 100, 0.45), beta=beta)
+        checkpoint.write_json(root / "ablation_beta" / f"beta-{beta}" / "metrics.json", m)
+    (root / "bench").mkdir()
+    return root
+
+
+def test_load_results_and_tables(results_root):
+    runs = results.load_results(results_root)
+    assert [r.method for r in runs] == ["standard", "pgd_at", "anchor"]  # ablations excluded
+    assert all(r.verified for r in runs)
+    df = plots.results_table(runs)
+    assert list(df.index) == ["full-standard", "full-pgd_at", "full-anchor"]
+    assert df.loc["full-anchor", "pgd20"] == pytest.approx(0.55)
+    assert df.loc["full-anchor", "n_autoattack"] == 1000
+    shown = results.format_results_table(df)
+    assert shown.loc["full-anchor", "PGD-20"] == "55.0 % (n=10,000)"
+    assert shown.loc["full-anchor", "method"] == "ANCHOR"
+    prov = results.provenance_table(runs)
+    assert set(prov.columns) >= {"data", "hardware", "commit", "seed", "epochs", "train_seconds",
+                                 "sha256"}
+    assert (prov["sha256"] == "verified").all()
+    sanity = results.sanity_table(runs)
+    assert not sanity.loc["full-standard", "eps_sweep"] and sanity.loc["full-anchor", "eps_sweep"]
+    # dicts work too (metrics_list), and a missing attack is NaN, never a guess
+    m = fake_metrics("trades", {"clean": (0.8, 100)}, profile="demo")
+    df2 = results.results_table([m])
+    assert df2.index[0] == "demo-trades" and np.isnan(df2.loc["demo-trades", "cw"])
+
+
+def test_compare_states_the_winner_from_the_files(results_root):
+    runs = results.load_results(results_root)
+    cmp = results.compare(runs, "anchor", "pgd_at")
+    assert cmp.loc["PGD-20", "verdict"] == "ANCHOR higher"
+    assert cmp.loc["PGD-20", "difference"] == pytest.approx(5.0)
+    assert cmp.loc["Clean", "verdict"] == "within noise"  # 0.1 points on 10,000 images
+    assert cmp.loc["AutoAttack", "verdict"] == "within noise"  # 1 point on 1,000 images
+    assert cmp.loc["AutoAttack", "n_method"] == 1000
+    assert results.compare(runs, "anchor", "pgd_at", profile="demo").empty
+
+
+def test_history_and_ablation_plots(results_root):
+    runs = results.load_results(results_root)
+    hist = results.load_history(runs[-1].history_path)  # verified against its sidecar
+    assert list(hist["epoch"]) == [1, 2, 3]
+    ax = plots.plot_history(runs[-1].history_path, label="anchor")
+    assert ax.get_legend() is not None
+    abl = results.load_ablations(results_root)
+    assert list(abl) == ["ablation_beta"]
+    param = results.ablation_param("ablation_beta", abl["ablation_beta"])
+    assert param == "beta"
+    table = results.ablation_table(abl["ablation_beta"], param)
+    assert list(table["beta"]) == [0.0, 0.5, 2.0]
+    ax = plots.plot_ablation(abl["ablation_beta"], param)
+    assert ax.get_xlabel() == "beta" and len(ax.get_lines()) == 3
+    # the varied field is found even when the folder name is not a config key
+    assert results.ablation_param("ablation_mining", abl["ablation_beta"]) == "beta"
+
+
+def test_malformed_or_damaged_results_are_refused(results_root, tmp_path):
+    assert results.load_results(tmp_path / "nowhere") == []
+    assert results.load_ablations(tmp_path / "nowhere") == {}
+    path = results_root / "full-anchor" / "metrics.json"
+    path.write_text(path.read_text().replace("0.55", "0.65"))  # edited after the fact
+    with pytest.raises(checkpoint.CheckpointError, match="full-anchor"):
+        results.load_results(results_root)
+    bad = tmp_path / "bad" / "run"
+    bad.mkdir(parents=True)
+    m = fake_metrics("anchor", {"clean": (1.5, 10)})
+    (bad / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"run/metrics.json.*value must be a number in \[0, 1\]"):
+        results.load_results(bad.parent)
+    del m["hardware"]
+    with pytest.raises(ValueError, match="hardware"):
+        results.validate_metrics(m, "x")
+
+
+def test_committed_embeddings_and_tutorial_checkpoints(results_root, tmp_path):
+    from anchor_lib import embeddings
+    from anchor_lib.train import TrainConfig
+
+    assert results.find_embeddings("anchor", results_root) is None
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((8, 4))
+    emb = {"clean": z, "aug": z, "adv": z, "labels": np.arange(8) % 2}
+    embeddings.save_embeddings(results_root / "full-anchor" / "embeddings.npz", emb, {})
+    run = results.find_embeddings("anchor", results_root)
+    assert run is not None and run.name == "full-anchor"
+    assert results.find_embeddings("anchor", results_root, profile="demo") is None
+
+    root = tmp_path / "checkpoints"
+    assert results.load_tutorial_checkpoint("anchor", root) is None  # no manifest yet
+    torch.manual_seed(0)
+    model = PreActResNet18(width=2, proj_dim=8)
+    cfg = TrainConfig(method="anchor", width=2, proj_dim=8)
+    from dataclasses import asdict
+
+    checkpoint.save({"model": {k: v.half() if v.is_floating_point() else v
+                               for k, v in model.state_dict().items()},
+                     "config": asdict(cfg)}, root / "anchor-w2.pt")
+    sha = checkpoint.sha256_file(root / "anchor-w2.pt")
+    (root / "manifest.json").write_text(json.dumps(
+        {"checkpoints": [{"method": "anchor", "file": "anchor-w2.pt", "sha256": sha}]}))
+    loaded, state, entry = results.load_tutorial_checkpoint("anchor", root)
+    assert entry["sha256"] == sha and not loaded.training and loaded.width == 2
+    assert results.load_tutorial_checkpoint("pgd_at", root) is None
+    (root / "manifest.json").write_text(json.dumps(
+        {"anchor": {"file": "anchor-w2.pt", "sha256": "0" * 64}}))
+    with pytest.raises(checkpoint.CheckpointError, match="anchor-w2.pt"):
+        results.load_tutorial_checkpoint("anchor", root)
