@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,24 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, sidecar: bool = True) -
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# What tempfile.mkstemp(prefix=".<name>.", suffix=".tmp") in atomic_write_bytes creates.
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way left in ``folder``; return them.
+
+    Only for a folder a single process writes (a run's ``out_dir``): another process's write in
+    progress would lose its temporary file.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if _TEMPORARY.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

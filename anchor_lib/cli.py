@@ -172,9 +172,14 @@ def run(args: argparse.Namespace) -> int:
 def one_line(err: BaseException) -> str:
     """The error's message on one line (multi-line messages, e.g. where data was looked for, are
     joined rather than cut, so the line still names the file or folder)."""
-    lines = [re.sub(r"^\s*-\s+", "", line).strip() for line in str(err).splitlines()]
-    message = " ".join(line for line in lines if line)
-    return message or type(err).__name__
+    items = []  # (text, whether it was a "- " list item)
+    for line in str(err).splitlines():
+        text = re.sub(r"^-\s+", "", line.strip())
+        if text:
+            items.append((text, text != line.strip()))
+    parts = [text + (";" if is_item and i + 1 < len(items) and text[-1] not in ".;:" else "")
+             for i, (text, is_item) in enumerate(items)]
+    return " ".join(parts) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -372,6 +372,9 @@ def umap_2d(points: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1,
         raise ValueError("points contain NaN or Inf")
     check_number(n_neighbors, "n_neighbors", low=2, integer=True)
     check_number(min_dist, "min_dist", low=0.0)
+    # umap-learn's dependencies reset the OpenMP thread count that torch shares; a library call
+    # must not change the caller's settings (a second thread made later tiny models 10x slower).
+    torch_threads = torch.get_num_threads()
     with warnings.catch_warnings():
         # umap-learn / numba / pynndescent emit import-time and small-data warnings (e.g. about
         # n_jobs with random_state, or spectral initialisation on tiny graphs) that would show up
@@ -384,4 +387,5 @@ def umap_2d(points: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1,
                             min_dist=min_dist, metric=metric, random_state=seed, n_jobs=1,
                             low_memory=True, verbose=False)
         coords = reducer.fit_transform(points)
+    torch.set_num_threads(torch_threads)
     return np.asarray(coords, dtype=np.float32)

@@ -66,6 +66,9 @@ def _predict(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tens
     expected = getattr(model, "num_classes", None)
     logits = check_logits(out, xb.shape[0], expected if isinstance(expected, int) else None)
     check_labels(yb, xb.shape[0], logits.shape[1])
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model returned NaN or Inf logits; expected finite logits "
+                         "(check the weights, e.g. a diverged checkpoint)")
     return logits.argmax(dim=1)
 
 
@@ -118,6 +121,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
                 got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv)
                 raise ValueError(f"attack must return x_adv of shape {tuple(xb[keep].shape)}, "
                                  f"got {got}")
+            check_images(x_adv, "x_adv")  # finite and in [0, 1], else the score means nothing
             robust += (_predict(model, x_adv, yb[keep]) == yb[keep]).sum().item()
     return robust / len(x)
 
@@ -172,7 +176,12 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     Returns:
         ``{name: {"value": accuracy in [0, 1], "n": number of examples}}`` in the order asked.
     """
+    if not isinstance(attacks, (str, list, tuple)):
+        raise TypeError(f"attacks must be a sequence of attack names from {list(ATTACKS)} or one "
+                        f"comma-separated string, got {type(attacks).__name__}")
     names = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError(f"attack names must be strings from {list(ATTACKS)}, got {names!r}")
     names = [name.strip() for name in names]
     unknown = [name for name in names if name not in ATTACKS]
     if unknown or not names:

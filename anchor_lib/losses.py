@@ -215,7 +215,12 @@ def hard_positive_weights(z: torch.Tensor, labels: torch.Tensor, temperature: fl
     _check_embeddings(z, labels, validate=validate)
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         logits, pos_mask = _logits_and_positives(z, labels, temperature)
-        return _mining_weights(logits, pos_mask, beta)
+        weights = _mining_weights(logits, pos_mask, beta)
+    if validate and not torch.isfinite(weights).all():
+        raise ValueError(f"the mining weights overflowed for temperature={temperature} and "
+                         f"beta={beta}; expected beta / temperature of moderate size "
+                         "(e.g. temperature 0.1 and beta <= 10)")
+    return weights
 
 
 def anchor_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,

@@ -66,7 +66,7 @@ class PreActResNet18(nn.Module):
         super().__init__()
         for name, value, low in (("num_classes", num_classes, 2), ("width", width, 1),
                                  ("proj_dim", proj_dim, 1)):
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.num_classes, self.width, self.proj_dim = num_classes, width, proj_dim
         self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
@@ -86,6 +86,10 @@ class PreActResNet18(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, shape ``(N, 8 * width)``, float."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            # Normalize would silently broadcast a 1-channel batch to 3 channels.
+            raise ValueError(f"expected RGB images of shape (N, 3, H, W), got {tuple(x.shape)} "
+                             "(wrong number of channels or dimensions)")
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.relu(self.bn(out))

@@ -360,13 +360,17 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         model = model.to(memory_format=torch.channels_last)
 
     steps_per_epoch = run.x_train.shape[0] // cfg.batch_size
+    # The fused kernel updates all parameters in one launch on CUDA (same arithmetic).
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=True, weight_decay=cfg.weight_decay)
+                                nesterov=True, weight_decay=cfg.weight_decay,
+                                **({"fused": True} if device.type == "cuda" else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
 
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, -1.0
+    if out is not None and out.is_dir():
+        checkpoint.remove_stale_temporaries(out)  # what a kill -9 during a save left behind
     if resume and out is not None and (out / "checkpoint.pt").exists():
         state = checkpoint.load(out / "checkpoint.pt", map_location=device)
         saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}

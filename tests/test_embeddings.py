@@ -293,3 +293,15 @@ def test_umap_2d_rejects_bad_input():
         embeddings.umap_2d(np.zeros((3, 5)))
     with pytest.raises(ValueError, match="NaN"):
         embeddings.umap_2d(np.full((10, 3), np.nan))
+
+
+def test_umap_2d_leaves_torch_threads_alone():
+    """umap-learn's imports reset OpenMP's thread count; umap_2d puts the caller's back."""
+    import numpy as np
+    import torch
+
+    from anchor_lib.embeddings import umap_2d
+
+    before = torch.get_num_threads()
+    umap_2d(np.random.default_rng(0).random((30, 4)).astype("float32"), n_neighbors=5)
+    assert torch.get_num_threads() == before

@@ -1,0 +1,392 @@
+"""The command line's contract (DESIGN §2): exit 0 on success, 2 on a usage error, 1 on any other
+error with exactly one line on stderr and no traceback (``--debug`` shows it); kill -9 then
+``--resume`` gives the uninterrupted run's weights bit for bit.
+
+Most cases call ``anchor_lib.cli.main`` in this process (fast); the corrupted-checkpoint case and
+the kill -9 case run ``python -m anchor_lib`` as a real process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anchor_lib import checkpoint, cli, data
+from anchor_lib.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: A tiny PGD-AT run on synthetic data: 4 steps of 64 images per epoch, width-4 ResNet.
+TINY_TRAIN = ["train", "--method", "pgd_at", "--data", "synthetic", "--profile", "smoke",
+              "--width", "4", "--proj-dim", "16", "--train-subset", "256", "--val-size", "64",
+              "--batch-size", "64", "--attack-steps", "2", "--val-attack-steps", "2", "--seed", "0",
+              "--quiet"]
+
+
+def run_cli(*argv: str | Path, capsys) -> tuple[int, str, str]:
+    """``cli.main(argv)`` in this process; returns (exit code, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse (usage errors)
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_process(*argv: str | Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    """``python -m anchor_lib argv`` as a real process (offline)."""
+    return subprocess.run([sys.executable, "-m", "anchor_lib", *map(str, argv)], cwd=REPO,
+                          env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # As many threads as this process uses, so that its runs and a child's agree bit for bit.
+    threads = str(torch.get_num_threads())
+    return {**os.environ, "OMP_NUM_THREADS": threads, "ANCHOR_OFFLINE": "1", **extra}
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    """Exit 1, exactly one stderr line starting ``error:``, no traceback, naming ``fragments``."""
+    lines = err.splitlines()
+    assert code == 1, (code, err)
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not named in: {lines[0]}"
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_git(monkeypatch):
+    # metrics.json names the commit; asking git here could meet another process's index lock.
+    from anchor_lib import provenance
+
+    monkeypatch.setattr(provenance, "git_commit", lambda: "0" * 40)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """best.pt of a one-epoch standard run on synthetic data (width 4)."""
+    out = tmp_path_factory.mktemp("tiny-run")
+    train(TrainConfig(method="standard", data="synthetic", width=4, proj_dim=16, epochs=1,
+                      batch_size=64, train_subset=128, val_size=64, progress=False,
+                      device="cpu", out_dir=str(out)))
+    return out / "best.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# Usage errors: exit 2
+# --------------------------------------------------------------------------------------------
+
+USAGE_ERRORS = {
+    "no_command": [],
+    "unknown_command": ["frobnicate"],
+    "train_without_method": ["train"],
+    "unknown_method": ["train", "--method", "magic"],
+    "epochs_zero": ["train", "--method", "pgd_at", "--epochs", "0"],
+    "epochs_negative": ["train", "--method", "pgd_at", "--epochs", "-3"],
+    "epochs_not_a_number": ["train", "--method", "pgd_at", "--epochs", "two"],
+    "unknown_profile": ["train", "--method", "pgd_at", "--profile", "huge"],
+    "unknown_data": ["train", "--method", "pgd_at", "--data", "imagenet"],
+    "resume_without_out": ["train", "--method", "pgd_at", "--resume"],
+    "subset_below_batch": ["train", "--method", "pgd_at", "--batch-size", "64",
+                           "--train-subset", "10"],
+    "lr_negative": ["train", "--method", "pgd_at", "--lr", "-1"],
+    "lr_nan": ["train", "--method", "pgd_at", "--lr", "nan"],
+    "val_size_negative": ["train", "--method", "pgd_at", "--val-size", "-5"],
+    "unknown_attack": ["evaluate", "--checkpoint", "x.pt", "--attacks", "clean,pgd100"],
+    "empty_attack_list": ["evaluate", "--checkpoint", "x.pt", "--attacks", ","],
+    "n_zero": ["evaluate", "--checkpoint", "x.pt", "--n", "0"],
+    "evaluate_without_checkpoint": ["evaluate"],
+    "embed_without_out": ["embed", "--checkpoint", "x.pt"],
+    "unknown_reproduce_method": ["reproduce", "--methods", "magic"],
+    "debug_after_unknown_option": ["train", "--method", "pgd_at", "--debgu"],
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_errors_exit_2(case, capsys):
+    code, out, err = run_cli(*USAGE_ERRORS[case], capsys=capsys)
+    assert code == 2, (code, err)
+    assert "usage:" in err and "error:" in err and "Traceback" not in err
+    assert out == ""
+
+
+def test_help_lists_the_tiny_run_options(capsys):
+    code, out, _ = run_cli("train", "--help", capsys=capsys)
+    assert code == 0
+    for option in ("--width", "--proj-dim", "--batch-size", "--train-subset", "--val-size",
+                   "--attack-steps", "--val-attack-steps", "--lr", "--resume", "--debug"):
+        assert option in out
+
+
+# --------------------------------------------------------------------------------------------
+# Failures: exit 1, one line, no traceback
+# --------------------------------------------------------------------------------------------
+
+def _damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "bit_flip":
+        path.write_bytes(raw[:100] + bytes([raw[100] ^ 0x01]) + raw[101:])
+    elif how == "no_sidecar":
+        path.with_name(path.name + ".sha256").unlink()
+    elif how == "garbage_with_matching_hash":
+        path.write_bytes(b"\x00garbage" * 64)
+        checkpoint.write_sidecar(path)
+    elif how == "not_a_checkpoint":
+        checkpoint.save({"weights": torch.zeros(3)}, path)
+    elif how == "code_in_pickle":
+        torch.save({"model": {}, "config": {}, "payload": _Evil()}, path)
+        checkpoint.write_sidecar(path)
+    elif how == "missing":
+        path.unlink()
+    elif how == "a_folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        raise AssertionError(how)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+CHECKPOINT_FAULTS = ("truncated", "bit_flip", "no_sidecar", "garbage_with_matching_hash",
+                     "not_a_checkpoint", "code_in_pickle", "missing", "a_folder")
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("how", CHECKPOINT_FAULTS)
+def test_damaged_checkpoint_is_one_line_naming_the_file(how, tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "best.pt"
+    path.write_bytes(tiny_checkpoint.read_bytes())
+    checkpoint.write_sidecar(path)
+    _damage(path, how)
+    code, out, err = run_cli("evaluate", "--checkpoint", path, "--attacks", "clean", "--n", "8",
+                             capsys=capsys)
+    assert_one_line_error(code, err, str(path))
+    assert "this must never run" not in out + err
+
+
+@pytest.mark.fault
+def test_corrupted_checkpoint_in_a_real_process(tiny_checkpoint, tmp_path):
+    """The acceptance case as a user sees it: a real process, exit 1, one line, no traceback."""
+    path = tmp_path / "best.pt"
+    path.write_bytes(tiny_checkpoint.read_bytes()[:5000])  # truncated copy ...
+    (tmp_path / "best.pt.sha256").write_bytes(
+        tiny_checkpoint.with_name("best.pt.sha256").read_bytes())  # ... with the original hash
+    result = run_process("evaluate", "--checkpoint", path, "--attacks", "clean", "--n", "8")
+    line = assert_one_line_error(result.returncode, result.stderr, str(path))
+    assert "corrupted or truncated" in line and result.stdout == ""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, where, capsys):
+    missing = tmp_path / "nothing.pt"
+    argv = ["evaluate", "--checkpoint", str(missing)]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    with pytest.raises(checkpoint.CheckpointError, match="nothing.pt"):
+        cli.main(argv)  # re-raised: Python prints the traceback
+
+
+@pytest.mark.fault
+def test_interrupted_evaluate_leaves_no_metrics_then_reruns(tiny_checkpoint, tmp_path, capsys,
+                                                            monkeypatch):
+    from anchor_lib import evaluate
+
+    out = tmp_path / "metrics.json"
+    argv = ("evaluate", "--checkpoint", tiny_checkpoint, "--attacks", "clean,pgd20", "--n", "16",
+            "--out", out)
+    calls = []
+
+    def crash(*args, **kwargs):  # clean accuracy is done; PGD-20 "crashes" halfway
+        calls.append(1)
+        raise RuntimeError("simulated crash in the middle of the evaluation")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "robust_accuracy", crash)
+        code, _, err = run_cli(*argv, capsys=capsys)
+    assert calls and assert_one_line_error(code, err, "simulated crash")
+    assert not out.exists() and not out.with_name("metrics.json.sha256").exists()
+
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 0, err
+    checkpoint.verify(out)
+    metrics = json.loads(out.read_text())
+    assert list(metrics["accuracy"]) == ["clean", "pgd20"]
+    assert metrics["accuracy"]["pgd20"]["n"] == 16
+
+
+@pytest.mark.fault
+def test_keyboard_interrupt_is_one_line(tiny_checkpoint, capsys, monkeypatch):
+    from anchor_lib import reproduce
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "evaluate_checkpoint", interrupted)
+    code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, capsys=capsys)
+    assert assert_one_line_error(code, err) == "error: interrupted"
+
+
+@pytest.mark.fault
+def test_diverging_training_stops_naming_epoch_and_step(tmp_path, capsys):
+    """An absurd learning rate really diverges; the run stops with one line naming where."""
+    code, _, err = run_cli(*TINY_TRAIN, "--epochs", "2", "--lr", "1e12", "--out", tmp_path,
+                           capsys=capsys)
+    line = assert_one_line_error(code, err, "non-finite training loss", "Lower the learning rate")
+    assert re.search(r"at epoch 1, step [1-4]\b", line), line
+    assert not (tmp_path / "checkpoint.pt").exists(), "no epoch finished, so nothing was saved"
+
+
+# --------------------------------------------------------------------------------------------
+# Data faults at the command line (the library level is in test_data.py)
+# --------------------------------------------------------------------------------------------
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _image_folder(root: Path, classes=data.CLASSES, splits=("train", "test")) -> Path:
+    for s, split in enumerate(splits):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            (folder / "0000.jpg").write_bytes(_jpeg(100 * s + c))
+    return root
+
+
+def _data_fault(root: Path, fault: str) -> tuple[Path, str]:
+    """Build a damaged data folder under ``root``; return (ANCHOR_DATA_DIR, text the error names)."""
+    copy = root / "cifar10-jpeg"
+    if fault == "nothing_there":
+        root.mkdir(exist_ok=True)
+        return root, str(root)
+    if fault == "folder_does_not_exist":
+        return root / "no-such-folder", str(root / "no-such-folder")
+    if fault == "corrupt_jpeg":
+        _image_folder(copy)
+        bad = copy / "train" / "cat" / "0000.jpg"
+        bad.write_bytes(b"\xff\xd8 this is not really a jpeg")
+        return copy, str(bad)
+    if fault == "missing_class_folder":
+        _image_folder(copy, classes=data.CLASSES[:-1])
+        return copy, "truck"
+    if fault == "half_extracted_no_test_split":
+        _image_folder(copy, splits=("train",))
+        return copy, f"{copy}: missing folder test/"
+    if fault == "truncated_archive":
+        folder = _image_folder(root / "src")
+        archive = root / "data" / "cifar10-jpeg.tar.xz"
+        archive.parent.mkdir()
+        with tarfile.open(archive, "w:xz") as tar:
+            for split in ("train", "test"):
+                tar.add(folder / split, arcname=split)
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+        return archive.parent, str(archive)
+    if fault == "damaged_pickle_batch":
+        base = root / "cifar-10-batches-py"
+        base.mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (base / name).write_bytes(b"\x80\x04 truncated pickle")
+        return root, str(base / "data_batch_1")
+    raise AssertionError(fault)
+
+
+DATA_FAULTS = ("nothing_there", "folder_does_not_exist", "corrupt_jpeg", "missing_class_folder",
+               "half_extracted_no_test_split", "truncated_archive", "damaged_pickle_batch")
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("fault", DATA_FAULTS)
+def test_data_faults_are_one_line_naming_the_file(fault, tmp_path, capsys, monkeypatch):
+    data_dir, named = _data_fault(tmp_path / "data-root", fault)
+    monkeypatch.setenv("ANCHOR_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("ANCHOR_OFFLINE", "1")
+    monkeypatch.setenv("ANCHOR_CACHE_DIR", str(tmp_path / "cache"))
+    code, _, err = run_cli("train", "--method", "standard", "--data", "cifar10", "--profile", "smoke",
+                           "--epochs", "1", "--quiet", capsys=capsys)
+    line = assert_one_line_error(code, err, named)
+    if fault in ("nothing_there", "folder_does_not_exist"):
+        assert "CIFAR-10 not found" in line and "ANCHOR_DATA_DIR" in line and "ANCHOR_OFFLINE" in line
+
+
+# --------------------------------------------------------------------------------------------
+# kill -9, then --resume: bit for bit
+# --------------------------------------------------------------------------------------------
+
+def _rows(history_csv: Path) -> list[list[str]]:
+    try:
+        lines = history_csv.read_text().splitlines()
+    except OSError:
+        return []
+    return [line.split(",") for line in lines[1:]]
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_kill_9_mid_epoch_then_resume_is_bit_for_bit(tmp_path, capsys):
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    argv = [*TINY_TRAIN, "--epochs", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "anchor_lib", *argv, "--out", str(killed)],
+                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _rows(killed / "history.csv"):  # written right after epoch 1's checkpoint
+            assert proc.poll() is None, f"training ended early: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "epoch 1 never finished"
+            time.sleep(0.02)
+        epoch_seconds = float(_rows(killed / "history.csv")[0][8])
+        time.sleep(0.4 * epoch_seconds)  # well inside epoch 2
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+    state = checkpoint.load(killed / "checkpoint.pt")  # the last complete epoch, verified
+    assert state["epoch"] < 2 and len(state["history"]) == state["epoch"] + 1
+
+    code, _, err = run_cli(*argv, "--out", killed, "--resume", capsys=capsys)
+    assert code == 0, err
+    code, _, err = run_cli(*argv, "--out", reference, capsys=capsys)
+    assert code == 0, err
+
+    a = checkpoint.load(killed / "checkpoint.pt")
+    b = checkpoint.load(reference / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not different, f"resumed weights differ from the uninterrupted run in {different}"
+    best_a, best_b = (checkpoint.load(d / "best.pt") for d in (killed, reference))
+    assert best_a["epoch"] == best_b["epoch"]
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a["history"]]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b["history"]]
+    assert len(_rows(killed / "history.csv")) == 3
+    for name in ("checkpoint.pt", "best.pt", "history.csv"):
+        checkpoint.verify(killed / name)

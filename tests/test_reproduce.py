@@ -1,0 +1,129 @@
+"""``anchor_lib.reproduce`` end to end at the smoke profile on synthetic data, trimmed to seconds:
+the DESIGN §6 artifacts exist and verify, finished runs are skipped, and an interrupted
+reproduction leaves no metrics.json that looks finished and completes when run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+
+from anchor_lib import checkpoint, embeddings, evaluate, provenance
+from anchor_lib import reproduce as rep
+from anchor_lib.train import TrainConfig
+
+#: Every run: width-4 ResNet, 4 steps of 64 images, one epoch, 2-step attacks, on the CPU.
+TINY = dict(data="synthetic", width=4, proj_dim=16, epochs=1, batch_size=64, train_subset=256,
+            val_size=64, attack_steps=2, val_attack_steps=2, progress=False, device="cpu")
+ATTACKS = ("clean", "pgd20")
+METRICS_KEYS = ("method", "data", "hardware", "torch", "commit", "seed", "epochs", "train_seconds",
+                "config", "accuracy", "sanity")
+
+
+@pytest.fixture(autouse=True)
+def _trimmed(monkeypatch):
+    monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
+                        {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
+    # Provenance without asking git (other work may hold the repository's index lock).
+    monkeypatch.setattr(provenance, "git_commit", lambda: "0" * 40)
+
+
+def _reproduce(out, methods=("anchor",), **kw):
+    log: list[str] = []
+    statuses = rep.reproduce("smoke", methods, out, attacks=ATTACKS, log=log.append, **TINY, **kw)
+    assert len(log) == len(methods)
+    return statuses
+
+
+def check_artifacts(run_dir, method: str) -> dict:
+    """metrics.json, history.csv and embeddings.npz exist, verify and hold what DESIGN §6 says."""
+    for name in ("metrics.json", "history.csv", "embeddings.npz", "checkpoint.pt", "best.pt"):
+        checkpoint.verify(run_dir / name)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    assert not missing, f"metrics.json lacks {missing}"
+    assert metrics["method"] == method and metrics["data"] == "synthetic"
+    assert metrics["seed"] == 0 and metrics["epochs"] == 1 and metrics["commit"] == "0" * 40
+    assert metrics["train_seconds"] > 0
+    assert set(metrics["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert list(metrics["accuracy"]) == list(ATTACKS)
+    for entry in metrics["accuracy"].values():
+        assert set(entry) == {"value", "n"} and 0.0 <= entry["value"] <= 1.0 and entry["n"] == 48
+    assert metrics["accuracy"]["pgd20"]["value"] <= metrics["accuracy"]["clean"]["value"]
+    assert isinstance(metrics["sanity"], dict)
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1] and float(rows[0]["loss"]) > 0
+    emb = embeddings.load_embeddings(run_dir / "embeddings.npz")
+    assert emb["clean"].shape[0] == emb["adv"].shape[0] == emb["labels"].shape[0] == 40
+    assert emb["meta"]["method"] == method
+    return metrics
+
+
+def test_reproduce_writes_verified_artifacts_and_skips_finished_runs(tmp_path):
+    statuses = _reproduce(tmp_path)
+    assert statuses[0]["run"] == "smoke-anchor" and statuses[0]["status"].startswith("done")
+    first = check_artifacts(tmp_path / "smoke-anchor", "anchor")
+    assert first["config"]["method"] == "anchor" and first["config"]["width"] == 4
+
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "smoke-anchor").iterdir()}
+    again = _reproduce(tmp_path)
+    assert again == [{"run": "smoke-anchor", "status": "skipped (finished)"}]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "smoke-anchor").iterdir()}
+    assert after == before, "a finished run is left untouched"
+
+
+@pytest.mark.fault
+def test_interrupted_reproduce_leaves_no_finished_metrics_then_completes(tmp_path, monkeypatch):
+    run_dir = tmp_path / "smoke-pgd_at"
+    calls = []
+    real_suite = evaluate.evaluate_suite
+
+    def crash(model, x, y, attacks, **kwargs):  # the clean accuracy is measured, then it dies
+        calls.append(real_suite(model, x, y, attacks=("clean",), **kwargs))
+        raise RuntimeError("simulated crash during the evaluation")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "evaluate_suite", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _reproduce(tmp_path, methods=("pgd_at",))
+    assert calls
+    assert (run_dir / "best.pt").exists(), "training finished before the crash"
+    assert not (run_dir / "metrics.json").exists(), "an interrupted run must not look finished"
+    trained = checkpoint.load(run_dir / "checkpoint.pt")
+
+    statuses = _reproduce(tmp_path, methods=("pgd_at",))
+    assert statuses[0]["status"].startswith("done")
+    check_artifacts(run_dir, "pgd_at")
+    resumed = checkpoint.load(run_dir / "checkpoint.pt")
+    assert resumed["history"] == trained["history"], "training was resumed, not redone"
+    assert _reproduce(tmp_path, methods=("pgd_at",))[0]["status"] == "skipped (finished)"
+
+
+@pytest.mark.fault
+def test_damaged_metrics_json_is_redone_not_trusted(tmp_path):
+    run_dir = tmp_path / "smoke-standard"
+    _reproduce(tmp_path, methods=("standard",))
+    metrics = run_dir / "metrics.json"
+    metrics.write_text(metrics.read_text()[:40])  # e.g. a copy cut short
+    statuses = _reproduce(tmp_path, methods=("standard",))
+    assert statuses[0]["status"].startswith("done")
+    check_artifacts(run_dir, "standard")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("call, match", [
+    (dict(profile="huge"), "profile must be one of"),
+    (dict(methods=("anchor", "magic")), "unknown method"),
+    (dict(width=0), "width must be an int >= 1"),
+    (dict(lr=-1.0), "lr must be a finite number >= 0"),
+])
+def test_reproduce_rejects_bad_arguments(tmp_path, call, match):
+    kw = {**TINY, **{k: v for k, v in call.items() if k not in ("profile", "methods")}}
+    with pytest.raises(ValueError, match=match):
+        rep.reproduce(call.get("profile", "smoke"), call.get("methods", ("anchor",)), tmp_path,
+                      attacks=ATTACKS, log=lambda _: None, **kw)
+    assert not any(tmp_path.iterdir()), "nothing is written for a rejected call"
