@@ -1,17 +1,17 @@
 """Losses: supervised contrastive (SupCon), ANCHOR's hard-positive-mined SupCon, and TRADES.
 
-One idea, top to bottom: every contrastive loss here is the same sum over an anchor's positives,
+One idea, top to bottom: every contrastive loss here is the same sum over an anchor's positives::
 
     loss_i = -(1/|P(i)|) * sum_{p in P(i)} w_ip * log( exp(s_ip/tau) / sum_{a != i} exp(s_ia/tau) ),
 
 averaged over the anchors i that have at least one positive. ``s_ip = z_i . z_p`` is the cosine
 similarity of L2-normalised embeddings and ``P(i)`` is every *other* row with the same label.
 SupCon (Khosla et al., 2020, "Supervised Contrastive Learning", the L_out form) is the special case
-``w_ip = 1``; ANCHOR (arXiv 2510.27599, as read in DESIGN.md §3) mines hard positives with
+``w_ip = 1``; ANCHOR (arXiv 2510.27599, as read in DESIGN.md §3) mines hard positives with::
 
     w_ip = |P(i)| * softmax_{p in P(i)}( -beta * s_ip / tau ),   detached,
 
-so the least similar positives weigh most, each row's weights sum to |P(i)| (mean weight 1, so the
+so the least similar positives weigh most, each row's weights sum to ``|P(i)|`` (mean weight 1, so the
 loss keeps SupCon's scale for every beta) and ``beta = 0`` gives ``w_ip = 1``, i.e. SupCon exactly.
 
 TRADES (Zhang et al., 2019) is here too because it is the other loss the trainer composes:
@@ -206,7 +206,7 @@ def hard_positive_weights(z: torch.Tensor, labels: torch.Tensor, temperature: fl
 
     Returns:
         ``(N, N)`` float32 (float64 for float64 z), ``requires_grad=False``; nonnegative, zero
-        outside P(i) (diagonal included), each row sums to |P(i)| (0 for anchors without a
+        outside P(i) (diagonal included), each row sums to ``|P(i)|`` (0 for anchors without a
         positive).
     """
     temperature = _check_hyper(temperature, "temperature", positive=True)

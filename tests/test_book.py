@@ -1,0 +1,218 @@
+"""Checks of the built book (``pytest -m book``, after ``jupyter-book build -W -n --keep-going .``).
+
+(a) every page of ``_toc.yml`` was built;
+(b) headless Chromium opens every chapter page: it loads, its figures are present and not broken,
+    chapters 1-7 have at least one figure, no cell rendered an error; a screenshot of each chapter
+    is written to ``_build/screenshots/<page>.png``;
+(c) the notebook sources are committed without outputs and carry the Colab badge, the set-up cell
+    and the profile cell (the same checks as ``test_notebooks_static.py``).
+
+Without a build these tests skip, except under CI (``CI`` set), where a missing build is a failure.
+``ANCHOR_BOOK_BUILD`` points them at another build folder (default: ``_build`` in the repository).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.book
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = Path(os.environ.get("ANCHOR_BOOK_BUILD", ROOT / "_build")).resolve()
+HTML = BUILD / "html"
+SCREENSHOTS = BUILD / "screenshots"
+CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = (os.environ.get("CHROMEDRIVER_BIN") or shutil.which("chromedriver")
+                or "/usr/bin/chromedriver")
+# Chapters 1-7 teach with figures; chapter 8 may be tables only.
+CHAPTERS_WITH_FIGURES = 7
+
+_spec = importlib.util.spec_from_file_location("_nb_static", Path(__file__).with_name(
+    "test_notebooks_static.py"))
+static = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(static)
+
+CHAPTERS = static.chapter_files()
+
+
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _missing(reason: str) -> None:
+    if _under_ci():
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def html() -> Path:
+    if not (HTML / "index.html").is_file():
+        _missing(f"no built book at {HTML}; run `jupyter-book build -W -n --keep-going .` first")
+    return HTML
+
+
+# --- (a) every page was built ------------------------------------------------------------------------
+
+def test_every_toc_page_is_built(html):
+    missing = [page for page in static.toc_files() if not (html / f"{page}.html").is_file()]
+    assert not missing, f"pages in _toc.yml without a built HTML page: {missing}"
+    assert (html / "genindex.html").is_file() and (html / "search.html").is_file()
+
+
+def test_api_reference_documents_the_library(html):
+    text = (html / "book" / "api.html").read_text(encoding="utf-8")
+    for name in ("anchor_lib.attacks.pgd", "anchor_lib.losses.anchor_loss",
+                 "anchor_lib.models.PreActResNet18"):
+        assert f'id="{name}"' in text, f"the API reference has no entry for {name}"
+
+
+# --- (b) the pages in a real browser ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser(html):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _missing("selenium is not installed")
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        _missing(f"headless Chromium needs {CHROMIUM} and {CHROMEDRIVER} "
+                 "(apt-get install chromium chromium-driver)")
+    profile = tempfile.mkdtemp(prefix="anchor-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-quic",
+                 "--disable-extensions", "--window-size=1280,1600", "--hide-scrollbars",
+                 # Offline by construction: external hosts (CDNs, the Colab badge) fail at once
+                 # instead of waiting for a network that is not there.
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# The article body of the sphinx-book-theme page (not the navigation, not the header with its
+# launch buttons). querySelector on a selector list returns the first match in document order,
+# so the candidates are tried one after the other.
+_FIND_MAIN = ("const main = document.querySelector('article.bd-article') || "
+              "document.querySelector('main article') || document.querySelector('[role=main]');")
+
+_IMAGES_JS = f"""
+{_FIND_MAIN}
+if (!main) return null;
+return Array.from(main.querySelectorAll('img')).map(img => ({{
+  src: img.getAttribute('src') || '', url: img.src, complete: img.complete,
+  width: img.naturalWidth, height: img.naturalHeight}}));
+"""
+
+_ERRORS_JS = f"""
+{_FIND_MAIN}
+const out = [];
+for (const el of main.querySelectorAll('.output.traceback, .output.error')) {{
+  out.push('traceback: ' + el.innerText.slice(0, 300));
+}}
+for (const el of main.querySelectorAll('.output.stderr')) {{
+  const t = el.innerText;
+  if (/Traceback|Error/.test(t)) out.push('stderr: ' + t.slice(0, 300));
+}}
+for (const el of main.querySelectorAll('.system-message, .problematic')) {{
+  out.push('docutils: ' + el.innerText.slice(0, 300));
+}}
+return out;
+"""
+
+
+def _local(image: dict) -> bool:
+    return image["url"].startswith("file:")
+
+
+def _open(driver, path: Path) -> None:
+    driver.get(path.as_uri())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if driver.execute_script("return document.readyState") == "complete":
+            images = driver.execute_script(_IMAGES_JS) or []
+            if all(img["complete"] for img in images if _local(img)):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not finish loading within 30 s")
+
+
+def _screenshot(driver, page: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    target = SCREENSHOTS / f"{Path(page).name}.png"
+    height = driver.execute_script("return document.documentElement.scrollHeight") or 1600
+    driver.set_window_size(1280, max(800, min(int(height), 12000)))
+    try:
+        driver.save_screenshot(str(target))
+    finally:
+        driver.set_window_size(1280, 1600)
+    return target
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_chapter_renders_in_chromium(browser, html, page):
+    path = html / f"{page}.html"
+    assert path.is_file(), f"{page} was not built"
+    _open(browser, path)
+
+    title = browser.title.strip()
+    assert title and "404" not in title, f"{page}: page has no title ({title!r})"
+    heading = browser.execute_script(f"{_FIND_MAIN} const h = main && main.querySelector('h1');"
+                                     "return h ? h.innerText : null;")
+    assert heading, f"{page}: the article has no <h1> title"
+
+    images = browser.execute_script(_IMAGES_JS)
+    assert images is not None, f"{page}: no article element found"
+    local = [img for img in images if _local(img)]
+    broken = [img["src"] for img in local if img["width"] == 0 or img["height"] == 0]
+    assert not broken, f"{page}: broken images (naturalWidth 0): {broken}"
+    number = CHAPTERS.index(page) + 1
+    if number <= CHAPTERS_WITH_FIGURES:
+        assert local, f"{page}: chapter {number} must show at least one figure, found none"
+
+    errors = browser.execute_script(_ERRORS_JS)
+    assert not errors, f"{page}: rendered error output: {errors}"
+
+    shot = _screenshot(browser, page)
+    assert shot.is_file() and shot.stat().st_size > 10_000, f"{page}: screenshot failed"
+
+
+@pytest.mark.parametrize("page", ["book/index", "book/colab", "book/api", "book/bibliography"])
+def test_reference_page_renders_in_chromium(browser, html, page):
+    _open(browser, html / f"{page}.html")
+    assert browser.title.strip()
+    errors = browser.execute_script(_ERRORS_JS)
+    assert not errors, f"{page}: rendered error output: {errors}"
+
+
+def test_bibliography_lists_the_cited_papers(html):
+    text = (html / "book" / "bibliography.html").read_text(encoding="utf-8").lower()
+    for title in ("Towards deep learning models resistant to adversarial attacks",
+                  "Supervised contrastive learning", "Integrating adversarial training"):
+        assert title.lower() in text, f"the bibliography does not list {title!r}"
+
+
+# --- (c) the notebook sources ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_notebook_source_is_clean_and_runnable_in_colab(page):
+    static.check_no_outputs(page)
+    static.check_colab_badge(page)
+    static.check_setup_and_profile_cells(page)
