@@ -9,11 +9,13 @@ compare.
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchattacks
+from tasks import template_task
 from torch import nn
 
 from anchor_lib import attacks
@@ -32,6 +34,7 @@ from anchor_lib.attacks import (
 from anchor_lib.models import PreActResNet18
 
 K = 10
+make_task = partial(template_task, num_classes=K)
 EPS = 4 / 255
 L2_EPS = 0.5
 
@@ -39,29 +42,6 @@ L2_EPS = 0.5
 # --------------------------------------------------------------------------------------------
 # Fixtures: synthetic task and a tiny trained model
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On a small shared CPU, one intra-op thread is several times faster than two that contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_task(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    templates = 0.5 + 0.1 * (torch.rand(K, 3, 4, 4, generator=gen) * 2 - 1)
-    templates = F.interpolate(templates, size=16, mode="bilinear", align_corners=False)
-
-    def sample(n: int, sample_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(sample_seed)
-        y = torch.randint(0, K, (n,), generator=g)
-        x = (templates[y] + 0.1 * (torch.rand(n, 3, 16, 16, generator=g) * 2 - 1)).clamp(0, 1)
-        return x, y
-
-    return sample
-
 
 class TinyCNN(nn.Module):
     """Conv-BN-ReLU-pool twice and a linear layer; has BatchNorm so eval mode matters."""

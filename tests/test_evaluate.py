@@ -12,6 +12,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from tasks import template_task
 from torch import nn
 
 from anchor_lib import attacks, evaluate
@@ -31,30 +32,8 @@ from anchor_lib.evaluate import (
 )
 
 K = 10
+make_task = partial(template_task, num_classes=K)
 EPS = 4 / 255
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On a small shared CPU, one intra-op thread is several times faster than two that contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_task(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    templates = 0.5 + 0.1 * (torch.rand(K, 3, 4, 4, generator=gen) * 2 - 1)
-    templates = F.interpolate(templates, size=16, mode="bilinear", align_corners=False)
-
-    def sample(n: int, sample_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(sample_seed)
-        y = torch.randint(0, K, (n,), generator=g)
-        x = (templates[y] + 0.1 * (torch.rand(n, 3, 16, 16, generator=g) * 2 - 1)).clamp(0, 1)
-        return x, y
-
-    return sample
 
 
 class TinyCNN(nn.Module):
