@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("data/results"))
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--data", choices=("cifar10", "synthetic"))
+    p.add_argument("--ablation", action="store_true",
+                   help="instead of the five methods, the ANCHOR ablation (beta, lambda, tau, "
+                        "adversarial view) at half the epochs, each knob chosen on validation")
 
     p = add("bench", help="training / evaluation speed benchmark")
     p.add_argument("--out", type=Path, help="JSON file (default data/results/bench/<device>.json)")
@@ -154,10 +157,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "reproduce":
-        from .reproduce import reproduce
+        from .reproduce import ablation, reproduce
 
-        reproduce(args.profile, tuple(args.methods), args.out,
-                  **_overrides(args, "epochs", "data"))
+        if args.ablation:
+            ablation(args.profile, out=args.out, **_overrides(args, "epochs", "data"))
+        else:
+            reproduce(args.profile, tuple(args.methods), args.out,
+                      **_overrides(args, "epochs", "data"))
         return 0
 
     if args.command == "bench":

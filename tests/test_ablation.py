@@ -37,3 +37,12 @@ def test_ablation_layout_and_choice_by_validation(tmp_path, monkeypatch):
 def test_unknown_parameter():
     with pytest.raises(ValueError, match="unknown ablation parameter"):
         reproduce.ablation("smoke", ("gamma",))
+
+
+def test_cli_ablation_flag_reaches_the_ablation(monkeypatch):
+    from anchor_lib import cli
+
+    calls = []
+    monkeypatch.setattr(reproduce, "ablation", lambda *a, **k: calls.append((a, k)))
+    assert cli.main(["reproduce", "--profile", "smoke", "--ablation", "--data", "synthetic"]) == 0
+    assert calls and calls[0][0] == ("smoke",) and calls[0][1]["data"] == "synthetic"
