@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "bench", "checkpoint", "checks", "cli", "data", "embeddings",
-               "evaluate", "losses", "models", "plots", "provenance", "reproduce", "results",
+               "distributed", "evaluate", "losses", "models", "plots", "provenance", "reproduce", "results",
                "train", "widgets")
 
 

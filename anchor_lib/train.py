@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import attacks, checkpoint, data, evaluate, losses
+from . import attacks, checkpoint, data, distributed, evaluate, losses
 from .models import PreActResNet18
 
 METHODS = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
@@ -347,7 +347,13 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint is kept.
     """
     cfg = config
-    device = resolve_device(cfg.device)
+    # Under torchrun each process trains on its shard with batch_size / world (distributed.py).
+    ctx = distributed.setup(resolve_device(cfg.device))
+    device = ctx.device
+    if cfg.batch_size % ctx.world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of "
+                         f"processes ({ctx.world})")
+    local_batch = cfg.batch_size // ctx.world
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -359,7 +365,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    steps_per_epoch = run.x_train.shape[0] // cfg.batch_size
+    x_train, y_train = distributed.shard(run.x_train, run.y_train, ctx)
+    steps_per_epoch = x_train.shape[0] // local_batch
     # The fused kernel updates all parameters in one launch on CUDA (same arithmetic).
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=True, weight_decay=cfg.weight_decay,
@@ -390,14 +397,15 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-        gen = torch.Generator(device=device).manual_seed(_epoch_seed(cfg.seed, epoch) + 1)
+        seed = _epoch_seed(cfg.seed, epoch) + 1000 * ctx.rank  # rank 0 draws as a single process
+        torch.manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
         model.train()
         sums = torch.zeros(4, device=device)  # loss, ce, con, correct — summed on the device
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
-        for step, (xb, yb) in enumerate(data.batches(run.x_train, run.y_train, cfg.batch_size,
+                   disable=not (cfg.progress and ctx.main), leave=False)
+        for step, (xb, yb) in enumerate(data.batches(x_train, y_train, local_batch,
                                                      generator=gen)):
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -408,21 +416,25 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
             first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(model, ctx)
             optimizer.step()
             scheduler.step()
             sums += torch.stack([loss.detach(), parts["ce"], parts["con"],
                                  parts["correct"].float()])
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
                 # The only host sync inside an epoch: progress and the NaN check.
-                _raise_if_nonfinite(first_bad, epoch, out)
+                _raise_if_nonfinite(distributed.all_max(first_bad.clone(), ctx), epoch, out)
                 done = (step + 1)
                 s = sums.tolist()
                 bar.set_postfix(loss=f"{s[0] / done:.3f}",
-                                acc=f"{s[3] / (done * cfg.batch_size):.3f}")
+                                acc=f"{s[3] / (done * local_batch):.3f}")
             bar.update(1)
         bar.close()
-        _raise_if_nonfinite(first_bad, epoch, out)
+        _raise_if_nonfinite(distributed.all_max(first_bad.clone(), ctx), epoch, out)
 
+        distributed.all_sum(sums, ctx)
+        sums[:3] /= ctx.world  # mean of the per-process mean losses; correct counts add up
+        distributed.average_buffers(model, ctx)
         s = sums.tolist()
         metrics = validate(model, cfg, run.x_val, run.y_val)
         score = metrics["val_clean"] if cfg.method == "standard" else metrics["val_pgd"]
@@ -434,12 +446,12 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                **metrics, "lr": scheduler.get_last_lr()[0],
                "seconds": time.perf_counter() - t0, "best": bool(is_best)}
         history.append(row)
-        if cfg.progress:
+        if cfg.progress and ctx.main:
             tqdm.write(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} "
                        f"train acc {row['train_acc']:.3f} val clean {row['val_clean']:.3f} "
                        f"val PGD-{cfg.val_attack_steps} {row['val_pgd']:.3f} "
                        f"({row['seconds']:.1f} s)")
-        if out is not None:
+        if out is not None and ctx.main:
             model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             if is_best:
                 checkpoint.save({"model": model_state, "config": asdict(cfg), "epoch": epoch,
@@ -449,6 +461,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                              "config": asdict(cfg), "epoch": epoch, "history": history,
                              "best": best, "data": run.label}, out / "checkpoint.pt")
             checkpoint.write_text(out / "history.csv", history_csv(history))
+        distributed.barrier(ctx)  # nobody resumes from a checkpoint rank 0 is still writing
     return history
 
 
