@@ -143,12 +143,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "embed":
-        from . import data, embeddings, provenance
-        from .train import load_model
+        from . import embeddings, provenance
+        from .train import config_from_dict, dataset_for, load_model
 
         model, state = load_model(args.checkpoint)
-        dataset = (data.synthetic(n_train=4000, n_test=1000)
-                   if state["config"].get("data") == "synthetic" else data.load_cifar10())
+        dataset = dataset_for(config_from_dict(state["config"]))
         emb = embeddings.embed_views(model, dataset.x_test[: args.n], dataset.y_test[: args.n])
         embeddings.save_embeddings(args.out, emb, {"checkpoint": str(args.checkpoint),
                                                    "data": dataset.label, "n": args.n,

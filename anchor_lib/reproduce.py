@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, data, embeddings, evaluate, provenance
-from .train import METHODS, TrainConfig, load_model, resolve_device, train
+from .models import PreActResNet18
+from .train import METHODS, TrainConfig, config_from_dict, dataset_for, load_model, resolve_device, train
 
 # How much of the test set each profile evaluates on: clean/FGSM/PGD-20/CW on the first n,
 # AutoAttack and the sanity checks on the first autoattack_n, embeddings of the first embed_n.
@@ -44,10 +45,19 @@ def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = N
     """
     dev = resolve_device(device)
     model, state = load_model(path, dev)
+    return evaluate_model(model, state, attacks=attacks, n=n, autoattack_n=autoattack_n,
+                          sanity=sanity, dataset=dataset)
+
+
+def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
+                   attacks: tuple[str, ...] | None = None, n: int | None = None,
+                   autoattack_n: int = 1000, sanity: bool = False,
+                   dataset: data.CIFAR10 | None = None) -> dict[str, Any]:
+    """:func:`evaluate_checkpoint` for a model already loaded (with its checkpoint ``state``)."""
+    dev = next(model.parameters()).device
     cfg_dict = state["config"]
     if dataset is None:
-        dataset = (data.synthetic(n_train=4000, n_test=1000) if cfg_dict.get("data") == "synthetic"
-                   else data.load_cifar10())
+        dataset = dataset_for(config_from_dict(cfg_dict))
     x = data.to_float(dataset.x_test[:n] if n else dataset.x_test).to(dev)
     y = (dataset.y_test[:n] if n else dataset.y_test).to(dev)
     t0 = time.perf_counter()
@@ -81,18 +91,15 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
             pass  # a damaged metrics.json is redone, never trusted
     cfg.out_dir = str(run_dir)
     t0 = time.perf_counter()
+    dataset = dataset if dataset is not None else dataset_for(cfg)  # loaded once, used thrice
     history = train(cfg, resume=True, dataset=dataset)
-    if dataset is None:
-        dataset = (data.synthetic(n_train=max(2 * cfg.val_size, 4000), n_test=1000)
-                   if cfg.data == "synthetic" else data.load_cifar10())
-    metrics = evaluate_checkpoint(run_dir / "best.pt", attacks=attacks, n=settings["n"],
-                                  autoattack_n=settings["autoattack_n"],
-                                  sanity=settings["sanity"], dataset=dataset,
-                                  device=cfg.device)
+    dev = resolve_device(cfg.device)
+    model, state = load_model(run_dir / "best.pt", dev)
+    metrics = evaluate_model(model, state, attacks=attacks, n=settings["n"],
+                             autoattack_n=settings["autoattack_n"], sanity=settings["sanity"],
+                             dataset=dataset)
     # train_seconds from the checkpoint covers all epochs, resumed ones included.
     metrics["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
-    dev = resolve_device(cfg.device)
-    model, _ = load_model(run_dir / "best.pt", dev)
     k = settings["embed_n"]
     emb = embeddings.embed_views(model, dataset.x_test[:k].to(dev), dataset.y_test[:k].to(dev),
                                  eps=cfg.eps, alpha=cfg.alpha, steps=10, seed=0)

@@ -194,12 +194,18 @@ class RunData:
     label: str
 
 
+def dataset_for(cfg: TrainConfig) -> data.CIFAR10:
+    """The dataset ``cfg.data`` names (the same images for training and for later evaluation)."""
+    if cfg.data == "synthetic":
+        return data.synthetic(n_train=max(2 * cfg.val_size, 4000), n_test=1000)
+    return data.load_cifar10()
+
+
 def load_run_data(cfg: TrainConfig, device: torch.device,
                   dataset: data.CIFAR10 | None = None) -> RunData:
     """Split the training set into train / validation (fixed seed 0) and move it to ``device``."""
     if dataset is None:
-        dataset = (data.synthetic(n_train=max(2 * cfg.val_size, 4000), n_test=1000)
-                   if cfg.data == "synthetic" else data.load_cifar10())
+        dataset = dataset_for(cfg)
     # The split does not depend on cfg.seed: every run is selected on the same validation images.
     train_idx, val_idx = data.train_val_split(len(dataset.y_train), cfg.val_size, seed=0)
     if cfg.train_subset is not None:
