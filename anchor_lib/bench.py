@@ -32,9 +32,11 @@ from . import attacks, checkpoint, data, provenance
 from .train import TrainConfig, build_model, training_loss
 
 FULL = {"n_images": 50_000, "batch_size": 512, "width": 64, "windows": 5, "window_steps": 10,
-        "warmup_steps": 5, "eval_n": 10_000, "autoattack_n": 1_000, "workers": 8}
+        "warmup_steps": 5, "eval_n": 10_000, "autoattack_n": 1_000, "workers": 8,
+        "answers_steps": 200, "answers_width": 32}
 TINY = {"n_images": 2_048, "batch_size": 64, "width": 8, "windows": 3, "window_steps": 2,
-        "warmup_steps": 1, "eval_n": 256, "autoattack_n": 8, "workers": 0}
+        "warmup_steps": 1, "eval_n": 256, "autoattack_n": 8, "workers": 0,
+        "answers_steps": 0, "answers_width": 8}
 
 
 def _sync(device: torch.device) -> None:
@@ -179,6 +181,10 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
         tiny: the tiny configuration (default: on when there is no GPU).
         device: ``cuda`` / ``cpu`` (default: CUDA when available).
         settings: overrides of the ``FULL`` / ``TINY`` sizes (tests shrink them further).
+            ``answers_steps > 0`` adds :func:`same_answers` on CIFAR-10 (skipped, and said so in
+            the JSON, when the data cannot be loaded) at width ``answers_width``.
+
+    The JSON is rewritten after every stage, so a run cut short still leaves what it measured.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = dev.type != "cuda" if tiny is None else tiny
@@ -195,10 +201,16 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
                      window_steps=s["window_steps"], warmup_steps=s["warmup_steps"])
     results: dict[str, Any] = {}
 
+    extra: dict[str, Any] = {}
+
+    def save() -> Path:
+        return _write(out, dev, tiny, s, steps_per_epoch, results, methods, extra)
+
     def record(name: str, step_seconds: float) -> None:
         results[name] = {"epoch_seconds": round(step_seconds * steps_per_epoch, 3),
                          "images_per_second": round(s["batch_size"] / step_seconds, 1),
                          "step_seconds": round(step_seconds, 5)}
+        save()
 
     # Reference: fp32, DataLoader + torchvision transforms, backward() inside the attack.
     cfg = TrainConfig(method="pgd_at", width=s["width"], batch_size=s["batch_size"],
@@ -251,10 +263,19 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     for i in range(0, len(ye), 1000):
         pgd20(model, xe[i:i + 1000], ye[i:i + 1000])
     _sync(dev)
-    results["eval_pgd20_10k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ye)}
+    results["eval_pgd20_10k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ye),
+                                 "precision": "fp32"}
+    save()
     xa = xe[: s["autoattack_n"]]
-    if len(xa) == 0:  # autoattack_n = 0 skips it
-        return _write(out, dev, tiny, s, steps_per_epoch, results, methods)
+    if len(xa) > 0:  # autoattack_n = 0 skips it
+        _time_autoattack(model, xa, dev, results)
+        save()
+    if s["answers_steps"] > 0:
+        extra["same_answers"] = _same_answers_on_cifar(s, dev)
+    return save()
+
+
+def _time_autoattack(model, xa: torch.Tensor, dev: torch.device, results: dict) -> None:
     with torch.no_grad():
         # AutoAttack skips misclassified points; labelling each image with the model's own
         # prediction makes every point one it must attack, as on a well-trained model.
@@ -266,10 +287,24 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
                                 "note": "untrained model, labels = its own predictions, so every "
                                         "point is attacked"}
 
-    return _write(out, dev, tiny, s, steps_per_epoch, results, methods)
+
+def _same_answers_on_cifar(s: dict[str, int], dev: torch.device) -> dict[str, Any]:
+    """:func:`same_answers` at the benchmark's batch size, or why it was skipped."""
+    try:
+        dataset = data.load_cifar10(download=False)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
+        return {"skipped": f"no CIFAR-10 copy could be loaded: {err}"}
+    cfg = TrainConfig(method="pgd_at", width=s["answers_width"], batch_size=s["batch_size"],
+                      lr=0.1, device=str(dev), progress=False)
+    t0 = time.perf_counter()
+    result = same_answers(dataset, cfg, s["answers_steps"], dev, workers=s["workers"])
+    return {**result, "data": dataset.label, "width": cfg.width, "lr": cfg.lr,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "note": "both paths start from the same weights and see the same number of images "
+                    "with a constant learning rate; accuracies on all test images"}
 
 
-def _write(out, dev, tiny, s, steps_per_epoch, results, methods) -> Path:
+def _write(out, dev, tiny, s, steps_per_epoch, results, methods, extra=None) -> Path:
     ref = results["reference_pgd_at"]["epoch_seconds"]
     report = {
         "device": provenance.hardware(dev), "torch": torch.__version__,
@@ -281,6 +316,11 @@ def _write(out, dev, tiny, s, steps_per_epoch, results, methods) -> Path:
                                  for m in methods if m in results},
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         if dev.type == "cuda" else None,
+        "precision": {"anchor_lib": "bf16 autocast + channels_last on CUDA (fp32 on CPU)",
+                      "reference": "fp32",
+                      "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                      "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32},
+        **(extra or {}),
     }
     if out is None:
         name = provenance.hardware(dev).replace(" ", "_").replace("(", "").replace(")", "")

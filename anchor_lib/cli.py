@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true",
                    help="instead of the five methods, the ANCHOR ablation (beta, lambda, tau, "
                         "adversarial view) at half the epochs, each knob chosen on validation")
+    p.add_argument("--export-checkpoints", type=Path, metavar="DIR",
+                   help="afterwards, write fp16 copies of the standard / pgd_at / anchor runs "
+                        "(those among --methods) and a manifest.json with their sha256 to DIR "
+                        "(the book's tutorial checkpoints: use with --profile tutorial)")
 
     p = add("bench", help="training / evaluation speed benchmark")
     p.add_argument("--out", type=Path, help="JSON file (default data/results/bench/<device>.json)")
@@ -156,13 +160,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "reproduce":
-        from .reproduce import ablation, reproduce
+        from .reproduce import ablation, export_tutorial_checkpoints, reproduce
 
+        chosen = tuple(m for m in ("standard", "pgd_at", "anchor") if m in args.methods)
+        if args.export_checkpoints is not None and (args.ablation or not chosen):
+            raise UsageError("--export-checkpoints needs a run of standard, pgd_at or anchor "
+                             "among --methods (and no --ablation)")
         if args.ablation:
             ablation(args.profile, out=args.out, **_overrides(args, "epochs", "data"))
         else:
             reproduce(args.profile, tuple(args.methods), args.out,
                       **_overrides(args, "epochs", "data"))
+        if args.export_checkpoints is not None:
+            path = export_tutorial_checkpoints(args.out, args.export_checkpoints, chosen,
+                                               args.profile)
+            print(f"wrote {path}")
         return 0
 
     if args.command == "bench":

@@ -18,7 +18,16 @@ from typing import Any
 
 from . import checkpoint, data, embeddings, evaluate, provenance
 from .models import PreActResNet18
-from .train import METHODS, TrainConfig, config_from_dict, dataset_for, load_model, resolve_device, train
+from .train import (
+    METHODS,
+    TrainConfig,
+    build_model,
+    config_from_dict,
+    dataset_for,
+    load_model,
+    resolve_device,
+    train,
+)
 
 # How much of the test set each profile evaluates on: clean/FGSM/PGD-20/CW on the first n,
 # AutoAttack and the sanity checks on the first autoattack_n, embeddings of the first embed_n.
@@ -26,7 +35,11 @@ EVAL_SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": {"n": 200, "autoattack_n": 16, "sanity": True, "embed_n": 200},
     "demo": {"n": 2000, "autoattack_n": 200, "sanity": True, "embed_n": 500},
     "full": {"n": None, "autoattack_n": 1000, "sanity": True, "embed_n": 1000},
+    "tutorial": {"n": None, "autoattack_n": 1000, "sanity": True, "embed_n": 1000},
 }
+
+#: Largest committed tutorial checkpoint (the repository travels to GPU machines whole).
+TUTORIAL_MAX_BYTES = 2 * 2**20
 
 
 def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = None,
@@ -181,3 +194,71 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
         summary["params"][param] = {"validation": values, "chosen": chosen}
     checkpoint.write_json(Path(out) / "ablation_summary.json", summary)
     return summary
+
+
+def export_tutorial_checkpoints(results: str | Path = "data/results",
+                                dest: str | Path = "data/checkpoints",
+                                methods: tuple[str, ...] = ("standard", "pgd_at", "anchor"),
+                                profile: str = "tutorial", *, check_n: int = 10_000,
+                                dataset: data.CIFAR10 | None = None, log=print) -> Path:
+    """Write fp16 copies of finished runs' ``best.pt`` and a ``manifest.json`` listing them.
+
+    Each ``<results>/<profile>-<method>`` run must be finished (a verified ``metrics.json``). Its
+    weights are stored as a float16 state_dict in ``<dest>/<method>-w<width>.pt`` (at most
+    ``TUTORIAL_MAX_BYTES``), and the manifest entry records the file's sha256, where and how it
+    was trained and evaluated, and the clean accuracy on the first ``check_n`` test images with
+    the fp32 and with the fp16-rounded weights, so that the rounding's cost is measured, not
+    assumed. Entries of methods not exported now are kept. Returns the manifest's path.
+    """
+    results, dest = Path(results), Path(dest)
+    manifest_path = dest / "manifest.json"
+    entries: dict[str, dict[str, Any]] = {}
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        entries = {e["method"]: e for e in old.get("checkpoints", []) if isinstance(e, dict)}
+    for method in methods:
+        run_dir = results / f"{profile}-{method}"
+        try:
+            checkpoint.verify(run_dir / "metrics.json")
+        except checkpoint.CheckpointError as err:
+            raise ValueError(f"cannot export {method}: {run_dir} is not a finished run ({err})") from None
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        state = checkpoint.load(run_dir / "best.pt")
+        half = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+        cfg = config_from_dict(state["config"])
+        path = dest / f"{method}-w{cfg.width}.pt"
+        checkpoint.save({"model": half, "config": state["config"], "epoch": state["epoch"],
+                         "val": state.get("val"), "data": state.get("data")}, path)
+        size = path.stat().st_size
+        if size > TUTORIAL_MAX_BYTES:
+            path.unlink()
+            raise ValueError(f"{path.name} would be {size / 2**20:.2f} MB, over the "
+                             f"{TUTORIAL_MAX_BYTES / 2**20:.0f} MB limit for committed checkpoints "
+                             f"(width {cfg.width}); export a narrower model")
+        ds = dataset if dataset is not None else dataset_for(cfg)
+        dev = resolve_device(cfg.device)
+        x = data.to_float(ds.x_test[:check_n]).to(dev)
+        y = ds.y_test[:check_n].to(dev)
+        clean = {}
+        for name, weights in (("fp32_weights", state["model"]), ("fp16_weights", half)):
+            model = build_model(cfg, state["model"]["linear.weight"].shape[0])
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in weights.items()})
+            clean[name] = evaluate.accuracy(model.to(dev).eval(), x, y)
+        entries[method] = {
+            "method": method, "file": path.name, "sha256": checkpoint.sha256_file(path),
+            "bytes": size, "dtype": "float16", "width": cfg.width, "epochs": cfg.epochs,
+            "selected_epoch": int(state["epoch"]) + 1, "data": metrics.get("data"),
+            "hardware": metrics.get("hardware"), "torch": metrics.get("torch"),
+            "commit": metrics.get("commit"), "source": f"{run_dir.as_posix()}/metrics.json",
+            "accuracy": {k: v.get("value") for k, v in metrics.get("accuracy", {}).items()},
+            "clean_check": {"n": len(y), **clean},
+        }
+        log(f"{path}: {size / 2**20:.2f} MB, clean {clean['fp32_weights']:.4f} (fp32 weights) / "
+            f"{clean['fp16_weights']:.4f} (fp16 weights) on {len(y)} test images")
+    manifest = {"note": "PreAct ResNet-18 tutorial checkpoints (float16 state_dicts), made by "
+                        "`python -m anchor_lib reproduce --profile tutorial --export-checkpoints`; "
+                        "accuracies are from each run's metrics.json (fp32 weights, DESIGN §4).",
+                "checkpoints": [entries[m] for m in METHODS if m in entries]}
+    checkpoint.write_json(manifest_path, manifest)
+    return manifest_path

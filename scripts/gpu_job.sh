@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One device-machine job (see the device tool's README): the benchmark, then a reproduce slot.
+# One device-machine job (see the device tool's README).
 #
-# Here, before the call:
-#   mkdir -p .gpu && cp ../shared/data/cifar10-jpeg/cifar10-jpeg.tar.xz .gpu/
-#   echo /.gpu/ >> .git/info/exclude       # and download torchattacks / umap wheels into .whl/
-# The call:  run(command="bash scripts/gpu_job.sh bench|reproduce", carry=[".gpu", ".whl"])
+# Here, before the call (commit first, so that the results name a real commit):
+#   mkdir -p .gpu .whl && cp ../shared/data/cifar10-jpeg/cifar10-jpeg.tar.xz .gpu/
+#   git rev-parse HEAD > .gpu/COMMIT        # the device's copy has no .git
+#   pip download --no-deps --only-binary=:all: torchattacks==3.5.1 -d .whl
+# The call:  run(command="bash scripts/gpu_job.sh session|bench|reproduce", carry=[".gpu", ".whl"])
+#   session:   the benchmark, then the tutorial-profile runs (standard, pgd_at, anchor, exported
+#              as fp16 tutorial checkpoints; then trades, supcon_at), each stage under a timeout
+#              so that one call stays inside the 10-minute limit and returns what finished.
+#   bench:     the benchmark alone.   reproduce: one slot of the full reproduction.
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -12,10 +17,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
 export ANCHOR_DATA_DIR="$PWD/.gpu" ANCHOR_OFFLINE=1 ANCHOR_CACHE_DIR=/tmp/anchor-cache
-export ANCHOR_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+export ANCHOR_COMMIT="$(cat .gpu/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
 case "${1:-bench}" in
   bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -27,5 +33,38 @@ case "${1:-bench}" in
     # Checkpoints (~90 MB each) stay on the machine; only the small artifacts come back.
     tar -czf "$OUT/results.tgz" --exclude="*.pt" --exclude="*.pt.sha256" data/results
     ;;
-  *) echo "usage: $0 bench|reproduce" >&2; exit 2 ;;
+  session)
+    set +e  # a failed stage must not cost the stages after it
+    log="$OUT/job.log"
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
+        "import torch, torchattacks; print('torch', torch.__version__, 'torchattacks', torchattacks.__version__)"
+      echo "commit $ANCHOR_COMMIT"; } 2>&1 | tee "$log"
+    # Decode the JPEG copy on the CPU while the benchmark (random data) uses the GPU.
+    python3 -c "from anchor_lib import data; d = data.load_cifar10(download=False); print(d.label)" \
+      >>"$log" 2>&1 &
+    decode=$!
+    SECONDS=0
+    timeout "${BENCH_S:-240}" python3 -m anchor_lib bench --out "$OUT/bench.json" >>"$log" 2>&1
+    echo "== bench: rc $? after ${SECONDS}s" | tee -a "$log"
+    wait "$decode"; echo "== decode: rc $? at ${SECONDS}s" | tee -a "$log"
+    left=$(( ${BUDGET_S:-540} - SECONDS ))
+    timeout "$left" python3 -m anchor_lib reproduce --profile tutorial --out data/results \
+      --methods standard pgd_at anchor --export-checkpoints data/checkpoints >>"$log" 2>&1
+    echo "== tutorial standard/pgd_at/anchor: rc $? at ${SECONDS}s" | tee -a "$log"
+    left=$(( ${BUDGET_S:-540} - SECONDS ))
+    if [ "$left" -gt 60 ]; then
+      timeout "$left" python3 -m anchor_lib reproduce --profile tutorial --out data/results \
+        --methods trades supcon_at >>"$log" 2>&1
+      echo "== tutorial trades/supcon_at: rc $? at ${SECONDS}s" | tee -a "$log"
+    fi
+    mkdir -p data/checkpoints
+    # Small artifacts, and the resume checkpoints of runs a timeout cut short (width 16: ~6 MB).
+    tar -czf "$OUT/results.tgz" --exclude="checkpoint.pt*" --exclude="best.pt*" data/results \
+      data/checkpoints
+    unfinished=$(for d in data/results/tutorial-*; do
+      [ -f "$d/checkpoint.pt" ] && [ ! -f "$d/metrics.json" ] && echo "$d"; done)
+    [ -n "$unfinished" ] && tar -czf "$OUT/resume.tgz" $unfinished
+    grep -E "^==|wrote|Error|error" "$log" | tail -40
+    ;;
+  *) echo "usage: $0 session|bench|reproduce" >&2; exit 2 ;;
 esac

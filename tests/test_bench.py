@@ -41,3 +41,17 @@ def test_fast_path_matches_reference_accuracy():
         assert result[path]["clean"] > 0.5, result  # both actually learned something
     assert result["difference"]["clean"] >= -0.1, result
     assert result["difference"]["pgd10"] >= -0.1, result
+
+
+def test_benchmark_says_why_it_skipped_the_answer_check(tmp_path, monkeypatch):
+    """Without a CIFAR copy the same-answers stage is skipped with a reason, not silently."""
+    monkeypatch.setenv("ANCHOR_DATA_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("ANCHOR_OFFLINE", "1")
+    path = run_benchmark(tmp_path / "bench.json", tiny=True, device="cpu",
+                         settings={"n_images": 128, "batch_size": 32, "width": 4, "windows": 1,
+                                   "window_steps": 1, "warmup_steps": 0, "eval_n": 16,
+                                   "autoattack_n": 0, "answers_steps": 2},
+                         methods=("standard",))
+    report = json.loads(path.read_text())
+    assert "no CIFAR-10 copy could be loaded" in report["same_answers"]["skipped"]
+    assert report["precision"]["reference"] == "fp32"

@@ -127,3 +127,64 @@ def test_reproduce_rejects_bad_arguments(tmp_path, call, match):
         rep.reproduce(call.get("profile", "smoke"), call.get("methods", ("anchor",)), tmp_path,
                       attacks=ATTACKS, log=lambda _: None, **kw)
     assert not any(tmp_path.iterdir()), "nothing is written for a rejected call"
+
+
+def test_export_tutorial_checkpoints_writes_fp16_files_the_book_can_load(tmp_path):
+    from anchor_lib import results
+
+    _reproduce(tmp_path, methods=("standard", "anchor"))
+    dest = tmp_path / "checkpoints"
+    log: list[str] = []
+    manifest_path = rep.export_tutorial_checkpoints(tmp_path, dest, ("standard", "anchor"), "smoke",
+                                                    check_n=48, log=log.append)
+    checkpoint.verify(manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    assert [e["method"] for e in manifest["checkpoints"]] == ["standard", "anchor"]
+    assert len(log) == 2
+    for entry in manifest["checkpoints"]:
+        path = dest / entry["file"]
+        assert entry["sha256"] == checkpoint.sha256_file(path)
+        assert entry["bytes"] == path.stat().st_size <= rep.TUTORIAL_MAX_BYTES
+        state = checkpoint.load(path)
+        floats = [v for v in state["model"].values() if v.is_floating_point()]
+        assert floats and all(v.dtype.is_floating_point and v.element_size() == 2 for v in floats)
+        metrics = json.loads((tmp_path / f"smoke-{entry['method']}" / "metrics.json").read_text())
+        assert entry["accuracy"]["clean"] == metrics["accuracy"]["clean"]["value"]
+        assert entry["clean_check"]["n"] == 48
+        # fp16 rounding of the weights moves accuracy on 48 images by at most a few images.
+        check = entry["clean_check"]
+        assert abs(check["fp16_weights"] - check["fp32_weights"]) <= 3 / 48
+        model, state, found = results.load_tutorial_checkpoint(entry["method"], dest)
+        assert found["file"] == entry["file"] and not model.training
+        assert next(model.parameters()).dtype.is_floating_point
+
+    # A second export of one method keeps the other's entry.
+    rep.export_tutorial_checkpoints(tmp_path, dest, ("anchor",), "smoke", check_n=8, log=log.append)
+    manifest = json.loads(manifest_path.read_text())
+    assert [e["method"] for e in manifest["checkpoints"]] == ["standard", "anchor"]
+    assert manifest["checkpoints"][1]["clean_check"]["n"] == 8
+
+
+@pytest.mark.bad_input
+def test_export_refuses_unfinished_runs_and_oversized_checkpoints(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="not a finished run"):
+        rep.export_tutorial_checkpoints(tmp_path, tmp_path / "c", ("anchor",), "smoke", check_n=8)
+    _reproduce(tmp_path)
+    monkeypatch.setattr(rep, "TUTORIAL_MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match="over the 0 MB limit"):
+        rep.export_tutorial_checkpoints(tmp_path, tmp_path / "c", ("anchor",), "smoke", check_n=8)
+    assert not list((tmp_path / "c").glob("*.pt")), "an oversized file is not left behind"
+
+
+def test_tutorial_profile_is_full_protocol_at_width_16_but_not_a_reading_profile(monkeypatch):
+    from anchor_lib import train
+
+    cfg = TrainConfig.from_profile("tutorial", method="anchor")
+    full = TrainConfig.from_profile("full", method="anchor")
+    assert cfg.width == 16 and cfg.profile == "tutorial"
+    differ = {f.name for f in dataclasses.fields(TrainConfig)
+              if getattr(cfg, f.name) != getattr(full, f.name)}
+    assert differ == {"width", "epochs", "profile"}
+    monkeypatch.setenv("ANCHOR_PROFILE", "tutorial")
+    with pytest.raises(ValueError, match="ANCHOR_PROFILE must be one of smoke, demo, full"):
+        train.default_profile()
