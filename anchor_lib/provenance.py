@@ -23,7 +23,14 @@ def hardware(device: torch.device | str | None = None) -> str:
 
 
 def git_commit() -> str:
-    """The repository's HEAD sha (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    """``$ANCHOR_COMMIT`` if set, else the repository's HEAD sha (with ``-dirty`` when the tree
+    has changes), else ``unknown``.
+
+    The variable comes first because a copy of the tree shipped to a GPU machine can carry a
+    stale ``.git`` (seen on the first H100 run: it named the previous commit).
+    """
+    if os.environ.get("ANCHOR_COMMIT"):
+        return os.environ["ANCHOR_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
@@ -31,7 +38,7 @@ def git_commit() -> str:
                                cwd=_REPO, capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("ANCHOR_COMMIT", "unknown")
+        return "unknown"
 
 
 def describe(device: torch.device | str | None = None) -> dict[str, str]:
