@@ -32,6 +32,8 @@ import io
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -371,9 +373,6 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     out = Path(cfg.out_dir) if cfg.out_dir else None
-    if device.type == "cuda":
-        # Every step has the same shapes, so cuDNN's one-off search for the fastest kernels pays.
-        torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(cfg.seed)
     run = load_run_data(cfg, device, dataset)
@@ -422,30 +421,35 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and ctx.main), leave=False)
-        for step, (xb, yb) in enumerate(data.batches(x_train, y_train, local_batch,
-                                                     generator=gen)):
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            loss, parts = training_loss(model, cfg, xb, yb, gen, amp)
-            if fail_at == (epoch, step):
-                loss = loss * float("nan")
-            bad = ~torch.isfinite(loss)
-            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(model, ctx)
-            optimizer.step()
-            scheduler.step()
-            sums += torch.stack([loss.detach(), parts["ce"], parts["con"],
-                                 parts["correct"].float()])
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                # The only host sync inside an epoch: progress and the NaN check.
-                _raise_if_nonfinite(distributed.all_max(first_bad.clone(), ctx), epoch, out)
-                done = (step + 1)
-                s = sums.tolist()
-                bar.set_postfix(loss=f"{s[0] / done:.3f}",
-                                acc=f"{s[3] / (done * local_batch):.3f}")
-            bar.update(1)
+        # Training steps all have one shape, so cuDNN's search for the fastest kernels pays once;
+        # validation attacks only the clean-correct images (a new shape each batch), where the
+        # search would run again and again (the likely cause of the 2-10 s that validation took
+        # per epoch on an H100, against 1 s of training), so it is off there.
+        with cudnn_benchmark(device.type == "cuda"):
+            for step, (xb, yb) in enumerate(data.batches(x_train, y_train, local_batch,
+                                                         generator=gen)):
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                loss, parts = training_loss(model, cfg, xb, yb, gen, amp)
+                if fail_at == (epoch, step):
+                    loss = loss * float("nan")
+                bad = ~torch.isfinite(loss)
+                first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.average_gradients(model, ctx)
+                optimizer.step()
+                scheduler.step()
+                sums += torch.stack([loss.detach(), parts["ce"], parts["con"],
+                                     parts["correct"].float()])
+                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                    # The only host sync inside an epoch: progress and the NaN check.
+                    _raise_if_nonfinite(distributed.all_max(first_bad.clone(), ctx), epoch, out)
+                    done = (step + 1)
+                    s = sums.tolist()
+                    bar.set_postfix(loss=f"{s[0] / done:.3f}",
+                                    acc=f"{s[3] / (done * local_batch):.3f}")
+                bar.update(1)
         bar.close()
         _raise_if_nonfinite(distributed.all_max(first_bad.clone(), ctx), epoch, out)
 
@@ -480,6 +484,17 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
             checkpoint.write_text(out / "history.csv", history_csv(history))
         distributed.barrier(ctx)  # nobody resumes from a checkpoint rank 0 is still writing
     return history
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """Set ``torch.backends.cudnn.benchmark`` inside the block and restore it afterwards."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def _write_history_if_changed(path: Path, history: list[dict[str, Any]]) -> None:

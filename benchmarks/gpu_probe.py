@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from anchor_lib import attacks, checkpoint, data, evaluate, provenance
-from anchor_lib.train import TrainConfig, build_model, load_model, training_loss
+from anchor_lib.train import TrainConfig, build_model, cudnn_benchmark, load_model, training_loss
 
 
 def _sync(dev: torch.device) -> None:
@@ -81,7 +81,7 @@ def eager_step_seconds(width: int, batch: int, dev: torch.device) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return _median(step, dev)
+    return _median(step, dev) if dev.type == "cuda" else _median(step, dev, 2, 2, 1)
 
 
 class GraphedPGDStep:
@@ -220,7 +220,6 @@ def save_seconds() -> dict:
 def main(out: str, best: str | None = None, test_npz: str | None = None) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
-    torch.backends.cudnn.benchmark = True  # as the trainer does
     report: dict = {"device": provenance.hardware(dev), "torch": torch.__version__,
                     "commit": provenance.git_commit(), "data": "random uint8 CIFAR-sized tensors "
                     "for the steps", "batch_size": 512 if cuda else 16}
@@ -235,7 +234,10 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
     for name, fn in stages:
         t0 = time.perf_counter()
         try:
-            report[name] = fn()
+            # cuDNN's kernel search: on for the fixed-shape training steps, as the trainer runs
+            # them; off for evaluation, whose batch shapes vary.
+            with cudnn_benchmark(cuda and name != "eval_pieces"):
+                report[name] = fn()
         except Exception as err:  # a probe records what failed and goes on
             report[name] = {"error": f"{type(err).__name__}: {err}",
                             "trace": traceback.format_exc()[-1500:]}

@@ -55,3 +55,25 @@ def test_benchmark_says_why_it_skipped_the_answer_check(tmp_path, monkeypatch):
     report = json.loads(path.read_text())
     assert "no CIFAR-10 copy could be loaded" in report["same_answers"]["skipped"]
     assert report["precision"]["reference"] == "fp32"
+
+
+def test_gpu_probe_runs_its_cpu_version(tmp_path, monkeypatch):
+    """The device probe stays runnable: on a CPU it times a tiny eager step and the eval pieces."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_probe.py"
+    spec = importlib.util.spec_from_file_location("gpu_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    monkeypatch.chdir(tmp_path)  # the checkpoint-save stage writes into the working folder
+    # AutoAttack on an untrained model can run its whole schedule (a minute and more on this CPU);
+    # the probe's plumbing is what is tested here, AutoAttack itself in test_attacks.py.
+    monkeypatch.setattr(probe.attacks, "autoattack",
+                        lambda model, x, y, eps: probe.attacks.fgsm(model, x, y, eps=eps))
+    probe.main(str(tmp_path / "probe.json"))
+    report = json.loads((tmp_path / "probe.json").read_text())
+    assert not [k for k, v in report.items() if isinstance(v, dict) and "error" in v], report
+    assert report["pgd_at_eager_w4"] > 0 and len(report["checkpoint_save"]["seconds"]) == 3
+    pieces = report["eval_pieces"]
+    assert all(pieces[k]["seconds"] > 0 for k in ("clean", "pgd20", "autoattack"))

@@ -132,3 +132,17 @@ def test_profiles(monkeypatch):
     monkeypatch.setenv("ANCHOR_PROFILE", "huge")
     with pytest.raises(ValueError, match="ANCHOR_PROFILE"):
         TrainConfig.from_profile()
+
+
+def test_cudnn_benchmark_is_scoped_to_the_block():
+    import torch
+
+    from anchor_lib.train import cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    with cudnn_benchmark(not before):
+        assert torch.backends.cudnn.benchmark is (not before)
+    assert torch.backends.cudnn.benchmark is before
+    with pytest.raises(RuntimeError), cudnn_benchmark(not before):
+        raise RuntimeError("boom")
+    assert torch.backends.cudnn.benchmark is before, "restored even when the block raises"
