@@ -6,9 +6,11 @@
 #   git rev-parse HEAD > .gpu/COMMIT        # the device's copy has no .git
 #   pip download --no-deps --only-binary=:all: torchattacks==3.5.1 -d .whl
 # The call:  run(command="bash scripts/gpu_job.sh session|bench|reproduce", carry=[".gpu", ".whl"])
-#   session:   the benchmark, then the tutorial-profile runs (standard, pgd_at, anchor, exported
-#              as fp16 tutorial checkpoints; then trades, supcon_at), each stage under a timeout
-#              so that one call stays inside the 10-minute limit and returns what finished.
+#   session:   STAGES (default "bench tutorial"; "probe" adds benchmarks/gpu_probe.py): the
+#              benchmark, then the tutorial-profile runs (standard, pgd_at, anchor, each exported
+#              as an fp16 tutorial checkpoint once finished; then trades, supcon_at), each stage
+#              under a timeout so that one call (BUDGET_S, default 540 s) stays inside the
+#              10-minute limit and returns what finished.
 #   bench:     the benchmark alone.   reproduce: one slot of the full reproduction.
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
@@ -44,18 +46,34 @@ case "${1:-bench}" in
       >>"$log" 2>&1 &
     decode=$!
     SECONDS=0
-    timeout "${BENCH_S:-240}" python3 -m anchor_lib bench --out "$OUT/bench.json" >>"$log" 2>&1
-    echo "== bench: rc $? after ${SECONDS}s" | tee -a "$log"
+    stages=" ${STAGES:-bench tutorial} "
+    if [[ $stages == *" bench "* ]]; then
+      timeout "${BENCH_S:-240}" python3 -m anchor_lib bench --out "$OUT/bench.json" >>"$log" 2>&1
+      echo "== bench: rc $? after ${SECONDS}s" | tee -a "$log"
+    fi
+    if [[ $stages == *" probe "* ]]; then
+      timeout "${PROBE_S:-150}" python3 benchmarks/gpu_probe.py "$OUT/probe.json" >>"$log" 2>&1
+      echo "== probe: rc $? after ${SECONDS}s" | tee -a "$log"
+    fi
     wait "$decode"; echo "== decode: rc $? at ${SECONDS}s" | tee -a "$log"
-    left=$(( ${BUDGET_S:-540} - SECONDS ))
-    timeout "$left" python3 -m anchor_lib reproduce --profile tutorial --out data/results \
-      --methods standard pgd_at anchor --export-checkpoints data/checkpoints >>"$log" 2>&1
-    echo "== tutorial standard/pgd_at/anchor: rc $? at ${SECONDS}s" | tee -a "$log"
-    left=$(( ${BUDGET_S:-540} - SECONDS ))
-    if [ "$left" -gt 60 ]; then
-      timeout "$left" python3 -m anchor_lib reproduce --profile tutorial --out data/results \
-        --methods trades supcon_at >>"$log" 2>&1
-      echo "== tutorial trades/supcon_at: rc $? at ${SECONDS}s" | tee -a "$log"
+    if [[ $stages == *" tutorial "* ]]; then
+      # A committed run whose weights did not come back cannot be exported: train it again.
+      for m in standard pgd_at anchor; do
+        d=data/results/tutorial-$m
+        if [ -f "$d/metrics.json" ] && [ ! -f "$d/best.pt" ]; then rm -rf "$d"; fi
+      done
+      for methods in "standard pgd_at anchor" "trades supcon_at"; do
+        left=$(( ${BUDGET_S:-540} - SECONDS ))
+        [ "$left" -gt 60 ] || break
+        timeout "$left" python3 -m anchor_lib reproduce --profile tutorial --out data/results \
+          --methods $methods >>"$log" 2>&1
+        echo "== tutorial $methods: rc $? at ${SECONDS}s" | tee -a "$log"
+      done
+      # Export every finished one of the three (a timeout may have cut the rest short).
+      for m in standard pgd_at anchor; do
+        [ -f "data/results/tutorial-$m/metrics.json" ] && python3 -c "from anchor_lib import \
+reproduce as r; r.export_tutorial_checkpoints(methods=('$m',))" >>"$log" 2>&1
+      done
     fi
     mkdir -p data/checkpoints
     # Small artifacts, and the resume checkpoints of runs a timeout cut short (width 16: ~6 MB).
