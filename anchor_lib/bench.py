@@ -39,30 +39,30 @@ TINY = {"n_images": 2_048, "batch_size": 64, "width": 8, "windows": 3, "window_s
         "answers_steps": 0, "answers_width": 8}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so host clocks time it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _median_step_seconds(step: Callable[[], None], device: torch.device, *, windows: int,
-                         window_steps: int, warmup_steps: int) -> float:
+def median_step_seconds(step: Callable[[], None], device: torch.device, *, windows: int,
+                        window_steps: int, warmup_steps: int) -> float:
+    """Median over ``windows`` of the mean time of ``window_steps`` calls, after a warm-up.
+
+    cuDNN's kernel search is on (CUDA) while timing: the steps timed are fixed-shape training
+    steps, run that way by the trainer too.
+    """
     with cudnn_benchmark(device.type == "cuda"):
-        return _median_step_seconds_inner(step, device, windows=windows,
-                                          window_steps=window_steps, warmup_steps=warmup_steps)
-
-
-def _median_step_seconds_inner(step: Callable[[], None], device: torch.device, *, windows: int,
-                               window_steps: int, warmup_steps: int) -> float:
-    for _ in range(warmup_steps):
-        step()
-    times = []
-    for _ in range(windows):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(window_steps):
+        for _ in range(warmup_steps):
             step()
-        _sync(device)
-        times.append((time.perf_counter() - t0) / window_steps)
+        times = []
+        for _ in range(windows):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(window_steps):
+                step()
+            sync(device)
+            times.append((time.perf_counter() - t0) / window_steps)
     return statistics.median(times)
 
 
@@ -205,7 +205,7 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     steps_per_epoch = s["n_images"] // s["batch_size"]
     # Training steps (fixed shapes) are timed with cuDNN's kernel search on, as the trainer runs
     # them; evaluation (shapes vary with the clean-correct subset) with it off, as evaluate runs.
-    timing = partial(_median_step_seconds, device=dev, windows=s["windows"],
+    timing = partial(median_step_seconds, device=dev, windows=s["windows"],
                      window_steps=s["window_steps"], warmup_steps=s["warmup_steps"])
     results: dict[str, Any] = {}
 
@@ -266,11 +266,11 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     model = build_model(TrainConfig(width=s["width"])).to(dev).eval()
     xe, ye = data.to_float(x_dev[: s["eval_n"]]), y_dev[: s["eval_n"]]
     pgd20 = partial(attacks.pgd, eps=8 / 255, alpha=2 / 255, steps=20)
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for i in range(0, len(ye), 1000):
         pgd20(model, xe[i:i + 1000], ye[i:i + 1000])
-    _sync(dev)
+    sync(dev)
     results["eval_pgd20_10k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ye),
                                  "precision": "fp32"}
     save()
@@ -290,7 +290,7 @@ def _time_autoattack(model, xa: torch.Tensor, dev: torch.device, results: dict) 
         ya = model(xa).argmax(1)
     t0 = time.perf_counter()
     attacks.autoattack(model, xa, ya, eps=8 / 255, batch_size=500)
-    _sync(dev)
+    sync(dev)
     results["autoattack_1k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ya),
                                 "note": "untrained model, labels = its own predictions, so every "
                                         "point is attacked"}

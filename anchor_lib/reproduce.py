@@ -21,10 +21,10 @@ from .models import PreActResNet18
 from .train import (
     METHODS,
     TrainConfig,
-    build_model,
     config_from_dict,
     dataset_for,
     load_model,
+    model_from_weights,
     resolve_device,
     train,
 )
@@ -235,16 +235,14 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
             raise ValueError(f"{path.name} would be {size / 2**20:.2f} MB, over the "
                              f"{TUTORIAL_MAX_BYTES / 2**20:.0f} MB limit for committed checkpoints "
                              f"(width {cfg.width}); export a narrower model")
-        ds = dataset if dataset is not None else dataset_for(cfg)
+        if dataset is None:  # loaded once: every run of one profile uses the same data
+            dataset = dataset_for(cfg)
         dev = resolve_device(cfg.device)
-        x = data.to_float(ds.x_test[:check_n]).to(dev)
-        y = ds.y_test[:check_n].to(dev)
+        x = data.to_float(dataset.x_test[:check_n]).to(dev)
+        y = dataset.y_test[:check_n].to(dev)
         clean = {}
         for name, weights in (("fp32_weights", state["model"]), ("fp16_weights", half)):
-            model = build_model(cfg, state["model"]["linear.weight"].shape[0])
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                   for k, v in weights.items()})
-            clean[name] = evaluate.accuracy(model.to(dev).eval(), x, y)
+            clean[name] = evaluate.accuracy(model_from_weights(cfg, weights).to(dev).eval(), x, y)
         entries[method] = {
             "method": method, "file": path.name, "sha256": checkpoint.sha256_file(path),
             "bytes": size, "dtype": "float16", "width": cfg.width, "epochs": cfg.epochs,

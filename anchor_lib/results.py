@@ -400,8 +400,5 @@ def load_tutorial_checkpoint(method: str, root: str | Path | None = None,
         raise checkpoint.CheckpointError(f"{path} does not match the sha256 in {manifest_path} "
                                          f"({actual[:12]}... != {expected[:12]}...)")
     state = checkpoint.load(path, verify_hash=False)  # verified against the manifest above
-    cfg = train.config_from_dict(state["config"])
-    model = train.build_model(cfg, state["model"]["linear.weight"].shape[0])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in state["model"].items()})
+    model = train.model_from_weights(train.config_from_dict(state["config"]), state["model"])
     return model.to(device).eval(), state, entry

@@ -530,9 +530,12 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PreActResNet18, dict]:
     """Load a verified ``best.pt`` / ``checkpoint.pt``; returns (model in eval mode, checkpoint)."""
     state = checkpoint.load(path)
-    cfg = config_from_dict(state["config"])
-    num_classes = state["model"]["linear.weight"].shape[0]
-    model = build_model(cfg, num_classes)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in state["model"].items()})
+    model = model_from_weights(config_from_dict(state["config"]), state["model"])
     return model.to(device).eval(), state
+
+
+def model_from_weights(cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> PreActResNet18:
+    """The fp32 CPU model of ``cfg`` holding ``weights`` (a state_dict, fp32 or fp16)."""
+    model = build_model(cfg, weights["linear.weight"].shape[0])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    return model

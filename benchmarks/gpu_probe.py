@@ -19,7 +19,6 @@ after every stage. On a CPU it runs a tiny version and skips the CUDA graph (for
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -31,26 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from anchor_lib import attacks, checkpoint, data, evaluate, provenance
+from anchor_lib.bench import median_step_seconds, sync
 from anchor_lib.train import TrainConfig, build_model, cudnn_benchmark, load_model, training_loss
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _median(fn, dev, windows: int = 5, steps: int = 5, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(windows):
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        _sync(dev)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
 
 
 def _setup(width: int, batch: int, dev: torch.device):
@@ -81,7 +62,9 @@ def eager_step_seconds(width: int, batch: int, dev: torch.device) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return _median(step, dev) if dev.type == "cuda" else _median(step, dev, 2, 2, 1)
+    reps = (5, 5, 3) if dev.type == "cuda" else (2, 2, 1)
+    return median_step_seconds(step, dev, windows=reps[0], window_steps=reps[1],
+                               warmup_steps=reps[2])
 
 
 class GraphedPGDStep:
@@ -155,7 +138,8 @@ def graphed_step_seconds(width: int, batch: int, dev: torch.device) -> dict:
         delta0 = torch.empty_like(a1).uniform_(-cfg.eps, cfg.eps)
         step(a1, y[:batch], delta0)
         opt.step()
-    return {"step_seconds": _median(one, dev), "capture_seconds": round(capture_s, 2),
+    return {"step_seconds": median_step_seconds(one, dev, windows=5, window_steps=5,
+                                                warmup_steps=3), "capture_seconds": round(capture_s, 2),
             "eager_loss": eager_loss, "graph_loss": graph_loss}
 
 
@@ -197,10 +181,10 @@ def eval_pieces(path: str | None, dev: torch.device, n: int, n_aa: int,
                                                                      eps, pgd_acc=0.0),
     }
     for name, fn in pieces.items():
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         value = fn()
-        _sync(dev)
+        sync(dev)
         out[name] = {"seconds": round(time.perf_counter() - t0, 3),
                      "result": value if isinstance(value, float) else value.get("passed")}
     return out

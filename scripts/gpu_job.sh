@@ -70,10 +70,10 @@ case "${1:-bench}" in
         echo "== tutorial $methods: rc $? at ${SECONDS}s" | tee -a "$log"
       done
       # Export every finished one of the three (a timeout may have cut the rest short).
-      for m in standard pgd_at anchor; do
-        [ -f "data/results/tutorial-$m/metrics.json" ] && python3 -c "from anchor_lib import \
-reproduce as r; r.export_tutorial_checkpoints(methods=('$m',))" >>"$log" 2>&1
-      done
+      done_runs=$(for m in standard pgd_at anchor; do
+        [ -f "data/results/tutorial-$m/metrics.json" ] && printf "'%s'," "$m"; done)
+      [ -n "$done_runs" ] && python3 -c "from anchor_lib import reproduce as r; \
+r.export_tutorial_checkpoints(methods=($done_runs))" >>"$log" 2>&1
     fi
     mkdir -p data/checkpoints
     # Small artifacts, and the resume checkpoints of runs a timeout cut short (width 16: ~6 MB).
