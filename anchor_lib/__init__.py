@@ -2,17 +2,18 @@
 
 ANCHOR (arXiv 2510.27599) joins PGD adversarial training with supervised contrastive learning
 that mines hard positives. Modules, one idea each (DESIGN §1): ``data``, ``models``, ``attacks``,
-``losses``, ``train``, ``evaluate``, ``embeddings``, ``plots``, ``widgets``, ``checkpoint``,
-``reproduce``, ``bench``, ``cli``. Submodules are imported on use, so ``import anchor_lib`` is cheap.
+``losses``, ``train``, ``graphs``, ``evaluate``, ``embeddings``, ``plots``, ``widgets``,
+``checkpoint``, ``reproduce``, ``bench``, ``cli``. Submodules are imported on use, so
+``import anchor_lib`` is cheap.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("attacks", "bench", "checkpoint", "checks", "cli", "data", "embeddings",
-               "distributed", "evaluate", "losses", "models", "plots", "provenance", "reproduce", "results",
-               "train", "widgets")
+_SUBMODULES = ("attacks", "bench", "checkpoint", "checks", "cli", "data", "distributed",
+               "embeddings", "evaluate", "graphs", "losses", "models", "plots", "provenance",
+               "reproduce", "results", "train", "widgets")
 
 
 def __getattr__(name: str):

@@ -173,8 +173,12 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf"
     return (x + delta).clamp(0.0, 1.0)
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Uniform in the L-inf ball; for L2 a uniform direction with radius uniform in [0, eps]."""
+def random_point(x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
+    """A random point around ``x`` (N, C, H, W): PGD's random start, not yet clipped to [0, 1].
+
+    L-inf: uniform in the ball. L2: a uniform direction, radius uniform in [0, eps]. Draws from
+    the global generator of x's device.
+    """
     if norm == "Linf":
         return x + torch.empty_like(x).uniform_(-eps, eps)
     direction = torch.randn_like(x)
@@ -189,7 +193,8 @@ def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def pgd_core(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
              steps: int, random_start: bool = True, loss_fn: LossFn | None = None,
-             amp: bool = False, norm: str = "Linf") -> torch.Tensor:
+             amp: bool = False, norm: str = "Linf",
+             start: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient ascent on ``loss_fn`` inside the eps-ball; the hot loop of training.
 
     Nothing is validated and the model's mode is left alone: the caller decides whether the
@@ -211,6 +216,9 @@ def pgd_core(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
             cross-entropy. Per-example losses are summed.
         amp: run the forward pass under bf16 autocast (CUDA only; ignored on other devices).
         norm: ``"Linf"`` or ``"L2"``.
+        start: the starting point, drawn beforehand (the trainer draws it outside its CUDA graph,
+            whose replays must not draw random numbers); projected onto the ball. Overrides
+            ``random_start``.
 
     Returns:
         ``x_adv``, detached, same shape and dtype as ``x``, in [0, 1] and in the eps-ball.
@@ -220,11 +228,16 @@ def pgd_core(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
     use_amp = amp and x.is_cuda
     if norm == "Linf":  # the intersection of ball and box is a box: compute its corners once
         lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
-    x_adv = project(_random_start(x, eps, norm), x, eps, norm) if random_start else x.clone()
+    if start is None and random_start:
+        start = random_point(x, eps, norm)
+    x_adv = project(start.detach(), x, eps, norm) if start is not None else x.clone()
     with torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            # No cast cache: each region uses each weight once, and a CUDA graph capture needs
+            # autocast's cache off.
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp,
+                                cache_enabled=False):
                 logits = model(x_adv)
             if use_amp:
                 logits = logits.float()

@@ -5,8 +5,11 @@
 - ``reference_pgd_at``: the way most public code trains — a ``torchvision.transforms`` pipeline in
   a ``DataLoader``, fp32, and ``loss.backward()`` inside every attack step (which also computes
   parameter gradients nobody uses);
-- ``standard``, ``pgd_at`` and ``anchor`` through :func:`anchor_lib.train.training_loss`;
-- ``eval_pgd20_10k``: PGD-20 over 10,000 images; ``autoattack_1k``: AutoAttack on 1,000.
+- ``standard``, ``pgd_at`` and ``anchor`` as :func:`anchor_lib.train.train` runs them (on CUDA
+  replayed from a CUDA graph, ``graphs.py``), and on CUDA ``pgd_at_eager``, the same step without
+  the graph;
+- ``eval_pgd20_10k``: PGD-20 over 10,000 images (fp32; on CUDA also in the channels_last layout,
+  ``eval_pgd20_10k_channels_last``); ``autoattack_1k``: AutoAttack on 1,000.
 
 Each training method is timed as the median of several windows of steps after a warm-up, with the
 device synchronised at window edges; an epoch is ``steps_per_epoch × median step time``. Random
@@ -28,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import attacks, checkpoint, data, provenance
-from .train import TrainConfig, build_model, cudnn_benchmark, training_loss
+from . import attacks, checkpoint, data, graphs, provenance
+from .train import TrainConfig, build_model, cudnn_benchmark, draw_step_inputs, step_loss
 
 FULL = {"n_images": 50_000, "batch_size": 512, "width": 64, "windows": 5, "window_steps": 10,
         "warmup_steps": 5, "eval_n": 10_000, "autoattack_n": 1_000, "workers": 8,
@@ -124,6 +127,34 @@ def reference_train_steps(model, loader, optimizer, device, cfg: TrainConfig):
             yield
 
 
+def fast_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
+                    graph: bool) -> Callable[[], str]:
+    """A callable making one anchor_lib training step, as :func:`anchor_lib.train.train` does.
+
+    Cycles through the device-resident uint8 ``x`` (N, 3, H, W) and ``y`` (N,) in shuffled
+    batches of ``cfg.batch_size``; bf16 autocast and channels_last on CUDA; ``graph`` replays the
+    step from a CUDA graph. Each call returns how the step ran (``StepGraph.mode``).
+    """
+    cuda = x.is_cuda
+    run_step = graphs.StepGraph(model, partial(step_loss, model, cfg, cuda), graph=graph)
+    it = iter(())
+
+    def step() -> str:
+        nonlocal it
+        batch = next(it, None)
+        if batch is None:
+            it = data.batches(x, y, cfg.batch_size, generator=generator)
+            batch = next(it)
+        xb, yb = batch
+        if cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        run_step(y=yb, **draw_step_inputs(cfg, xb, generator))
+        opt.step()
+        return run_step.mode
+    return step
+
+
 def same_answers(dataset: data.CIFAR10, cfg: TrainConfig, steps: int,
                  device: str | torch.device = "cpu", workers: int = 0) -> dict[str, Any]:
     """Train PGD-AT for ``steps`` steps by the reference loop and by anchor_lib's fast path.
@@ -155,19 +186,14 @@ def same_answers(dataset: data.CIFAR10, cfg: TrainConfig, steps: int,
             for _ in range(steps):
                 next(it)
         else:
-            x, y = dataset.x_train.to(dev), dataset.y_train.to(dev)
-            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-            done = 0
-            while done < steps:
-                for xb, yb in data.batches(x, y, cfg.batch_size, generator=gen):
-                    model.train()
-                    loss, _ = training_loss(model, cfg, xb, yb, gen, amp)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    done += 1
-                    if done == steps:
-                        break
+            if amp:
+                model = model.to(memory_format=torch.channels_last)
+            step = fast_train_step(model, opt, cfg, dataset.x_train.to(dev),
+                                   dataset.y_train.to(dev),
+                                   torch.Generator(device=dev).manual_seed(cfg.seed), graph=amp)
+            with cudnn_benchmark(amp):
+                for _ in range(steps):
+                    out["fast_train_step"] = step()
         out[path] = {"clean": evaluate.accuracy(model, x_test, y_test),
                      "pgd10": evaluate.robust_accuracy(model, x_test, y_test, pgd10)}
     out["difference"] = {k: round(out["fast"][k] - out["reference"][k], 4) for k in ("clean", "pgd10")}
@@ -231,49 +257,52 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     steps = reference_train_steps(model, loader, opt, dev, cfg)
     record("reference_pgd_at", timing(lambda: next(steps)))
 
-    # anchor_lib: data on the device, tensor-op augmentation, bf16 + channels_last on CUDA.
+    # anchor_lib: data on the device, tensor-op augmentation, bf16 + channels_last and a CUDA
+    # graph per step on CUDA; on CUDA also the eager PGD-AT step, to show what the graph buys.
     x_dev, y_dev = x_u8.to(dev), y.to(dev)
-    amp = dev.type == "cuda"
-    for method in methods:
+    cuda = dev.type == "cuda"
+    runs = [(m, m, cuda) for m in methods]
+    if cuda and "pgd_at" in methods:
+        runs.insert(runs.index(("pgd_at", "pgd_at", True)) + 1, ("pgd_at_eager", "pgd_at", False))
+    for name, method, graph in runs:
         cfg = TrainConfig(method=method, width=s["width"], batch_size=s["batch_size"],
                           device=str(dev), progress=False)
         model = build_model(cfg).to(dev)
-        if amp:
+        if cuda:
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                              weight_decay=5e-4, **({"fused": True} if amp else {}))
-        gen = torch.Generator(device=dev).manual_seed(0)
-        it = iter(())
-
-        def step(model=model, opt=opt, cfg=cfg, gen=gen) -> None:
-            nonlocal it
-            batch = next(it, None)
-            if batch is None:
-                it = data.batches(x_dev, y_dev, cfg.batch_size, generator=gen)
-                batch = next(it)
-            xb, yb = batch
-            if amp:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            model.train()
-            loss, _ = training_loss(model, cfg, xb, yb, gen, amp)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        record(method, timing(step))
+                              weight_decay=5e-4, **({"fused": True} if cuda else {}))
+        step = fast_train_step(model, opt, cfg, x_dev, y_dev,
+                               torch.Generator(device=dev).manual_seed(0), graph=graph)
+        modes: list[str] = []
+        record(name, timing(lambda step=step, modes=modes: modes.append(step())))
+        results[name]["train_step"] = modes[-1]
+        save()
 
     # Evaluation: PGD-20 (fp32, as DESIGN §4 requires) over eval_n images, and AutoAttack.
     model = build_model(TrainConfig(width=s["width"])).to(dev).eval()
     xe, ye = data.to_float(x_dev[: s["eval_n"]]), y_dev[: s["eval_n"]]
     pgd20 = partial(attacks.pgd, eps=8 / 255, alpha=2 / 255, steps=20)
-    sync(dev)
-    t0 = time.perf_counter()
-    for i in range(0, len(ye), 1000):
-        pgd20(model, xe[i:i + 1000], ye[i:i + 1000])
-    sync(dev)
-    results["eval_pgd20_10k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ye),
-                                 "precision": "fp32"}
+
+    def pgd20_seconds(net) -> float:
+        pgd20(net, xe[:1000], ye[:1000])  # warm-up: the first call's set-up is not evaluation
+        sync(dev)
+        t0 = time.perf_counter()
+        for i in range(0, len(ye), 1000):
+            pgd20(net, xe[i:i + 1000], ye[i:i + 1000])
+        sync(dev)
+        return round(time.perf_counter() - t0, 3)
+
+    results["eval_pgd20_10k"] = {"seconds": pgd20_seconds(model), "n": len(ye),
+                                 "precision": "fp32", "memory_format": "contiguous (NCHW)",
+                                 "note": "batches of 1,000 after one warm-up batch"}
     save()
+    if dev.type == "cuda":  # the same fp32 arithmetic in the layout training uses: faster?
+        results["eval_pgd20_10k_channels_last"] = {
+            "seconds": pgd20_seconds(model.to(memory_format=torch.channels_last)), "n": len(ye),
+            "precision": "fp32", "memory_format": "channels_last"}
+        model = model.to(memory_format=torch.contiguous_format)
+        save()
     xa = xe[: s["autoattack_n"]]
     if len(xa) > 0:  # autoattack_n = 0 skips it
         _time_autoattack(model, xa, dev, results)
@@ -321,10 +350,11 @@ def _write(out, dev, tiny, s, steps_per_epoch, results, methods, extra=None) -> 
         "data": "random uint8 CIFAR-sized tensors", **{k: v for k, v in s.items()},
         "steps_per_epoch": steps_per_epoch, "results": results,
         "speedup_vs_reference": {m: round(ref / results[m]["epoch_seconds"], 2)
-                                 for m in methods if m in results},
+                                 for m in (*methods, "pgd_at_eager") if m in results},
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         if dev.type == "cuda" else None,
-        "precision": {"anchor_lib": "bf16 autocast + channels_last on CUDA (fp32 on CPU)",
+        "precision": {"anchor_lib": "bf16 autocast + channels_last on CUDA (fp32 on CPU); "
+                                    "results[*].train_step says whether a CUDA graph ran",
                       "reference": "fp32",
                       "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                       "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32},

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--data", choices=("cifar10", "synthetic"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                   default=None, help="run every step eagerly on CUDA too (graphs are the default "
+                   "there; results are the same, only slower)")
     small = p.add_argument_group("overrides of the profile (tiny runs for tests and tutorials)")
     small.add_argument("--width", type=_positive_int, help="channels of the first ResNet stage")
     small.add_argument("--proj-dim", type=_positive_int, help="dimension of the embedding z")
@@ -125,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                 args.profile, method=args.method, out_dir=str(args.out) if args.out else None,
                 progress=not args.quiet,
                 **_overrides(args, "epochs", "seed", "data", "width", "proj_dim", "batch_size",
-                             "train_subset", "val_size", "attack_steps", "val_attack_steps", "lr"))
+                             "train_subset", "val_size", "attack_steps", "val_attack_steps", "lr",
+                             "cuda_graphs"))
         except (ValueError, TypeError) as err:  # the arguments do not make a valid config
             raise UsageError(str(err)) from err
         history = train(cfg, resume=args.resume)

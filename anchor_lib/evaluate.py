@@ -174,7 +174,8 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         eps: L-inf radius (default 8/255).
 
     Returns:
-        ``{name: {"value": accuracy in [0, 1], "n": number of examples}}`` in the order asked.
+        ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
+        time}}`` in the order asked.
     """
     if not isinstance(attacks, (str, list, tuple)):
         raise TypeError(f"attacks must be a sequence of attack names from {list(ATTACKS)} or one "
@@ -201,10 +202,11 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             value = accuracy(model, xs, ys, batch_size)
         else:
             value = robust_accuracy(model, xs, ys, table[name], batch_size)
-        results[name] = {"value": value, "n": len(xs)}
+        seconds = _synced_seconds(start, x.device)
+        results[name] = {"value": value, "n": len(xs), "seconds": round(seconds, 2)}
         if progress:
-            print(f"[evaluate] {name:>10}: {value:.4f} on {len(xs)} images "
-                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+            print(f"[evaluate] {name:>10}: {value:.4f} on {len(xs)} images ({seconds:.1f} s)",
+                  flush=True)
     return results
 
 
@@ -361,7 +363,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
     Returns:
         ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...}``,
-        each a dict with the measured numbers, ``"passed"`` and ``"detail"``.
+        each a dict with the measured numbers, ``"passed"``, ``"detail"`` and ``"seconds"``
+        (wall time, so that a GPU run's metrics.json shows where evaluation time goes).
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     x, y = _check_data(x, y, batch_size)
@@ -371,11 +374,23 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     if autoattack is None:
         autoattack = robust_accuracy(model, x, y, partial(autoattack_attack, eps=eps, seed=seed),
                                      batch_size)
-    return {
-        "more_steps": check_more_steps(model, x, y, eps, batch_size=batch_size, seed=seed),
-        "eps_sweep": check_eps_sweep(model, x, y, sweep, batch_size=batch_size, seed=seed),
-        "black_box_weaker": check_black_box_weaker(model, x, y, eps, n_queries=n_queries,
-                                                   pgd_acc=pgd20, batch_size=batch_size,
-                                                   seed=seed),
-        "autoattack_gap": check_autoattack_gap(pgd20, autoattack),
+    checks = {
+        "more_steps": lambda: check_more_steps(model, x, y, eps, batch_size=batch_size, seed=seed),
+        "eps_sweep": lambda: check_eps_sweep(model, x, y, sweep, batch_size=batch_size, seed=seed),
+        "black_box_weaker": lambda: check_black_box_weaker(model, x, y, eps, n_queries=n_queries,
+                                                           pgd_acc=pgd20, batch_size=batch_size,
+                                                           seed=seed),
+        "autoattack_gap": lambda: check_autoattack_gap(pgd20, autoattack),
     }
+    out = {}
+    for name, check in checks.items():
+        start = time.perf_counter()
+        out[name] = {**check(), "seconds": round(_synced_seconds(start, x.device), 2)}
+    return out
+
+
+def _synced_seconds(start: float, device: torch.device) -> float:
+    """Seconds since ``start`` once the device's queued work is done (CUDA runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

@@ -88,6 +88,8 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 2) or None,
         "eval_seconds": round(time.perf_counter() - t0, 2),
         "profile": cfg_dict.get("profile"), "config": cfg_dict,
+        # How the training steps ran: "cuda_graph" or "eager" (and why a graph was dropped).
+        "train_step": state.get("train_step"), "train_step_fallback": state.get("train_step_fallback"),
         "validation": state.get("val"), "accuracy": accuracy, "sanity": checks,
     }
 

@@ -17,7 +17,9 @@ anchor      CE(f(x_adv), y) + λ · ANCHOR(z[a1, a2, x_adv]; τ, β)  (DESIGN §
 Speed without cleverness (DESIGN §7, airbench): the data stays on the device as uint8, augmentation
 is tensor ops, attack steps ask autograd for the input gradient only, there is no host sync inside
 an epoch except the progress bar's every ``log_every`` steps, and on CUDA the model runs in bf16
-autocast with channels_last.
+autocast with channels_last and each step's attack, forward and backward are replayed from one
+CUDA graph (``graphs.py``; the step's random draws are made outside it, by
+:func:`draw_step_inputs`).
 
 Determinism: epoch ``e`` seeds every random draw (data order, crops, flips, PGD's random start)
 from ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e - 1`` continues exactly as the
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import attacks, checkpoint, data, distributed, evaluate, losses
+from . import attacks, checkpoint, data, distributed, evaluate, graphs, losses
 from .models import PreActResNet18
 
 METHODS = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
@@ -90,6 +92,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | None = None           # bf16 autocast; None = on for CUDA
     channels_last: bool | None = None  # None = on for CUDA
+    cuda_graphs: bool | None = None    # replay each step from a CUDA graph; None = on for CUDA
     log_every: int = 20
     progress: bool = True
     out_dir: str | None = None
@@ -120,8 +123,8 @@ class TrainConfig:
         if self.train_subset is not None and (isinstance(self.train_subset, bool)
                                               or not isinstance(self.train_subset, int)):
             raise ValueError(f"train_subset must be None or an int, got {self.train_subset!r}")
-        for name in ("adv_in_contrastive", "progress", "amp", "channels_last"):
-            value, optional = getattr(self, name), name in ("amp", "channels_last")
+        for name in ("adv_in_contrastive", "progress", "amp", "channels_last", "cuda_graphs"):
+            value, optional = getattr(self, name), name in ("amp", "channels_last", "cuda_graphs")
             if not isinstance(value, bool) and not (optional and value is None):
                 raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, "
                                  f"got {value!r}")
@@ -239,20 +242,44 @@ def _kl_to_clean(clean_probs: torch.Tensor):
     return loss_fn
 
 
-def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
-                  generator: torch.Generator, amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one step for ``cfg.method`` on a uint8 batch ``x`` (N, 3, H, W).
+def draw_step_inputs(cfg: TrainConfig, x: torch.Tensor,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random draw of one training step, made before the step's arithmetic.
 
-    Returns the scalar loss and a dict of detached per-step diagnostics (device tensors, never
-    synced here): ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
+    Returns float32 tensors shaped like ``x`` (a uint8 batch ``(N, 3, H, W)``): ``a1`` (an
+    augmented view, from ``generator``), for the robust methods ``start`` (PGD's random start
+    around ``a1``, from the global generator) and for ``supcon_at`` / ``anchor`` ``a2`` (a second
+    view). Drawn apart from :func:`step_loss` so that the step itself draws nothing and can be
+    replayed from a CUDA graph; the draws are the ones the step always made, in the same order.
     """
-    a1 = data.augment(x, generator)
+    inputs = {"a1": data.augment(x, generator)}
+    if cfg.method != "standard":
+        inputs["start"] = attacks.random_point(inputs["a1"], cfg.eps)
+    if cfg.method in ("supcon_at", "anchor"):
+        inputs["a2"] = data.augment(x, generator)
+    return inputs
+
+
+def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tensor,
+              a1: torch.Tensor, start: torch.Tensor | None = None,
+              a2: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one step for ``cfg.method`` from the inputs :func:`draw_step_inputs` drew.
+
+    Deterministic given its inputs, free of host syncs and of data-dependent shapes, so that
+    :class:`anchor_lib.graphs.StepGraph` can capture it. Leaves the model in train mode.
+
+    Returns the scalar loss and a dict of detached per-step diagnostics (device tensors):
+    ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
+    """
     attack = partial(attacks.pgd_core, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps,
-                     amp=amp)
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
-    zero = torch.zeros((), device=x.device)
+                     amp=amp, start=start)
+    # No cast cache: a CUDA graph capture needs autocast's cache off.
+    autocast = torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=amp,
+                              cache_enabled=False)
+    zero = torch.zeros((), device=y.device)
 
     if cfg.method == "standard":
+        model.train()
         with autocast:
             logits = model(a1)
         ce = F.cross_entropy(logits.float(), y)
@@ -264,7 +291,7 @@ def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: t
             clean_probs = F.softmax(model(a1).float(), dim=1)
         # The official code starts at x + 0.001·N(0, I) because the KL's gradient vanishes at x;
         # a uniform start in the ball does the same job and keeps one attack core for all methods.
-        x_adv = attack(model, a1, y, random_start=True, loss_fn=_kl_to_clean(clean_probs))
+        x_adv = attack(model, a1, y, loss_fn=_kl_to_clean(clean_probs))
         model.train()
         with autocast:
             logits_clean, logits_adv = model(a1), model(x_adv)
@@ -275,7 +302,7 @@ def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: t
                       "correct": (logits_adv.argmax(1) == y).sum()}
 
     model.train(cfg.attack_bn == "train")
-    x_adv = attack(model, a1, y, random_start=True)
+    x_adv = attack(model, a1, y)
     model.train()
     if cfg.method == "pgd_at":
         with autocast:
@@ -284,7 +311,6 @@ def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: t
         return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
 
     # supcon_at / anchor: one backbone pass over all views, CE on the adversarial view only.
-    a2 = data.augment(x, generator)
     views = torch.cat([a1, a2, x_adv])
     with autocast:
         logits, z = model.forward_all(views)
@@ -297,6 +323,17 @@ def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: t
     loss = ce + cfg.lam * con
     return loss, {"ce": ce.detach(), "con": con.detach(),
                   "correct": (logits[2 * n:].argmax(1) == y).sum()}
+
+
+def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+                  generator: torch.Generator, amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one step for ``cfg.method`` on a uint8 batch ``x`` (N, 3, H, W).
+
+    :func:`draw_step_inputs` then :func:`step_loss`. Returns the scalar loss and a dict of
+    detached per-step diagnostics (device tensors, never synced here): ``ce``, ``con`` and
+    ``correct`` (number of correctly classified training inputs).
+    """
+    return step_loss(model, cfg, amp, y, **draw_step_inputs(cfg, x, generator))
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -372,6 +409,10 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     local_batch = cfg.batch_size // ctx.world
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    use_graph = cfg.cuda_graphs if cfg.cuda_graphs is not None else device.type == "cuda"
+    if use_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}; leave it None to "
+                         "use graphs wherever there is one")
     out = Path(cfg.out_dir) if cfg.out_dir else None
 
     torch.manual_seed(cfg.seed)
@@ -390,6 +431,9 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
 
+    # Forward + backward of every step; on CUDA recorded once and replayed (graphs.py).
+    run_step = graphs.StepGraph(model, partial(step_loss, model, cfg, amp), graph=use_graph,
+                                log=tqdm.write)
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, -1.0
     if out is not None and out.is_dir():
@@ -430,13 +474,14 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                                                          generator=gen)):
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                loss, parts = training_loss(model, cfg, xb, yb, gen, amp)
-                if fail_at == (epoch, step):
+                loss, parts = run_step(y=yb, **draw_step_inputs(cfg, xb, gen))
+                if fail_at == (epoch, step):  # as if this step had blown up, gradients and all
                     loss = loss * float("nan")
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(float("nan"))
                 bad = ~torch.isfinite(loss)
                 first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 distributed.average_gradients(model, ctx)
                 optimizer.step()
                 scheduler.step()
@@ -471,16 +516,17 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
             tqdm.write(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} "
                        f"train acc {row['train_acc']:.3f} val clean {row['val_clean']:.3f} "
                        f"val PGD-{cfg.val_attack_steps} {row['val_pgd']:.3f} "
-                       f"({row['seconds']:.1f} s)")
+                       f"({row['seconds']:.1f} s, {run_step.mode} steps)")
         if out is not None and ctx.main:
             model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            how = {"train_step": run_step.mode, "train_step_fallback": run_step.fallback}
             if is_best:
                 checkpoint.save({"model": model_state, "config": asdict(cfg), "epoch": epoch,
-                                 "val": metrics, "data": run.label}, out / "best.pt")
+                                 "val": metrics, "data": run.label, **how}, out / "best.pt")
             checkpoint.save({"model": model_state, "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
                              "config": asdict(cfg), "epoch": epoch, "history": history,
-                             "best": best, "data": run.label}, out / "checkpoint.pt")
+                             "best": best, "data": run.label, **how}, out / "checkpoint.pt")
             checkpoint.write_text(out / "history.csv", history_csv(history))
         distributed.barrier(ctx)  # nobody resumes from a checkpoint rank 0 is still writing
     return history
@@ -509,7 +555,7 @@ def _write_history_if_changed(path: Path, history: list[dict[str, Any]]) -> None
 
 
 # Fields that may change between a run and its resumption without changing the computation.
-_RESUME_FREE = {"progress", "log_every", "out_dir", "extra"}
+_RESUME_FREE = {"progress", "log_every", "out_dir", "extra", "cuda_graphs"}
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, out: Path | None) -> None:

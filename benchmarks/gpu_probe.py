@@ -4,16 +4,19 @@ The first H100 benchmark (``data/results/bench/``) found the trainer bound by th
 GPU: a PGD-10 step of a width-16 model (1/16 of the arithmetic) took nearly as long as one of a
 width-64 model. This script measures, in one run and on one device:
 
-1. ``pgd_at`` steps through ``anchor_lib.train.training_loss`` (eager, as the trainer runs), and the
-   same step with the attack and the forward/backward captured in one CUDA graph (replayed each
-   step; augmentation, the random start and the optimiser step stay outside), at widths 64 and 16.
-   The graphed loss is compared with the eager loss from the same weights and inputs.
+1. ``pgd_at`` steps as the trainer runs them (``anchor_lib.bench.fast_train_step``), eager and
+   replayed from a CUDA graph (``anchor_lib.graphs``: the attack and the forward/backward in one
+   graph; augmentation, the random start and the optimiser step outside it), at widths 64 and 16.
+   The graph's first replay is compared with the eager step from the same weights and inputs by
+   ``StepGraph`` itself, which falls back to eager (``train_step``) if they differ.
 2. The pieces of the evaluation (each attack, each sanity check) on a small sample, so that the
    full evaluation's wall time can be attributed.
-3. How long an atomic checkpoint save (with fsync) takes on the machine's disk.
+3. Which kernels an eager width-64 step spends its device time in (``torch.profiler``).
+4. How long an atomic checkpoint save (with fsync) takes on the machine's disk.
 
-Usage (device machine): ``python benchmarks/gpu_probe.py OUT.json [best.pt [test.npz]]``. Writes the JSON
-after every stage. On a CPU it runs a tiny version and skips the CUDA graph (for the tests).
+Usage (device machine): ``python benchmarks/gpu_probe.py OUT.json [best.pt [test.npz]]``. Writes
+the JSON after every stage. On a CPU it runs a tiny version, with the graph's rehearsal in place of
+the graph (for the tests).
 """
 
 from __future__ import annotations
@@ -27,11 +30,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from anchor_lib import attacks, checkpoint, data, evaluate, provenance
-from anchor_lib.bench import median_step_seconds, sync
-from anchor_lib.train import TrainConfig, build_model, cudnn_benchmark, load_model, training_loss
+from anchor_lib.bench import fast_train_step, median_step_seconds, sync
+from anchor_lib.train import TrainConfig, build_model, cudnn_benchmark, load_model
 
 
 def _setup(width: int, batch: int, dev: torch.device):
@@ -48,99 +50,48 @@ def _setup(width: int, batch: int, dev: torch.device):
     return cfg, model, opt, x, y
 
 
-def eager_step_seconds(width: int, batch: int, dev: torch.device) -> float:
+def step_seconds(width: int, batch: int, dev: torch.device, graph: bool) -> dict:
+    """Median seconds of one PGD-10 training step as the trainer runs it, eager or graphed."""
     cfg, model, opt, x, y = _setup(width, batch, dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    amp = dev.type == "cuda"
-
-    def step():
-        xb, yb = x[:batch], y[:batch]
-        if amp:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        model.train()
-        loss, _ = training_loss(model, cfg, xb, yb, gen, amp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
+                           graph=graph)
+    modes: list[str] = []
     reps = (5, 5, 3) if dev.type == "cuda" else (2, 2, 1)
-    return median_step_seconds(step, dev, windows=reps[0], window_steps=reps[1],
-                               warmup_steps=reps[2])
+    seconds = median_step_seconds(lambda: modes.append(step()), dev, windows=reps[0],
+                                  window_steps=reps[1], warmup_steps=reps[2])
+    return {"step_seconds": seconds, "train_step": modes[-1]}
 
 
-class GraphedPGDStep:
-    """PGD-10 attack (BatchNorm in eval mode) + training forward/backward in one CUDA graph."""
+def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20) -> dict:
+    """Where an eager PGD-10 step's device time goes: the ``top`` kernels by self time.
 
-    def __init__(self, model, cfg: TrainConfig, batch: int, dev: torch.device) -> None:
-        self.model, self.cfg = model, cfg
-        self.x = torch.zeros(batch, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
-        self.delta0 = torch.zeros_like(self.x)
-        self.y = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.graph = None
+    Eager, because a replayed graph shows as one launch; the kernels are the same ones. On a CPU
+    the operators' self CPU time stands in for kernels (for the tests).
+    """
+    from torch.profiler import ProfilerActivity, profile
 
-    def body(self) -> torch.Tensor:
-        cfg, model = self.cfg, self.model
-        lower, upper = (self.x - cfg.eps).clamp(min=0), (self.x + cfg.eps).clamp(max=1)
-        x_adv = torch.clamp(self.x + self.delta0, min=lower, max=upper)
-        model.eval()
-        for _ in range(cfg.attack_steps):
-            x_adv.requires_grad_(True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                logits = model(x_adv)
-            (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), self.y, reduction="sum"),
-                                          x_adv)
-            x_adv = torch.clamp(x_adv.detach() + cfg.alpha * grad.sign(), min=lower, max=upper)
-        model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            logits = model(x_adv.detach())
-        return F.cross_entropy(logits.float(), self.y)
-
-    def capture(self, opt) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph requires
-                opt.zero_grad(set_to_none=True)
-                self.body().backward()
-        torch.cuda.current_stream().wait_stream(side)
-        opt.zero_grad(set_to_none=True)  # .grad is then allocated (and reused) by the graph
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self.body()
-            self.loss.backward()
-
-    def __call__(self, xb: torch.Tensor, yb: torch.Tensor, delta0: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(xb)
-        self.y.copy_(yb)
-        self.delta0.copy_(delta0)
-        self.graph.replay()
-        return self.loss
-
-
-def graphed_step_seconds(width: int, batch: int, dev: torch.device) -> dict:
     cfg, model, opt, x, y = _setup(width, batch, dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    step = GraphedPGDStep(model, cfg, batch, dev)
-    # Same weights and inputs: eager loss (the graph's body run eagerly) vs one replay.
-    xb = data.augment(x[:batch], gen)
-    d0 = torch.empty_like(xb).uniform_(-cfg.eps, cfg.eps)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    step.x.copy_(xb), step.y.copy_(y[:batch]), step.delta0.copy_(d0)
-    eager_loss = step.body().item()
-    model.load_state_dict(state)
-    t0 = time.perf_counter()
-    step.capture(opt)
-    capture_s = time.perf_counter() - t0
-    model.load_state_dict(state)
-    graph_loss = step(xb, y[:batch], d0).item()
-
-    def one():
-        a1 = data.augment(x[:batch], gen)
-        delta0 = torch.empty_like(a1).uniform_(-cfg.eps, cfg.eps)
-        step(a1, y[:batch], delta0)
-        opt.step()
-    return {"step_seconds": median_step_seconds(one, dev, windows=5, window_steps=5,
-                                                warmup_steps=3), "capture_seconds": round(capture_s, 2),
-            "eager_loss": eager_loss, "graph_loss": graph_loss}
+    step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
+                           graph=False)
+    cuda = dev.type == "cuda"
+    for _ in range(3):  # cuDNN's search and the allocator's first requests, outside the trace
+        step()
+    sync(dev)
+    steps = 3
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) \
+            as prof:
+        for _ in range(steps):
+            step()
+        sync(dev)
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [(e.key, getattr(e, field, 0.0), e.count) for e in prof.key_averages()]
+    events = sorted((e for e in events if e[1] > 0), key=lambda e: e[1], reverse=True)
+    total = sum(e[1] for e in events)
+    return {"steps": steps, "time": "device (kernels)" if cuda else "CPU (operators)",
+            "ms_per_step": round(total / 1000 / steps, 3),
+            "top": [{"name": name[:120], "ms_per_step": round(us / 1000 / steps, 3),
+                     "share": round(us / total, 4), "calls_per_step": n / steps}
+                    for name, us, n in events[:top]]}
 
 
 def eval_pieces(path: str | None, dev: torch.device, n: int, n_aa: int,
@@ -210,9 +161,11 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
     stages = [("checkpoint_save", save_seconds)]
     for width in ((64, 16) if cuda else (4,)):
         b = report["batch_size"]
-        stages.append((f"pgd_at_eager_w{width}", partial(eager_step_seconds, width, b, dev)))
-        if cuda:
-            stages.append((f"pgd_at_graphed_w{width}", partial(graphed_step_seconds, width, b, dev)))
+        for graph in (False, True):  # on a CPU the graphed step is the rehearsal (graphs.py)
+            stages.append((f"pgd_at_{'graphed' if graph else 'eager'}_w{width}",
+                           partial(step_seconds, width, b, dev, graph)))
+    stages.append(("kernels_w64" if cuda else "kernels_w4",
+                   partial(kernel_profile, 64 if cuda else 4, report["batch_size"], dev)))
     stages.append(("eval_pieces", partial(eval_pieces, best, dev, 2000 if cuda else 16,
                                           200 if cuda else 4, test_npz)))
     for name, fn in stages:

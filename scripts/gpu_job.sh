@@ -37,52 +37,65 @@ case "${1:-bench}" in
     ;;
   session)
     set +e  # a failed stage must not cost the stages after it
+    # What the tests change to run this on a CPU in seconds (defaults: the device job).
+    profile=${JOB_PROFILE:-tutorial}; results=${JOB_RESULTS:-data/results}
+    ckpts=${JOB_CHECKPOINTS:-data/checkpoints}; extra=${JOB_ARGS:-}
+    IFS=, read -ra run_groups <<< "${JOB_RUNS:-standard pgd_at anchor,trades supcon_at}"
     log="$OUT/job.log"
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
         "import torch, torchattacks; print('torch', torch.__version__, 'torchattacks', torchattacks.__version__)"
       echo "commit $ANCHOR_COMMIT"; } 2>&1 | tee "$log"
     # Decode the JPEG copy on the CPU while the benchmark (random data) uses the GPU.
-    python3 -c "from anchor_lib import data; d = data.load_cifar10(download=False); print(d.label)" \
-      >>"$log" 2>&1 &
-    decode=$!
+    decode=
+    if [ "${JOB_DECODE:-1}" = 1 ]; then
+      python3 -c "from anchor_lib import data; d = data.load_cifar10(download=False); print(d.label)" \
+        >>"$log" 2>&1 &
+      decode=$!
+    fi
     SECONDS=0
     stages=" ${STAGES:-bench tutorial} "
     if [[ $stages == *" bench "* ]]; then
-      timeout "${BENCH_S:-240}" python3 -m anchor_lib bench --out "$OUT/bench.json" >>"$log" 2>&1
+      timeout "${BENCH_S:-270}" python3 -m anchor_lib bench --out "$OUT/bench.json" >>"$log" 2>&1
       echo "== bench: rc $? after ${SECONDS}s" | tee -a "$log"
     fi
     if [[ $stages == *" probe "* ]]; then
       timeout "${PROBE_S:-150}" python3 benchmarks/gpu_probe.py "$OUT/probe.json" >>"$log" 2>&1
       echo "== probe: rc $? after ${SECONDS}s" | tee -a "$log"
     fi
-    wait "$decode"; echo "== decode: rc $? at ${SECONDS}s" | tee -a "$log"
+    if [ -n "$decode" ]; then wait "$decode"; echo "== decode: rc $? at ${SECONDS}s" | tee -a "$log"; fi
+    exportable=(standard pgd_at anchor)  # the methods whose weights the chapters load
     if [[ $stages == *" tutorial "* ]]; then
       # A committed run whose weights did not come back cannot be exported: train it again.
-      for m in standard pgd_at anchor; do
-        d=data/results/tutorial-$m
+      for m in "${exportable[@]}"; do
+        d=$results/$profile-$m
         if [ -f "$d/metrics.json" ] && [ ! -f "$d/best.pt" ]; then rm -rf "$d"; fi
       done
-      for methods in "standard pgd_at anchor" "trades supcon_at"; do
+      for methods in "${run_groups[@]}"; do
         left=$(( ${BUDGET_S:-540} - SECONDS ))
         [ "$left" -gt 60 ] || break
-        timeout "$left" python3 -m anchor_lib reproduce --profile tutorial --out data/results \
-          --methods $methods >>"$log" 2>&1
-        echo "== tutorial $methods: rc $? at ${SECONDS}s" | tee -a "$log"
+        # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
+        timeout "$left" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
+          --methods $methods $extra >>"$log" 2>&1
+        echo "== $profile $methods: rc $? at ${SECONDS}s" | tee -a "$log"
       done
-      # Export every finished one of the three (a timeout may have cut the rest short).
-      done_runs=$(for m in standard pgd_at anchor; do
-        [ -f "data/results/tutorial-$m/metrics.json" ] && printf "'%s'," "$m"; done)
-      [ -n "$done_runs" ] && python3 -c "from anchor_lib import reproduce as r; \
-r.export_tutorial_checkpoints(methods=($done_runs))" >>"$log" 2>&1
+      # Export every finished one of them (a timeout may have cut the rest short).
+      done_runs=$(for m in "${exportable[@]}"; do
+        [ -f "$results/$profile-$m/metrics.json" ] && printf "'%s'," "$m"; done)
+      if [ -n "$done_runs" ]; then
+        python3 -c "from anchor_lib import reproduce as r; r.export_tutorial_checkpoints(\
+'$results', '$ckpts', methods=($done_runs), profile='$profile')" >>"$log" 2>&1
+        echo "== export: rc $? at ${SECONDS}s" | tee -a "$log"
+      fi
     fi
-    mkdir -p data/checkpoints
+    mkdir -p "$results" "$ckpts"
     # Small artifacts, and the resume checkpoints of runs a timeout cut short (width 16: ~6 MB).
-    tar -czf "$OUT/results.tgz" --exclude="checkpoint.pt*" --exclude="best.pt*" data/results \
-      data/checkpoints
-    unfinished=$(for d in data/results/tutorial-*; do
+    tar -czf "$OUT/results.tgz" --exclude="checkpoint.pt*" --exclude="best.pt*" "$results" "$ckpts"
+    unfinished=$(for d in "$results/$profile"-*; do
       [ -f "$d/checkpoint.pt" ] && [ ! -f "$d/metrics.json" ] && echo "$d"; done)
+    # shellcheck disable=SC2086
     [ -n "$unfinished" ] && tar -czf "$OUT/resume.tgz" $unfinished
     grep -E "^==|wrote|Error|error" "$log" | tail -40
+    exit 0
     ;;
   *) echo "usage: $0 session|bench|reproduce" >&2; exit 2 ;;
 esac

@@ -21,6 +21,9 @@ def test_tiny_benchmark_writes_design_json(tmp_path):
     results = report["results"]
     for name in ("reference_pgd_at", "standard", "pgd_at", "anchor"):
         assert results[name]["epoch_seconds"] > 0 and results[name]["images_per_second"] > 0
+    # The CPU has no CUDA graph, and only a GPU run adds the eager comparison.
+    assert {results[m]["train_step"] for m in ("standard", "pgd_at", "anchor")} == {"eager"}
+    assert "pgd_at_eager" not in results
     assert results["eval_pgd20_10k"]["seconds"] > 0 and "autoattack_1k" not in results
     # Standard training does no attack, so it must be faster than PGD-AT in the same run.
     assert results["standard"]["epoch_seconds"] < results["pgd_at"]["epoch_seconds"]
@@ -74,6 +77,12 @@ def test_gpu_probe_runs_its_cpu_version(tmp_path, monkeypatch):
     probe.main(str(tmp_path / "probe.json"))
     report = json.loads((tmp_path / "probe.json").read_text())
     assert not [k for k, v in report.items() if isinstance(v, dict) and "error" in v], report
-    assert report["pgd_at_eager_w4"] > 0 and len(report["checkpoint_save"]["seconds"]) == 3
+    assert report["pgd_at_eager_w4"]["step_seconds"] > 0
+    assert report["pgd_at_eager_w4"]["train_step"] == "eager"
+    assert report["pgd_at_graphed_w4"]["train_step"] == "rehearsal"
+    assert len(report["checkpoint_save"]["seconds"]) == 3
+    kernels = report["kernels_w4"]
+    assert kernels["ms_per_step"] > 0 and 0 < len(kernels["top"]) <= 20
+    assert sum(k["share"] for k in kernels["top"]) <= 1.0 + 1e-6
     pieces = report["eval_pieces"]
     assert all(pieces[k]["seconds"] > 0 for k in ("clean", "pgd20", "autoattack"))

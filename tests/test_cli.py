@@ -130,7 +130,8 @@ def test_help_lists_the_tiny_run_options(capsys):
     code, out, _ = run_cli("train", "--help", capsys=capsys)
     assert code == 0
     for option in ("--width", "--proj-dim", "--batch-size", "--train-subset", "--val-size",
-                   "--attack-steps", "--val-attack-steps", "--lr", "--resume", "--debug"):
+                   "--attack-steps", "--val-attack-steps", "--lr", "--resume", "--debug",
+                   "--no-cuda-graphs"):
         assert option in out
 
 

@@ -191,7 +191,7 @@ def test_evaluate_suite_structure_and_order(trained, fast_autoattack):
     result = evaluate_suite(model, x, y, n=120, autoattack_n=16, batch_size=50, eps=EPS)
     assert list(result) == list(ATTACKS)
     for name, entry in result.items():
-        assert set(entry) == {"value", "n"}
+        assert set(entry) == {"value", "n", "seconds"}
         assert isinstance(entry["value"], float) and 0.0 <= entry["value"] <= 1.0
         assert entry["n"] == (16 if name == "autoattack" else 120)
     acc = {name: entry["value"] for name, entry in result.items()}
@@ -279,6 +279,7 @@ def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
     result = sanity_checks(model, x, y, eps=EPS, n_queries=50)
     assert torch.equal(torch.random.get_rng_state(), rng), "sanity checks moved the caller's RNG"
     assert set(result) == {"more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap"}
+    assert all(r["seconds"] >= 0 for r in result.values())  # where a GPU run's time goes
     for name, check in result.items():
         assert check["passed"] is True, (name, check)
         assert isinstance(check["detail"], str)

@@ -48,10 +48,11 @@ def check_artifacts(run_dir, method: str) -> dict:
     assert metrics["method"] == method and metrics["data"] == "synthetic"
     assert metrics["seed"] == 0 and metrics["epochs"] == 1 and metrics["commit"] == "0" * 40
     assert metrics["train_seconds"] > 0
+    assert metrics["train_step"] == "eager" and metrics["train_step_fallback"] is None  # CPU
     assert set(metrics["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert list(metrics["accuracy"]) == list(ATTACKS)
     for entry in metrics["accuracy"].values():
-        assert set(entry) == {"value", "n"} and 0.0 <= entry["value"] <= 1.0 and entry["n"] == 48
+        assert set(entry) == {"value", "n", "seconds"} and 0.0 <= entry["value"] <= 1.0 and entry["n"] == 48
     assert metrics["accuracy"]["pgd20"]["value"] <= metrics["accuracy"]["clean"]["value"]
     assert isinstance(metrics["sanity"], dict)
     with open(run_dir / "history.csv", newline="") as f:

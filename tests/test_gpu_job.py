@@ -1,0 +1,60 @@
+"""scripts/gpu_job.sh: the device session's plumbing, run on the CPU.
+
+Device time comes in rare ten-minute slots, and a slip in the job script would cost one. This runs
+the session's tutorial stage on runs prepared here in seconds (training and evaluation themselves
+are tested in test_reproduce.py): finished runs are skipped and exported, a committed run whose
+weights are missing is removed so that it is trained again, and the small artifacts and the
+unfinished runs' resume files are packed for the trip back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from anchor_lib import reproduce as rep
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_job.sh"
+TINY = dict(data="synthetic", width=4, proj_dim=16, epochs=1, batch_size=64, train_subset=256,
+            val_size=64, attack_steps=2, val_attack_steps=2, progress=False, device="cpu")
+
+
+def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch):
+    monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
+                        {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
+    results = tmp_path / "data" / "results"
+    rep.reproduce("smoke", ("standard", "anchor"), results, attacks=("clean", "pgd20"),
+                  log=lambda _: None, **TINY)
+    (results / "smoke-anchor" / "best.pt").unlink()  # committed without its weights
+    unfinished = results / "smoke-pgd_at"
+    unfinished.mkdir()
+    shutil.copy(results / "smoke-standard" / "checkpoint.pt", unfinished / "checkpoint.pt")
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
+           "JOB_RUNS": "standard", "JOB_DECODE": "0", "OMP_NUM_THREADS": "1",
+           # the script runs `python3`: make it this interpreter, as it is on the device machine
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = (out / "job.log").read_text()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== smoke standard: rc 0" in log and "== export: rc 0" in log, log[-3000:]
+    assert "smoke-standard: skipped (finished)" in log
+    assert not (results / "smoke-anchor").exists()  # to be trained again, weights and all
+
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert "data/results/smoke-standard/metrics.json" in names
+    assert {"data/checkpoints/standard-w4.pt", "data/checkpoints/manifest.json"} <= names
+    assert not [n for n in names if n.endswith(("checkpoint.pt", "best.pt"))], names
+    with tarfile.open(out / "resume.tgz") as tar:
+        assert tar.getnames() == ["data/results/smoke-pgd_at",
+                                  "data/results/smoke-pgd_at/checkpoint.pt"]
+    manifest = json.loads((tmp_path / "data/checkpoints/manifest.json").read_text())
+    assert [e["method"] for e in manifest["checkpoints"]] == ["standard"]
