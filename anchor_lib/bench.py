@@ -72,8 +72,13 @@ def median_step_seconds(step: Callable[[], None], device: torch.device, *, windo
 # --- the reference loop -------------------------------------------------------------------------
 
 
-class _ReferenceDataset(torch.utils.data.Dataset):
-    """CIFAR-style dataset: HWC uint8 arrays -> PIL -> torchvision transforms (as most code does)."""
+class ReferenceDataset(torch.utils.data.Dataset):
+    """The reference input pipeline, as most public code writes it: each image through PIL.
+
+    ``x``: uint8 ``(N, H, W, 3)``; ``y``: integer ``(N,)``. Item ``i`` is a random crop (4-pixel
+    reflect padding) and horizontal flip of image ``i`` as a float ``(3, H, W)`` tensor in [0, 1],
+    and its label.
+    """
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         import torchvision.transforms as T
@@ -108,7 +113,7 @@ def reference_loader(x_hwc: np.ndarray, y: np.ndarray, batch_size: int, workers:
                      seed: int = 0) -> torch.utils.data.DataLoader:
     """The reference input pipeline over HWC uint8 images."""
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(_ReferenceDataset(x_hwc, y), batch_size=batch_size,
+    return torch.utils.data.DataLoader(ReferenceDataset(x_hwc, y), batch_size=batch_size,
                                        shuffle=True, drop_last=True, num_workers=workers,
                                        pin_memory=torch.cuda.is_available(), generator=g,
                                        persistent_workers=workers > 0)
