@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attacks, checkpoint, data, graphs, provenance
+from .evaluate import sync
 from .train import TrainConfig, build_model, cudnn_benchmark, draw_step_inputs, step_loss
 
 FULL = {"n_images": 50_000, "batch_size": 512, "width": 64, "windows": 5, "window_steps": 10,
@@ -40,12 +41,6 @@ FULL = {"n_images": 50_000, "batch_size": 512, "width": 64, "windows": 5, "windo
 TINY = {"n_images": 2_048, "batch_size": 64, "width": 8, "windows": 3, "window_steps": 2,
         "warmup_steps": 1, "eval_n": 256, "autoattack_n": 8, "workers": 0,
         "answers_steps": 0, "answers_width": 8}
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU), so host clocks time it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_step_seconds(step: Callable[[], None], device: torch.device, *, windows: int,

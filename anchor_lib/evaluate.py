@@ -72,6 +72,12 @@ def _predict(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tens
     return logits.argmax(dim=1)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so host clocks time it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
@@ -202,7 +208,8 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             value = accuracy(model, xs, ys, batch_size)
         else:
             value = robust_accuracy(model, xs, ys, table[name], batch_size)
-        seconds = _synced_seconds(start, x.device)
+        sync(x.device)
+        seconds = time.perf_counter() - start
         results[name] = {"value": value, "n": len(xs), "seconds": round(seconds, 2)}
         if progress:
             print(f"[evaluate] {name:>10}: {value:.4f} on {len(xs)} images ({seconds:.1f} s)",
@@ -385,12 +392,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     out = {}
     for name, check in checks.items():
         start = time.perf_counter()
-        out[name] = {**check(), "seconds": round(_synced_seconds(start, x.device), 2)}
+        result = check()
+        sync(x.device)
+        out[name] = {**result, "seconds": round(time.perf_counter() - start, 2)}
     return out
 
-
-def _synced_seconds(start: float, device: torch.device) -> float:
-    """Seconds since ``start`` once the device's queued work is done (CUDA runs ahead)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start

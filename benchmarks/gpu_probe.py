@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from anchor_lib import attacks, checkpoint, data, evaluate, provenance
-from anchor_lib.bench import fast_train_step, median_step_seconds, sync
+from anchor_lib.bench import fast_train_step, median_step_seconds
+from anchor_lib.evaluate import sync
 from anchor_lib.train import TrainConfig, build_model, cudnn_benchmark, load_model
 
 
