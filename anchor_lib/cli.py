@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoattack-n", type=_positive_int, default=1000)
     p.add_argument("--sanity", action="store_true",
                    help="also run the DESIGN §4 sanity checks (on the AutoAttack images)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="images per attack call (default: 1000 on a GPU, 500 on a CPU)")
     p.add_argument("--out", type=Path, help="write metrics.json here (default: print)")
 
     p = add("embed", help="embeddings of clean / augmented / adversarial views")
@@ -142,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         from .reproduce import evaluate_checkpoint
 
         metrics = evaluate_checkpoint(args.checkpoint, attacks=args.attacks, n=args.n,
-                                      autoattack_n=args.autoattack_n, sanity=args.sanity)
+                                      autoattack_n=args.autoattack_n, sanity=args.sanity,
+                                      batch_size=args.batch_size)
         if args.out:
             checkpoint.write_json(args.out, metrics)
             print(f"wrote {args.out}")

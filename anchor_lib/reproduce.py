@@ -44,8 +44,8 @@ TUTORIAL_MAX_BYTES = 2 * 2**20
 
 def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = None,
                         n: int | None = None, autoattack_n: int = 1000, sanity: bool = False,
-                        dataset: data.CIFAR10 | None = None,
-                        device: str = "auto") -> dict[str, Any]:
+                        dataset: data.CIFAR10 | None = None, device: str = "auto",
+                        batch_size: int | None = None) -> dict[str, Any]:
     """Evaluate a verified checkpoint on the test set; return a DESIGN §6 ``metrics.json`` dict.
 
     Args:
@@ -55,19 +55,25 @@ def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = N
         autoattack_n: AutoAttack on the first this-many images.
         sanity: run the §4 sanity checks, on the AutoAttack images so that the PGD-20 /
             AutoAttack gap compares the same examples.
+        batch_size: images per attack call (default ``evaluate.default_batch_size``: 1,000 on
+            a GPU, 500 on a CPU). It changes the speed, and which random start each image
+            gets, not the protocol.
     """
     dev = resolve_device(device)
     model, state = load_model(path, dev)
     return evaluate_model(model, state, attacks=attacks, n=n, autoattack_n=autoattack_n,
-                          sanity=sanity, dataset=dataset)
+                          sanity=sanity, dataset=dataset, batch_size=batch_size)
 
 
 def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
                    attacks: tuple[str, ...] | None = None, n: int | None = None,
                    autoattack_n: int = 1000, sanity: bool = False,
-                   dataset: data.CIFAR10 | None = None) -> dict[str, Any]:
+                   dataset: data.CIFAR10 | None = None,
+                   batch_size: int | None = None) -> dict[str, Any]:
     """:func:`evaluate_checkpoint` for a model already loaded (with its checkpoint ``state``)."""
     dev = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = evaluate.default_batch_size(dev)
     cfg_dict = state["config"]
     if dataset is None:
         dataset = dataset_for(config_from_dict(cfg_dict))
@@ -75,10 +81,12 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     y = (dataset.y_test[:n] if n else dataset.y_test).to(dev)
     t0 = time.perf_counter()
     names = tuple(attacks) if attacks else evaluate.ATTACKS
-    accuracy = evaluate.evaluate_suite(model, x, y, attacks=names, autoattack_n=autoattack_n)
+    accuracy = evaluate.evaluate_suite(model, x, y, attacks=names, autoattack_n=autoattack_n,
+                                       batch_size=batch_size)
     k = min(autoattack_n, len(y))
     checks = (evaluate.sanity_checks(model, x[:k], y[:k],
-                                     autoattack=accuracy.get("autoattack", {}).get("value"))
+                                     autoattack=accuracy.get("autoattack", {}).get("value"),
+                                     batch_size=batch_size)
               if sanity else {})
     history = state.get("history") or []
     return {
@@ -86,7 +94,7 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
         "seed": cfg_dict.get("seed"), "epochs": cfg_dict.get("epochs"),
         "selected_epoch": int(state.get("epoch", -1)) + 1,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 2) or None,
-        "eval_seconds": round(time.perf_counter() - t0, 2),
+        "eval_seconds": round(time.perf_counter() - t0, 2), "eval_batch_size": batch_size,
         "profile": cfg_dict.get("profile"), "config": cfg_dict,
         # How the training steps ran: "cuda_graph" or "eager" (and why a graph was dropped).
         "train_step": state.get("train_step"), "train_step_fallback": state.get("train_step_fallback"),

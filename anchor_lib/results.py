@@ -35,7 +35,7 @@ METHOD_LABELS = {"standard": "Standard", "pgd_at": "PGD-AT", "trades": "TRADES",
 METHOD_ORDER = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
 REQUIRED = ("method", "data", "hardware", "commit", "seed", "epochs", "config", "accuracy")
 PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed", "epochs",
-              "selected_epoch", "train_seconds", "eval_seconds")
+              "selected_epoch", "train_seconds", "eval_seconds", "eval_batch_size")
 
 _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
@@ -239,7 +239,8 @@ def format_results_table(df, attacks: Sequence[str] = ATTACKS):
 
 def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):
     """Where each run's numbers come from: data copy, hardware, torch, commit, seed, epochs,
-    selected epoch, train / eval seconds, profile and whether the file matched its sha256."""
+    selected epoch, train / eval seconds, evaluation batch size (None in runs older than the
+    field), profile and whether the file matched its sha256."""
     import pandas as pd
 
     items = list(runs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from anchor_lib import data
+from anchor_lib import attacks, data
 from anchor_lib.bench import run_benchmark, same_answers
 from anchor_lib.train import TrainConfig
 
@@ -86,3 +86,39 @@ def test_gpu_probe_runs_its_cpu_version(tmp_path, monkeypatch):
     assert sum(k["share"] for k in kernels["top"]) <= 1.0 + 1e-6
     pieces = report["eval_pieces"]
     assert all(pieces[k]["seconds"] > 0 for k in ("clean", "pgd20", "autoattack"))
+
+
+def test_autoattack_calls_counts_the_protocol_by_stage(tmp_path, monkeypatch):
+    """benchmarks/autoattack_calls.py: a robust image costs AutoAttack its whole budget in every
+    stage, a fragile one only APGD-CE's; halving the batch doubles every fixed-budget count."""
+    import importlib.util
+    from pathlib import Path
+
+    import torchattacks
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "autoattack_calls.py"
+    spec = importlib.util.spec_from_file_location("autoattack_calls", path)
+    counter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counter)
+    monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 3)   # the reference budget takes a
+    monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 20)  # minute; the counting is tested
+    forward = torchattacks.APGD.forward
+    report = counter.measure(n=4)
+    assert torchattacks.APGD.forward is forward  # the stage labels are removed afterwards
+    robust, fragile = report["results"]["unbreakable"], report["results"]["fragile"]
+    for kind in (robust, fragile):
+        one, two = kind["batches_of_4"], kind["batches_of_2"]
+        assert one["clean"]["accuracy"] == 1.0  # every image starts correctly classified
+        assert one["pgd20"]["calls"] == 20 + 3  # 20 steps, the clean and final predictions, ...
+        assert all(two[a]["calls"] == 2 * one[a]["calls"] for a in one if a != "autoattack"
+                   and a != "sanity_black_box_weaker")  # ... per batch
+    stages = robust["batches_of_4"]["autoattack"]["by_stage"]
+    assert robust["batches_of_4"]["autoattack"]["accuracy"] == 1.0
+    assert stages["Square"] >= 20 and stages["APGD-T"] >= 9 * 3 and stages["FAB-T"] >= 9 * 3
+    assert robust["batches_of_2"]["autoattack"]["calls"] == 2 * robust["batches_of_4"][
+        "autoattack"]["calls"]
+    assert fragile["batches_of_4"]["pgd20"]["accuracy"] == 0.0
+    broken = fragile["batches_of_4"]["autoattack"]
+    assert broken["accuracy"] == 0.0 and broken["by_stage"]["APGD-T"] == 0
+    assert broken["calls"] < stages["APGD-CE"] + stages["APGD-T"]
+    assert report["autoattack_budget"] == {"iterations": 3, "square_queries": 20}

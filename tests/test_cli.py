@@ -110,6 +110,7 @@ USAGE_ERRORS = {
     "unknown_attack": ["evaluate", "--checkpoint", "x.pt", "--attacks", "clean,pgd100"],
     "empty_attack_list": ["evaluate", "--checkpoint", "x.pt", "--attacks", ","],
     "n_zero": ["evaluate", "--checkpoint", "x.pt", "--n", "0"],
+    "eval_batch_size_zero": ["evaluate", "--checkpoint", "x.pt", "--batch-size", "0"],
     "evaluate_without_checkpoint": ["evaluate"],
     "embed_without_out": ["embed", "--checkpoint", "x.pt"],
     "unknown_reproduce_method": ["reproduce", "--methods", "magic"],
@@ -233,6 +234,30 @@ def test_interrupted_evaluate_leaves_no_metrics_then_reruns(tiny_checkpoint, tmp
     metrics = json.loads(out.read_text())
     assert list(metrics["accuracy"]) == ["clean", "pgd20"]
     assert metrics["accuracy"]["pgd20"]["n"] == 16
+
+
+def test_evaluate_batch_size_is_used_and_recorded(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from anchor_lib import evaluate
+
+    seen = []
+    real = evaluate.robust_accuracy
+
+    def spy(model, x, y, attack, batch_size=500):
+        seen.append(batch_size)
+        return real(model, x, y, attack, batch_size)
+
+    monkeypatch.setattr(evaluate, "robust_accuracy", spy)
+    values = {}
+    for flag in ([], ["--batch-size", "8"]):
+        out = tmp_path / f"metrics{len(flag)}.json"
+        code, _, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--attacks", "clean,fgsm",
+                               "--n", "16", "--out", out, *flag, capsys=capsys)
+        assert code == 0, err
+        metrics = json.loads(out.read_text())
+        values[metrics["eval_batch_size"]] = metrics["accuracy"]["clean"]["value"]
+    assert seen == [evaluate.CPU_BATCH_SIZE, 8]  # the CPU default, then the flag
+    assert set(values) == {evaluate.CPU_BATCH_SIZE, 8}
+    assert len(set(values.values())) == 1  # clean accuracy does not depend on the batching
 
 
 @pytest.mark.fault

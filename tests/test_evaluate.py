@@ -294,3 +294,35 @@ def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
 def test_module_exports():
     for name in evaluate.__all__:
         assert hasattr(evaluate, name)
+
+
+def test_default_batch_size_is_one_autoattack_subset_on_a_gpu():
+    assert evaluate.default_batch_size("cpu") == evaluate.CPU_BATCH_SIZE == 500
+    assert evaluate.default_batch_size(torch.device("cuda")) == evaluate.GPU_BATCH_SIZE == 1000
+    assert evaluate.default_batch_size("cuda:1") == 1000
+
+
+def test_autoattack_calls_per_batch_do_not_depend_on_its_size(fast_autoattack):
+    """Why the GPU evaluates in one batch of 1,000: a point AutoAttack cannot break costs a fixed
+    number of model calls per batch, so two batches cost twice one batch of the same images."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    with torch.no_grad():  # small weights, a margin of 1 for class 0: no eps-8/255 attack flips it
+        model[1].weight.mul_(0.05)
+        model[1].bias.zero_()
+        model[1].bias[0] = 1.0
+    x = torch.rand(16, 3, 8, 8)
+    y = torch.zeros(16, dtype=torch.long)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+
+    def count(batch_size: int) -> tuple[int, float]:
+        calls.clear()
+        r = evaluate_suite(model, x, y, attacks=["autoattack"], batch_size=batch_size, eps=EPS)
+        return len(calls), r["autoattack"]["value"]
+
+    (one, acc_one), (two, acc_two) = count(16), count(8)
+    assert acc_one == acc_two == 1.0  # every point survives every sub-attack: the full budget
+    assert two == 2 * one
+    # APGD-CE, APGD-T (9 targets) and FAB-T (9 targets) at 3 iterations, Square at 20 queries.
+    assert one > 9 * 3 + 20

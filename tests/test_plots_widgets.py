@@ -193,7 +193,7 @@ def test_load_results_and_tables(results_root):
     assert shown.loc["full-anchor", "method"] == "ANCHOR"
     prov = results.provenance_table(runs)
     assert set(prov.columns) >= {"data", "hardware", "commit", "seed", "epochs", "train_seconds",
-                                 "sha256"}
+                                 "eval_batch_size", "sha256"}
     assert (prov["sha256"] == "verified").all()
     sanity = results.sanity_table(runs)
     assert not sanity.loc["full-standard", "eps_sweep"] and sanity.loc["full-anchor", "eps_sweep"]
