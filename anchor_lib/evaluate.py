@@ -47,10 +47,11 @@ ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 
 #: Images per attack call: one batch of 1,000 on a GPU (the protocol's whole AutoAttack subset),
 #: 500 on a CPU. A robust image costs AutoAttack about 7,900 model calls per batch, however big the
-#: batch (APGD-CE 100, APGD-T 9 x 100, FAB-T about 1,800, Square up to 5,000 queries), and a
+#: batch (APGD-CE 100, APGD-T 9 x 100, FAB-T about 1,800, Square up to 5,000 queries; counted by
+#: benchmarks/autoattack_calls.py into data/results/cpu-checks/autoattack_calls.json), and a
 #: narrow model on a GPU spends those calls waiting on the host: fewer, bigger batches do the same
-#: arithmetic in fewer calls. The CPU keeps 500 for memory: the backward pass of a width-64 model
-#: keeps about 9 MB of fp32 activations per image, 9 GB for a batch of 1,000.
+#: arithmetic in fewer calls. A CPU is bound by arithmetic, not calls, so it keeps the smaller
+#: batch and its smaller memory (a width-64 backward pass holds megabytes of activations per image).
 GPU_BATCH_SIZE, CPU_BATCH_SIZE = 1000, 500
 
 #: ``attack(model, x, y) -> x_adv``, e.g. ``partial(pgd, eps=8/255, alpha=2/255, steps=20)``.
