@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n", type=_positive_int, default=1000)
+    p.add_argument("--space", choices=("features", "projection"), default="features",
+                   help="backbone features (every method trains them; the default) or the "
+                        "contrastive projection z (trained only by supcon_at and anchor)")
 
     p = add("reproduce", help="train and evaluate every method; skips finished runs")
     p.add_argument("--profile", choices=PROFILES, default="full")
@@ -159,10 +162,11 @@ def run(args: argparse.Namespace) -> int:
 
         model, state = load_model(args.checkpoint)
         dataset = dataset_for(config_from_dict(state["config"]))
-        emb = embeddings.embed_views(model, dataset.x_test[: args.n], dataset.y_test[: args.n])
+        emb = embeddings.embed_views(model, dataset.x_test[: args.n], dataset.y_test[: args.n],
+                                     space=args.space)
         embeddings.save_embeddings(args.out, emb, {"checkpoint": str(args.checkpoint),
                                                    "data": dataset.label, "n": args.n,
-                                                   **provenance.describe()})
+                                                   "space": args.space, **provenance.describe()})
         print(f"wrote {args.out}")
         return 0
 

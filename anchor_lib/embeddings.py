@@ -4,8 +4,8 @@ The question chapter 7 asks: where does a model put an image, a random crop-and-
 a PGD adversarial version of it? A model whose adversarial views stay inside their own class's
 cluster is robust *in representation*, not only at the classifier's output.
 
-- :func:`embed_views` computes, for a fixed sample of images, the L2-normalised projection ``z``
-  (``model.project``; or the backbone features) of three views per image.
+- :func:`embed_views` computes, for a fixed sample of images, the L2-normalised backbone features
+  (or the contrastive projection ``z``) of three views per image.
 - :func:`save_embeddings` / :func:`load_embeddings` write and read DESIGN §6 ``embeddings.npz``
   (float16, with a sha256 sidecar, refused when damaged).
 - :func:`cluster_metrics` summarises the geometry in a few numbers (silhouette, clean-adversarial
@@ -34,7 +34,11 @@ from . import attacks, checkpoint, data
 from .checks import check_images, check_labels, check_number
 
 VIEWS = ("clean", "aug", "adv")
-SPACES = ("projection", "features")
+#: ``features``: the pooled backbone features the classifier reads, trained by every method, so the
+#: space in which models trained differently can be compared. ``projection``: the head's ``z``,
+#: trained only by the contrastive term; a standard, PGD-AT or TRADES model never trains its head,
+#: which keeps its random initial weights, so its ``z`` is a random map of the features.
+SPACES = ("features", "projection")
 FORMAT = "anchor_lib.embeddings/1"
 
 __all__ = ["FORMAT", "SPACES", "VIEWS", "balanced_indices", "cluster_metrics", "embed_views",
@@ -85,7 +89,7 @@ def _embed(model: nn.Module, x: torch.Tensor, space: str) -> tuple[torch.Tensor,
 
 def embed_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255,
                 alpha: float = 2 / 255, steps: int = 10, seed: int = 0, batch_size: int = 500,
-                space: str = "projection") -> dict[str, np.ndarray]:
+                space: str = "features") -> dict[str, np.ndarray]:
     """Embed a clean, an augmented and a PGD-adversarial view of every image.
 
     Args:
@@ -100,8 +104,9 @@ def embed_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
             depend on ``batch_size``; PGD's random start is drawn per batch). The caller's
             global RNG streams are left as they were.
         batch_size: images per forward / attack batch.
-        space: ``"projection"`` (the contrastive ``z`` from ``model.project``) or ``"features"``
-            (pooled backbone features, L2-normalised).
+        space: ``"features"`` (pooled backbone features, L2-normalised: comparable across
+            methods) or ``"projection"`` (the contrastive ``z`` from ``model.project``: trained
+            only by ``supcon_at`` and ``anchor``; see ``SPACES``).
 
     Returns:
         dict of numpy arrays: ``clean``, ``aug``, ``adv`` float32 ``(N, d)`` with unit rows;
@@ -259,7 +264,8 @@ def _silhouette(points: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def _knn_agreement(queries: np.ndarray, refs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of query i whose k nearest refs (cosine, ref i excluded) vote labels[i]."""
+    """Fraction of queries i whose k nearest refs (cosine, ref i excluded) elect labels[i] by
+    majority vote (a win by 3 of 5 votes counts as fully as 5 of 5)."""
     n = len(labels)
     k = min(k, n - 1)
     sims = queries @ refs.T
@@ -295,7 +301,8 @@ def cluster_metrics(emb: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
           ``class_cos_gap`` = intra - inter.
         - ``knn_clean``: leave-one-out kNN accuracy of clean embeddings among clean ones;
           ``knn_adv_agreement``: fraction of adversarial embeddings whose ``k`` nearest clean
-          embeddings (its own clean image excluded) vote its true class. Both in [0, 1].
+          embeddings (its own clean image excluded) elect its true class by majority vote (ties
+          go to the class of the more similar neighbours). Both in [0, 1].
         - ``acc_clean``, ``acc_adv``: the classifier's accuracy on this sample (if predictions
           are present), ``n``, ``dim``, ``k``.
     """

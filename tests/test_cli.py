@@ -113,6 +113,7 @@ USAGE_ERRORS = {
     "eval_batch_size_zero": ["evaluate", "--checkpoint", "x.pt", "--batch-size", "0"],
     "evaluate_without_checkpoint": ["evaluate"],
     "embed_without_out": ["embed", "--checkpoint", "x.pt"],
+    "embed_unknown_space": ["embed", "--checkpoint", "x.pt", "--out", "e.npz", "--space", "pixels"],
     "unknown_reproduce_method": ["reproduce", "--methods", "magic"],
     "debug_after_unknown_option": ["train", "--method", "pgd_at", "--debgu"],
 }
@@ -258,6 +259,22 @@ def test_evaluate_batch_size_is_used_and_recorded(tiny_checkpoint, tmp_path, cap
     assert seen == [evaluate.CPU_BATCH_SIZE, 8]  # the CPU default, then the flag
     assert set(values) == {evaluate.CPU_BATCH_SIZE, 8}
     assert len(set(values.values())) == 1  # clean accuracy does not depend on the batching
+
+
+def test_embed_writes_the_space_it_was_asked_for(tiny_checkpoint, tmp_path, capsys):
+    from anchor_lib import embeddings
+
+    dims = {}
+    for space in ("features", "projection"):
+        out = tmp_path / f"{space}.npz"
+        code, _, err = run_cli("embed", "--checkpoint", tiny_checkpoint, "--out", out, "--n", "8",
+                               *(["--space", space] if space == "projection" else []),
+                               capsys=capsys)
+        assert code == 0, err
+        emb = embeddings.load_embeddings(out)
+        assert emb["meta"]["space"] == space and emb["clean"].shape[0] == 8
+        dims[space] = emb["meta"]["dim"]
+    assert dims == {"features": 8 * 4, "projection": 16}  # width 4, proj_dim 16 (TINY_TRAIN)
 
 
 @pytest.mark.fault

@@ -15,6 +15,7 @@ import torch
 
 from anchor_lib import checkpoint, data, embeddings
 from anchor_lib.models import PreActResNet18
+from anchor_lib.train import METHODS, TrainConfig, build_model, draw_step_inputs, step_loss
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_embed_views_shapes_dtypes_and_unit_norm(emb, images):
     _, y = images
     n = len(y)
     for view in embeddings.VIEWS:
-        assert emb[view].shape == (n, 16) and emb[view].dtype == np.float32
+        # the default space is the backbone's features: 8 * width = 32 dimensions at width 4
+        assert emb[view].shape == (n, 32) and emb[view].dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(emb[view], axis=1), 1.0, atol=1e-5)
     assert emb["labels"].dtype == np.int64
     np.testing.assert_array_equal(emb["labels"], y.numpy())
@@ -88,11 +90,32 @@ def test_no_attack_gives_adv_equal_clean(model, images):
         np.testing.assert_array_equal(e["pred_adv"], e["pred_clean"])
 
 
-def test_feature_space(model, images):
+def test_feature_and_projection_spaces(model, images):
     x, y = images
     e = embeddings.embed_views(model, x[:5], y[:5], steps=1, space="features")
     assert e["clean"].shape == (5, model.feature_dim)
     np.testing.assert_allclose(np.linalg.norm(e["adv"], axis=1), 1.0, atol=1e-5)
+    z = embeddings.embed_views(model, x[:5], y[:5], steps=1, space="projection")
+    with torch.no_grad():
+        expected = model.project(data.to_float(x[:5])).numpy()
+    np.testing.assert_allclose(z["clean"], expected, atol=1e-5)
+    assert z["clean"].shape == (5, 16)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_the_contrastive_methods_train_the_projection_head(method):
+    """Why embeddings are compared in the feature space: a standard, PGD-AT or TRADES step gives
+    the head no gradient, so its z stays a random map of the features."""
+    cfg = TrainConfig(method=method, width=4, proj_dim=16, attack_steps=1, device="cpu")
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    ds = data.synthetic(n_train=20, n_test=8, seed=1)
+    inputs = draw_step_inputs(cfg, ds.x_test, torch.Generator().manual_seed(0))
+    loss, _ = step_loss(net, cfg, False, ds.y_test, **inputs)
+    loss.backward()
+    head_trained = any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head.parameters())
+    assert head_trained == (method in ("supcon_at", "anchor"))
+    assert net.conv1.weight.grad.abs().sum() > 0  # every method trains the backbone
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -146,7 +169,7 @@ def test_npz_round_trip_with_sidecar(tmp_path, emb):
     np.testing.assert_array_equal(back["labels"], emb["labels"])
     np.testing.assert_array_equal(back["pred_adv"], emb["pred_adv"])
     meta = back["meta"]
-    assert meta["method"] == "anchor" and meta["n"] == len(emb["labels"]) and meta["dim"] == 16
+    assert meta["method"] == "anchor" and meta["n"] == len(emb["labels"]) and meta["dim"] == 32
     assert meta["format"] == embeddings.FORMAT
 
 
