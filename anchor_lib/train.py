@@ -90,7 +90,7 @@ class TrainConfig:
     val_attack_steps: int = 10
     seed: int = 0
     device: str = "auto"
-    amp: bool | None = None           # bf16 autocast; None = on for CUDA
+    amp: bool | None = None           # bf16 autocast; None = default_amp(device)
     channels_last: bool | None = None  # None = on for CUDA
     cuda_graphs: bool | None = None    # replay each step from a CUDA graph; None = on for CUDA
     log_every: int = 20
@@ -178,6 +178,19 @@ def default_profile() -> str:
     if profile not in BOOK_PROFILES:
         raise ValueError(f"ANCHOR_PROFILE must be one of {', '.join(BOOK_PROFILES)}, got {profile!r}")
     return profile
+
+
+def default_amp(device: torch.device) -> bool:
+    """bf16 autocast by default only on a GPU with native bf16 (Ampere and later).
+
+    A Colab T4 (Turing) has none: PyTorch would emulate bf16 there, slower than fp32.
+    """
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation (and no emulation)
+        return torch.cuda.is_bf16_supported()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -407,7 +420,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of "
                          f"processes ({ctx.world})")
     local_batch = cfg.batch_size // ctx.world
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    amp = cfg.amp if cfg.amp is not None else default_amp(device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     use_graph = cfg.cuda_graphs if cfg.cuda_graphs is not None else device.type == "cuda"
     if use_graph and device.type != "cuda":

@@ -146,3 +146,22 @@ def test_cudnn_benchmark_is_scoped_to_the_block():
     with pytest.raises(RuntimeError), cudnn_benchmark(not before):
         raise RuntimeError("boom")
     assert torch.backends.cudnn.benchmark is before, "restored even when the block raises"
+
+
+def test_default_amp_needs_native_bf16(monkeypatch):
+    """bf16 autocast by default on Ampere and later only; a T4 (emulated bf16) trains in fp32."""
+    from anchor_lib.train import default_amp
+
+    assert default_amp(torch.device("cpu")) is False
+    asked = []
+
+    def native(including_emulation=True):
+        asked.append(including_emulation)
+        return not including_emulation and GPU_HAS_BF16[0]
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", native)
+    GPU_HAS_BF16 = [True]
+    assert default_amp(torch.device("cuda")) is True
+    GPU_HAS_BF16[0] = False
+    assert default_amp(torch.device("cuda:0")) is False
+    assert asked == [False, False]  # emulation never counts
