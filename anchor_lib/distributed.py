@@ -3,9 +3,11 @@
 Each process holds its shard of the training set on its own device and computes the loss of its
 ``batch_size / N`` slice of every global batch; after ``backward`` the gradients are averaged with
 one all-reduce, so every process takes the same optimiser step from the same weights — the global
-batch's step, except that BatchNorm normalises each slice by its own statistics (running averages
-are averaged once an epoch). NCCL on GPUs, gloo on CPUs. With one process every function here is a
-no-op, so the single-process trainer pays nothing.
+batch's step, with two exceptions: BatchNorm normalises each slice by its own statistics (running
+averages are averaged once an epoch), and for ``supcon_at`` / ``anchor`` the contrastive term of
+each process sees only its slice's views as positives and negatives (no embeddings are gathered
+across processes), so N processes average N smaller contrastive problems. NCCL on GPUs, gloo on
+CPUs. With one process every function here is a no-op, so the single-process trainer pays nothing.
 """
 
 from __future__ import annotations

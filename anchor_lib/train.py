@@ -85,7 +85,7 @@ class TrainConfig:
     lam: float = 1.0                 # weight of the contrastive term
     adv_in_contrastive: bool = True  # include the adversarial view among the contrastive views
     trades_beta: float = 6.0
-    attack_bn: str = "eval"          # BatchNorm mode while crafting training attacks
+    attack_bn: str = "eval"          # BatchNorm mode while crafting training attacks (all methods)
     # validation and bookkeeping
     val_attack_steps: int = 10
     seed: int = 0
@@ -118,6 +118,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.temperature == 0 or self.lr == 0:
             raise ValueError("temperature and lr must be > 0")
+        if self.warmup_fraction > 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1] (the share of the steps spent "
+                             f"warming up), got {self.warmup_fraction!r}")
+        if self.attack_bn not in ("eval", "train"):
+            raise ValueError(f"attack_bn must be 'eval' or 'train', got {self.attack_bn!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.train_subset is not None and (isinstance(self.train_subset, bool)
@@ -299,7 +304,7 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
         return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
 
     if cfg.method == "trades":
-        model.eval()
+        model.train(cfg.attack_bn == "train")  # "eval", the default, as the official TRADES code
         with torch.no_grad(), autocast:
             clean_probs = F.softmax(model(a1).float(), dim=1)
         # The official code starts at x + 0.001·N(0, I) because the KL's gradient vanishes at x;
@@ -371,9 +376,10 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
 
 
-def validate(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
-             amp: bool = False) -> dict[str, float]:
-    """Clean and PGD-``val_attack_steps`` accuracy on the validation split (fp32 unless amp)."""
+def validate(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor,
+             y: torch.Tensor) -> dict[str, float]:
+    """Clean and PGD-``val_attack_steps`` accuracy on the validation split, in fp32 (NaN when
+    the split is empty)."""
     if x.shape[0] == 0:
         return {"val_clean": float("nan"), "val_pgd": float("nan")}
     xf = data.to_float(x)
@@ -408,6 +414,10 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         resume: continue from ``out_dir/checkpoint.pt`` (verified) if it exists.
         dataset: use this dataset instead of loading one (tests, notebooks).
         fail_at: ``(epoch, step)`` at which to inject a NaN into the loss (fault-injection tests).
+
+    With ``out_dir`` it writes ``checkpoint.pt`` (every epoch), ``best.pt`` (the epoch with the
+    best validation PGD accuracy, clean accuracy for ``standard``; with ``val_size = 0`` there is
+    nothing to select on, and it holds the last epoch) and ``history.csv``.
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint is kept.
@@ -452,7 +462,9 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     if out is not None and out.is_dir():
         checkpoint.remove_stale_temporaries(out)  # what a kill -9 during a save left behind
     if resume and out is not None and (out / "checkpoint.pt").exists():
-        state = checkpoint.load(out / "checkpoint.pt", map_location=device)
+        # On the CPU: the saved RNG states must stay there (torch.set_rng_state takes a CPU
+        # tensor), and load_state_dict moves the weights and optimiser state to the model anyway.
+        state = checkpoint.load(out / "checkpoint.pt", map_location="cpu")
         saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
         mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
         if saved != mine:
@@ -517,7 +529,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         s = sums.tolist()
         metrics = validate(model, cfg, run.x_val, run.y_val)
         score = metrics["val_clean"] if cfg.method == "standard" else metrics["val_pgd"]
-        is_best = not math.isnan(score) and score > best
+        # Without a validation split every epoch is "best": best.pt is then the last epoch.
+        is_best = run.x_val.shape[0] == 0 or (not math.isnan(score) and score > best)
         best = max(best, score) if not math.isnan(score) else best
         row = {"epoch": epoch + 1, "loss": s[0] / steps_per_epoch, "ce": s[1] / steps_per_epoch,
                "con": s[2] / steps_per_epoch,

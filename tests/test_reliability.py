@@ -402,7 +402,8 @@ CONFIG_INTS = {"epochs": 1, "batch_size": 1, "width": 1, "proj_dim": 1, "log_eve
 CONFIG_POSITIVE = ("lr", "temperature")
 CONFIG_NONNEG = ("eps", "alpha", "beta", "lam", "trades_beta", "momentum", "weight_decay",
                  "warmup_fraction")
-CONFIG_CHOICES = {"method": METHODS, "data": ("cifar10", "synthetic"), "profile": PROFILES}
+CONFIG_CHOICES = {"method": METHODS, "data": ("cifar10", "synthetic"), "profile": PROFILES,
+                  "attack_bn": ("eval", "train")}
 
 
 @st.composite

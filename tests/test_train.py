@@ -118,6 +118,8 @@ def test_training_loss_parts_are_consistent(small_data):
     (dict(temperature=0.0), "temperature and lr must be > 0"),
     (dict(batch_size=512, train_subset=100), "train_subset"),
     (dict(data="imagenet"), "data must be"),
+    (dict(attack_bn="Train"), "attack_bn must be 'eval' or 'train'"),
+    (dict(warmup_fraction=1.5), r"warmup_fraction must be in \[0, 1\]"),
 ])
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -165,3 +167,39 @@ def test_default_amp_needs_native_bf16(monkeypatch):
     GPU_HAS_BF16[0] = False
     assert default_amp(torch.device("cuda:0")) is False
     assert asked == [False, False]  # emulation never counts
+
+
+def test_trades_attacks_in_the_batchnorm_mode_asked_for(small_data):
+    """attack_bn applies to every robust method, TRADES included."""
+    x, y = small_data.x_train[:32], small_data.y_train[:32]
+    out = {}
+    for mode in ("eval", "train"):
+        cfg = tiny("trades", attack_bn=mode)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        loss, _ = training_loss(model, cfg, x, y, torch.Generator().manual_seed(0), False)
+        out[mode] = (loss.item(), model.layer1[0].bn1.running_mean.clone())
+    # Train-mode attack passes update the running statistics and see other activations.
+    assert not torch.equal(out["eval"][1], out["train"][1])
+    assert out["eval"][0] != out["train"][0]
+
+
+def test_without_validation_best_pt_is_the_last_epoch(tmp_path, small_data):
+    history = train(tiny("pgd_at", epochs=2, val_size=0, out_dir=str(tmp_path)), dataset=small_data)
+    assert [r["best"] for r in history] == [True, True]
+    _, state = load_model(tmp_path / "best.pt")
+    assert state["epoch"] == 1
+
+
+def test_resume_restores_rng_states_saved_anywhere(tmp_path, small_data, monkeypatch):
+    """train() loads checkpoint.pt onto the CPU: the RNG setters take CPU tensors only (a GPU
+    run that loaded them onto the GPU could not resume)."""
+    cfg = tiny("pgd_at", epochs=2, out_dir=str(tmp_path))
+    with pytest.raises(NonFiniteLossError):
+        train(cfg, dataset=small_data, fail_at=(1, 0))
+    where = []
+    real = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load",
+                        lambda path, **kw: where.append(kw.get("map_location")) or real(path, **kw))
+    history = train(cfg, resume=True, dataset=small_data)
+    assert where == ["cpu"] and [r["epoch"] for r in history] == [1, 2]
