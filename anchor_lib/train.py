@@ -509,6 +509,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                 first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
                 distributed.average_gradients(model, ctx)
                 optimizer.step()
+                lr_used = optimizer.param_groups[0]["lr"]  # history's lr: the last step's rate
                 scheduler.step()
                 sums += torch.stack([loss.detach(), parts["ce"], parts["con"],
                                      parts["correct"].float()])
@@ -535,7 +536,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         row = {"epoch": epoch + 1, "loss": s[0] / steps_per_epoch, "ce": s[1] / steps_per_epoch,
                "con": s[2] / steps_per_epoch,
                "train_acc": s[3] / (steps_per_epoch * cfg.batch_size),
-               **metrics, "lr": scheduler.get_last_lr()[0],
+               **metrics, "lr": lr_used,
                "seconds": time.perf_counter() - t0, "best": bool(is_best)}
         history.append(row)
         if cfg.progress and ctx.main:

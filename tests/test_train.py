@@ -203,3 +203,13 @@ def test_resume_restores_rng_states_saved_anywhere(tmp_path, small_data, monkeyp
                         lambda path, **kw: where.append(kw.get("map_location")) or real(path, **kw))
     history = train(cfg, resume=True, dataset=small_data)
     assert where == ["cpu"] and [r["epoch"] for r in history] == [1, 2]
+
+
+def test_history_lr_is_the_rate_the_last_step_used(small_data):
+    """One-cycle: the last epoch's last step trains at a small positive rate, never at 0."""
+    cfg = tiny("standard", epochs=2, val_attack_steps=0)
+    history = train(cfg, dataset=small_data)
+    steps = cfg.train_subset // cfg.batch_size * cfg.epochs
+    warm = max(1, round(cfg.warmup_fraction * steps))
+    expected = [cfg.lr * (steps - (s - 1)) / (steps - warm) for s in (steps // 2, steps)]
+    assert [r["lr"] for r in history] == pytest.approx(expected)
