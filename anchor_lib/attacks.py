@@ -512,7 +512,7 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-               norm: str = "Linf", batch_size: int = 500, version: str = "standard",
+               norm: str = "Linf", batch_size: int | None = None, version: str = "standard",
                seed: int = 0) -> torch.Tensor:
     """AutoAttack (Croce and Hein, 2020) through ``torchattacks.AutoAttack``.
 
@@ -531,7 +531,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         y: integer labels ``(N,)`` in ``[0, K)``.
         eps: radius, >= 0.
         norm: ``"Linf"`` or ``"L2"``.
-        batch_size: images per torchattacks call, int >= 1.
+        batch_size: images per torchattacks call, int >= 1; None (the default) attacks all of
+            ``x`` in one call, so the caller's batching decides (``evaluate.robust_accuracy``).
         version: ``"standard"``, ``"plus"`` or ``"rand"``.
         seed: seed of the attacks' random starts. The caller's global RNG state is preserved.
 
@@ -540,7 +541,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     """
     eps = check_number(eps, "eps", low=0.0)
     norm = _check_norm(norm)
-    batch_size = check_number(batch_size, "batch_size", low=1, integer=True)
+    if batch_size is not None:
+        batch_size = check_number(batch_size, "batch_size", low=1, integer=True)
     seed = check_number(seed, "seed", integer=True)
     if version not in ("standard", "plus", "rand"):
         raise ValueError(f"version must be 'standard', 'plus' or 'rand', got {version!r}")
@@ -563,7 +565,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
                     sub.n_queries = AUTOATTACK_SQUARE_QUERIES
                 else:  # APGD, APGD-T, FAB
                     sub.steps = AUTOATTACK_ITERATIONS
-            x_adv = torch.cat([attack(x[s].detach(), y[s]) for s in _batches(len(x), batch_size)])
+            x_adv = torch.cat([attack(x[s].detach(), y[s])
+                               for s in _batches(len(x), batch_size or len(x))])
         return project(x_adv.to(x.dtype), x.detach(), eps, norm).detach()
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attacks, checkpoint, data, graphs, provenance
-from .evaluate import default_batch_size, sync
+from .evaluate import EVAL_PRECISION, default_batch_size, full_precision, sync
 from .train import TrainConfig, build_model, cudnn_benchmark, draw_step_inputs, step_loss
 
 FULL = {"n_images": 50_000, "batch_size": 512, "width": 64, "windows": 5, "window_steps": 10,
@@ -285,22 +285,23 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     pgd20 = partial(attacks.pgd, eps=8 / 255, alpha=2 / 255, steps=20)
 
     def pgd20_seconds(net) -> float:
-        pgd20(net, xe[:1000], ye[:1000])  # warm-up: the first call's set-up is not evaluation
-        sync(dev)
-        t0 = time.perf_counter()
-        for i in range(0, len(ye), 1000):
-            pgd20(net, xe[i:i + 1000], ye[i:i + 1000])
-        sync(dev)
+        with full_precision():  # as the evaluation runs: IEEE fp32, no TF32
+            pgd20(net, xe[:1000], ye[:1000])  # warm-up: the first call's set-up is not evaluation
+            sync(dev)
+            t0 = time.perf_counter()
+            for i in range(0, len(ye), 1000):
+                pgd20(net, xe[i:i + 1000], ye[i:i + 1000])
+            sync(dev)
         return round(time.perf_counter() - t0, 3)
 
     results["eval_pgd20_10k"] = {"seconds": pgd20_seconds(model), "n": len(ye),
-                                 "precision": "fp32", "memory_format": "contiguous (NCHW)",
+                                 "precision": EVAL_PRECISION, "memory_format": "contiguous (NCHW)",
                                  "note": "batches of 1,000 after one warm-up batch"}
     save()
     if dev.type == "cuda":  # the same fp32 arithmetic in the layout training uses: faster?
         results["eval_pgd20_10k_channels_last"] = {
             "seconds": pgd20_seconds(model.to(memory_format=torch.channels_last)), "n": len(ye),
-            "precision": "fp32", "memory_format": "channels_last"}
+            "precision": EVAL_PRECISION, "memory_format": "channels_last"}
         model = model.to(memory_format=torch.contiguous_format)
         save()
     xa = xe[: s["autoattack_n"]]
@@ -319,10 +320,11 @@ def _time_autoattack(model, xa: torch.Tensor, dev: torch.device, results: dict) 
         ya = model(xa).argmax(1)
     batch_size = default_batch_size(dev)  # as the evaluation protocol runs it
     t0 = time.perf_counter()
-    attacks.autoattack(model, xa, ya, eps=8 / 255, batch_size=batch_size)
-    sync(dev)
+    with full_precision():
+        attacks.autoattack(model, xa, ya, eps=8 / 255, batch_size=batch_size)
+        sync(dev)
     results["autoattack_1k"] = {"seconds": round(time.perf_counter() - t0, 3), "n": len(ya),
-                                "batch_size": batch_size,
+                                "batch_size": batch_size, "precision": EVAL_PRECISION,
                                 "note": "untrained model, labels = its own predictions, so every "
                                         "point is attacked; most fall to APGD-CE, so this is a "
                                         "lower bound on a robust model's time"}
@@ -359,6 +361,8 @@ def _write(out, dev, tiny, s, steps_per_epoch, results, methods, extra=None) -> 
         "precision": {"anchor_lib": "bf16 autocast + channels_last on CUDA (fp32 on CPU); "
                                     "results[*].train_step says whether a CUDA graph ran",
                       "reference": "fp32",
+                      # the training paths' fp32 convolutions run in TF32 where this is true;
+                      # the evaluation timings turn it off (see their own "precision")
                       "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                       "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32},
         **(extra or {}),

@@ -21,6 +21,7 @@ from .models import PreActResNet18
 from .train import (
     METHODS,
     TrainConfig,
+    config_differences,
     config_from_dict,
     dataset_for,
     load_model,
@@ -95,11 +96,22 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
         "selected_epoch": int(state.get("epoch", -1)) + 1,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 2) or None,
         "eval_seconds": round(time.perf_counter() - t0, 2), "eval_batch_size": batch_size,
+        "eval_precision": evaluate.EVAL_PRECISION,
         "profile": cfg_dict.get("profile"), "config": cfg_dict,
         # How the training steps ran: "cuda_graph" or "eager" (and why a graph was dropped).
         "train_step": state.get("train_step"), "train_step_fallback": state.get("train_step_fallback"),
         "validation": state.get("val"), "accuracy": accuracy, "sanity": checks,
     }
+
+
+def _check_same_run(metrics_path: Path, cfg: TrainConfig) -> None:
+    """A finished run counts only for the config that made it: anything else is an error, never
+    a silent skip (the folder is named by profile and method alone)."""
+    with open(metrics_path) as f:
+        diff = config_differences(json.load(f).get("config") or {}, cfg)
+    if diff:
+        raise ValueError(f"{metrics_path} is a finished run with a different config ({', '.join(diff)}"
+                         f"); move its folder away to run this config there")
 
 
 def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
@@ -109,9 +121,11 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
     if metrics_path.exists():
         try:
             checkpoint.verify(metrics_path)
-            return {"run": run_dir.name, "status": "skipped (finished)"}
         except checkpoint.CheckpointError:
             pass  # a damaged metrics.json is redone, never trusted
+        else:
+            _check_same_run(metrics_path, cfg)
+            return {"run": run_dir.name, "status": "skipped (finished)"}
     cfg.out_dir = str(run_dir)
     t0 = time.perf_counter()
     dataset = dataset if dataset is not None else dataset_for(cfg)  # loaded once, used thrice

@@ -33,7 +33,9 @@ ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CWâ
 METHOD_LABELS = {"standard": "Standard", "pgd_at": "PGD-AT", "trades": "TRADES",
                  "supcon_at": "SupCon-AT", "anchor": "ANCHOR"}
 METHOD_ORDER = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
-REQUIRED = ("method", "data", "hardware", "commit", "seed", "epochs", "config", "accuracy")
+# DESIGN Â§6; "sanity" may be empty (an evaluation run without --sanity), "train_seconds" null.
+REQUIRED = ("method", "data", "hardware", "torch", "commit", "seed", "epochs", "train_seconds",
+            "config", "accuracy", "sanity")
 PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed", "epochs",
               "selected_epoch", "train_seconds", "eval_seconds", "eval_batch_size")
 

@@ -465,10 +465,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         # On the CPU: the saved RNG states must stay there (torch.set_rng_state takes a CPU
         # tensor), and load_state_dict moves the weights and optimiser state to the model anyway.
         state = checkpoint.load(out / "checkpoint.pt", map_location="cpu")
-        saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
-        mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
-        if saved != mine:
-            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        diff = config_differences(state["config"], cfg)
+        if diff:
             raise ValueError(f"cannot resume {out / 'checkpoint.pt'}: its config differs in "
                              f"{', '.join(diff)}")
         model.load_state_dict(state["model"])
@@ -583,6 +581,13 @@ def _write_history_if_changed(path: Path, history: list[dict[str, Any]]) -> None
 
 # Fields that may change between a run and its resumption without changing the computation.
 _RESUME_FREE = {"progress", "log_every", "out_dir", "extra", "cuda_graphs"}
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Names of ``cfg``'s fields whose values differ from ``saved`` (a checkpoint's or a
+    ``metrics.json``'s config), leaving out those that do not change the computation."""
+    mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
+    return sorted(k for k, v in mine.items() if saved.get(k) != v)
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, out: Path | None) -> None:

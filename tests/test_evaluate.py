@@ -268,6 +268,12 @@ def test_check_autoattack_gap():
     bad = check_autoattack_gap(0.50, 0.30)
     assert bad["passed"] is False and "gradient masking" in bad["detail"]
     assert check_autoattack_gap(0.50, 0.30, max_gap=0.25)["passed"] is True
+    # AutoAttack weaker than PGD-20 fails too, beyond one example or half a point of n
+    weak = check_autoattack_gap(0.30, 0.60)
+    assert weak["passed"] is False and "did not run as configured" in weak["detail"]
+    assert check_autoattack_gap(0.50, 0.504, n=1000)["passed"] is True   # 4 images: noise
+    assert check_autoattack_gap(0.50, 0.52, n=1000)["passed"] is False
+    assert check_autoattack_gap(0.50, 0.52, n=50)["passed"] is True      # one image of 50
     with pytest.raises(ValueError, match="pgd20_acc must be <= 1"):
         check_autoattack_gap(1.5, 0.3)
 
@@ -311,8 +317,8 @@ def test_autoattack_calls_per_batch_do_not_depend_on_its_size(fast_autoattack):
         model[1].weight.mul_(0.05)
         model[1].bias.zero_()
         model[1].bias[0] = 1.0
-    x = torch.rand(16, 3, 8, 8)
-    y = torch.zeros(16, dtype=torch.long)
+    x = torch.rand(600, 3, 8, 8)  # more than 500: no hidden batching below the caller's
+    y = torch.zeros(600, dtype=torch.long)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
 
@@ -321,8 +327,36 @@ def test_autoattack_calls_per_batch_do_not_depend_on_its_size(fast_autoattack):
         r = evaluate_suite(model, x, y, attacks=["autoattack"], batch_size=batch_size, eps=EPS)
         return len(calls), r["autoattack"]["value"]
 
-    (one, acc_one), (two, acc_two) = count(16), count(8)
+    (one, acc_one), (two, acc_two) = count(600), count(300)
     assert acc_one == acc_two == 1.0  # every point survives every sub-attack: the full budget
     assert two == 2 * one
     # APGD-CE, APGD-T (9 targets) and FAB-T (9 targets) at 3 iterations, Square at 20 queries.
     assert one > 9 * 3 + 20
+
+
+def test_evaluation_runs_in_ieee_fp32_and_restores_the_flags():
+    """TF32 (cuDNN's default for fp32 convolutions on GPUs) is off while the protocol runs."""
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3 * 4 * 4, 10)
+
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return self.linear(x.flatten(1))
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        model, x = Spy(), torch.rand(6, 3, 4, 4)
+        y = model(x).argmax(1)
+        seen.clear()
+        evaluate.accuracy(model, x, y)
+        evaluate.robust_accuracy(model, x, y, partial(pgd, eps=EPS, alpha=EPS / 4, steps=2))
+        assert seen and set(seen) == {(False, False)}
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True,
+                                                                                            True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

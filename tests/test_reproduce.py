@@ -117,6 +117,18 @@ def test_damaged_metrics_json_is_redone_not_trusted(tmp_path):
 
 
 @pytest.mark.bad_input
+def test_a_finished_run_with_another_config_is_an_error_not_a_skip(tmp_path):
+    _reproduce(tmp_path, methods=("standard",))
+    before = (tmp_path / "smoke-standard" / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match=r"different config \(epochs\)"):
+        rep.reproduce("smoke", ("standard",), tmp_path, attacks=ATTACKS, log=lambda _: None,
+                      **{**TINY, "epochs": 2})
+    assert (tmp_path / "smoke-standard" / "metrics.json").read_bytes() == before
+    metrics = json.loads(before)
+    assert metrics["eval_precision"].startswith("fp32")
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("call, match", [
     (dict(profile="huge"), "profile must be one of"),
     (dict(methods=("anchor", "magic")), "unknown method"),
