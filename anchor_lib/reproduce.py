@@ -91,7 +91,9 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
               if sanity else {})
     history = state.get("history") or []
     return {
-        "method": cfg_dict.get("method"), "data": dataset.label, **provenance.describe(dev),
+        "method": cfg_dict.get("method"), "data": dataset.label,
+        "train_data": state.get("data"),  # the copy it was trained on (normally the same)
+        **provenance.describe(dev),
         "seed": cfg_dict.get("seed"), "epochs": cfg_dict.get("epochs"),
         "selected_epoch": int(state.get("epoch", -1)) + 1,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 2) or None,

@@ -50,6 +50,7 @@ def check_artifacts(run_dir, method: str) -> dict:
     assert metrics["train_seconds"] > 0
     assert metrics["train_step"] == "eager" and metrics["train_step_fallback"] is None  # CPU
     assert metrics["eval_batch_size"] == 500  # evaluate.CPU_BATCH_SIZE
+    assert metrics["train_data"] == metrics["data"] == "synthetic"
     assert set(metrics["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert list(metrics["accuracy"]) == list(ATTACKS)
     for entry in metrics["accuracy"].values():
