@@ -431,6 +431,11 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                          f"processes ({ctx.world})")
     local_batch = cfg.batch_size // ctx.world
     amp = cfg.amp if cfg.amp is not None else default_amp(device)
+    if amp and device.type != "cuda":
+        # The attack core autocasts on CUDA only; a bf16 training forward against an fp32
+        # attack would be neither recipe.
+        raise ValueError(f"amp=True (bf16 autocast) needs a CUDA device, got {device}; leave it "
+                         "None to use it where the GPU supports it")
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     use_graph = cfg.cuda_graphs if cfg.cuda_graphs is not None else device.type == "cuda"
     if use_graph and device.type != "cuda":

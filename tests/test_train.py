@@ -213,3 +213,8 @@ def test_history_lr_is_the_rate_the_last_step_used(small_data):
     warm = max(1, round(cfg.warmup_fraction * steps))
     expected = [cfg.lr * (steps - (s - 1)) / (steps - warm) for s in (steps // 2, steps)]
     assert [r["lr"] for r in history] == pytest.approx(expected)
+
+
+def test_amp_on_a_cpu_is_refused(small_data):
+    with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
+        train(tiny("pgd_at", amp=True), dataset=small_data)
