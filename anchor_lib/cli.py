@@ -14,6 +14,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from .embeddings import SPACES
 from .train import METHODS, PROFILES
 
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n", type=_positive_int, default=1000)
-    p.add_argument("--space", choices=("features", "projection"), default="features",
+    p.add_argument("--space", choices=SPACES, default="features",
                    help="backbone features (every method trains them; the default) or the "
                         "contrastive projection z (trained only by supcon_at and anchor)")
 

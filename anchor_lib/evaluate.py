@@ -34,6 +34,7 @@ __all__ = [
     "check_eps_sweep",
     "check_more_steps",
     "default_batch_size",
+    "eps_sweep",
     "evaluate_suite",
     "full_precision",
     "robust_accuracy",
@@ -46,6 +47,9 @@ EVAL_EPS = 8 / 255
 
 #: Names ``evaluate_suite`` understands, in the order of the results table.
 ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
+
+#: How the protocol's arithmetic runs, as metrics.json records it.
+EVAL_PRECISION = "fp32 (IEEE; TF32 off on GPUs)"
 
 #: Images per attack call: one batch of 1,000 on a GPU (the protocol's whole AutoAttack subset),
 #: 500 on a CPU. A robust image costs AutoAttack about 7,900 model calls per batch, however big the
@@ -87,10 +91,6 @@ def _predict(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tens
 def default_batch_size(device: torch.device | str) -> int:
     """Images per attack call on ``device``: ``GPU_BATCH_SIZE`` on CUDA, else ``CPU_BATCH_SIZE``."""
     return GPU_BATCH_SIZE if torch.device(device).type == "cuda" else CPU_BATCH_SIZE
-
-
-#: How the protocol's arithmetic runs, as metrics.json records it.
-EVAL_PRECISION = "fp32 (IEEE; TF32 off on GPUs)"
 
 
 @contextmanager
@@ -311,6 +311,12 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     return {"steps": steps, "accuracy": accs, "passed": passed, "detail": detail}
 
 
+def eps_sweep(eps: float) -> list[float]:
+    """The radii of the eps-sweep check: ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at
+    8/255), capped at 1."""
+    return [min(eps * f, 1.0) for f in (0, 0.25, 0.5, 1, 2, 4, 8)]
+
+
 def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     eps_values: Sequence[float] = (0, 2 / 255, 4 / 255, 8 / 255, 16 / 255,
                                                    32 / 255, 64 / 255),
@@ -425,7 +431,6 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     x, y = _check_data(x, y, batch_size)
-    sweep = [min(eps * f, 1.0) for f in (0, 0.25, 0.5, 1, 2, 4, 8)]
     if pgd20 is None:
         pgd20 = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
     if autoattack is None:
@@ -433,7 +438,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
                                      batch_size)
     checks = {
         "more_steps": lambda: check_more_steps(model, x, y, eps, batch_size=batch_size, seed=seed),
-        "eps_sweep": lambda: check_eps_sweep(model, x, y, sweep, batch_size=batch_size, seed=seed),
+        "eps_sweep": lambda: check_eps_sweep(model, x, y, eps_sweep(eps), batch_size=batch_size,
+                                             seed=seed),
         "black_box_weaker": lambda: check_black_box_weaker(model, x, y, eps, n_queries=n_queries,
                                                            pgd_acc=pgd20, batch_size=batch_size,
                                                            seed=seed),

@@ -140,14 +140,14 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
     # train_seconds from the checkpoint covers all epochs, resumed ones included.
     metrics["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
     k = settings["embed_n"]
-    # The feature space: every method trains it (only the contrastive ones train the head's z).
+    space = "features"  # every method trains it (only the contrastive ones train the head's z)
     emb = embeddings.embed_views(model, dataset.x_test[:k].to(dev), dataset.y_test[:k].to(dev),
-                                 eps=cfg.eps, alpha=cfg.alpha, steps=10, seed=0, space="features")
+                                 eps=cfg.eps, alpha=cfg.alpha, steps=10, seed=0, space=space)
     embeddings.save_embeddings(run_dir / "embeddings.npz", emb,
                                {"method": cfg.method, "data": dataset.label, "n": k,
-                                "space": "features", "profile": cfg.profile,
+                                "space": space, "profile": cfg.profile,
                                 **provenance.describe(dev)})
-    metrics["cluster_metrics"] = {**embeddings.cluster_metrics(emb), "space": "features"}
+    metrics["cluster_metrics"] = {**embeddings.cluster_metrics(emb), "space": space}
     checkpoint.write_json(metrics_path, metrics)  # last: its presence means "finished"
     return {"run": run_dir.name, "status": f"done in {time.perf_counter() - t0:.1f} s"}
 

@@ -110,11 +110,10 @@ def count_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         if name == "autoattack":
             out[name]["by_stage"] = {label: counts[label] for label in [*STAGES.values(), "other"]}
     eps = evaluate.EVAL_EPS
-    sweep = [eps * f for f in (0, 0.25, 0.5, 1, 2, 4, 8)]  # as evaluate.sanity_checks sweeps
     checks = {  # the sanity checks that attack (the AutoAttack gap reuses numbers measured above)
         "sanity_more_steps": lambda: evaluate.check_more_steps(model, x, y, eps,
                                                                batch_size=batch_size),
-        "sanity_eps_sweep": lambda: evaluate.check_eps_sweep(model, x, y, sweep,
+        "sanity_eps_sweep": lambda: evaluate.check_eps_sweep(model, x, y, evaluate.eps_sweep(eps),
                                                              batch_size=batch_size),
         "sanity_black_box_weaker": lambda: evaluate.check_black_box_weaker(
             model, x, y, eps, pgd_acc=out["pgd20"]["accuracy"], batch_size=batch_size),

@@ -128,7 +128,7 @@ def eval_pieces(path: str | None, dev: torch.device, n: int, n_aa: int,
                                                        partial(attacks.autoattack, eps=eps)),
         "sanity_more_steps": lambda: evaluate.check_more_steps(model, x[:n_aa], y[:n_aa], eps),
         "sanity_eps_sweep": lambda: evaluate.check_eps_sweep(
-            model, x[:n_aa], y[:n_aa], [eps * f for f in (0, 0.25, 0.5, 1, 2, 4, 8)]),
+            model, x[:n_aa], y[:n_aa], evaluate.eps_sweep(eps)),
         "sanity_black_box": lambda: evaluate.check_black_box_weaker(model, x[:n_aa], y[:n_aa],
                                                                      eps, pgd_acc=0.0),
     }
