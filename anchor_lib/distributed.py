@@ -3,11 +3,12 @@
 Each process holds its shard of the training set on its own device and computes the loss of its
 ``batch_size / N`` slice of every global batch; after ``backward`` the gradients are averaged with
 one all-reduce, so every process takes the same optimiser step from the same weights — the global
-batch's step, with two exceptions: BatchNorm normalises each slice by its own statistics (running
-averages are averaged once an epoch), and for ``supcon_at`` / ``anchor`` the contrastive term of
-each process sees only its slice's views as positives and negatives (no embeddings are gathered
-across processes), so N processes average N smaller contrastive problems. NCCL on GPUs, gloo on
-CPUs. With one process every function here is a no-op, so the single-process trainer pays nothing.
+batch's step. The contrastive term of ``supcon_at`` / ``anchor`` is global too: each process
+gathers every process's embeddings (:func:`gather_rows`), so positives, negatives and the mining
+weights come from every view of the global batch, as with one process. One exception remains:
+BatchNorm normalises each slice by its own statistics (running averages are averaged once an
+epoch). NCCL on GPUs, gloo on CPUs. With one process every function here is a no-op, so the
+single-process trainer pays nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +53,41 @@ def shard(x: torch.Tensor, y: torch.Tensor, ctx: Context) -> tuple[torch.Tensor,
     """This rank's equal-sized share of ``(x, y)`` (every world-th example, trimmed)."""
     n = x.shape[0] // ctx.world
     return x[ctx.rank::ctx.world][:n], y[ctx.rank::ctx.world][:n]
+
+
+class _GatherRows(torch.autograd.Function):
+    """``all_gather`` along dim 0 whose backward returns each process the gradient of its rows,
+    summed over processes (every process's loss may depend on every row)."""
+
+    @staticmethod
+    def forward(fctx, t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        fctx.rank, fctx.world = rank, world
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(fctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd owns grad
+        dist.all_reduce(grad)
+        return grad.chunk(fctx.world)[fctx.rank], None, None
+
+
+def gather_rows(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Every process's ``t`` (same shape everywhere), concatenated along dim 0 in rank order.
+
+    ``(n, ...)`` in, ``(world * n, ...)`` out, differentiable: when every process computes the
+    same loss of the gathered rows, the gradient that reaches this process's ``t`` is ``world``
+    times that loss's gradient, which :func:`average_gradients` divides back, so the step is the
+    one-process step on the whole batch. Integer tensors (labels) are gathered without a graph.
+    """
+    if ctx.world == 1:
+        return t
+    if not t.requires_grad:
+        parts = [torch.empty_like(t) for _ in range(ctx.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+    return _GatherRows.apply(t, ctx.rank, ctx.world)
 
 
 def average_gradients(model: nn.Module, ctx: Context) -> None:

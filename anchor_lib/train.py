@@ -34,7 +34,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -49,6 +49,8 @@ from . import attacks, checkpoint, data, distributed, evaluate, graphs, losses
 from .models import PreActResNet18
 
 METHODS = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
+#: The methods with a contrastive term (and a second augmented view).
+CONTRASTIVE_METHODS = ("supcon_at", "anchor")
 #: Profiles a run can use. ``tutorial`` (width 16, the full protocol otherwise) makes the small
 #: committed checkpoints that chapters load; it is never a reading profile (``ANCHOR_PROFILE``).
 PROFILES = ("smoke", "demo", "full", "tutorial")
@@ -273,18 +275,23 @@ def draw_step_inputs(cfg: TrainConfig, x: torch.Tensor,
     inputs = {"a1": data.augment(x, generator)}
     if cfg.method != "standard":
         inputs["start"] = attacks.random_point(inputs["a1"], cfg.eps)
-    if cfg.method in ("supcon_at", "anchor"):
+    if cfg.method in CONTRASTIVE_METHODS:
         inputs["a2"] = data.augment(x, generator)
     return inputs
 
 
 def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tensor,
               a1: torch.Tensor, start: torch.Tensor | None = None,
-              a2: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              a2: torch.Tensor | None = None, *,
+              gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one step for ``cfg.method`` from the inputs :func:`draw_step_inputs` drew.
 
     Deterministic given its inputs, free of host syncs and of data-dependent shapes, so that
     :class:`anchor_lib.graphs.StepGraph` can capture it. Leaves the model in train mode.
+    ``gather`` (under torchrun, :func:`anchor_lib.distributed.gather_rows`) collects the
+    contrastive term's embeddings and labels from every process, so that it is the whole global
+    batch's term; None (one process) uses this batch's.
 
     Returns the scalar loss and a dict of detached per-step diagnostics (device tensors):
     ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
@@ -336,8 +343,10 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
     ce = F.cross_entropy(logits[2 * n:].float(), y)
     n_views = 3 if cfg.adv_in_contrastive else 2
     beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
-    con = losses.anchor_loss(z[: n_views * n].float(), y.repeat(n_views),
-                             temperature=cfg.temperature, beta=beta, validate=False)
+    z_con, y_con = z[: n_views * n].float(), y.repeat(n_views)
+    if gather is not None:
+        z_con, y_con = gather(z_con), gather(y_con)
+    con = losses.anchor_loss(z_con, y_con, temperature=cfg.temperature, beta=beta, validate=False)
     loss = ce + cfg.lam * con
     return loss, {"ce": ce.detach(), "con": con.detach(),
                   "correct": (logits[2 * n:].argmax(1) == y).sum()}
@@ -438,6 +447,18 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                          "None to use it where the GPU supports it")
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     use_graph = cfg.cuda_graphs if cfg.cuda_graphs is not None else device.type == "cuda"
+    # Under torchrun the contrastive methods gather embeddings across processes inside the step.
+    # A collective inside a recorded graph is not something this trainer verifies (and a graph
+    # dropped on one process but not another would leave the collectives out of step), so those
+    # steps run eagerly.
+    gather = None
+    if ctx.world > 1 and cfg.method in CONTRASTIVE_METHODS:
+        if cfg.cuda_graphs:
+            raise ValueError(f"cuda_graphs=True cannot be combined with {ctx.world} processes "
+                             f"and method {cfg.method!r}: its step gathers embeddings across "
+                             "processes; leave cuda_graphs None (eager steps)")
+        use_graph = False
+        gather = partial(distributed.gather_rows, ctx=ctx)
     if use_graph and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}; leave it None to "
                          "use graphs wherever there is one")
@@ -460,7 +481,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
 
     # Forward + backward of every step; on CUDA recorded once and replayed (graphs.py).
-    run_step = graphs.StepGraph(model, partial(step_loss, model, cfg, amp), graph=use_graph,
+    run_step = graphs.StepGraph(model, partial(step_loss, model, cfg, amp, gather=gather),
+                               graph=use_graph,
                                 log=tqdm.write)
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, -1.0
