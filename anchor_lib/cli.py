@@ -125,6 +125,7 @@ def _overrides(args: argparse.Namespace, *names: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
+        from . import distributed
         from .train import TrainConfig, train
 
         if args.resume and not args.out:
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as err:  # the arguments do not make a valid config
             raise UsageError(str(err)) from err
         history = train(cfg, resume=args.resume)
+        distributed.teardown()  # under torchrun: leave the process group before exiting
         last = history[-1] if history else {}
         print(json.dumps({"epochs": len(history), "last": last}, default=str))
         return 0

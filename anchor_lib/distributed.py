@@ -132,3 +132,13 @@ def barrier(ctx: Context) -> None:
     """Wait for every process (e.g. until rank 0 has written a checkpoint)."""
     if ctx.world > 1:
         dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group, if this process joined one: wait for every process, then
+    destroy it. Call it at the end of a torchrun script (the command line does): a process that
+    exits with the group alive can abort in gloo's threads ("terminate called without an active
+    exception") after a successful run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -84,6 +84,7 @@ except ValueError as err:
     refusal = str(err)
 if ctx.main:
     torch.save({"loss": loss.detach(), "grad": proj.weight.grad, "refusal": refusal}, sys.argv[2])
+distributed.teardown()
 """
 
 
