@@ -502,8 +502,12 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         checkpoint.set_rng_state(state["rng"])
         history, start_epoch, best = list(state["history"]), state["epoch"] + 1, state["best"]
         # A kill between checkpoint.pt and history.csv of the last epoch leaves history.csv one
-        # epoch behind, and no later epoch would rewrite it: bring it up to date now.
-        _write_history_if_changed(out / "history.csv", history)
+        # epoch behind, and best.pt too if that epoch was the best; no later epoch would rewrite
+        # them: bring them up to date now.
+        if ctx.main:
+            _write_history_if_changed(out / "history.csv", history)
+            if history and history[-1]["best"]:
+                _write_best_if_behind(out / "best.pt", state)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -572,13 +576,15 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         if out is not None and ctx.main:
             model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             how = {"train_step": run_step.mode, "train_step_fallback": run_step.fallback}
+            state = {"model": model_state, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                     "config": asdict(cfg), "epoch": epoch, "history": history,
+                     "best": best, "data": run.label, **how}
+            # checkpoint.pt first: once it is written this epoch is never trained again, and it
+            # holds the weights best.pt needs, so a kill before best.pt is repaired on resume.
+            checkpoint.save(state, out / "checkpoint.pt")
             if is_best:
-                checkpoint.save({"model": model_state, "config": asdict(cfg), "epoch": epoch,
-                                 "val": metrics, "data": run.label, **how}, out / "best.pt")
-            checkpoint.save({"model": model_state, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                             "config": asdict(cfg), "epoch": epoch, "history": history,
-                             "best": best, "data": run.label, **how}, out / "checkpoint.pt")
+                checkpoint.save(_best_state(state), out / "best.pt")
             checkpoint.write_text(out / "history.csv", history_csv(history))
         distributed.barrier(ctx)  # nobody resumes from a checkpoint rank 0 is still writing
     return history
@@ -593,6 +599,24 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+def _best_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``best.pt``'s content from a ``checkpoint.pt`` state: the weights and what selected them."""
+    row = state["history"][-1]
+    return {"model": state["model"], "config": state["config"], "epoch": state["epoch"],
+            "val": {k: row[k] for k in ("val_clean", "val_pgd")}, "data": state["data"],
+            "train_step": state.get("train_step"),
+            "train_step_fallback": state.get("train_step_fallback")}
+
+
+def _write_best_if_behind(path: Path, state: dict[str, Any]) -> None:
+    try:
+        if checkpoint.load(path, map_location="cpu")["epoch"] == state["epoch"]:
+            return
+    except checkpoint.CheckpointError:
+        pass  # missing or damaged: written anew below
+    checkpoint.save(_best_state(state), path)
 
 
 def _write_history_if_changed(path: Path, history: list[dict[str, Any]]) -> None:

@@ -191,6 +191,35 @@ def test_without_validation_best_pt_is_the_last_epoch(tmp_path, small_data):
     assert state["epoch"] == 1
 
 
+@pytest.mark.fault
+def test_a_kill_between_checkpoint_and_best_pt_is_repaired_on_resume(tmp_path, small_data,
+                                                                      monkeypatch):
+    """checkpoint.pt is written before best.pt; a kill in between (here: at the last epoch's
+    best.pt) leaves best.pt an epoch behind, and resuming brings it up to the checkpoint."""
+    cfg = tiny("pgd_at", epochs=2, val_size=0, out_dir=str(tmp_path))  # every epoch is "best"
+    real = checkpoint.save
+
+    def killed_at_the_last_best(obj, path):
+        if path.name == "best.pt" and obj["epoch"] == 1:
+            raise KeyboardInterrupt("killed")  # as if the process died here
+        return real(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save", killed_at_the_last_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, dataset=small_data)
+    monkeypatch.setattr(checkpoint, "save", real)
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert checkpoint.load(tmp_path / "best.pt")["epoch"] == 0  # one behind
+    history = train(cfg, resume=True, dataset=small_data)  # nothing left to train
+    assert [r["epoch"] for r in history] == [1, 2]
+    best, last = checkpoint.load(tmp_path / "best.pt"), checkpoint.load(tmp_path / "checkpoint.pt")
+    assert best["epoch"] == 1 and all(torch.equal(best["model"][k], last["model"][k])
+                                      for k in last["model"])
+    assert set(best["val"]) == {"val_clean", "val_pgd"}
+    model, _ = load_model(tmp_path / "best.pt")  # a loadable best.pt, as before
+    assert not model.training
+
+
 def test_resume_restores_rng_states_saved_anywhere(tmp_path, small_data, monkeypatch):
     """train() loads checkpoint.pt onto the CPU: the RNG setters take CPU tensors only (a GPU
     run that loaded them onto the GPU could not resume)."""
@@ -202,7 +231,7 @@ def test_resume_restores_rng_states_saved_anywhere(tmp_path, small_data, monkeyp
     monkeypatch.setattr(checkpoint, "load",
                         lambda path, **kw: where.append(kw.get("map_location")) or real(path, **kw))
     history = train(cfg, resume=True, dataset=small_data)
-    assert where == ["cpu"] and [r["epoch"] for r in history] == [1, 2]
+    assert where and set(where) == {"cpu"} and [r["epoch"] for r in history] == [1, 2]
 
 
 def test_history_lr_is_the_rate_the_last_step_used(small_data):
