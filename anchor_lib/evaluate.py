@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ __all__ = [
     "check_black_box_weaker",
     "check_eps_sweep",
     "check_more_steps",
+    "correct",
     "default_batch_size",
     "eps_sweep",
     "evaluate_suite",
@@ -120,45 +122,36 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Clean accuracy in [0, 1], in eval mode without gradients, in IEEE fp32 (:func:`full_precision`);
-    the model's mode is restored.
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None,
+            batch_size: int = 500) -> torch.Tensor:
+    """Which examples ``model`` gets right: bool ``(N,)`` on ``x``'s device.
+
+    Without ``attack``: classified correctly. With one: classified correctly both clean and
+    after ``attack`` (only the clean-correct examples are attacked). In eval mode without
+    parameter gradients, in IEEE fp32 (:func:`full_precision`); the model's mode is restored.
+    Two models' masks on the same images give a paired comparison
+    (:func:`anchor_lib.results.compare`).
 
     Args:
         model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
         x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
         y: integer labels ``(N,)`` in ``[0, K)``.
-        batch_size: images per forward pass.
+        attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``, or None.
+        batch_size: images per forward pass or attack call.
     """
     x, y = _check_data(x, y, batch_size)
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    with attack_mode(model), full_precision():
-        for s in _batches(len(x), batch_size):
-            correct += (_predict(model, x[s], y[s]) == y[s]).sum()
-    return correct.item() / len(x)
-
-
-def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
-                    batch_size: int = 500) -> float:
-    """Fraction of examples classified correctly both clean and after ``attack``, in [0, 1]; the
-    attack and the predictions run in IEEE fp32 (:func:`full_precision`).
-
-    Args:
-        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
-        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
-        y: integer labels ``(N,)`` in ``[0, K)``.
-        attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``.
-        batch_size: images per attack call.
-    """
-    x, y = _check_data(x, y, batch_size)
-    if not callable(attack):
+    if attack is not None and not callable(attack):
         raise TypeError(f"attack must be callable as attack(model, x, y) -> x_adv, "
                         f"got {type(attack).__name__}")
-    robust = 0
+    mask = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     with attack_mode(model), full_precision():
         for s in _batches(len(x), batch_size):
             xb, yb = x[s], y[s]
-            keep = (_predict(model, xb, yb) == yb).nonzero().squeeze(1)
+            right = _predict(model, xb, yb) == yb
+            if attack is None:
+                mask[s] = right
+                continue
+            keep = right.nonzero().squeeze(1)
             if keep.numel() == 0:
                 continue
             x_adv = attack(model, xb[keep], yb[keep])
@@ -167,8 +160,38 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
                 raise ValueError(f"attack must return x_adv of shape {tuple(xb[keep].shape)}, "
                                  f"got {got}")
             check_images(x_adv, "x_adv")  # finite and in [0, 1], else the score means nothing
-            robust += (_predict(model, x_adv, yb[keep]) == yb[keep]).sum().item()
-    return robust / len(x)
+            mask[s.start + keep] = _predict(model, x_adv, yb[keep]) == yb[keep]
+    return mask
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Clean accuracy in [0, 1]: the mean of :func:`correct` without an attack.
+
+    Args:
+        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
+        y: integer labels ``(N,)`` in ``[0, K)``.
+        batch_size: images per forward pass.
+    """
+    return correct(model, x, y, None, batch_size).sum().item() / len(x)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
+                    batch_size: int = 500) -> float:
+    """Fraction of examples classified correctly both clean and after ``attack``, in [0, 1]:
+    the mean of :func:`correct` with ``attack`` (IEEE fp32, :func:`full_precision`).
+
+    Args:
+        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
+        y: integer labels ``(N,)`` in ``[0, K)``.
+        attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``.
+        batch_size: images per attack call.
+    """
+    if not callable(attack):
+        raise TypeError(f"attack must be callable as attack(model, x, y) -> x_adv, "
+                        f"got {type(attack).__name__}")
+    return correct(model, x, y, attack, batch_size).sum().item() / len(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +226,7 @@ def _check_count(value: object, name: str) -> int | None:
 def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    attacks: Sequence[str] | str = ATTACKS, n: int | None = None,
                    autoattack_n: int = 1000, batch_size: int = 500, progress: bool = False,
-                   eps: float = EVAL_EPS) -> dict[str, dict[str, float | int]]:
+                   eps: float = EVAL_EPS, per_image: bool = False) -> dict[str, dict[str, Any]]:
     """Accuracies of ``model`` under the protocol's attacks, as in ``metrics.json``.
 
     Args:
@@ -217,10 +240,12 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         batch_size: images per attack call.
         progress: print one line per attack with its accuracy and wall time.
         eps: L-inf radius (default 8/255).
+        per_image: also return each attack's :func:`correct` mask.
 
     Returns:
         ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
-        time}}`` in the order asked.
+        time}}`` in the order asked; with ``per_image``, each entry also has ``"correct"``, a
+        bool numpy array ``(n,)``: entry i for the i-th evaluated image.
     """
     if not isinstance(attacks, (str, list, tuple)):
         raise TypeError(f"attacks must be a sequence of attack names from {list(ATTACKS)} or one "
@@ -243,13 +268,12 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     for name in names:
         start = time.perf_counter()
         xs, ys = (x[:autoattack_n], y[:autoattack_n]) if name == "autoattack" else (x, y)
-        if name == "clean":
-            value = accuracy(model, xs, ys, batch_size)
-        else:
-            value = robust_accuracy(model, xs, ys, table[name], batch_size)
-        sync(x.device)
+        mask = correct(model, xs, ys, None if name == "clean" else table[name], batch_size)
+        value = mask.sum().item() / len(xs)  # a host sync: the time below is the attack's
         seconds = time.perf_counter() - start
         results[name] = {"value": value, "n": len(xs), "seconds": round(seconds, 2)}
+        if per_image:
+            results[name]["correct"] = mask.cpu().numpy()
         if progress:
             print(f"[evaluate] {name:>10}: {value:.4f} on {len(xs)} images ({seconds:.1f} s)",
                   flush=True)

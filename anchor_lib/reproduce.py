@@ -6,7 +6,8 @@ and each run's ``metrics.json`` is written last and atomically, so a killed repr
 leaves a file that looks finished.
 
 Per run, under ``<out>/<profile>-<method>/``: ``checkpoint.pt`` and ``best.pt`` (git-ignored),
-``history.csv``, ``embeddings.npz`` and ``metrics.json`` (DESIGN §6).
+``history.csv``, ``embeddings.npz``, ``per_image.npz`` (which test images each attack left
+correct, for paired comparisons) and ``metrics.json`` (DESIGN §6).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, embeddings, evaluate, provenance
+import torch
+
+from . import checkpoint, data, embeddings, evaluate, provenance, results
 from .models import PreActResNet18
 from .train import (
     METHODS,
@@ -70,8 +73,12 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
                    attacks: tuple[str, ...] | None = None, n: int | None = None,
                    autoattack_n: int = 1000, sanity: bool = False,
                    dataset: data.CIFAR10 | None = None,
-                   batch_size: int | None = None) -> dict[str, Any]:
-    """:func:`evaluate_checkpoint` for a model already loaded (with its checkpoint ``state``)."""
+                   batch_size: int | None = None, per_image: bool = False) -> dict[str, Any]:
+    """:func:`evaluate_checkpoint` for a model already loaded (with its checkpoint ``state``).
+
+    With ``per_image`` each ``accuracy`` entry also holds ``"correct"``, the attack's per-image
+    bool mask (``evaluate.evaluate_suite``): not JSON, for :func:`results.save_per_image`.
+    """
     dev = next(model.parameters()).device
     if batch_size is None:
         batch_size = evaluate.default_batch_size(dev)
@@ -83,7 +90,7 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     t0 = time.perf_counter()
     names = tuple(attacks) if attacks else evaluate.ATTACKS
     accuracy = evaluate.evaluate_suite(model, x, y, attacks=names, autoattack_n=autoattack_n,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, per_image=per_image)
     k = min(autoattack_n, len(y))
     checks = (evaluate.sanity_checks(model, x[:k], y[:k],
                                      autoattack=accuracy.get("autoattack", {}).get("value"),
@@ -136,7 +143,12 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
     model, state = load_model(run_dir / "best.pt", dev)
     metrics = evaluate_model(model, state, attacks=attacks, n=settings["n"],
                              autoattack_n=settings["autoattack_n"], sanity=settings["sanity"],
-                             dataset=dataset)
+                             dataset=dataset, per_image=True)
+    # Which test images each attack left correct: a paired comparison of two runs needs them.
+    masks = {name: entry.pop("correct") for name, entry in metrics["accuracy"].items()}
+    results.save_per_image(run_dir / "per_image.npz", masks,
+                           {"method": cfg.method, "data": dataset.label,
+                            "commit": metrics.get("commit")})
     # train_seconds from the checkpoint covers all epochs, resumed ones included.
     metrics["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
     k = settings["embed_n"]
@@ -234,15 +246,18 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
                                 dest: str | Path = "data/checkpoints",
                                 methods: tuple[str, ...] = ("standard", "pgd_at", "anchor"),
                                 profile: str = "tutorial", *, check_n: int = 10_000,
+                                robust_check_n: int = 1000,
                                 dataset: data.CIFAR10 | None = None, log=print) -> Path:
     """Write fp16 copies of finished runs' ``best.pt`` and a ``manifest.json`` listing them.
 
     Each ``<results>/<profile>-<method>`` run must be finished (a verified ``metrics.json``). Its
     weights are stored as a float16 state_dict in ``<dest>/<method>-w<width>.pt`` (at most
     ``TUTORIAL_MAX_BYTES``), and the manifest entry records the file's sha256, where and how it
-    was trained and evaluated, and the clean accuracy on the first ``check_n`` test images with
-    the fp32 and with the fp16-rounded weights, so that the rounding's cost is measured, not
-    assumed. Entries of methods not exported now are kept. Returns the manifest's path.
+    was trained and evaluated, the clean accuracy on the first ``check_n`` test images and the
+    PGD-20 accuracy (DESIGN §4, the same random starts) on the first ``robust_check_n``, each
+    with the fp32 and with the fp16-rounded weights: the chapters attack the rounded weights, so
+    the rounding's cost is measured, not assumed. Entries of methods not exported now are kept.
+    Returns the manifest's path.
     """
     results, dest = Path(results), Path(dest)
     manifest_path = dest / "manifest.json"
@@ -274,20 +289,27 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
         dev = resolve_device(cfg.device)
         x = data.to_float(dataset.x_test[:check_n]).to(dev)
         y = dataset.y_test[:check_n].to(dev)
-        clean = {}
+        clean, robust = {}, {}
+        pgd20 = evaluate.standard_attacks()["pgd20"]
+        k = min(robust_check_n, len(y))
         for name, weights in (("fp32_weights", state["model"]), ("fp16_weights", half)):
-            clean[name] = evaluate.accuracy(model_from_weights(cfg, weights).to(dev).eval(), x, y)
+            model = model_from_weights(cfg, weights).to(dev).eval()
+            clean[name] = evaluate.accuracy(model, x, y)
+            torch.manual_seed(0)  # both weight sets see the same random starts
+            robust[name] = evaluate.robust_accuracy(model, x[:k], y[:k], pgd20)
         entries[method] = {
             "method": method, "file": path.name, "sha256": checkpoint.sha256_file(path),
             "bytes": size, "dtype": "float16", "width": cfg.width, "epochs": cfg.epochs,
             "selected_epoch": int(state["epoch"]) + 1, "data": metrics.get("data"),
             "hardware": metrics.get("hardware"), "torch": metrics.get("torch"),
             "commit": metrics.get("commit"), "source": f"{run_dir.as_posix()}/metrics.json",
-            "accuracy": {k: v.get("value") for k, v in metrics.get("accuracy", {}).items()},
+            "accuracy": {a: v.get("value") for a, v in metrics.get("accuracy", {}).items()},
             "clean_check": {"n": len(y), **clean},
+            "pgd20_check": {"n": k, **robust},
         }
         log(f"{path}: {size / 2**20:.2f} MB, clean {clean['fp32_weights']:.4f} (fp32 weights) / "
-            f"{clean['fp16_weights']:.4f} (fp16 weights) on {len(y)} test images")
+            f"{clean['fp16_weights']:.4f} (fp16 weights) on {len(y)} test images, PGD-20 "
+            f"{robust['fp32_weights']:.4f} / {robust['fp16_weights']:.4f} on {k}")
     manifest = {"note": "PreAct ResNet-18 tutorial checkpoints (float16 state_dicts), made by "
                         "`python -m anchor_lib reproduce --profile tutorial --export-checkpoints`; "
                         "accuracies are from each run's metrics.json (fp32 weights, DESIGN §4).",

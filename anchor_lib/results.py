@@ -6,6 +6,7 @@ Layout under the results root (default: the repository's ``data/results/``, or
     <run>/metrics.json            one training run, evaluated by DESIGN §4 (e.g. full-anchor/)
     <run>/history.csv             its per-epoch history
     <run>/embeddings.npz          its clean / aug / adv embeddings (chapter 7)
+    <run>/per_image.npz           which test images each attack left correct (paired comparisons)
     ablation_<param>/<run>/...    runs of an ablation that vary TrainConfig field <param>
                                   (e.g. ablation_beta/beta-0.5/metrics.json)
     bench/                        speed results (not read here)
@@ -17,6 +18,7 @@ one is present, and malformed files raise ``ValueError`` naming the file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -24,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from . import checkpoint
 
@@ -43,8 +47,8 @@ _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
 __all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "RunResult", "ablation_param",
            "ablation_table", "compare", "default_root", "find_embeddings", "format_results_table",
-           "load_ablations", "load_history", "load_results", "load_run",
-           "load_tutorial_checkpoint", "provenance_table", "results_table", "sanity_table",
+           "load_ablations", "load_history", "load_per_image", "load_results", "load_run",
+           "load_tutorial_checkpoint", "save_per_image", "provenance_table", "results_table", "sanity_table",
            "validate_metrics"]
 
 
@@ -91,6 +95,10 @@ class RunResult:
     @property
     def embeddings_path(self) -> Path:
         return self.path / "embeddings.npz"
+
+    @property
+    def per_image_path(self) -> Path:
+        return self.path / "per_image.npz"
 
 
 def validate_metrics(d: Any, where: str = "metrics") -> dict[str, Any]:
@@ -174,6 +182,74 @@ def load_history(path: str | Path):
     if path.with_name(path.name + ".sha256").is_file():
         checkpoint.verify(path)
     return pd.read_csv(path)
+
+
+PER_IMAGE_FORMAT = "anchor-per-image-v1"
+
+
+def save_per_image(path: str | Path, masks: dict[str, Any], meta: dict[str, Any] | None = None
+                   ) -> Path:
+    """Write ``per_image.npz`` atomically, with a ``.sha256`` sidecar.
+
+    ``masks`` maps attack names to bool ``(n,)`` arrays: entry i says whether the model got the
+    i-th evaluated test image right under that attack (the first ``n`` test images, as
+    ``evaluate.evaluate_suite`` takes them). ``meta`` (method, data copy, commit) is stored as
+    a JSON string. Returns the path.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for name, mask in masks.items():
+        a = np.asarray(mask)
+        if a.dtype != np.bool_ or a.ndim != 1 or a.size == 0:
+            raise ValueError(f"masks[{name!r}] must be a non-empty 1-d bool array, got dtype "
+                             f"{a.dtype} and shape {a.shape}")
+        arrays[name] = a
+    arrays["meta"] = np.array(json.dumps({"format": PER_IMAGE_FORMAT, **(meta or {})},
+                                         default=str))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return checkpoint.atomic_write_bytes(path, buf.getvalue())
+
+
+def load_per_image(path: str | Path) -> dict[str, Any]:
+    """Read a :func:`save_per_image` file (verifying its sidecar when present): attack names to
+    bool ``(n,)`` arrays, and ``meta`` (a dict)."""
+    path = Path(path)
+    if path.with_name(path.name + ".sha256").is_file():
+        checkpoint.verify(path)
+    with np.load(path, allow_pickle=False) as f:
+        out: dict[str, Any] = {k: f[k] for k in f.files}
+    meta = json.loads(str(out.pop("meta", "{}")))
+    if meta.get("format") != PER_IMAGE_FORMAT:
+        raise ValueError(f"{path}: expected a per_image.npz of format {PER_IMAGE_FORMAT}, got "
+                         f"{meta.get('format')!r}")
+    return {**out, "meta": meta}
+
+
+def _mask(run: RunResult, attack: str) -> np.ndarray | None:
+    """``run``'s per-image mask for ``attack``, checked against its metrics.json; None if absent."""
+    if not run.per_image_path.is_file():
+        return None
+    mask = load_per_image(run.per_image_path).get(attack)
+    entry = run.metrics["accuracy"].get(attack)
+    if mask is None or entry is None:
+        return None
+    if mask.shape != (entry["n"],) or abs(mask.mean() - entry["value"]) > 1e-9:
+        raise ValueError(f"{run.per_image_path}: the {attack} mask ({mask.size} images, "
+                         f"{mask.mean():.4f} correct) does not match metrics.json "
+                         f"({entry['n']} images, {entry['value']:.4f})")
+    return mask
+
+
+def _mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: P(a Binomial(b + c, 1/2) at least as far from the middle
+    as b)."""
+    m, k = b + c, min(b, c)
+    if m == 0:
+        return 1.0
+    log_half = m * math.log(0.5)
+    tail = sum(math.exp(math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) + log_half)
+               for i in range(k + 1))
+    return min(1.0, 2 * tail)
 
 
 def _as_metrics(item: RunResult | dict[str, Any], i: int) -> tuple[str, dict[str, Any]]:
@@ -278,43 +354,79 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
             attacks: Sequence[str] = ATTACKS):
     """Does ``method`` beat ``baseline``? One row per attack, computed from the files only.
 
-    Runs of the same method (several seeds) are averaged. A difference smaller than two binomial
-    standard errors, ``2 * sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)``, is called "within noise".
+    **Paired** when it can be: if each method has one run and both runs' ``per_image.npz`` hold
+    the attack's masks on the same test images (same data copy, same n), the difference is
+    ``(b - c) / n``, where ``b`` counts the images only ``method`` gets right and ``c`` those only
+    ``baseline`` gets right. Its standard error, ``sqrt(b + c - (b - c)^2 / n) / n``, only counts
+    the images the two models disagree on, so it is usually far smaller than the unpaired one
+    (both models get most images alike); ``p_value`` is McNemar's exact two-sided test.
+    **Unpaired** otherwise (several seeds, which are averaged, or no masks): the standard error is
+    ``sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)`` and ``p_value`` is NaN. Either way, a
+    difference within two standard errors is called "within noise". Both measure only the
+    sampling of test images; a second training seed can move a result by more.
 
     Returns:
         DataFrame indexed by attack with columns ``method``, ``baseline`` (accuracies),
         ``n_method``, ``n_baseline``, ``runs_method``, ``runs_baseline``, ``difference``
-        (method - baseline, in accuracy points, i.e. percent), ``noise_2se`` (points) and
-        ``verdict``. Empty when either method has no run at ``profile`` (None = any profile).
+        (method - baseline, in accuracy points, i.e. percent), ``noise_2se`` (points),
+        ``test`` ("paired" or "unpaired"), ``only_method`` and ``only_baseline`` (b and c;
+        NaN unpaired), ``p_value`` and ``verdict``. Empty when either method has no run at
+        ``profile`` (None = any profile).
     """
     import pandas as pd
 
-    chosen = [m for _, m in _runs(runs)
+    items = list(runs)
+    chosen = [(item, m) for item, (_, m) in zip(items, _runs(items), strict=True)
               if profile is None or (m.get("profile") or m["config"].get("profile")) == profile]
-    groups = {k: [m for m in chosen if m["method"] == k] for k in (method, baseline)}
+    groups = {k: [(item, m) for item, m in chosen if m["method"] == k] for k in (method, baseline)}
     columns = ["method", "baseline", "n_method", "n_baseline", "runs_method", "runs_baseline",
-               "difference", "noise_2se", "verdict"]
+               "difference", "noise_2se", "test", "only_method", "only_baseline", "p_value",
+               "verdict"]
     if not groups[method] or not groups[baseline]:
         return pd.DataFrame(columns=columns).rename_axis("attack")
     rows = []
     for a in attacks:
-        have = {k: [m["accuracy"][a] for m in g if a in m["accuracy"]] for k, g in groups.items()}
+        have = {k: [(item, m) for item, m in g if a in m["accuracy"]] for k, g in groups.items()}
         if not have[method] or not have[baseline]:
             continue
-        p = {k: sum(e["value"] for e in v) / len(v) for k, v in have.items()}
-        n = {k: min(e["n"] for e in v) for k, v in have.items()}
-        diff = 100 * (p[method] - p[baseline])
-        noise = 200 * math.sqrt(sum(p[k] * (1 - p[k]) / n[k] for k in p))
+        entries = {k: [m["accuracy"][a] for _, m in v] for k, v in have.items()}
+        p = {k: sum(e["value"] for e in v) / len(v) for k, v in entries.items()}
+        n = {k: min(e["n"] for e in v) for k, v in entries.items()}
+        row = {"attack": ATTACK_LABELS.get(a, a), "method": p[method], "baseline": p[baseline],
+               "n_method": n[method], "n_baseline": n[baseline],
+               "runs_method": len(have[method]), "runs_baseline": len(have[baseline]),
+               "test": "unpaired", "only_method": math.nan, "only_baseline": math.nan,
+               "p_value": math.nan}
+        masks = _paired_masks(have[method], have[baseline], a)
+        if masks is not None:
+            mine, theirs = masks
+            b, c, size = int((mine & ~theirs).sum()), int((~mine & theirs).sum()), mine.size
+            diff = 100 * (b - c) / size
+            noise = 200 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / size)) / size
+            row.update(test="paired", only_method=b, only_baseline=c, p_value=_mcnemar_p(b, c))
+        else:
+            diff = 100 * (p[method] - p[baseline])
+            noise = 200 * math.sqrt(sum(p[k] * (1 - p[k]) / n[k] for k in p))
         if abs(diff) <= noise:
             verdict = "within noise"
         else:
-            better = METHOD_LABELS.get(method if diff > 0 else baseline, "")
-            verdict = f"{better} higher"
-        rows.append({"attack": ATTACK_LABELS.get(a, a), "method": p[method],
-                     "baseline": p[baseline], "n_method": n[method], "n_baseline": n[baseline],
-                     "runs_method": len(have[method]), "runs_baseline": len(have[baseline]),
-                     "difference": diff, "noise_2se": noise, "verdict": verdict})
+            verdict = f"{METHOD_LABELS.get(method if diff > 0 else baseline, '')} higher"
+        rows.append({**row, "difference": diff, "noise_2se": noise, "verdict": verdict})
     return pd.DataFrame(rows, columns=["attack", *columns]).set_index("attack")
+
+
+def _paired_masks(mine: list, theirs: list, attack: str
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two runs' masks for ``attack`` when a paired comparison is possible, else None."""
+    if len(mine) != 1 or len(theirs) != 1:
+        return None
+    (run_a, m_a), (run_b, m_b) = mine[0], theirs[0]
+    if not (isinstance(run_a, RunResult) and isinstance(run_b, RunResult)):
+        return None
+    if m_a.get("data") != m_b.get("data") or m_a["accuracy"][attack]["n"] != m_b["accuracy"][attack]["n"]:
+        return None
+    a, b = _mask(run_a, attack), _mask(run_b, attack)
+    return None if a is None or b is None else (a, b)
 
 
 def ablation_param(name: str, runs: Sequence[RunResult | dict[str, Any]]) -> str | None:

@@ -218,13 +218,16 @@ def test_interrupted_evaluate_leaves_no_metrics_then_reruns(tiny_checkpoint, tmp
     argv = ("evaluate", "--checkpoint", tiny_checkpoint, "--attacks", "clean,pgd20", "--n", "16",
             "--out", out)
     calls = []
+    real = evaluate.correct
 
-    def crash(*args, **kwargs):  # clean accuracy is done; PGD-20 "crashes" halfway
+    def crash(model, x, y, attack=None, batch_size=500):  # clean is done; PGD-20 "crashes"
+        if attack is None:
+            return real(model, x, y, attack, batch_size)
         calls.append(1)
         raise RuntimeError("simulated crash in the middle of the evaluation")
 
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "robust_accuracy", crash)
+        m.setattr(evaluate, "correct", crash)
         code, _, err = run_cli(*argv, capsys=capsys)
     assert calls and assert_one_line_error(code, err, "simulated crash")
     assert not out.exists() and not out.with_name("metrics.json.sha256").exists()
@@ -241,13 +244,14 @@ def test_evaluate_batch_size_is_used_and_recorded(tiny_checkpoint, tmp_path, cap
     from anchor_lib import evaluate
 
     seen = []
-    real = evaluate.robust_accuracy
+    real = evaluate.correct
 
-    def spy(model, x, y, attack, batch_size=500):
-        seen.append(batch_size)
+    def spy(model, x, y, attack=None, batch_size=500):
+        if attack is not None:
+            seen.append(batch_size)
         return real(model, x, y, attack, batch_size)
 
-    monkeypatch.setattr(evaluate, "robust_accuracy", spy)
+    monkeypatch.setattr(evaluate, "correct", spy)
     values = {}
     for flag in ([], ["--batch-size", "8"]):
         out = tmp_path / f"metrics{len(flag)}.json"

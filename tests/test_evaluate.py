@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,21 @@ def test_robust_accuracy_never_exceeds_clean(trained):
     robust_accuracy(model, x, y, recording, batch_size=50)
     assert len(seen) == 4
     assert sum(seen) == round(clean * len(x)), "only clean-correct examples should be attacked"
+
+
+def test_correct_masks_are_the_per_image_accuracies(trained):
+    model, x, y = trained
+    attack = partial(fgsm, eps=EPS)
+    clean = evaluate.correct(model, x, y, batch_size=13)
+    with torch.no_grad():
+        assert torch.equal(clean, model(x).argmax(1) == y)
+    robust = evaluate.correct(model, x, y, attack, batch_size=13)
+    assert robust.dtype == torch.bool and robust.shape == (len(x),)
+    assert not (robust & ~clean).any()  # robust only where clean-correct
+    assert robust.float().mean().item() == pytest.approx(robust_accuracy(model, x, y, attack))
+    suite = evaluate_suite(model, x, y, attacks="clean,fgsm", per_image=True, eps=EPS)
+    assert np.array_equal(suite["clean"]["correct"], clean.numpy())
+    assert suite["fgsm"]["correct"].mean() == pytest.approx(suite["fgsm"]["value"])
 
 
 def test_robust_accuracy_rejects_bad_attack(trained):

@@ -214,6 +214,66 @@ def test_compare_states_the_winner_from_the_files(results_root):
     assert results.compare(runs, "anchor", "pgd_at", profile="demo").empty
 
 
+def _paired_root(tmp_path, b: int, c: int, seeds: int = 1):
+    """PGD-AT right on the first 500 of 1,000 PGD-20 images; ANCHOR the same but also right on
+    the next ``b`` and wrong on the last ``c`` of PGD-AT's."""
+    root = tmp_path / "paired"
+    base = np.zeros(1000, dtype=bool)
+    base[:500] = True
+    mine = base.copy()
+    mine[500:500 + b] = True
+    mine[500 - c:500] = False
+    for seed in range(seeds):
+        for method, mask in (("pgd_at", base), ("anchor", mine)):
+            accs = {"clean": (0.8, 1000), "pgd20": (float(mask.mean()), 1000)}
+            m = {**fake_metrics(method, accs), "seed": seed}
+            folder = root / f"full-{method}-{seed}"
+            checkpoint.write_json(folder / "metrics.json", m)
+            results.save_per_image(folder / "per_image.npz",
+                                   {"clean": np.ones(1000, dtype=bool) & (np.arange(1000) < 800),
+                                    "pgd20": mask}, {"method": method})
+    return root
+
+
+def test_compare_is_paired_when_both_runs_have_per_image_masks(tmp_path):
+    runs = results.load_results(_paired_root(tmp_path, b=20, c=0))
+    row = results.compare(runs, "anchor", "pgd_at", attacks=("pgd20",)).loc["PGD-20"]
+    # 52 % vs 50 % on 1,000 images: 4.5 points of unpaired noise would call it a tie, but the
+    # models disagree on 20 images only, all in ANCHOR's favour.
+    assert row["test"] == "paired" and (row["only_method"], row["only_baseline"]) == (20, 0)
+    assert row["difference"] == pytest.approx(2.0)
+    assert row["noise_2se"] == pytest.approx(200 * np.sqrt(20 - 400 / 1000) / 1000)
+    assert row["verdict"] == "ANCHOR higher"
+    assert row["p_value"] == pytest.approx(2 * 0.5 ** 20)
+    # Disagreeing both ways on many images is noise, whichever way the net count falls.
+    row = results.compare(results.load_results(_paired_root(tmp_path / "b", b=40, c=30)),
+                          "anchor", "pgd_at", attacks=("pgd20",)).loc["PGD-20"]
+    assert row["test"] == "paired" and row["difference"] == pytest.approx(1.0)
+    assert row["verdict"] == "within noise"
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert row["p_value"] == pytest.approx(scipy_stats.binomtest(40, 70, 0.5).pvalue)
+
+
+def test_compare_falls_back_to_unpaired_and_checks_the_masks(tmp_path):
+    # Two seeds per method are averaged: no single pairing, so the unpaired test.
+    runs = results.load_results(_paired_root(tmp_path, b=20, c=0, seeds=2))
+    row = results.compare(runs, "anchor", "pgd_at", attacks=("pgd20",)).loc["PGD-20"]
+    assert row["test"] == "unpaired" and row["runs_method"] == 2 and np.isnan(row["p_value"])
+    assert row["verdict"] == "within noise"
+    # Parsed dicts carry no masks either.
+    row = results.compare([r.metrics for r in runs if r.metrics["seed"] == 0], "anchor", "pgd_at",
+                          attacks=("pgd20",)).loc["PGD-20"]
+    assert row["test"] == "unpaired"
+    # A mask that disagrees with its metrics.json is an error, not a silent pairing.
+    root = _paired_root(tmp_path / "bad", b=20, c=0)
+    wrong = np.zeros(1000, dtype=bool)
+    results.save_per_image(root / "full-anchor-0" / "per_image.npz", {"pgd20": wrong})
+    with pytest.raises(ValueError, match="pgd20 mask.*does not match metrics.json"):
+        results.compare(results.load_results(root), "anchor", "pgd_at", attacks=("pgd20",))
+    with pytest.raises(ValueError, match="non-empty 1-d bool array"):
+        results.save_per_image(tmp_path / "x.npz", {"pgd20": np.zeros(3)})
+
+
 def test_history_and_ablation_plots(results_root):
     runs = results.load_results(results_root)
     hist = results.load_history(runs[-1].history_path)  # verified against its sidecar

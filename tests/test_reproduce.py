@@ -9,9 +9,10 @@ import csv
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
-from anchor_lib import checkpoint, embeddings, evaluate, provenance
+from anchor_lib import checkpoint, embeddings, evaluate, provenance, results
 from anchor_lib import reproduce as rep
 from anchor_lib.train import TrainConfig
 
@@ -63,6 +64,13 @@ def check_artifacts(run_dir, method: str) -> dict:
     emb = embeddings.load_embeddings(run_dir / "embeddings.npz")
     assert emb["clean"].shape[0] == emb["adv"].shape[0] == emb["labels"].shape[0] == 40
     assert emb["meta"]["method"] == method
+    # One mask per attack, whose mean is the accuracy metrics.json states.
+    masks = results.load_per_image(run_dir / "per_image.npz")
+    assert masks["meta"]["method"] == method and masks["meta"]["commit"] == "0" * 40
+    for name, entry in metrics["accuracy"].items():
+        assert masks[name].dtype == np.bool_ and masks[name].shape == (entry["n"],)
+        assert masks[name].mean() == pytest.approx(entry["value"])
+    assert not (masks["pgd20"] & ~masks["clean"]).any()  # robust implies clean-correct
     return metrics
 
 
@@ -169,6 +177,10 @@ def test_export_tutorial_checkpoints_writes_fp16_files_the_book_can_load(tmp_pat
         # fp16 rounding of the weights moves accuracy on 48 images by at most a few images.
         check = entry["clean_check"]
         assert abs(check["fp16_weights"] - check["fp32_weights"]) <= 3 / 48
+        # The chapters attack the rounded weights: PGD-20 is measured with both (same starts).
+        robust = entry["pgd20_check"]
+        assert robust["n"] == 48 and robust["fp32_weights"] <= check["fp32_weights"]
+        assert abs(robust["fp16_weights"] - robust["fp32_weights"]) <= 3 / 48
         model, state, found = results.load_tutorial_checkpoint(entry["method"], dest)
         assert found["file"] == entry["file"] and not model.training
         assert next(model.parameters()).dtype.is_floating_point
@@ -178,6 +190,7 @@ def test_export_tutorial_checkpoints_writes_fp16_files_the_book_can_load(tmp_pat
     manifest = json.loads(manifest_path.read_text())
     assert [e["method"] for e in manifest["checkpoints"]] == ["standard", "anchor"]
     assert manifest["checkpoints"][1]["clean_check"]["n"] == 8
+    assert manifest["checkpoints"][1]["pgd20_check"]["n"] == 8
 
 
 @pytest.mark.bad_input
