@@ -139,7 +139,11 @@ def run(args: argparse.Namespace) -> int:
                              "cuda_graphs"))
         except (ValueError, TypeError) as err:  # the arguments do not make a valid config
             raise UsageError(str(err)) from err
-        history = train(cfg, resume=args.resume)
+        try:
+            history = train(cfg, resume=args.resume)
+        except BaseException:
+            distributed.teardown(wait=False)  # others may be stuck in a collective: no barrier
+            raise
         distributed.teardown()  # under torchrun: leave the process group before exiting
         last = history[-1] if history else {}
         print(json.dumps({"epochs": len(history), "last": last}, default=str))

@@ -134,11 +134,12 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def teardown() -> None:
-    """Leave the process group, if this process joined one: wait for every process, then
-    destroy it. Call it at the end of a torchrun script (the command line does): a process that
-    exits with the group alive can abort in gloo's threads ("terminate called without an active
-    exception") after a successful run."""
+def teardown(wait: bool = True) -> None:
+    """Leave the process group, if this process joined one: wait for every process (unless
+    ``wait`` is False: after an error the others may never arrive), then destroy it. Call it at
+    the end of a torchrun script (the command line does): a process that exits with the group
+    alive can abort in gloo's threads ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

@@ -41,6 +41,7 @@ __all__ = [
     "full_precision",
     "robust_accuracy",
     "sanity_checks",
+    "seeded",
     "standard_attacks",
 ]
 
@@ -290,7 +291,7 @@ def _tolerance(n: int) -> float:
 
 
 @contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run with a fixed seed without disturbing the caller's RNG streams.
 
     Re-seeding before each run gives every run the same random start, so runs that differ in
@@ -306,7 +307,7 @@ def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     if eps == 0:
         return accuracy(model, x, y, batch_size)
     attack = partial(pgd, eps=eps, alpha=eps / 4 if alpha is None else alpha, steps=steps)
-    with _seeded(seed, x.device):
+    with seeded(seed, x.device):
         return robust_accuracy(model, x, y, attack, batch_size)
 
 

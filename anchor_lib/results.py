@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,7 +227,8 @@ def load_per_image(path: str | Path) -> dict[str, Any]:
 
 
 def _mask(run: RunResult, attack: str) -> np.ndarray | None:
-    """``run``'s per-image mask for ``attack``, checked against its metrics.json; None if absent."""
+    """``run``'s per-image mask for ``attack``, checked against its metrics.json; None if absent
+    or out of date."""
     if not run.per_image_path.is_file():
         return None
     mask = load_per_image(run.per_image_path).get(attack)
@@ -234,9 +236,11 @@ def _mask(run: RunResult, attack: str) -> np.ndarray | None:
     if mask is None or entry is None:
         return None
     if mask.shape != (entry["n"],) or abs(mask.mean() - entry["value"]) > 1e-9:
-        raise ValueError(f"{run.per_image_path}: the {attack} mask ({mask.size} images, "
-                         f"{mask.mean():.4f} correct) does not match metrics.json "
-                         f"({entry['n']} images, {entry['value']:.4f})")
+        warnings.warn(f"{run.per_image_path}: the {attack} mask ({mask.size} images, "
+                      f"{mask.mean():.4f} correct) does not match metrics.json ({entry['n']} "
+                      f"images, {entry['value']:.4f}), so it is not used: {attack} is compared "
+                      "unpaired", stacklevel=3)
+        return None
     return mask
 
 
@@ -357,13 +361,16 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
     **Paired** when it can be: if each method has one run and both runs' ``per_image.npz`` hold
     the attack's masks on the same test images (same data copy, same n), the difference is
     ``(b - c) / n``, where ``b`` counts the images only ``method`` gets right and ``c`` those only
-    ``baseline`` gets right. Its standard error, ``sqrt(b + c - (b - c)^2 / n) / n``, only counts
-    the images the two models disagree on, so it is usually far smaller than the unpaired one
-    (both models get most images alike); ``p_value`` is McNemar's exact two-sided test.
-    **Unpaired** otherwise (several seeds, which are averaged, or no masks): the standard error is
-    ``sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)`` and ``p_value`` is NaN. Either way, a
-    difference within two standard errors is called "within noise". Both measure only the
-    sampling of test images; a second training seed can move a result by more.
+    ``baseline`` gets right. Only those ``b + c`` images carry information: with no real
+    difference each is a fair coin flip, so the difference's standard error is
+    ``sqrt(b + c) / n``, usually far smaller than the unpaired one (both models get most images
+    alike), and ``p_value`` is McNemar's exact two-sided test, which decides the verdict:
+    "within noise" unless ``p_value < 0.05``. **Unpaired** otherwise (several seeds, which are
+    averaged, or no masks): the standard error is ``sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)``,
+    ``p_value`` is NaN, and a difference within two standard errors is "within noise". Both
+    measure only the sampling of test images; a second training seed can move a result by more.
+    A mask that disagrees with its ``metrics.json`` (e.g. one rewritten by ``evaluate --out``)
+    is not used: a warning says so and that attack is compared unpaired.
 
     Returns:
         DataFrame indexed by attack with columns ``method``, ``baseline`` (accuracies),
@@ -401,13 +408,15 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
         if masks is not None:
             mine, theirs = masks
             b, c, size = int((mine & ~theirs).sum()), int((~mine & theirs).sum()), mine.size
-            diff = 100 * (b - c) / size
-            noise = 200 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / size)) / size
+            diff, noise = 100 * (b - c) / size, 200 * math.sqrt(b + c) / size
             row.update(test="paired", only_method=b, only_baseline=c, p_value=_mcnemar_p(b, c))
+            # Exact test: with few disagreements the normal approximation calls too much a win.
+            tie = row["p_value"] >= 0.05
         else:
             diff = 100 * (p[method] - p[baseline])
             noise = 200 * math.sqrt(sum(p[k] * (1 - p[k]) / n[k] for k in p))
-        if abs(diff) <= noise:
+            tie = abs(diff) <= noise
+        if tie:
             verdict = "within noise"
         else:
             verdict = f"{METHOD_LABELS.get(method if diff > 0 else baseline, '')} higher"
