@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int,
                    help="images per attack call (default: 1000 on a GPU, 500 on a CPU)")
     p.add_argument("--out", type=Path, help="write metrics.json here (default: print)")
+    p.add_argument("--per-image", type=Path,
+                   help="also write which test images each attack left correct (per_image.npz, "
+                        "beside metrics.json for a paired results.compare)")
 
     p = add("embed", help="embeddings of clean / augmented / adversarial views")
     p.add_argument("--checkpoint", required=True, type=Path)
@@ -151,11 +154,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "evaluate":
         from . import checkpoint
-        from .reproduce import evaluate_checkpoint
+        from .reproduce import evaluate_checkpoint, save_masks
 
         metrics = evaluate_checkpoint(args.checkpoint, attacks=args.attacks, n=args.n,
                                       autoattack_n=args.autoattack_n, sanity=args.sanity,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size,
+                                      per_image=args.per_image is not None)
+        if args.per_image:  # before metrics.json, whose presence means "finished"
+            print(f"wrote {save_masks(metrics, args.per_image)}")
         if args.out:
             checkpoint.write_json(args.out, metrics)
             print(f"wrote {args.out}")

@@ -47,7 +47,7 @@ TUTORIAL_MAX_BYTES = 2 * 2**20
 def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = None,
                         n: int | None = None, autoattack_n: int = 1000, sanity: bool = False,
                         dataset: data.CIFAR10 | None = None, device: str = "auto",
-                        batch_size: int | None = None) -> dict[str, Any]:
+                        batch_size: int | None = None, per_image: bool = False) -> dict[str, Any]:
     """Evaluate a verified checkpoint on the test set; return a DESIGN §6 ``metrics.json`` dict.
 
     Args:
@@ -60,11 +60,13 @@ def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = N
         batch_size: images per attack call (default ``evaluate.default_batch_size``: 1,000 on
             a GPU, 500 on a CPU). It changes the speed, and which random start each image
             gets, not the protocol.
+        per_image: keep each attack's per-image mask (see :func:`evaluate_model`).
     """
     dev = resolve_device(device)
     model, state = load_model(path, dev)
     return evaluate_model(model, state, attacks=attacks, n=n, autoattack_n=autoattack_n,
-                          sanity=sanity, dataset=dataset, batch_size=batch_size)
+                          sanity=sanity, dataset=dataset, batch_size=batch_size,
+                          per_image=per_image)
 
 
 def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
@@ -75,7 +77,7 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     """:func:`evaluate_checkpoint` for a model already loaded (with its checkpoint ``state``).
 
     With ``per_image`` each ``accuracy`` entry also holds ``"correct"``, the attack's per-image
-    bool mask (``evaluate.evaluate_suite``): not JSON, for :func:`results.save_per_image`.
+    bool mask (``evaluate.evaluate_suite``): not JSON; :func:`save_masks` takes it out.
     """
     dev = next(model.parameters()).device
     if batch_size is None:
@@ -111,6 +113,16 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     }
 
 
+def save_masks(metrics: dict[str, Any], path: str | Path) -> Path:
+    """Move the per-image masks out of an :func:`evaluate_model` ``(..., per_image=True)`` result
+    into ``path`` (``per_image.npz``: which test images each attack left correct, what a paired
+    comparison of two runs needs), leaving ``metrics`` JSON-ready. Returns the path."""
+    masks = {name: entry.pop("correct") for name, entry in metrics["accuracy"].items()}
+    return results.save_per_image(path, masks, {"method": metrics.get("method"),
+                                                "data": metrics.get("data"),
+                                                "commit": metrics.get("commit")})
+
+
 def _check_same_run(metrics_path: Path, cfg: TrainConfig) -> None:
     """A finished run counts only for the config that made it: anything else is an error, never
     a silent skip (the folder is named by profile and method alone)."""
@@ -142,11 +154,7 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
     metrics = evaluate_model(model, state, attacks=attacks, n=settings["n"],
                              autoattack_n=settings["autoattack_n"], sanity=settings["sanity"],
                              dataset=dataset, per_image=True)
-    # Which test images each attack left correct: a paired comparison of two runs needs them.
-    masks = {name: entry.pop("correct") for name, entry in metrics["accuracy"].items()}
-    results.save_per_image(run_dir / "per_image.npz", masks,
-                           {"method": cfg.method, "data": dataset.label,
-                            "commit": metrics.get("commit")})
+    save_masks(metrics, run_dir / "per_image.npz")
     # train_seconds from the checkpoint covers all epochs, resumed ones included.
     metrics["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
     k = settings["embed_n"]

@@ -240,6 +240,24 @@ def test_interrupted_evaluate_leaves_no_metrics_then_reruns(tiny_checkpoint, tmp
     assert metrics["accuracy"]["pgd20"]["n"] == 16
 
 
+def test_evaluate_per_image_writes_masks_that_match_the_metrics(tiny_checkpoint, tmp_path, capsys):
+    from anchor_lib import results
+
+    run = tmp_path / "mine"
+    code, out, err = run_cli("evaluate", "--checkpoint", tiny_checkpoint, "--attacks", "clean,fgsm",
+                             "--n", "16", "--out", run / "metrics.json",
+                             "--per-image", run / "per_image.npz", capsys=capsys)
+    assert code == 0, err
+    checkpoint.verify(run / "per_image.npz")
+    metrics = json.loads((run / "metrics.json").read_text())
+    masks = results.load_per_image(run / "per_image.npz")
+    assert set(masks) == {"clean", "fgsm", "meta"} and masks["meta"]["method"] == metrics["method"]
+    for name in ("clean", "fgsm"):
+        assert "correct" not in metrics["accuracy"][name]  # the JSON stays plain
+        assert masks[name].mean() == metrics["accuracy"][name]["value"]
+        assert masks[name].shape == (16,)
+
+
 def test_evaluate_batch_size_is_used_and_recorded(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     from anchor_lib import evaluate
 
