@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                    default=None, help="run every step eagerly on CUDA too (graphs are the default "
                    "there; results are the same, only slower)")
+    p.add_argument("--pretrain-fraction", type=float,
+                   help="the two-stage variant (supcon_at, anchor): this share of the epochs "
+                        "pre-trains the encoder on the contrastive term, the rest trains the "
+                        "classifier adversarially on the frozen encoder (default 0: joint)")
     small = p.add_argument_group("overrides of the profile (tiny runs for tests and tutorials)")
     small.add_argument("--width", type=_positive_int, help="channels of the first ResNet stage")
     small.add_argument("--proj-dim", type=_positive_int, help="dimension of the embedding z")
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 **_overrides(args, "epochs", "seed", "data", "width", "proj_dim", "batch_size",
                              "train_subset", "val_size", "attack_steps", "val_attack_steps", "lr",
-                             "cuda_graphs"))
+                             "cuda_graphs", "pretrain_fraction"))
         except (ValueError, TypeError) as err:  # the arguments do not make a valid config
             raise UsageError(str(err)) from err
         try:

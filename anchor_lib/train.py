@@ -86,6 +86,9 @@ class TrainConfig:
     beta: float = 1.0                # hard-positive mining strength; 0 = SupCon
     lam: float = 1.0                 # weight of the contrastive term
     adv_in_contrastive: bool = True  # include the adversarial view among the contrastive views
+    # The two-stage variant (DESIGN §3): this share of the epochs trains the encoder on the
+    # contrastive term alone, the rest a classifier on the frozen encoder; 0 = joint training.
+    pretrain_fraction: float = 0.0
     trades_beta: float = 6.0
     attack_bn: str = "eval"          # BatchNorm mode while crafting training attacks (all methods)
     # validation and bookkeeping
@@ -123,6 +126,19 @@ class TrainConfig:
         if self.warmup_fraction > 1:
             raise ValueError(f"warmup_fraction must be in [0, 1] (the share of the steps spent "
                              f"warming up), got {self.warmup_fraction!r}")
+        if isinstance(self.pretrain_fraction, bool) or not isinstance(
+                self.pretrain_fraction, (int, float)) or not 0 <= self.pretrain_fraction < 1:
+            raise ValueError(f"pretrain_fraction must be a number in [0, 1) (the share of the "
+                             f"epochs spent pre-training), got {self.pretrain_fraction!r}")
+        if self.pretrain_fraction > 0:
+            if self.method not in CONTRASTIVE_METHODS:
+                raise ValueError(f"pretrain_fraction > 0 (the two-stage variant) needs a "
+                                 f"contrastive method ({', '.join(CONTRASTIVE_METHODS)}), got "
+                                 f"{self.method!r}")
+            if not 1 <= self.pretrain_epochs < self.epochs:
+                raise ValueError(f"pretrain_fraction={self.pretrain_fraction} of {self.epochs} "
+                                 f"epochs gives {self.pretrain_epochs} pre-training epochs; "
+                                 "each stage needs at least one")
         if self.attack_bn not in ("eval", "train"):
             raise ValueError(f"attack_bn must be 'eval' or 'train', got {self.attack_bn!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -155,6 +171,19 @@ class TrainConfig:
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ValueError(f"train_subset ({self.train_subset}) must be >= batch_size "
                              f"({self.batch_size}) so that an epoch has at least one step")
+
+    @property
+    def pretrain_epochs(self) -> int:
+        """Epochs of contrastive pre-training (stage 1 of the two-stage variant; 0 = joint)."""
+        return math.floor(self.pretrain_fraction * self.epochs)
+
+    def stage(self, epoch: int) -> str:
+        """What epoch ``epoch`` (0-based) trains: ``"joint"`` (every run but the two-stage
+        variant), ``"pretrain"`` (encoder and projection on the contrastive term) or ``"probe"``
+        (the classifier on the frozen encoder)."""
+        if self.pretrain_fraction == 0:
+            return "joint"
+        return "pretrain" if epoch < self.pretrain_epochs else "probe"
 
     @classmethod
     def from_profile(cls, profile: str | None = None, **overrides: Any) -> TrainConfig:
@@ -284,14 +313,18 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
               a1: torch.Tensor, start: torch.Tensor | None = None,
               a2: torch.Tensor | None = None, *,
               gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              stage: str = "joint") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one step for ``cfg.method`` from the inputs :func:`draw_step_inputs` drew.
 
     Deterministic given its inputs, free of host syncs and of data-dependent shapes, so that
-    :class:`anchor_lib.graphs.StepGraph` can capture it. Leaves the model in train mode.
-    ``gather`` (under torchrun, :func:`anchor_lib.distributed.gather_rows`) collects the
-    contrastive term's embeddings and labels from every process, so that it is the whole global
-    batch's term; None (one process) uses this batch's.
+    :class:`anchor_lib.graphs.StepGraph` can capture it. Leaves the model in train mode (eval
+    mode in the ``"probe"`` stage). ``gather`` (under torchrun,
+    :func:`anchor_lib.distributed.gather_rows`) collects the contrastive term's embeddings and
+    labels from every process, so that it is the whole global batch's term; None (one process)
+    uses this batch's. ``stage`` is :meth:`TrainConfig.stage` of the epoch: the two-stage
+    variant's ``"pretrain"`` step is the contrastive term alone, its adversarial view attacking
+    that term (there is no trained classifier to attack yet); its ``"probe"`` step is PGD-AT of
+    the classifier on the frozen encoder.
 
     Returns the scalar loss and a dict of detached per-step diagnostics (device tensors):
     ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
@@ -302,6 +335,35 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
     autocast = torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=amp,
                               cache_enabled=False)
     zero = torch.zeros((), device=y.device)
+    n_views = 3 if cfg.adv_in_contrastive else 2
+    beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
+
+    if stage == "pretrain":
+        model.train(cfg.attack_bn == "train")
+        with torch.no_grad(), autocast:
+            z_clean = model.project(torch.cat([a1, a2])).float()  # held fixed by the attack
+        y_clean = y.repeat(2)
+
+        def contrastive_of(z_adv: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+            return losses.anchor_loss(torch.cat([z_clean, z_adv.float()]), torch.cat([y_clean, y]),
+                                      temperature=cfg.temperature, beta=beta, validate=False)
+
+        x_adv = attack(model.project, a1, y, loss_fn=contrastive_of)
+        model.train()
+        with autocast:
+            z = model.project(torch.cat([a1, a2, x_adv]))
+        con = _contrastive_term(z, y, n_views, cfg, beta, gather)
+        return con, {"ce": zero, "con": con.detach(), "correct": zero}
+
+    if stage == "probe":
+        # Frozen encoder: BatchNorm keeps the statistics pre-training left (eval mode), and only
+        # the classifier requires gradients (train() sets that), so only it learns.
+        model.eval()
+        x_adv = attack(model, a1, y)
+        with autocast:
+            logits = model(x_adv)
+        ce = F.cross_entropy(logits.float(), y)
+        return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
 
     if cfg.method == "standard":
         model.train()
@@ -341,15 +403,20 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
         logits, z = model.forward_all(views)
     n = y.shape[0]
     ce = F.cross_entropy(logits[2 * n:].float(), y)
-    n_views = 3 if cfg.adv_in_contrastive else 2
-    beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
-    z_con, y_con = z[: n_views * n].float(), y.repeat(n_views)
-    if gather is not None:
-        z_con, y_con = gather(z_con), gather(y_con)
-    con = losses.anchor_loss(z_con, y_con, temperature=cfg.temperature, beta=beta, validate=False)
+    con = _contrastive_term(z, y, n_views, cfg, beta, gather)
     loss = ce + cfg.lam * con
     return loss, {"ce": ce.detach(), "con": con.detach(),
                   "correct": (logits[2 * n:].argmax(1) == y).sum()}
+
+
+def _contrastive_term(z: torch.Tensor, y: torch.Tensor, n_views: int, cfg: TrainConfig,
+                      beta: float, gather: Callable[[torch.Tensor], torch.Tensor] | None
+                      ) -> torch.Tensor:
+    """ANCHOR's term over the first ``n_views`` blocks of ``z`` (views ``a1, a2, x_adv``)."""
+    z_con, y_con = z[: n_views * y.shape[0]].float(), y.repeat(n_views)
+    if gather is not None:
+        z_con, y_con = gather(z_con), gather(y_con)
+    return losses.anchor_loss(z_con, y_con, temperature=cfg.temperature, beta=beta, validate=False)
 
 
 def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
@@ -371,7 +438,7 @@ def build_model(cfg: TrainConfig, num_classes: int = 10) -> PreActResNet18:
     return PreActResNet18(num_classes=num_classes, width=cfg.width, proj_dim=cfg.proj_dim)
 
 
-def _schedule(total_steps: int, warmup_fraction: float):
+def _one_cycle(total_steps: int, warmup_fraction: float):
     warm = max(1, int(round(warmup_fraction * total_steps)))
 
     def factor(step: int) -> float:
@@ -379,6 +446,16 @@ def _schedule(total_steps: int, warmup_fraction: float):
             return (step + 1) / warm
         return max(0.0, (total_steps - step) / max(1, total_steps - warm))
     return factor
+
+
+def _schedule(total_steps: int, warmup_fraction: float, restart: int = 0):
+    """The learning-rate factor of each step: one cycle over the run, or, from step ``restart``
+    on (the two-stage variant's second stage, a new problem), a second cycle of its own."""
+    if restart == 0:
+        return _one_cycle(total_steps, warmup_fraction)
+    first = _one_cycle(restart, warmup_fraction)
+    second = _one_cycle(total_steps - restart, warmup_fraction)
+    return lambda step: first(step) if step < restart else second(step - restart)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -478,12 +555,22 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                                 nesterov=True, weight_decay=cfg.weight_decay,
                                 **({"fused": True} if device.type == "cuda" else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
+        optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_fraction,
+                             restart=cfg.pretrain_epochs * steps_per_epoch))
 
-    # Forward + backward of every step; on CUDA recorded once and replayed (graphs.py).
-    run_step = graphs.StepGraph(model, partial(step_loss, model, cfg, amp, gather=gather),
-                               graph=use_graph,
-                                log=tqdm.write)
+    def stepper(stage: str) -> graphs.StepGraph:
+        """Forward + backward of every step of ``stage``; on CUDA recorded once and replayed
+        (graphs.py). A stage trains its own parameters, so each gets its own recording."""
+        for name, param in model.named_parameters():
+            classifier = name.startswith("linear.")
+            param.requires_grad_(stage == "joint" or classifier == (stage == "probe"))
+            if not param.requires_grad:
+                param.grad = None  # else the optimiser would keep applying the last stage's
+        return graphs.StepGraph(model, partial(step_loss, model, cfg, amp, gather=gather,
+                                               stage=stage),
+                                graph=use_graph, log=tqdm.write)
+
+    run_step: graphs.StepGraph | None = None
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, -1.0
     if out is not None and out.is_dir():
@@ -514,6 +601,9 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         seed = _epoch_seed(cfg.seed, epoch) + 1000 * ctx.rank  # rank 0 draws as a single process
         torch.manual_seed(seed)
         gen = torch.Generator(device=device).manual_seed(seed + 1)
+        stage = cfg.stage(epoch)
+        if run_step is None or stage != cfg.stage(epoch - 1):
+            run_step = stepper(stage)
         model.train()
         sums = torch.zeros(4, device=device)  # loss, ce, con, correct — summed on the device
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -557,10 +647,13 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         sums[:3] /= ctx.world  # mean of the per-process mean losses; correct counts add up
         distributed.average_buffers(model, ctx)
         s = sums.tolist()
-        metrics = validate(model, cfg, run.x_val, run.y_val)
+        # A pre-training epoch has no trained classifier to validate or select.
+        metrics = (validate(model, cfg, run.x_val, run.y_val) if stage != "pretrain"
+                   else {"val_clean": float("nan"), "val_pgd": float("nan")})
         score = metrics["val_clean"] if cfg.method == "standard" else metrics["val_pgd"]
         # Without a validation split every epoch is "best": best.pt is then the last epoch.
-        is_best = run.x_val.shape[0] == 0 or (not math.isnan(score) and score > best)
+        is_best = stage != "pretrain" and (
+            run.x_val.shape[0] == 0 or (not math.isnan(score) and score > best))
         best = max(best, score) if not math.isnan(score) else best
         row = {"epoch": epoch + 1, "loss": s[0] / steps_per_epoch, "ce": s[1] / steps_per_epoch,
                "con": s[2] / steps_per_epoch,
@@ -638,7 +731,10 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """Names of ``cfg``'s fields whose values differ from ``saved`` (a checkpoint's or a
     ``metrics.json``'s config), leaving out those that do not change the computation."""
     mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
-    return sorted(k for k, v in mine.items() if saved.get(k) != v)
+    # A field added after ``saved`` was written had its default value then (defaults keep the
+    # old behaviour).
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return sorted(k for k, v in mine.items() if saved.get(k, defaults[k]) != v)
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, out: Path | None) -> None:

@@ -107,6 +107,10 @@ USAGE_ERRORS = {
     "lr_negative": ["train", "--method", "pgd_at", "--lr", "-1"],
     "lr_nan": ["train", "--method", "pgd_at", "--lr", "nan"],
     "val_size_negative": ["train", "--method", "pgd_at", "--val-size", "-5"],
+    "two_stage_without_contrast": ["train", "--method", "pgd_at", "--epochs", "4",
+                                   "--pretrain-fraction", "0.5"],
+    "two_stage_one_epoch": ["train", "--method", "anchor", "--epochs", "1",
+                            "--pretrain-fraction", "0.5"],
     "unknown_attack": ["evaluate", "--checkpoint", "x.pt", "--attacks", "clean,pgd100"],
     "empty_attack_list": ["evaluate", "--checkpoint", "x.pt", "--attacks", ","],
     "n_zero": ["evaluate", "--checkpoint", "x.pt", "--n", "0"],
@@ -133,7 +137,7 @@ def test_help_lists_the_tiny_run_options(capsys):
     assert code == 0
     for option in ("--width", "--proj-dim", "--batch-size", "--train-subset", "--val-size",
                    "--attack-steps", "--val-attack-steps", "--lr", "--resume", "--debug",
-                   "--no-cuda-graphs"):
+                   "--no-cuda-graphs", "--pretrain-fraction"):
         assert option in out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import pytest
@@ -247,3 +248,91 @@ def test_history_lr_is_the_rate_the_last_step_used(small_data):
 def test_amp_on_a_cpu_is_refused(small_data):
     with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
         train(tiny("pgd_at", amp=True), dataset=small_data)
+
+
+# --- the two-stage variant (DESIGN §3) -----------------------------------------------------------
+
+
+def test_two_stage_pretrains_the_encoder_then_probes_with_it_frozen(tmp_path, small_data,
+                                                                     monkeypatch):
+    import anchor_lib.train as train_module
+
+    initial = []
+    real_build = train_module.build_model
+
+    def recording_build(cfg, *args):
+        model = real_build(cfg, *args)
+        initial.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", recording_build)
+    cfg = tiny("anchor", epochs=2, pretrain_fraction=0.5, out_dir=str(tmp_path / "split"))
+    # Stop after the pre-training epoch (a NaN at the first probe step), then resume the probe.
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 1"):
+        train(cfg, dataset=small_data, fail_at=(1, 0))
+    after_pretrain = checkpoint.load(tmp_path / "split" / "checkpoint.pt")["model"]
+    history = train(cfg, resume=True, dataset=small_data)
+    final = checkpoint.load(tmp_path / "split" / "checkpoint.pt")["model"]
+
+    def changed(a, b):
+        return {k for k in a if not torch.equal(a[k], b[k])}
+
+    # Stage 1 trains the encoder and projection, never the classifier.
+    assert changed(initial[0], after_pretrain) and not any(
+        k.startswith("linear.") for k in changed(initial[0], after_pretrain))
+    # Stage 2 trains the classifier alone: weights and BatchNorm statistics stay put.
+    assert changed(after_pretrain, final) == {"linear.weight", "linear.bias"}
+    one, two = history
+    assert one["ce"] == 0 and one["con"] > 0 and one["best"] is False
+    assert one["val_clean"] != one["val_clean"]  # NaN: no classifier to validate yet
+    assert two["con"] == 0 and two["ce"] > 0 and two["best"] is True
+    assert two["lr"] == pytest.approx(one["lr"])  # each stage has its own one-cycle schedule
+    assert checkpoint.load(tmp_path / "split" / "best.pt")["epoch"] == 1
+    # Resuming at the stage boundary changes nothing.
+    train(tiny("anchor", epochs=2, pretrain_fraction=0.5, out_dir=str(tmp_path / "whole")),
+          dataset=small_data)
+    assert not changed(final, checkpoint.load(tmp_path / "whole" / "checkpoint.pt")["model"])
+
+
+def test_pretraining_attacks_the_contrastive_term(small_data):
+    from anchor_lib.train import draw_step_inputs, step_loss
+
+    # Train-mode BatchNorm in the attack, as in the loss: on an untrained model the eval-mode
+    # statistics are far from the batch's, and the attack's gain would hardly show.
+    cfg = tiny("anchor", pretrain_fraction=0.5, epochs=2, attack_bn="train")
+    model = build_model(cfg)
+    x, y = small_data.x_train[:64], small_data.y_train[:64]
+    inputs = draw_step_inputs(cfg, x, torch.Generator().manual_seed(0))
+    con = {}
+    for steps in (0, 5):  # 0: the random start only
+        attacked = dataclasses.replace(cfg, attack_steps=steps)
+        loss, parts = step_loss(model, attacked, False, y, stage="pretrain", **inputs)
+        con[steps] = loss.item()
+        assert parts["ce"].item() == 0 and loss.item() == parts["con"].item()
+    assert con[5] > con[0] + 0.5, con
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("overrides, match", [
+    (dict(method="pgd_at", pretrain_fraction=0.5, epochs=2), "needs a contrastive method"),
+    (dict(pretrain_fraction=0.5, epochs=1), "each stage needs at least one"),
+    (dict(pretrain_fraction=0.1, epochs=5), "each stage needs at least one"),
+    (dict(pretrain_fraction=1.0, epochs=4), r"in \[0, 1\)"),
+    (dict(pretrain_fraction=True, epochs=4), r"in \[0, 1\)"),
+])
+def test_two_stage_config_is_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**{"method": "anchor", **overrides})
+
+
+def test_a_field_added_later_takes_its_default_when_resuming_older_configs():
+    from dataclasses import asdict
+
+    from anchor_lib.train import config_differences
+
+    cfg = tiny("anchor")
+    older = {k: v for k, v in asdict(cfg).items() if k != "pretrain_fraction"}
+    assert config_differences(older, cfg) == []
+    assert config_differences(older, dataclasses.replace(cfg, pretrain_fraction=0.5,
+                                                         epochs=2)) == ["epochs",
+                                                                        "pretrain_fraction"]
