@@ -12,6 +12,7 @@ correct, for paired comparisons) and ``metrics.json`` (DESIGN §6).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -209,6 +210,8 @@ ABLATION: dict[str, tuple[Any, ...]] = {
     "adv_in_contrastive": (True, False),
     "lam": (0.5, 1.0, 2.0),
     "temperature": (0.1, 0.2),
+    # The two-stage variant: half the epochs contrastive pre-training, half a frozen-encoder probe.
+    "pretrain_fraction": (0.0, 0.5),
 }
 
 
@@ -221,7 +224,9 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     Run ``<out>/ablation_<param>/<param>-<value>/`` gets the usual artifacts (``metrics.json``
     with test accuracies for the report, and ``validation``: the selected epoch's validation
     accuracies). ``<out>/ablation_summary.json`` records, per parameter, the value with the best
-    validation PGD accuracy — the test numbers play no part in that choice.
+    validation PGD accuracy — the test numbers play no part in that choice — and the values that
+    cannot run at this schedule (``skipped``, with the reason: the two-stage variant needs two
+    epochs).
     """
     unknown = [p for p in params if p not in ABLATION]
     if unknown:
@@ -231,21 +236,45 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                 "embed_n": min(EVAL_SETTINGS[profile]["embed_n"], ABLATION_EMBED_N)}
     summary: dict[str, Any] = {"profile": profile, "epoch_fraction": epoch_fraction,
                                "selection": "best validation PGD accuracy", "params": {}}
+    finished: list[tuple[TrainConfig, Path]] = []
     for param in params:
-        values = {}
+        values, skipped = {}, {}
         for value in ABLATION[param]:
-            cfg = TrainConfig.from_profile(profile, method="anchor", **overrides)
-            cfg.epochs = max(1, round(cfg.epochs * epoch_fraction))
-            setattr(cfg, param, value)
+            base = TrainConfig.from_profile(profile, method="anchor", **overrides)
             run_dir = Path(out) / f"ablation_{param}" / f"{param}-{value}"
-            status = run_one(cfg, run_dir, settings, dataset, attacks)
+            try:  # replace() validates the combination (setattr would not)
+                cfg = dataclasses.replace(base, epochs=max(1, round(base.epochs * epoch_fraction)),
+                                          **{param: value})
+            except ValueError as err:  # e.g. two stages in a one-epoch smoke schedule
+                skipped[str(value)] = str(err)
+                log(f"ablation_{param}/{run_dir.name}: skipped ({err})")
+                continue
+            # Every knob's list holds the default, so several values name the same run: train
+            # it once and copy its artifacts (their config's out_dir names the original).
+            same = next((d for c, d in finished if not config_differences(dataclasses.asdict(c), cfg)), None)
+            if same is not None and not (run_dir / "metrics.json").exists():
+                _copy_artifacts(same, run_dir)
+                status = {"status": f"same config as {same.parent.name}/{same.name}, copied"}
+            else:
+                status = run_one(cfg, run_dir, settings, dataset, attacks)
+            finished.append((cfg, run_dir))
             log(f"ablation_{param}/{run_dir.name}: {status['status']}")
             with open(run_dir / "metrics.json") as f:
                 values[str(value)] = json.load(f)["validation"]
-        chosen = max(values, key=lambda v: values[v]["val_pgd"])
-        summary["params"][param] = {"validation": values, "chosen": chosen}
+        chosen = max(values, key=lambda v: values[v]["val_pgd"]) if values else None
+        summary["params"][param] = {"validation": values, "chosen": chosen,
+                                    **({"skipped": skipped} if skipped else {})}
     checkpoint.write_json(Path(out) / "ablation_summary.json", summary)
     return summary
+
+
+def _copy_artifacts(src: Path, dest: Path) -> None:
+    """Copy a finished run's committed artifacts, atomically and with sidecars; metrics.json last
+    (its presence means "finished")."""
+    for name in ("history.csv", "embeddings.npz", "per_image.npz", "metrics.json"):
+        if (src / name).is_file():
+            checkpoint.verify(src / name)
+            checkpoint.atomic_write_bytes(dest / name, (src / name).read_bytes())
 
 
 def export_tutorial_checkpoints(results: str | Path = "data/results",

@@ -46,3 +46,55 @@ def test_cli_ablation_flag_reaches_the_ablation(monkeypatch):
     monkeypatch.setattr(reproduce, "ablation", lambda *a, **k: calls.append((a, k)))
     assert cli.main(["reproduce", "--profile", "smoke", "--ablation", "--data", "synthetic"]) == 0
     assert calls and calls[0][0] == ("smoke",) and calls[0][1]["data"] == "synthetic"
+
+
+def test_two_stage_ablation_runs_where_the_schedule_allows_and_says_why_not(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce.EVAL_SETTINGS, "smoke",
+                        {"n": 32, "autoattack_n": 8, "sanity": False, "embed_n": 20})
+    ds = data.synthetic(n_train=1024, n_test=64, size=16, seed=0)
+    tiny = dict(dataset=ds, data="synthetic", width=4, proj_dim=16, train_subset=128, val_size=64,
+                batch_size=64, attack_steps=1, val_attack_steps=1, progress=False,
+                attacks=("clean",), log=lambda *_: None)
+    # Half of smoke's one epoch: no room for two stages, which the summary says.
+    one = reproduce.ablation("smoke", ("pretrain_fraction",), out=tmp_path / "one", **tiny)
+    entry = one["params"]["pretrain_fraction"]
+    assert entry["chosen"] == "0.0" and set(entry["validation"]) == {"0.0"}
+    assert "each stage needs at least one" in entry["skipped"]["0.5"]
+    assert not (tmp_path / "one" / "ablation_pretrain_fraction" / "pretrain_fraction-0.5").exists()
+    # Four epochs, halved: one epoch of pre-training, one of probing.
+    two = reproduce.ablation("smoke", ("pretrain_fraction",), out=tmp_path / "two", epochs=4,
+                             **tiny)
+    assert set(two["params"]["pretrain_fraction"]["validation"]) == {"0.0", "0.5"}
+    run = tmp_path / "two" / "ablation_pretrain_fraction" / "pretrain_fraction-0.5"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["config"]["pretrain_fraction"] == 0.5 and metrics["selected_epoch"] == 2
+    rows = (run / "history.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].split(",")[2] == "0.0"  # epoch 1: no cross-entropy
+
+
+def test_values_that_name_the_same_run_train_it_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce.EVAL_SETTINGS, "smoke",
+                        {"n": 32, "autoattack_n": 8, "sanity": False, "embed_n": 20})
+    monkeypatch.setattr(reproduce, "ABLATION", {"beta": (0.0, 1.0), "lam": (1.0, 2.0)})
+    trained = []
+    real = reproduce.run_one
+    monkeypatch.setattr(reproduce, "run_one",
+                        lambda cfg, run_dir, *a: trained.append(run_dir.name) or real(cfg, run_dir, *a))
+    log: list[str] = []
+    ds = data.synthetic(n_train=1024, n_test=64, size=16, seed=0)
+    kw = dict(out=tmp_path, dataset=ds, data="synthetic", width=4, proj_dim=16, train_subset=64,
+              val_size=32, batch_size=64, attack_steps=1, val_attack_steps=1, progress=False,
+              attacks=("clean",), log=log.append)
+    summary = reproduce.ablation("smoke", ("beta", "lam"), **kw)
+    # lam = 1.0 is beta = 1.0's run (both defaults): trained once, its artifacts copied.
+    assert trained == ["beta-0.0", "beta-1.0", "lam-2.0"]
+    assert "ablation_lam/lam-1.0: same config as ablation_beta/beta-1.0, copied" in log
+    original, copy = tmp_path / "ablation_beta" / "beta-1.0", tmp_path / "ablation_lam" / "lam-1.0"
+    for name in ("metrics.json", "history.csv", "embeddings.npz", "per_image.npz"):
+        checkpoint.verify(copy / name)
+        assert (copy / name).read_bytes() == (original / name).read_bytes()
+    assert summary["params"]["lam"]["validation"]["1.0"] == summary["params"]["beta"]["validation"]["1.0"]
+    # A rerun skips everything, copies included.
+    trained.clear()
+    reproduce.ablation("smoke", ("beta", "lam"), **kw)
+    assert len(trained) == 4 and log[-1].endswith("skipped (finished)")
