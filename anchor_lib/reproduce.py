@@ -236,7 +236,6 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                 "embed_n": min(EVAL_SETTINGS[profile]["embed_n"], ABLATION_EMBED_N)}
     summary: dict[str, Any] = {"profile": profile, "epoch_fraction": epoch_fraction,
                                "selection": "best validation PGD accuracy", "params": {}}
-    finished: list[tuple[TrainConfig, Path]] = []
     for param in params:
         values, skipped = {}, {}
         for value in ABLATION[param]:
@@ -245,19 +244,21 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             try:  # replace() validates the combination (setattr would not)
                 cfg = dataclasses.replace(base, epochs=max(1, round(base.epochs * epoch_fraction)),
                                           **{param: value})
-            except ValueError as err:  # e.g. two stages in a one-epoch smoke schedule
-                skipped[str(value)] = str(err)
+            except ValueError as err:
+                if param != "pretrain_fraction" or "each stage needs" not in str(err):
+                    raise
+                skipped[str(value)] = str(err)  # two stages in a one-epoch smoke schedule
                 log(f"ablation_{param}/{run_dir.name}: skipped ({err})")
                 continue
             # Every knob's list holds the default, so several values name the same run: train
             # it once and copy its artifacts (their config's out_dir names the original).
-            same = next((d for c, d in finished if not config_differences(dataclasses.asdict(c), cfg)), None)
-            if same is not None and not (run_dir / "metrics.json").exists():
+            same = _finished_twin(Path(out), cfg)
+            if same is not None and not (run_dir / "metrics.json").exists() \
+                    and not (run_dir / "checkpoint.pt").exists():  # a started run resumes
                 _copy_artifacts(same, run_dir)
                 status = {"status": f"same config as {same.parent.name}/{same.name}, copied"}
             else:
                 status = run_one(cfg, run_dir, settings, dataset, attacks)
-            finished.append((cfg, run_dir))
             log(f"ablation_{param}/{run_dir.name}: {status['status']}")
             with open(run_dir / "metrics.json") as f:
                 values[str(value)] = json.load(f)["validation"]
@@ -266,6 +267,18 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                                     **({"skipped": skipped} if skipped else {})}
     checkpoint.write_json(Path(out) / "ablation_summary.json", summary)
     return summary
+
+
+def _finished_twin(out: Path, cfg: TrainConfig) -> Path | None:
+    """A finished ablation run under ``out`` with ``cfg``'s configuration, if there is one."""
+    for metrics in sorted(out.glob("ablation_*/*/metrics.json")):
+        try:
+            checkpoint.verify(metrics)
+        except checkpoint.CheckpointError:
+            continue  # unfinished or damaged: not a run to copy
+        if not config_differences(json.loads(metrics.read_text()).get("config") or {}, cfg):
+            return metrics.parent
+    return None
 
 
 def _copy_artifacts(src: Path, dest: Path) -> None:

@@ -175,7 +175,7 @@ class TrainConfig:
     @property
     def pretrain_epochs(self) -> int:
         """Epochs of contrastive pre-training (stage 1 of the two-stage variant; 0 = joint)."""
-        return math.floor(self.pretrain_fraction * self.epochs)
+        return math.floor(self.pretrain_fraction * self.epochs + 1e-9)  # 0.29 * 100 is 28.999...
 
     def stage(self, epoch: int) -> str:
         """What epoch ``epoch`` (0-based) trains: ``"joint"`` (every run but the two-stage
@@ -339,19 +339,22 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
     beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
 
     if stage == "pretrain":
-        model.train(cfg.attack_bn == "train")
-        with torch.no_grad(), autocast:
-            z_clean = model.project(torch.cat([a1, a2])).float()  # held fixed by the attack
-        y_clean = y.repeat(2)
+        views = [a1, a2]
+        if cfg.adv_in_contrastive:  # else plain SupCon / ANCHOR pre-training on clean views
+            model.train(cfg.attack_bn == "train")
+            with torch.no_grad(), autocast:
+                z_clean = model.project(torch.cat(views)).float()  # held fixed by the attack
+            y_clean = y.repeat(2)
 
-        def contrastive_of(z_adv: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-            return losses.anchor_loss(torch.cat([z_clean, z_adv.float()]), torch.cat([y_clean, y]),
-                                      temperature=cfg.temperature, beta=beta, validate=False)
+            def contrastive_of(z_adv: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+                return losses.anchor_loss(torch.cat([z_clean, z_adv.float()]),
+                                          torch.cat([y_clean, y]), temperature=cfg.temperature,
+                                          beta=beta, validate=False)
 
-        x_adv = attack(model.project, a1, y, loss_fn=contrastive_of)
+            views.append(attack(model.project, a1, y, loss_fn=contrastive_of))
         model.train()
         with autocast:
-            z = model.project(torch.cat([a1, a2, x_adv]))
+            z = model.project(torch.cat(views))
         con = _contrastive_term(z, y, n_views, cfg, beta, gather)
         return con, {"ce": zero, "con": con.detach(), "correct": zero}
 
@@ -645,7 +648,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
 
         distributed.all_sum(sums, ctx)
         sums[:3] /= ctx.world  # mean of the per-process mean losses; correct counts add up
-        distributed.average_buffers(model, ctx)
+        if stage != "probe":  # the frozen encoder's statistics stay exactly as they were
+            distributed.average_buffers(model, ctx)
         s = sums.tolist()
         # A pre-training epoch has no trained classifier to validate or select.
         metrics = (validate(model, cfg, run.x_val, run.y_val) if stage != "pretrain"
@@ -733,7 +737,8 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
     # A field added after ``saved`` was written had its default value then (defaults keep the
     # old behaviour).
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
     return sorted(k for k, v in mine.items() if saved.get(k, defaults[k]) != v)
 
 

@@ -98,3 +98,9 @@ def test_values_that_name_the_same_run_train_it_once(tmp_path, monkeypatch):
     trained.clear()
     reproduce.ablation("smoke", ("beta", "lam"), **kw)
     assert len(trained) == 4 and log[-1].endswith("skipped (finished)")
+
+
+def test_only_a_schedule_too_short_for_two_stages_is_skipped(monkeypatch):
+    monkeypatch.setattr(reproduce, "ABLATION", {"temperature": (0.0,)})
+    with pytest.raises(ValueError, match="temperature and lr must be > 0"):
+        reproduce.ablation("smoke", ("temperature",), log=lambda *_: None)

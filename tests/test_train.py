@@ -310,6 +310,13 @@ def test_pretraining_attacks_the_contrastive_term(small_data):
         con[steps] = loss.item()
         assert parts["ce"].item() == 0 and loss.item() == parts["con"].item()
     assert con[5] > con[0] + 0.5, con
+    # With the adversarial view out of the contrastive term, pre-training is on clean views only:
+    # no attack, so its steps change nothing.
+    clean_only = {steps: step_loss(model, dataclasses.replace(cfg, attack_steps=steps,
+                                                              adv_in_contrastive=False),
+                                   False, y, stage="pretrain", **inputs)[0].item()
+                  for steps in (0, 5)}
+    assert clean_only[0] == clean_only[5] != con[0]
 
 
 @pytest.mark.bad_input
@@ -336,3 +343,10 @@ def test_a_field_added_later_takes_its_default_when_resuming_older_configs():
     assert config_differences(older, dataclasses.replace(cfg, pretrain_fraction=0.5,
                                                          epochs=2)) == ["epochs",
                                                                         "pretrain_fraction"]
+
+
+def test_pretrain_epochs_count_exactly_and_stages_follow():
+    cfg = tiny("anchor", pretrain_fraction=0.29, epochs=100)
+    assert cfg.pretrain_epochs == 29  # 0.29 * 100 is 28.999... in floating point
+    assert [cfg.stage(e) for e in (0, 28, 29, 99)] == ["pretrain", "pretrain", "probe", "probe"]
+    assert tiny("anchor").stage(0) == "joint"
