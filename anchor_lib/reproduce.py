@@ -294,7 +294,7 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
                                 dest: str | Path = "data/checkpoints",
                                 methods: tuple[str, ...] = ("standard", "pgd_at", "anchor"),
                                 profile: str = "tutorial", *, check_n: int = 10_000,
-                                robust_check_n: int = 1000,
+                                robust_check_n: int | None = None,
                                 dataset: data.CIFAR10 | None = None, log=print) -> Path:
     """Write fp16 copies of finished runs' ``best.pt`` and a ``manifest.json`` listing them.
 
@@ -302,7 +302,8 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
     weights are stored as a float16 state_dict in ``<dest>/<method>-w<width>.pt`` (at most
     ``TUTORIAL_MAX_BYTES``), and the manifest entry records the file's sha256, where and how it
     was trained and evaluated, the clean accuracy on the first ``check_n`` test images and the
-    PGD-20 accuracy (DESIGN §4; the same random start per image) on the first ``robust_check_n``, each
+    PGD-20 accuracy (DESIGN §4; the same random start per image) on the first ``robust_check_n``
+    (default: the profile's AutoAttack subset, 1,000 images for ``tutorial``), each
     with the fp32 and with the fp16-rounded weights: the chapters attack the rounded weights, so
     the rounding's cost is measured, not assumed. Entries of methods not exported now are kept.
     Returns the manifest's path.
@@ -339,7 +340,7 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
         y = dataset.y_test[:check_n].to(dev)
         clean, robust = {}, {}
         pgd20 = evaluate.standard_attacks()["pgd20"]
-        k = min(robust_check_n, len(y))
+        k = min(robust_check_n or EVAL_SETTINGS[profile]["autoattack_n"], len(y))
         for name, weights in (("fp32_weights", state["model"]), ("fp16_weights", half)):
             model = model_from_weights(cfg, weights).to(dev).eval()
             clean[name] = evaluate.accuracy(model, x, y)

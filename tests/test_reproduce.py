@@ -159,7 +159,7 @@ def test_export_tutorial_checkpoints_writes_fp16_files_the_book_can_load(tmp_pat
     dest = tmp_path / "checkpoints"
     log: list[str] = []
     manifest_path = rep.export_tutorial_checkpoints(tmp_path, dest, ("standard", "anchor"), "smoke",
-                                                    check_n=48, log=log.append)
+                                                    check_n=48, robust_check_n=48, log=log.append)
     checkpoint.verify(manifest_path)
     manifest = json.loads(manifest_path.read_text())
     assert [e["method"] for e in manifest["checkpoints"]] == ["standard", "anchor"]
