@@ -189,9 +189,9 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
         attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``.
         batch_size: images per attack call.
     """
-    if not callable(attack):
-        raise TypeError(f"attack must be callable as attack(model, x, y) -> x_adv, "
-                        f"got {type(attack).__name__}")
+    if attack is None:  # correct() checks the rest; None there means "no attack"
+        raise TypeError("attack must be callable as attack(model, x, y) -> x_adv, got None "
+                        "(clean accuracy is accuracy())")
     return correct(model, x, y, attack, batch_size).sum().item() / len(x)
 
 

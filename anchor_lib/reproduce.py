@@ -252,9 +252,10 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                 continue
             # Every knob's list holds the default, so several values name the same run: train
             # it once and copy its artifacts (their config's out_dir names the original).
-            same = _finished_twin(Path(out), cfg)
-            if same is not None and not (run_dir / "metrics.json").exists() \
-                    and not (run_dir / "checkpoint.pt").exists():  # a started run resumes
+            fresh = not (run_dir / "metrics.json").exists() \
+                and not (run_dir / "checkpoint.pt").exists()  # a started run resumes instead
+            same = _finished_twin(Path(out), cfg) if fresh else None
+            if same is not None:
                 _copy_artifacts(same, run_dir)
                 status = {"status": f"same config as {same.parent.name}/{same.name}, copied"}
             else:
@@ -343,13 +344,14 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
         k = min(robust_check_n or EVAL_SETTINGS[profile]["autoattack_n"], len(y))
         for name, weights in (("fp32_weights", state["model"]), ("fp16_weights", half)):
             model = model_from_weights(cfg, weights).to(dev).eval()
-            clean[name] = evaluate.accuracy(model, x, y)
+            clean_right = evaluate.correct(model, x, y)
+            clean[name] = clean_right.sum().item() / len(y)
             # All k images are attacked, from the same random starts for both weight sets
             # (evaluate.correct attacks the clean-correct ones only, so its draws would shift
             # with the first clean prediction the rounding changes).
             with evaluate.seeded(0, dev), evaluate.full_precision():
                 x_adv = pgd20(model, x[:k], y[:k])
-            right = evaluate.correct(model, x[:k], y[:k]) & evaluate.correct(model, x_adv, y[:k])
+            right = clean_right[:k] & evaluate.correct(model, x_adv, y[:k])
             robust[name] = right.sum().item() / k
         entries[method] = {
             "method": method, "file": path.name, "sha256": checkpoint.sha256_file(path),

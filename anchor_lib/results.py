@@ -226,12 +226,14 @@ def load_per_image(path: str | Path) -> dict[str, Any]:
     return {**out, "meta": meta}
 
 
-def _mask(run: RunResult, attack: str) -> np.ndarray | None:
+def _mask(run: RunResult, attack: str, loaded: dict[Path, dict[str, Any]]) -> np.ndarray | None:
     """``run``'s per-image mask for ``attack``, checked against its metrics.json; None if absent
     or out of date."""
     if not run.per_image_path.is_file():
         return None
-    mask = load_per_image(run.per_image_path).get(attack)
+    if run.path not in loaded:  # one read (and hash check) per run, not per attack
+        loaded[run.path] = load_per_image(run.per_image_path)
+    mask = loaded[run.path].get(attack)
     entry = run.metrics["accuracy"].get(attack)
     if mask is None or entry is None:
         return None
@@ -391,7 +393,7 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
                "verdict"]
     if not groups[method] or not groups[baseline]:
         return pd.DataFrame(columns=columns).rename_axis("attack")
-    rows = []
+    rows, loaded = [], {}
     for a in attacks:
         have = {k: [(item, m) for item, m in g if a in m["accuracy"]] for k, g in groups.items()}
         if not have[method] or not have[baseline]:
@@ -404,7 +406,7 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
                "runs_method": len(have[method]), "runs_baseline": len(have[baseline]),
                "test": "unpaired", "only_method": math.nan, "only_baseline": math.nan,
                "p_value": math.nan}
-        masks = _paired_masks(have[method], have[baseline], a)
+        masks = _paired_masks(have[method], have[baseline], a, loaded)
         if masks is not None:
             mine, theirs = masks
             b, c, size = int((mine & ~theirs).sum()), int((~mine & theirs).sum()), mine.size
@@ -424,7 +426,7 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
     return pd.DataFrame(rows, columns=["attack", *columns]).set_index("attack")
 
 
-def _paired_masks(mine: list, theirs: list, attack: str
+def _paired_masks(mine: list, theirs: list, attack: str, loaded: dict[Path, dict[str, Any]]
                   ) -> tuple[np.ndarray, np.ndarray] | None:
     """The two runs' masks for ``attack`` when a paired comparison is possible, else None."""
     if len(mine) != 1 or len(theirs) != 1:
@@ -434,7 +436,7 @@ def _paired_masks(mine: list, theirs: list, attack: str
         return None
     if m_a.get("data") != m_b.get("data") or m_a["accuracy"][attack]["n"] != m_b["accuracy"][attack]["n"]:
         return None
-    a, b = _mask(run_a, attack), _mask(run_b, attack)
+    a, b = _mask(run_a, attack, loaded), _mask(run_b, attack, loaded)
     return None if a is None or b is None else (a, b)
 
 
