@@ -10,7 +10,8 @@
 #              benchmark, then the tutorial-profile runs (standard, pgd_at, anchor, each exported
 #              as an fp16 tutorial checkpoint once finished; then trades, supcon_at), each stage
 #              under a timeout so that one call (BUDGET_S, default 540 s) stays inside the
-#              10-minute limit and returns what finished.
+#              10-minute limit and returns what finished. JOB_PARALLEL=1 runs every method of
+#              JOB_RUNS as its own process at the same time (JOB_THREADS CPU threads each).
 #   bench:     the benchmark alone.   reproduce: one slot of the full reproduction.
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
@@ -70,19 +71,40 @@ case "${1:-bench}" in
         d=$results/$profile-$m
         if [ -f "$d/metrics.json" ] && [ ! -f "$d/best.pt" ]; then rm -rf "$d"; fi
       done
-      for methods in "${run_groups[@]}"; do
+      if [ "${JOB_PARALLEL:-0}" = 1 ]; then
+        # Every method its own process, all at once: width-16 runs leave the GPU idle while the
+        # host launches kernels (torchattacks' evaluation above all), so others can fill the gaps.
         left=$(( ${BUDGET_S:-540} - SECONDS ))
-        [ "$left" -gt 60 ] || break
-        # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
-        timeout "$left" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
-          --methods $methods $extra >>"$log" 2>&1
-        echo "== $profile $methods: rc $? at ${SECONDS}s" | tee -a "$log"
-      done
+        logs=$(mktemp -d); pids=(); names=()
+        # shellcheck disable=SC2068  # every method of every group, one word each
+        for m in ${run_groups[@]}; do
+          # shellcheck disable=SC2086
+          OMP_NUM_THREADS=${JOB_THREADS:-3} timeout "$left" python3 -m anchor_lib reproduce \
+            --profile "$profile" --out "$results" --methods "$m" $extra >"$logs/$m.log" 2>&1 &
+          pids+=($!); names+=("$m")
+        done
+        for i in "${!pids[@]}"; do
+          wait "${pids[$i]}"; rc=$?
+          cat "$logs/${names[$i]}.log" >>"$log"
+          echo "== $profile ${names[$i]}: rc $rc at ${SECONDS}s" | tee -a "$log"
+        done
+        rm -rf "$logs"
+      else
+        for methods in "${run_groups[@]}"; do
+          left=$(( ${BUDGET_S:-540} - SECONDS ))
+          [ "$left" -gt 60 ] || break
+          # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
+          timeout "$left" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
+            --methods $methods $extra >>"$log" 2>&1
+          echo "== $profile $methods: rc $? at ${SECONDS}s" | tee -a "$log"
+        done
+      fi
       # Export every finished one of them (a timeout may have cut the rest short).
       done_runs=$(for m in "${exportable[@]}"; do
         [ -f "$results/$profile-$m/metrics.json" ] && printf "'%s'," "$m"; done)
       if [ -n "$done_runs" ]; then
-        python3 -c "from anchor_lib import reproduce as r; r.export_tutorial_checkpoints(\
+        # Under a timeout too: a job killed here would lose the packing below.
+        timeout "${EXPORT_S:-60}" python3 -c "from anchor_lib import reproduce as r; r.export_tutorial_checkpoints(\
 '$results', '$ckpts', methods=($done_runs), profile='$profile')" >>"$log" 2>&1
         echo "== export: rc $? at ${SECONDS}s" | tee -a "$log"
       fi

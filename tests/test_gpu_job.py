@@ -17,12 +17,15 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from anchor_lib import reproduce as rep
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_job.sh"
 
 
-def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel", ["0", "1"])
+def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch, parallel):
     monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
                         {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
     results = tmp_path / "data" / "results"
@@ -39,7 +42,7 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
            "JOB_RUNS": "standard", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
-           "OMP_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "JOB_PARALLEL": parallel, "JOB_THREADS": "1",
            # the script runs `python3`: make it this interpreter, as it is on the device machine
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
