@@ -46,11 +46,11 @@ PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed"
 
 _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
-__all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "RunResult", "ablation_param",
-           "ablation_table", "compare", "default_root", "find_embeddings", "format_results_table",
+__all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "ablation_param", "ablation_table",
+           "attack_gap", "compare", "default_root", "find_embeddings", "format_results_table",
            "load_ablations", "load_history", "load_per_image", "load_results", "load_run",
-           "load_tutorial_checkpoint", "save_per_image", "provenance_table", "results_table", "sanity_table",
-           "validate_metrics"]
+           "load_tutorial_checkpoint", "provenance_table", "results_table", "sanity_table",
+           "save_per_image", "validate_metrics", "RunResult"]
 
 
 def default_root() -> Path:
@@ -424,6 +424,52 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
             verdict = f"{METHOD_LABELS.get(method if diff > 0 else baseline, '')} higher"
         rows.append({**row, "difference": diff, "noise_2se": noise, "verdict": verdict})
     return pd.DataFrame(rows, columns=["attack", *columns]).set_index("attack")
+
+
+def attack_gap(run: RunResult, weak: str = "pgd20", strong: str = "autoattack",
+               others: Sequence[str] = ("cw",)) -> dict[str, Any]:
+    """Where ``strong`` beats ``weak`` on ``run``'s own test images, from its ``per_image.npz``.
+
+    The sanity check "AutoAttack within 5 points of PGD-20" fails either because the model masks
+    its gradients (then gradient attacks with any loss stall, and only black-box or adaptive
+    attacks get through) or because PGD-20's cross-entropy loss is simply a weaker objective than
+    AutoAttack's margin-based ones. Per image this tells the two apart: the images ``strong``
+    breaks and ``weak`` does not, and how many of those another white-box attack (CW's margin
+    loss by default) breaks too. Masks are compared on the first ``n`` images, where ``n`` is
+    the smallest attack's count (AutoAttack runs on the first images of the same test order).
+
+    Returns:
+        ``{"run", "n", "weak", "strong"`` (accuracies in [0, 1] on those n images), ``"gap"``
+        (points, weak - strong), ``"strong_only"`` (images weak left right and strong broke),
+        ``"weak_only"`` (the reverse), ``"also_broken"`` ({other: how many of the strong_only
+        images it broke too}) and ``"ensemble"`` ({"attacks": [weak, *others], "accuracy": right
+        under all of them, "gap": its points above strong})``}``.
+
+    Raises:
+        ValueError: an attack that ``run`` has no mask for (no ``per_image.npz``, a mask that
+            disagrees with ``metrics.json``, or an attack it was not evaluated with).
+    """
+    names = [weak, strong, *others]
+    loaded: dict[Path, dict[str, Any]] = {}
+    masks = {}
+    for a in names:
+        m = _mask(run, a, loaded)
+        if m is None:
+            raise ValueError(f"{run.name}: no usable per-image mask for {a!r} (expected "
+                             f"{run.per_image_path} with the attacks of metrics.json, "
+                             f"which lists {sorted(run.metrics['accuracy'])})")
+        masks[a] = m
+    n = min(m.size for m in masks.values())
+    masks = {a: m[:n] for a, m in masks.items()}
+    w, s = masks[weak], masks[strong]
+    strong_only = w & ~s
+    together = np.logical_and.reduce([masks[a] for a in (weak, *others)])
+    return {"run": run.name, "n": n, "weak": float(w.mean()), "strong": float(s.mean()),
+            "gap": 100 * float(w.mean() - s.mean()),
+            "strong_only": int(strong_only.sum()), "weak_only": int((s & ~w).sum()),
+            "also_broken": {a: int((strong_only & ~masks[a]).sum()) for a in others},
+            "ensemble": {"attacks": [weak, *others], "accuracy": float(together.mean()),
+                         "gap": 100 * float(together.mean() - s.mean())}}
 
 
 def _paired_masks(mine: list, theirs: list, attack: str, loaded: dict[Path, dict[str, Any]]

@@ -282,6 +282,35 @@ def test_compare_falls_back_to_unpaired_and_checks_the_masks(tmp_path):
         results.save_per_image(tmp_path / "x.npz", {"pgd20": np.zeros(3)})
 
 
+
+def test_attack_gap_tells_a_weaker_loss_from_masking(tmp_path):
+    """PGD-20 right on 400 of 1,000 images, AutoAttack (first 100 only) on 30 of them; CW breaks
+    6 of the 10 images AutoAttack breaks and PGD-20 does not."""
+    pgd = np.arange(1000) < 400
+    aa = np.arange(100) < 30
+    cw = pgd.copy()
+    cw[30:36] = False
+    accs = {"clean": (0.9, 1000), "pgd20": (0.4, 1000), "cw": (float(cw.mean()), 1000),
+            "autoattack": (0.3, 100)}
+    folder = tmp_path / "full-pgd_at"
+    checkpoint.write_json(folder / "metrics.json", fake_metrics("pgd_at", accs))
+    results.save_per_image(folder / "per_image.npz", {"clean": np.arange(1000) < 900,
+                                                      "pgd20": pgd, "cw": cw, "autoattack": aa})
+    run = results.load_run(folder)
+    gap = results.attack_gap(run)
+    assert gap["n"] == 100  # compared on AutoAttack's images only, not PGD-20's 1,000
+    assert (gap["weak"], gap["strong"]) == (1.0, 0.3) and gap["gap"] == pytest.approx(70.0)
+    assert (gap["strong_only"], gap["weak_only"]) == (70, 0)
+    assert gap["also_broken"] == {"cw": 6}
+    assert gap["ensemble"]["accuracy"] == pytest.approx(0.94)
+    assert gap["ensemble"]["gap"] == pytest.approx(64.0)
+    # An attack the run has no mask for is named, with what the run has.
+    with pytest.raises(ValueError, match="no usable per-image mask for 'fgsm'.*autoattack"):
+        results.attack_gap(run, others=("fgsm",))
+    (folder / "per_image.npz").unlink()
+    with pytest.raises(ValueError, match="per_image.npz"):
+        results.attack_gap(results.load_run(folder))
+
 def test_history_and_ablation_plots(results_root):
     runs = results.load_results(results_root)
     hist = results.load_history(runs[-1].history_path)  # verified against its sidecar
