@@ -439,11 +439,12 @@ def attack_gap(run: RunResult, weak: str = "pgd20", strong: str = "autoattack",
     the smallest attack's count (AutoAttack runs on the first images of the same test order).
 
     Returns:
-        ``{"run", "n", "weak", "strong"`` (accuracies in [0, 1] on those n images), ``"gap"``
-        (points, weak - strong), ``"strong_only"`` (images weak left right and strong broke),
-        ``"weak_only"`` (the reverse), ``"also_broken"`` ({other: how many of the strong_only
-        images it broke too}) and ``"ensemble"`` ({"attacks": [weak, *others], "accuracy": right
-        under all of them, "gap": its points above strong})``}``.
+        A dict: ``run`` (its name); ``n`` (images compared); ``weak`` and ``strong`` (accuracies
+        in [0, 1] on those images); ``gap`` (points, weak - strong); ``strong_only`` (images
+        ``weak`` left right and ``strong`` broke); ``weak_only`` (the reverse); ``also_broken``
+        (for each of ``others``, how many of the ``strong_only`` images it broke too); and
+        ``ensemble``, a dict with ``attacks`` (``weak`` and ``others``), ``accuracy`` (right
+        under all of them) and ``gap`` (its points above ``strong``).
 
     Raises:
         ValueError: an attack that ``run`` has no mask for (no ``per_image.npz``, a mask that

@@ -13,6 +13,13 @@
 #              10-minute limit and returns what finished. JOB_PARALLEL=1 runs every method of
 #              JOB_RUNS as its own process at the same time (JOB_THREADS CPU threads each).
 #   bench:     the benchmark alone.   reproduce: one slot of the full reproduction.
+#   start [MODE]: a job longer than one call (a full-profile run takes 8 to 12 minutes): copies
+#              this tree to /tmp/anchor-bg/tree, where the next call's copy of the working tree
+#              cannot touch it, starts `MODE` (default session) there in the background, then
+#              polls. poll: waits up to POLL_S (default 540) s for it; brings back its output
+#              when it has finished, else bg.log and partial.tgz (what has finished so far).
+#              E.g. JOB_PROFILE=full JOB_RUNS=pgd_at STAGES=tutorial BUDGET_S=1500 ... start,
+#              then `poll` in the next call, before the machine's idle release.
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,7 +32,39 @@ export ANCHOR_DATA_DIR="$PWD/.gpu" ANCHOR_OFFLINE=1 ANCHOR_CACHE_DIR=/tmp/anchor
 export ANCHOR_COMMIT="$(cat .gpu/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
+bg=${JOB_BG:-/tmp/anchor-bg}
+self=$(realpath "$0")
 case "${1:-bench}" in
+  start)
+    if [ -f "$bg/pid" ] && kill -0 "$(cat "$bg/pid")" 2>/dev/null; then
+      echo "a background job is already running (pid $(cat "$bg/pid")): polling it"
+    else
+      rm -rf "$bg" && mkdir -p "$bg/out"
+      cp -a . "$bg/tree"
+      # The copy's own script when it is in the tree: the next call may rewrite this one.
+      script="$bg/tree/${self#"$PWD"/}"; [ -f "$script" ] || script=$self
+      ( cd "$bg/tree" && OUT="$bg/out" setsid nohup bash -c \
+          'bash "$1" "$0"; echo $? > ../rc' "${2:-session}" "$script" >"$bg/log" 2>&1 </dev/null &
+        echo $! > "$bg/pid" )
+      echo "started ${2:-session} in the background (pid $(cat "$bg/pid"))"
+    fi
+    exec bash "$self" poll
+    ;;
+  poll)
+    [ -f "$bg/pid" ] || { echo "no background job on this machine (a fresh one?)" >&2; exit 1; }
+    deadline=$(( SECONDS + ${POLL_S:-540} ))
+    while kill -0 "$(cat "$bg/pid")" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
+    tail -c 200000 "$bg/log" > "$OUT/bg.log"
+    if [ -f "$bg/rc" ]; then
+      cp "$bg"/out/* "$OUT/" 2>/dev/null || true
+      echo "== background: finished, rc $(cat "$bg/rc")"
+    else
+      ( cd "$bg/tree" && tar -czf "$OUT/partial.tgz" --exclude="*.pt" --exclude="*.pt.sha256" \
+          data/results )
+      echo "== background: still running after ${POLL_S:-540} s; poll again"
+    fi
+    grep -E "^==|done in|epoch [0-9]+/[0-9]+ loss" "$bg/log" | tail -20 || true
+    ;;
   bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -m anchor_lib bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
@@ -102,7 +141,8 @@ case "${1:-bench}" in
       # Export every finished one of them (a timeout may have cut the rest short).
       done_runs=$(for m in "${exportable[@]}"; do
         [ -f "$results/$profile-$m/metrics.json" ] && printf "'%s'," "$m"; done)
-      if [ -n "$done_runs" ]; then
+      # Wide models (full, demo) are no tutorial checkpoints: over the size limit.
+      if [ -n "$done_runs" ] && [ "$profile" != full ] && [ "$profile" != demo ]; then
         # Under a timeout too: a job killed here would lose the packing below.
         timeout "${EXPORT_S:-60}" python3 -c "from anchor_lib import reproduce as r; r.export_tutorial_checkpoints(\
 '$results', '$ckpts', methods=($done_runs), profile='$profile')" >>"$log" 2>&1
@@ -114,10 +154,10 @@ case "${1:-bench}" in
     tar -czf "$OUT/results.tgz" --exclude="checkpoint.pt*" --exclude="best.pt*" "$results" "$ckpts"
     unfinished=$(for d in "$results/$profile"-*; do
       [ -f "$d/checkpoint.pt" ] && [ ! -f "$d/metrics.json" ] && echo "$d"; done)
-    # shellcheck disable=SC2086
-    [ -n "$unfinished" ] && tar -czf "$OUT/resume.tgz" $unfinished
+    # shellcheck disable=SC2086  # (a full-profile checkpoint, ~90 MB, cannot come back anyway)
+    [ -n "$unfinished" ] && [ "$profile" != full ] && tar -czf "$OUT/resume.tgz" $unfinished
     grep -E "^==|wrote|Error|error" "$log" | tail -40
     exit 0
     ;;
-  *) echo "usage: $0 session|bench|reproduce" >&2; exit 2 ;;
+  *) echo "usage: $0 session|bench|reproduce|start [MODE]|poll" >&2; exit 2 ;;
 esac

@@ -63,3 +63,44 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch, p
                                   "data/results/smoke-pgd_at/checkpoint.pt"]
     manifest = json.loads((tmp_path / "data/checkpoints/manifest.json").read_text())
     assert [e["method"] for e in manifest["checkpoints"]] == ["standard"]
+
+
+def test_background_job_outlives_the_call_and_is_polled(tmp_path, monkeypatch):
+    """`start` runs the session in a copy of the tree, in the background; `poll` brings back
+    what has finished so far, then the job's own output once it is done."""
+    monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
+                        {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
+    repo = tmp_path / "repo"
+    rep.reproduce("smoke", ("standard",), repo / "data" / "results", attacks=("clean", "pgd20"),
+                  log=lambda _: None, data="synthetic", progress=False)
+    bg = tmp_path / "bg"
+    env = {**os.environ, "JOB_BG": str(bg), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
+           "JOB_RUNS": "standard", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
+           "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def call(*args: str, out: Path, poll_s: int) -> str:
+        proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=repo, capture_output=True,
+                              text=True, timeout=150,
+                              env={**env, "OUT": str(out), "POLL_S": str(poll_s)})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    first = call("start", out=tmp_path / "out1", poll_s=0)
+    assert "started session in the background" in first and "still running" in first, first
+    with tarfile.open(tmp_path / "out1" / "partial.tgz") as tar:
+        assert "data/results/smoke-standard/metrics.json" in tar.getnames()
+    # The working tree of the next call may differ: the job runs in its own copy.
+    assert (bg / "tree" / "data" / "results" / "smoke-standard").is_dir()
+
+    second = call("poll", out=tmp_path / "out2", poll_s=120)
+    assert "== background: finished, rc 0" in second, second
+    log = (tmp_path / "out2" / "job.log").read_text()
+    assert "smoke-standard: skipped (finished)" in log and "== export: rc 0" in log, log[-2000:]
+    with tarfile.open(tmp_path / "out2" / "results.tgz") as tar:
+        assert "data/checkpoints/standard-w8.pt" in tar.getnames()
+    assert (tmp_path / "out2" / "bg.log").is_file()
+    # Nothing is left to poll on a machine that never started one.
+    proc = subprocess.run(["bash", str(SCRIPT), "poll"], cwd=repo, capture_output=True, text=True,
+                          env={**env, "JOB_BG": str(tmp_path / "none"), "OUT": str(tmp_path)})
+    assert proc.returncode == 1 and "no background job" in proc.stderr
