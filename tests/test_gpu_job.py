@@ -24,15 +24,22 @@ from anchor_lib import reproduce as rep
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_job.sh"
 
 
-@pytest.mark.parametrize("parallel", ["0", "1"])
-def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch, parallel):
-    monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
-                        {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished smoke run of `standard` (the config the session's `reproduce --profile smoke
+    --data synthetic` asks for), trained once for this module's tests to copy."""
+    results = tmp_path_factory.mktemp("finished") / "results"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(rep.EVAL_SETTINGS, "smoke",
+                   {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
+        rep.reproduce("smoke", ("standard",), results, attacks=("clean", "pgd20"),
+                      log=lambda _: None, data="synthetic", progress=False)
+    return results / "smoke-standard"
+
+
+def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     results = tmp_path / "data" / "results"
-    # The config the session's `reproduce --profile smoke --data synthetic` asks for: a finished
-    # run counts only for its own config.
-    rep.reproduce("smoke", ("standard",), results, attacks=("clean", "pgd20"),
-                  log=lambda _: None, data="synthetic", progress=False)
+    shutil.copytree(finished_run, results / "smoke-standard")
     shutil.copytree(results / "smoke-standard", results / "smoke-anchor")
     (results / "smoke-anchor" / "best.pt").unlink()  # committed without its weights
     unfinished = results / "smoke-pgd_at"
@@ -42,7 +49,7 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch, p
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
            "JOB_RUNS": "standard", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
-           "OMP_NUM_THREADS": "1", "JOB_PARALLEL": parallel, "JOB_THREADS": "1",
+           "OMP_NUM_THREADS": "1",
            # the script runs `python3`: make it this interpreter, as it is on the device machine
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
@@ -65,18 +72,16 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, monkeypatch, p
     assert [e["method"] for e in manifest["checkpoints"]] == ["standard"]
 
 
-def test_background_job_outlives_the_call_and_is_polled(tmp_path, monkeypatch):
+def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
     """`start` runs the session in a copy of the tree, in the background; `poll` brings back
-    what has finished so far, then the job's own output once it is done."""
-    monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
-                        {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
+    what has finished so far, then the job's own output once it is done. The session runs its
+    methods as parallel processes here (JOB_PARALLEL=1), the test above one after another."""
     repo = tmp_path / "repo"
-    rep.reproduce("smoke", ("standard",), repo / "data" / "results", attacks=("clean", "pgd20"),
-                  log=lambda _: None, data="synthetic", progress=False)
+    shutil.copytree(finished_run, repo / "data" / "results" / "smoke-standard")
     bg = tmp_path / "bg"
     env = {**os.environ, "JOB_BG": str(bg), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
            "JOB_RUNS": "standard", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
-           "OMP_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "JOB_PARALLEL": "1", "JOB_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def call(*args: str, out: Path, poll_s: int) -> str:
@@ -97,6 +102,7 @@ def test_background_job_outlives_the_call_and_is_polled(tmp_path, monkeypatch):
     assert "== background: finished, rc 0" in second, second
     log = (tmp_path / "out2" / "job.log").read_text()
     assert "smoke-standard: skipped (finished)" in log and "== export: rc 0" in log, log[-2000:]
+    assert "== smoke standard: rc 0" in log
     with tarfile.open(tmp_path / "out2" / "results.tgz") as tar:
         assert "data/checkpoints/standard-w8.pt" in tar.getnames()
     assert (tmp_path / "out2" / "bg.log").is_file()
