@@ -536,8 +536,9 @@ def load_tutorial_checkpoint(method: str, root: str | Path | None = None,
                              device: str = "cpu"):
     """Load the committed tutorial checkpoint of ``method`` listed in ``manifest.json``.
 
-    ``root`` (default: the repository's ``data/checkpoints``, or ``../data/checkpoints`` from a
-    notebook's folder) holds ``manifest.json`` whose entries name ``method``, ``file`` (or
+    ``root`` (default: ``checkpoints/`` beside :func:`default_root`'s results folder, so the
+    repository's ``data/checkpoints``, or a clone's when ``ANCHOR_RESULTS_DIR`` points at its
+    ``data/results``) holds ``manifest.json`` whose entries name ``method``, ``file`` (or
     ``path``, relative to ``root``) and ``sha256``. The file must match that sha256.
 
     Returns:
@@ -549,10 +550,8 @@ def load_tutorial_checkpoint(method: str, root: str | Path | None = None,
     """
     from . import train
 
-    if root is None:
-        root = _REPO_RESULTS.parent / "checkpoints"
-        if not root.is_dir() and (Path("..") / "data" / "checkpoints").is_dir():
-            root = Path("..") / "data" / "checkpoints"
+    if root is None:  # beside the results folder, wherever that is (see default_root)
+        root = default_root().parent / "checkpoints"
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():

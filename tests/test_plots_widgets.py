@@ -347,7 +347,7 @@ def test_malformed_or_damaged_results_are_refused(results_root, tmp_path):
         results.validate_metrics(m, "x")
 
 
-def test_committed_embeddings_and_tutorial_checkpoints(results_root, tmp_path):
+def test_committed_embeddings_and_tutorial_checkpoints(results_root, tmp_path, monkeypatch):
     from anchor_lib import embeddings
     from anchor_lib.train import TrainConfig
 
@@ -376,6 +376,12 @@ def test_committed_embeddings_and_tutorial_checkpoints(results_root, tmp_path):
     loaded, state, entry = results.load_tutorial_checkpoint("anchor", root)
     assert entry["sha256"] == sha and not loaded.training and loaded.width == 2
     assert results.load_tutorial_checkpoint("pgd_at", root) is None
+    # By default the checkpoints are looked for beside the results folder, wherever
+    # ANCHOR_RESULTS_DIR puts it (a clone on Colab, with a pip-installed anchor_lib).
+    monkeypatch.setenv("ANCHOR_RESULTS_DIR", str(results_root))
+    assert results.load_tutorial_checkpoint("anchor")[2]["sha256"] == sha
+    monkeypatch.setenv("ANCHOR_RESULTS_DIR", str(tmp_path / "elsewhere" / "results"))
+    assert results.load_tutorial_checkpoint("anchor") is None
     (root / "manifest.json").write_text(json.dumps(
         {"anchor": {"file": "anchor-w2.pt", "sha256": "0" * 64}}))
     with pytest.raises(checkpoint.CheckpointError, match="anchor-w2.pt"):
