@@ -71,6 +71,8 @@ case "${1:-bench}" in
     ;;
   reproduce)
     # Restartable: finished runs are skipped, unfinished ones resume from data/results/*/checkpoint.pt.
+    # Within one call only: the next call's copy of the working tree removes the files it does not
+    # hold (metrics.json and the like; ignored *.pt stay). For more, `start reproduce`.
     python3 -m anchor_lib reproduce --profile full --out data/results 2>&1 | tee "$OUT/reproduce.log"
     # Checkpoints (~90 MB each) stay on the machine; only the small artifacts come back.
     tar -czf "$OUT/results.tgz" --exclude="*.pt" --exclude="*.pt.sha256" data/results
@@ -115,6 +117,7 @@ case "${1:-bench}" in
         # host launches kernels (torchattacks' evaluation above all), so others can fill the gaps.
         left=$(( ${BUDGET_S:-540} - SECONDS ))
         logs=$(mktemp -d); pids=(); names=()
+        [ "$left" -gt 60 ] || run_groups=()  # (and `timeout 0` would mean no limit at all)
         # shellcheck disable=SC2068  # every method of every group, one word each
         for m in ${run_groups[@]}; do
           # shellcheck disable=SC2086
