@@ -311,6 +311,29 @@ def test_attack_gap_tells_a_weaker_loss_from_masking(tmp_path):
     with pytest.raises(ValueError, match="per_image.npz"):
         results.attack_gap(results.load_run(folder))
 
+def test_plot_results_bars_and_their_noise(results_root):
+    runs = results.load_results(results_root)
+    ax = plots.plot_results(runs, attacks=("clean", "pgd20", "autoattack"))
+    from matplotlib.container import BarContainer
+
+    groups = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [len(g.patches) for g in groups] == [3, 3, 3]  # three runs, three attacks each
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Clean", "PGD-20", "AutoAttack"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Standard", "PGD-AT", "ANCHOR"]
+    anchor_bars = groups[2]
+    assert [b.get_height() for b in anchor_bars.patches] == pytest.approx([0.8, 0.55, 0.47])
+    # Whiskers are two standard errors of each accuracy: wider on 1,000 images than on 10,000.
+    lines = anchor_bars.errorbar.lines[2][0].get_segments()
+    half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in lines]
+    assert half == pytest.approx([2 * np.sqrt(p * (1 - p) / n) for p, n in
+                                  ((0.8, 10000), (0.55, 10000), (0.47, 1000))])
+    # Two runs of one method are told apart by their run names.
+    twice = [*runs, results.load_run(results_root / "ablation_beta" / "beta-2.0")]
+    labels = [t.get_text() for t in plots.plot_results(twice).get_legend().get_texts()]
+    assert labels[-1] == "beta-2.0" and labels[0] == "full-standard"
+    with pytest.raises(ValueError, match="plot_results needs runs"):
+        plots.plot_results([])
+
 def test_history_and_ablation_plots(results_root):
     runs = results.load_results(results_root)
     hist = results.load_history(runs[-1].history_path)  # verified against its sidecar
