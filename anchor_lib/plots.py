@@ -323,7 +323,8 @@ def plot_results(runs: Sequence[Any], ax=None, *, attacks: Sequence[str] = ATTAC
     if df.empty or not shown:
         raise ValueError(f"plot_results needs runs evaluated with some of {list(attacks)}; "
                          f"got {len(df)} run(s) with columns {list(df.columns)}")
-    ax = _new_ax(ax, figsize=(min(10.0, max(6.0, 1.3 * len(shown) + 0.25 * len(df) * len(shown))), 3.6))
+    wide = 1.3 * len(shown) + 0.25 * len(df) * len(shown)  # inches: room for every bar
+    ax = _new_ax(ax, figsize=(min(10.0, max(6.0, wide)), 3.6))
     acc = df[shown].to_numpy(dtype=float)
     n = df[[f"n_{a}" for a in shown]].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
     err = 2 * np.sqrt(acc * (1 - acc) / n)

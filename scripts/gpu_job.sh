@@ -84,6 +84,11 @@ case "${1:-bench}" in
     ckpts=${JOB_CHECKPOINTS:-data/checkpoints}; extra=${JOB_ARGS:-}
     IFS=, read -ra run_groups <<< "${JOB_RUNS:-standard pgd_at anchor,trades supcon_at}"
     log="$OUT/job.log"
+    run_methods() {  # SECONDS_LEFT "METHOD ...": train and evaluate them, one after another
+      # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
+      timeout "$1" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
+        --methods $2 $extra
+    }
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
         "import torch, torchattacks; print('torch', torch.__version__, 'torchattacks', torchattacks.__version__)"
       echo "commit $ANCHOR_COMMIT"; } 2>&1 | tee "$log"
@@ -120,9 +125,7 @@ case "${1:-bench}" in
         [ "$left" -gt 60 ] || run_groups=()  # (and `timeout 0` would mean no limit at all)
         # shellcheck disable=SC2068  # every method of every group, one word each
         for m in ${run_groups[@]}; do
-          # shellcheck disable=SC2086
-          OMP_NUM_THREADS=${JOB_THREADS:-3} timeout "$left" python3 -m anchor_lib reproduce \
-            --profile "$profile" --out "$results" --methods "$m" $extra >"$logs/$m.log" 2>&1 &
+          OMP_NUM_THREADS=${JOB_THREADS:-3} run_methods "$left" "$m" >"$logs/$m.log" 2>&1 &
           pids+=($!); names+=("$m")
         done
         for i in "${!pids[@]}"; do
@@ -135,9 +138,7 @@ case "${1:-bench}" in
         for methods in "${run_groups[@]}"; do
           left=$(( ${BUDGET_S:-540} - SECONDS ))
           [ "$left" -gt 60 ] || break
-          # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
-          timeout "$left" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
-            --methods $methods $extra >>"$log" 2>&1
+          run_methods "$left" "$methods" >>"$log" 2>&1
           echo "== $profile $methods: rc $? at ${SECONDS}s" | tee -a "$log"
         done
       fi
