@@ -15,13 +15,14 @@ width-64 model. This script measures, in one run and on one device:
 4. How long an atomic checkpoint save (with fsync) takes on the machine's disk.
 
 Usage (device machine): ``python benchmarks/gpu_probe.py OUT.json [best.pt [test.npz]]``. Writes
-the JSON after every stage. On a CPU it runs a tiny version, with the graph's rehearsal in place of
-the graph (for the tests).
+the JSON after every stage; ``PROBE_ONLY="kernels_w64 ..."`` runs the named stages alone. On a
+CPU it runs a tiny version, with the graph's rehearsal in place of the graph (for the tests).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -169,7 +170,10 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
                    partial(kernel_profile, 64 if cuda else 4, report["batch_size"], dev)))
     stages.append(("eval_pieces", partial(eval_pieces, best, dev, 2000 if cuda else 16,
                                           200 if cuda else 4, test_npz)))
+    only = os.environ.get("PROBE_ONLY", "").split()  # e.g. "kernels_w64": those stages alone
     for name, fn in stages:
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         try:
             # cuDNN's kernel search: on for the fixed-shape training steps, as the trainer runs

@@ -6,7 +6,8 @@
 #   git rev-parse HEAD > .gpu/COMMIT        # the device's copy has no .git
 #   pip download --no-deps --only-binary=:all: torchattacks==3.5.1 -d .whl
 # The call:  run(command="bash scripts/gpu_job.sh session|bench|reproduce", carry=[".gpu", ".whl"])
-#   session:   STAGES (default "bench tutorial"; "probe" adds benchmarks/gpu_probe.py): the
+#   session:   STAGES (default "bench tutorial"; "probe" adds benchmarks/gpu_probe.py, PROBE_ONLY
+#              picks its stages; "precision" ends with benchmarks/eval_precision.py): the
 #              benchmark, then the tutorial-profile runs (standard, pgd_at, anchor, each exported
 #              as an fp16 tutorial checkpoint once finished; then trades, supcon_at), each stage
 #              under a timeout so that one call (BUDGET_S, default 540 s) stays inside the
@@ -152,6 +153,16 @@ case "${1:-bench}" in
 '$results', '$ckpts', methods=($done_runs), profile='$profile')" >>"$log" 2>&1
         echo "== export: rc $? at ${SECONDS}s" | tee -a "$log"
       fi
+    fi
+    if [[ $stages == *" precision "* ]]; then
+      # PGD-20 in fp32, TF32 and bf16 on the first finished run's model (DESIGN §4's 0.2 rule).
+      for d in "$results/$profile"-*; do
+        [ -f "$d/metrics.json" ] && [ -f "$d/best.pt" ] || continue
+        timeout "${PRECISION_S:-150}" python3 "${self%/scripts/*}/benchmarks/eval_precision.py" "$OUT/precision.json" \
+          "$d/best.pt" >>"$log" 2>&1
+        echo "== precision ($d): rc $? at ${SECONDS}s" | tee -a "$log"
+        break
+      done
     fi
     mkdir -p "$results" "$ckpts"
     # Small artifacts, and the resume checkpoints of runs a timeout cut short (width 16: ~6 MB).

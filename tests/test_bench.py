@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from anchor_lib import attacks, data
 from anchor_lib.bench import run_benchmark, same_answers
 from anchor_lib.train import TrainConfig
@@ -122,3 +124,42 @@ def test_autoattack_calls_counts_the_protocol_by_stage(tmp_path, monkeypatch):
     assert broken["accuracy"] == 0.0 and broken["by_stage"]["APGD-T"] == 0
     assert broken["calls"] < stages["APGD-CE"] + stages["APGD-T"]
     assert report["autoattack_budget"] == {"iterations": 3, "square_queries": 20}
+
+
+def _load_benchmark_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):
+    """benchmarks/eval_precision.py: on a CPU the three variants are the same fp32 arithmetic
+    with the same random starts, so they must agree image for image; the report says so."""
+    import dataclasses
+
+    from anchor_lib import checkpoint
+    from anchor_lib.train import build_model
+
+    precision = _load_benchmark_script("eval_precision")
+    dataset = data.synthetic(n_train=64, n_test=48, size=32, seed=3)
+    monkeypatch.setattr(precision, "dataset_for", lambda cfg: dataset)
+    cfg = TrainConfig(method="pgd_at", width=4, proj_dim=8, device="cpu", progress=False)
+    model = build_model(cfg)
+    ckpt = checkpoint.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg),
+                            "epoch": 0, "val": {}, "data": dataset.label}, tmp_path / "best.pt")
+    report = precision.main(str(tmp_path / "precision.json"), str(ckpt), "40")
+    assert json.loads((tmp_path / "precision.json").read_text()) == report
+    assert report["n"] == 40 and report["model"]["width"] == 4
+    variants = report["variants"]
+    assert set(variants) == {"fp32", "tf32", "bf16"}
+    assert all(v["seconds"] > 0 and 0 <= v["accuracy"] <= 1 for v in variants.values())
+    for name in ("tf32", "bf16"):
+        assert variants[name]["vs_fp32"]["images_changed"] == 0, variants
+        assert variants[name]["vs_fp32"]["within_rule"] is True
+    with pytest.raises(ValueError, match="between 1 and 48 test images, got 49"):
+        precision.main(str(tmp_path / "x.json"), str(ckpt), "49")

@@ -47,7 +47,7 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     shutil.copy(results / "smoke-standard" / "checkpoint.pt", unfinished / "checkpoint.pt")
 
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
+    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial precision", "JOB_PROFILE": "smoke",
            "JOB_RUNS": "standard", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
            "OMP_NUM_THREADS": "1",
            # the script runs `python3`: make it this interpreter, as it is on the device machine
@@ -58,6 +58,11 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== smoke standard: rc 0" in log and "== export: rc 0" in log, log[-3000:]
     assert "smoke-standard: skipped (finished)" in log
+    # The precision stage measures the first finished run with weights (smoke-anchor has none).
+    assert "== precision (data/results/smoke-standard): rc 0" in log, log[-3000:]
+    precision = json.loads((out / "precision.json").read_text())
+    assert precision["model"]["method"] == "standard" and set(precision["variants"]) == {
+        "fp32", "tf32", "bf16"}
     assert not (results / "smoke-anchor").exists()  # to be trained again, weights and all
 
     with tarfile.open(out / "results.tgz") as tar:
