@@ -9,7 +9,9 @@
   replayed from a CUDA graph, ``graphs.py``), and on CUDA ``pgd_at_eager``, the same step without
   the graph;
 - ``eval_pgd20_10k``: PGD-20 over 10,000 images (fp32; on CUDA also in the channels_last layout,
-  ``eval_pgd20_10k_channels_last``); ``autoattack_1k``: AutoAttack on 1,000.
+  ``eval_pgd20_10k_channels_last``, and with bf16 passes, ``eval_pgd20_10k_bf16``, which counts
+  for a model only where ``benchmarks/eval_precision.py`` shows it agrees with fp32 there);
+  ``autoattack_1k``: AutoAttack on 1,000.
 
 Each training method is timed as the median of several windows of steps after a warm-up, with the
 device synchronised at window edges; an epoch is ``steps_per_epoch × median step time``. Random
@@ -284,13 +286,13 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     xe, ye = data.to_float(x_dev[: s["eval_n"]]), y_dev[: s["eval_n"]]
     pgd20 = partial(attacks.pgd, eps=8 / 255, alpha=2 / 255, steps=20)
 
-    def pgd20_seconds(net) -> float:
-        with full_precision():  # as the evaluation runs: IEEE fp32, no TF32
-            pgd20(net, xe[:1000], ye[:1000])  # warm-up: the first call's set-up is not evaluation
+    def pgd20_seconds(net, amp: bool = False) -> float:
+        with full_precision():  # as the evaluation runs: IEEE fp32, no TF32 (amp: bf16 passes)
+            pgd20(net, xe[:1000], ye[:1000], amp=amp)  # warm-up: the first call's set-up
             sync(dev)
             t0 = time.perf_counter()
             for i in range(0, len(ye), 1000):
-                pgd20(net, xe[i:i + 1000], ye[i:i + 1000])
+                pgd20(net, xe[i:i + 1000], ye[i:i + 1000], amp=amp)
             sync(dev)
         return round(time.perf_counter() - t0, 3)
 
@@ -302,6 +304,11 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
         results["eval_pgd20_10k_channels_last"] = {
             "seconds": pgd20_seconds(model.to(memory_format=torch.channels_last)), "n": len(ye),
             "precision": EVAL_PRECISION, "memory_format": "channels_last"}
+        # The trainer's arithmetic. It counts for a model only where it agrees with fp32 there
+        # within 0.2 points (DESIGN §4): benchmarks/eval_precision.py checks that per model.
+        results["eval_pgd20_10k_bf16"] = {
+            "seconds": pgd20_seconds(model, amp=True), "n": len(ye),
+            "precision": "bf16 autocast (the attack's passes)", "memory_format": "channels_last"}
         model = model.to(memory_format=torch.contiguous_format)
         save()
     xa = xe[: s["autoattack_n"]]

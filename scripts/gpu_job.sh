@@ -37,7 +37,11 @@ bg=${JOB_BG:-/tmp/anchor-bg}
 self=$(realpath "$0")
 case "${1:-bench}" in
   start)
-    if [ -f "$bg/pid" ] && kill -0 "$(cat "$bg/pid")" 2>/dev/null; then
+    # A later call may not see the job's pid (each call can run in its own process namespace:
+    # `kill -0` failed there on 2026-11-27), so "running" is: started, no exit status yet, and a
+    # log written to within 15 minutes (a job killed with the machine's lease leaves none).
+    if [ -f "$bg/pid" ] && [ ! -f "$bg/rc" ] \
+        && [ -n "$(find "$bg" -maxdepth 2 -name '*.log' -mmin -15 2>/dev/null)" ]; then
       echo "a background job is already running (pid $(cat "$bg/pid")): polling it"
     else
       rm -rf "$bg" && mkdir -p "$bg/out"
@@ -54,17 +58,20 @@ case "${1:-bench}" in
   poll)
     [ -f "$bg/pid" ] || { echo "no background job on this machine (a fresh one?)" >&2; exit 1; }
     deadline=$(( SECONDS + ${POLL_S:-540} ))
-    while kill -0 "$(cat "$bg/pid")" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
-    tail -c 200000 "$bg/log" > "$OUT/bg.log"
+    while [ ! -f "$bg/rc" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
+    tail -c 200000 "$bg/log" > "$OUT/bg.log" 2>/dev/null || true
     if [ -f "$bg/rc" ]; then
       cp "$bg"/out/* "$OUT/" 2>/dev/null || true
       echo "== background: finished, rc $(cat "$bg/rc")"
     else
       ( cd "$bg/tree" && tar -czf "$OUT/partial.tgz" --exclude="*.pt" --exclude="*.pt.sha256" \
           data/results )
+      # The session's own log (training progress) so far; its other files come when it ends.
+      [ -f "$bg/out/job.log" ] && tail -c 200000 "$bg/out/job.log" > "$OUT/job.log"
       echo "== background: still running after ${POLL_S:-540} s; poll again"
     fi
-    grep -E "^==|done in|epoch [0-9]+/[0-9]+ loss" "$bg/log" | tail -20 || true
+    cat "$bg/log" "$bg/out/job.log" 2>/dev/null | tr '\r' '\n' \
+      | grep -E "^==|done in|epoch [0-9]+/[0-9]+ loss" | tail -20 || true
     ;;
   bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,21 @@ def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
     with tarfile.open(tmp_path / "out2" / "results.tgz") as tar:
         assert "data/checkpoints/standard-w8.pt" in tar.getnames()
     assert (tmp_path / "out2" / "bg.log").is_file()
+    # A later call may not see the job's process (its own pid namespace on the device): poll
+    # then waits for the job's exit status, not for the pid, and reports it still running.
+    other = tmp_path / "other"
+    (other / "tree" / "data" / "results").mkdir(parents=True)
+    (other / "out").mkdir()
+    (other / "pid").write_text("999999999\n")
+    (other / "log").write_text("== probe: rc 0 after 25s\n")
+    (other / "out" / "job.log").write_text("[pgd_at] epoch 3/30 loss 1.9 train acc 0.3\n")
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT), "poll"], cwd=repo, capture_output=True, text=True,
+                          env={**env, "JOB_BG": str(other), "OUT": str(tmp_path / "out3"),
+                               "POLL_S": "3"})
+    assert time.monotonic() - t0 >= 3, proc.stdout
+    assert "still running after 3 s" in proc.stdout and "epoch 3/30" in proc.stdout, proc.stdout
+    assert (tmp_path / "out3" / "job.log").read_text().startswith("[pgd_at] epoch 3/30")
     # Nothing is left to poll on a machine that never started one.
     proc = subprocess.run(["bash", str(SCRIPT), "poll"], cwd=repo, capture_output=True, text=True,
                           env={**env, "JOB_BG": str(tmp_path / "none"), "OUT": str(tmp_path)})
