@@ -74,23 +74,41 @@ def test_tutorial_checkpoints_are_small_and_come_from_their_runs():
         assert logits.shape == (4, 10) and torch.isfinite(logits).all()
 
 
-def test_readme_quotes_the_committed_tutorial_results():
-    """The README's table of tutorial results holds the numbers of the files, rounded."""
-    rows = {line.split("|")[1].strip(): line for line in (REPO / "README.md").read_text().splitlines()
-            if line.startswith("| ") and line.count("%") == 5}
-    runs = {r.method: r for r in results.load_results(RESULTS) if r.metrics["profile"] == "tutorial"}
-    if not runs:
-        assert not rows, "the README quotes tutorial results, but none are committed"
-        return
+def _readme_result_rows() -> dict[tuple[str, str], str]:
+    """The README's results tables: ``{(profile, row label): line}``; a table's header names its
+    profile (``| full profile | clean | ...``)."""
+    rows, profile = {}, None
+    for line in (REPO / "README.md").read_text().splitlines():
+        header = re.match(r"\| (\w+) profile \|", line)
+        if header:
+            profile = header.group(1)
+        elif line.startswith("| ") and line.count("%") == 5:
+            assert profile is not None, f"a results row outside a profile's table: {line}"
+            label = line.split("|")[1].strip()
+            assert (profile, label) not in rows, f"two {profile} rows for {label}"
+            rows[profile, label] = line
+    return rows
+
+
+def test_readme_quotes_the_committed_results():
+    """The README's results tables (one per profile) hold the numbers of the files, rounded, and
+    quote no run that is not committed."""
+    rows = _readme_result_rows()
+    runs = {(r.metrics["profile"], r.method): r for r in results.load_results(RESULTS)}
     quoted = 0
-    for method, run in runs.items():
-        label = results.METHOD_LABELS[method]
-        line = next((line for name, line in rows.items() if name.split(" (")[0] == label
-                     or name.lower() == method), None)
-        assert line is not None, f"the README's results table has no row for {label}"
+    for (profile, label), line in rows.items():
+        method = next((m for m, name in results.METHOD_LABELS.items()
+                       if label.split(" (")[0] == name or label.lower() == m), None)
+        run = runs.get((profile, method))
+        assert run is not None, f"the README quotes a {profile} {label} run that is not committed"
         numbers = [float(x) for x in re.findall(r"([\d.]+) %", line)]
         expected = [round(100 * run.metrics["accuracy"][a]["value"], 1)
                     for a in ("clean", "fgsm", "pgd20", "cw", "autoattack")]
-        assert numbers == pytest.approx(expected, abs=0.051), (label, numbers, expected)
+        assert numbers == pytest.approx(expected, abs=0.051), (profile, label, numbers, expected)
         quoted += 1
-    assert quoted == len(rows), "the README quotes a run that is not committed"
+    # Every committed tutorial and full run has its row.
+    missing = [key for key in runs if key[0] in ("tutorial", "full") and not any(
+        p == key[0] and (lab.split(" (")[0] == results.METHOD_LABELS[key[1]]
+                         or lab.lower() == key[1]) for p, lab in rows)]
+    assert not missing, f"committed runs the README's results tables leave out: {missing}"
+    assert quoted == len(rows)
