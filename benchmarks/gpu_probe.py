@@ -91,7 +91,7 @@ def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20) -> 
     total = sum(e[1] for e in events)
     return {"steps": steps, "time": "device (kernels)" if cuda else "CPU (operators)",
             "ms_per_step": round(total / 1000 / steps, 3),
-            "top": [{"name": name[:120], "ms_per_step": round(us / 1000 / steps, 3),
+            "top": [{"name": name[:200], "ms_per_step": round(us / 1000 / steps, 3),
                      "share": round(us / total, 4), "calls_per_step": n / steps}
                     for name, us, n in events[:top]]}
 
