@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from .embeddings import SPACES
+from .reproduce import ABLATION
 from .train import METHODS, PROFILES
 
 
@@ -115,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true",
                    help="instead of the five methods, the ANCHOR ablation (beta, lambda, tau, "
                         "adversarial view) at half the epochs, each knob chosen on validation")
+    abl = p.add_argument_group("the ablation's slots (GPU time comes in short slots)")
+    abl.add_argument("--params", nargs="+", choices=tuple(ABLATION), metavar="PARAM",
+                     help=f"with --ablation: vary only these ({', '.join(ABLATION)}; default all); "
+                          "ablation_summary.json keeps what earlier calls chose for the others")
+    abl.add_argument("--attacks", type=_attack_list, default=None,
+                     help="with --ablation: comma-separated subset of clean,fgsm,pgd20,cw,"
+                          "autoattack for the test report (the knobs are chosen on validation "
+                          "accuracy, whatever is tested; the reproduction's runs always get all)")
+    abl.add_argument("--no-sanity", dest="sanity", action="store_const", const=False, default=None,
+                     help="with --ablation: skip the sanity checks (they run AutoAttack on their "
+                          "images when --attacks leaves it out)")
     p.add_argument("--export-checkpoints", type=Path, metavar="DIR",
                    help="afterwards, write fp16 copies of the standard / pgd_at / anchor runs "
                         "(those among --methods) and a manifest.json with their sha256 to DIR "
@@ -194,8 +206,17 @@ def run(args: argparse.Namespace) -> int:
         if args.export_checkpoints is not None and (args.ablation or not chosen):
             raise UsageError("--export-checkpoints needs a run of standard, pgd_at or anchor "
                              "among --methods (and no --ablation)")
+        ablation_only = [flag for flag, given in (("--params", args.params is not None),
+                                                   ("--attacks", args.attacks is not None),
+                                                   ("--no-sanity", args.sanity is False)) if given]
+        if ablation_only and not args.ablation:
+            raise UsageError(f"{', '.join(ablation_only)} only apply with --ablation: the "
+                             "reproduction's runs get every attack and the sanity checks "
+                             "(DESIGN §4)")
         if args.ablation:
-            ablation(args.profile, out=args.out, **_overrides(args, "epochs", "data"))
+            ablation(args.profile, tuple(args.params or ABLATION), out=args.out,
+                     attacks=tuple(args.attacks) if args.attacks else None, sanity=args.sanity,
+                     **_overrides(args, "epochs", "data"))
         else:
             reproduce(args.profile, tuple(args.methods), args.out,
                       **_overrides(args, "epochs", "data"))

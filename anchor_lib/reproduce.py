@@ -218,7 +218,7 @@ ABLATION: dict[str, tuple[Any, ...]] = {
 def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
              out: str | Path = "data/results", *, epoch_fraction: float = 0.5,
              dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None,
-             log=print, **overrides: Any) -> dict[str, Any]:
+             sanity: bool | None = None, log=print, **overrides: Any) -> dict[str, Any]:
     """Train ANCHOR variants at a shorter schedule; choose each knob on the VALIDATION split.
 
     Run ``<out>/ablation_<param>/<param>-<value>/`` gets the usual artifacts (``metrics.json``
@@ -226,7 +226,12 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     accuracies). ``<out>/ablation_summary.json`` records, per parameter, the value with the best
     validation PGD accuracy — the test numbers play no part in that choice — and the values that
     cannot run at this schedule (``skipped``, with the reason: the two-stage variant needs two
-    epochs).
+    epochs). Each knob is chosen on its own, so the ablation can run in slots, a few ``params``
+    at a time: the summary keeps the entries of earlier calls for the parameters this call does
+    not vary (when they used the same profile, schedule and overrides; otherwise it starts over).
+
+    ``attacks`` (default all) and ``sanity`` (default: the profile's) set what each run's test
+    report holds; the choice never reads it.
     """
     unknown = [p for p in params if p not in ABLATION]
     if unknown:
@@ -234,8 +239,21 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                          f"{', '.join(ABLATION)}")
     settings = {**EVAL_SETTINGS[profile],
                 "embed_n": min(EVAL_SETTINGS[profile]["embed_n"], ABLATION_EMBED_N)}
+    if sanity is not None:
+        settings["sanity"] = sanity
     summary: dict[str, Any] = {"profile": profile, "epoch_fraction": epoch_fraction,
+                               "overrides": {k: v for k, v in overrides.items()
+                                             if k not in ("progress", "device")},
                                "selection": "best validation PGD accuracy", "params": {}}
+    summary_path = Path(out) / "ablation_summary.json"
+    if summary_path.exists():
+        checkpoint.verify(summary_path)
+        earlier = json.loads(summary_path.read_text())
+        same = all(earlier.get(k) == summary[k] for k in ("profile", "epoch_fraction", "overrides"))
+        if same:
+            summary["params"] = dict(earlier.get("params") or {})
+        else:
+            log(f"{summary_path}: written by another profile, schedule or overrides; replaced")
     for param in params:
         values, skipped = {}, {}
         for value in ABLATION[param]:
@@ -266,7 +284,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
         chosen = max(values, key=lambda v: values[v]["val_pgd"]) if values else None
         summary["params"][param] = {"validation": values, "chosen": chosen,
                                     **({"skipped": skipped} if skipped else {})}
-    checkpoint.write_json(Path(out) / "ablation_summary.json", summary)
+    checkpoint.write_json(summary_path, summary)
     return summary
 
 

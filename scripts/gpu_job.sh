@@ -21,6 +21,8 @@
 #              when it has finished, else bg.log and partial.tgz (what has finished so far).
 #              E.g. JOB_PROFILE=full JOB_RUNS=pgd_at STAGES=tutorial BUDGET_S=1500 ... start,
 #              then `poll` in the next call, before the machine's idle release.
+#              An ablation slot: JOB_PROFILE=full JOB_RUNS=anchor JOB_ARGS="--ablation --params beta
+#              --attacks clean,fgsm,pgd20,cw --no-sanity" STAGES=tutorial ... start
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -45,7 +45,8 @@ def test_cli_ablation_flag_reaches_the_ablation(monkeypatch):
     calls = []
     monkeypatch.setattr(reproduce, "ablation", lambda *a, **k: calls.append((a, k)))
     assert cli.main(["reproduce", "--profile", "smoke", "--ablation", "--data", "synthetic"]) == 0
-    assert calls and calls[0][0] == ("smoke",) and calls[0][1]["data"] == "synthetic"
+    assert calls and calls[0][0] == ("smoke", tuple(reproduce.ABLATION))
+    assert calls[0][1]["data"] == "synthetic"
 
 
 def test_two_stage_ablation_runs_where_the_schedule_allows_and_says_why_not(tmp_path, monkeypatch):
@@ -104,3 +105,46 @@ def test_only_a_schedule_too_short_for_two_stages_is_skipped(monkeypatch):
     monkeypatch.setattr(reproduce, "ABLATION", {"temperature": (0.0,)})
     with pytest.raises(ValueError, match="temperature and lr must be > 0"):
         reproduce.ablation("smoke", ("temperature",), log=lambda *_: None)
+
+
+def test_ablation_in_slots_keeps_earlier_choices_and_obeys_its_eval_settings(tmp_path, monkeypatch):
+    """A GPU slot runs a few knobs at a time: the summary keeps the knobs of earlier calls (same
+    profile, schedule and overrides), and --no-sanity / --attacks shape the test report only."""
+    monkeypatch.setitem(reproduce.EVAL_SETTINGS, "smoke",
+                        {"n": 32, "autoattack_n": 8, "sanity": True, "embed_n": 20})
+    monkeypatch.setattr(reproduce, "ABLATION", {"beta": (0.0,), "lam": (2.0,)})
+    ds = data.synthetic(n_train=1024, n_test=64, size=16, seed=0)
+    log: list[str] = []
+    kw = dict(out=tmp_path, dataset=ds, data="synthetic", width=4, proj_dim=16, train_subset=64,
+              val_size=32, batch_size=64, attack_steps=1, val_attack_steps=1, progress=False,
+              attacks=("clean", "pgd20"), sanity=False, log=log.append)
+    first = reproduce.ablation("smoke", ("beta",), **kw)
+    second = reproduce.ablation("smoke", ("lam",), **kw)
+    assert set(first["params"]) == {"beta"} and set(second["params"]) == {"beta", "lam"}
+    assert second["params"]["beta"] == first["params"]["beta"]
+    saved = json.loads((tmp_path / "ablation_summary.json").read_text())
+    assert saved["params"] == second["params"] and saved["overrides"]["width"] == 4
+    metrics = json.loads((tmp_path / "ablation_lam" / "lam-2.0" / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"clean", "pgd20"} and not metrics["sanity"]
+    # Another schedule's summary is replaced, and the log says so.
+    third = reproduce.ablation("smoke", ("lam",), **{**kw, "out": tmp_path}, epoch_fraction=1.0)
+    assert set(third["params"]) == {"lam"}
+    assert any("replaced" in line for line in log)
+
+
+def test_cli_ablation_slot_options(monkeypatch, capsys):
+    from anchor_lib import cli
+
+    calls = []
+    monkeypatch.setattr(reproduce, "ablation", lambda *a, **k: calls.append((a, k)))
+    assert cli.main(["reproduce", "--profile", "smoke", "--ablation", "--params", "beta",
+                     "adv_in_contrastive", "--attacks", "clean,pgd20", "--no-sanity"]) == 0
+    args, kwargs = calls[-1]
+    assert args == ("smoke", ("beta", "adv_in_contrastive"))
+    assert kwargs["attacks"] == ("clean", "pgd20") and kwargs["sanity"] is False
+    assert cli.main(["reproduce", "--profile", "smoke", "--ablation"]) == 0
+    assert calls[-1][0][1] == tuple(reproduce.ABLATION) and calls[-1][1]["sanity"] is None
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["reproduce", "--profile", "smoke", "--no-sanity"])
+    assert exit_info.value.code == 2
+    assert "--no-sanity only apply with --ablation" in capsys.readouterr().err
