@@ -43,6 +43,7 @@ __all__ = [
     "sanity_checks",
     "seeded",
     "standard_attacks",
+    "tf32",
 ]
 
 #: L-inf radius of the evaluation protocol (CIFAR-10).
@@ -104,8 +105,18 @@ def full_precision() -> Iterator[None]:
     GPUs by default; inside the block both cuDNN and matmul TF32 are off. The flags are
     restored afterwards; on a CPU they change nothing.
     """
+    with tf32(False):
+        yield
+
+
+@contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """cuDNN's and matmul's TF32 on or off inside the block; the flags are restored afterwards.
+
+    ``tf32(True)`` is what ``benchmarks/eval_precision.py`` compares with the protocol's fp32.
+    """
     conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:

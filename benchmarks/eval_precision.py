@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,17 +37,6 @@ from anchor_lib.train import config_from_dict, dataset_for, load_model
 MAX_POINTS = 0.2
 
 
-@contextmanager
-def _tf32() -> Any:
-    """TF32 on for the attack; :func:`evaluate.correct` turns it off for the verdicts itself."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
-
-
 def _attack(variant: str):
     """PGD-20 of the protocol whose passes run in ``variant``'s arithmetic."""
     pgd20 = partial(attacks.pgd, eps=evaluate.EVAL_EPS, alpha=evaluate.EVAL_EPS / 4, steps=20,
@@ -57,7 +45,7 @@ def _attack(variant: str):
         return pgd20
 
     def in_tf32(model, x, y):
-        with _tf32():  # inside correct()'s full_precision block, so only the attack is TF32
+        with evaluate.tf32(True):  # inside correct()'s full-precision block: the attack only
             return pgd20(model, x, y)
     return in_tf32
 
