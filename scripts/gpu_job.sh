@@ -164,11 +164,12 @@ case "${1:-bench}" in
       fi
     fi
     if [[ $stages == *" precision "* ]]; then
-      # PGD-20 in fp32, TF32 and bf16 on the first finished run's model (DESIGN §4's 0.2 rule).
+      # PGD-20 in fp32, TF32 and bf16 on the first finished run's model (DESIGN §4's 0.2 rule),
+      # on its first PRECISION_N test images (default all).
       for d in "$results/$profile"-*; do
         [ -f "$d/metrics.json" ] && [ -f "$d/best.pt" ] || continue
         timeout "${PRECISION_S:-150}" python3 "${self%/scripts/*}/benchmarks/eval_precision.py" "$OUT/precision.json" \
-          "$d/best.pt" >>"$log" 2>&1
+          "$d/best.pt" ${PRECISION_N:-} >>"$log" 2>&1
         echo "== precision ($d): rc $? at ${SECONDS}s" | tee -a "$log"
         break
       done

@@ -50,7 +50,7 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "STAGES": "tutorial precision", "JOB_PROFILE": "smoke",
            "JOB_RUNS": "standard", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
-           "OMP_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "PRECISION_N": "64",
            # the script runs `python3`: make it this interpreter, as it is on the device machine
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
@@ -62,7 +62,8 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     # The precision stage measures the first finished run with weights (smoke-anchor has none).
     assert "== precision (data/results/smoke-standard): rc 0" in log, log[-3000:]
     precision = json.loads((out / "precision.json").read_text())
-    assert precision["model"]["method"] == "standard" and set(precision["variants"]) == {
+    assert precision["n"] == 64 and precision["model"]["method"] == "standard"
+    assert set(precision["variants"]) == {
         "fp32", "tf32", "bf16"}
     assert not (results / "smoke-anchor").exists()  # to be trained again, weights and all
 
