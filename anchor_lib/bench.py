@@ -7,7 +7,8 @@
   parameter gradients nobody uses);
 - ``standard``, ``pgd_at`` and ``anchor`` as :func:`anchor_lib.train.train` runs them (on CUDA
   replayed from a CUDA graph, ``graphs.py``), and on CUDA ``pgd_at_eager``, the same step without
-  the graph;
+  the graph, and ``pgd_at_compiled``, the graphed step with ``TrainConfig.compile`` (its warm-up
+  steps include the compiling);
 - ``eval_pgd20_10k``: PGD-20 over 10,000 images (fp32; on CUDA also in the channels_last layout,
   ``eval_pgd20_10k_channels_last``, and with bf16 passes, ``eval_pgd20_10k_bf16``, which counts
   for a model only where ``benchmarks/eval_precision.py`` shows it agrees with fp32 there);
@@ -35,11 +36,18 @@ import torch.nn.functional as F
 
 from . import attacks, checkpoint, data, graphs, provenance
 from .evaluate import EVAL_PRECISION, default_batch_size, full_precision, sync
-from .train import TrainConfig, build_model, cudnn_benchmark, draw_step_inputs, step_loss
+from .train import (
+    TrainConfig,
+    build_model,
+    compiled_passes,
+    cudnn_benchmark,
+    draw_step_inputs,
+    step_loss,
+)
 
 FULL = {"n_images": 50_000, "batch_size": 512, "width": 64, "windows": 5, "window_steps": 10,
         "warmup_steps": 5, "eval_n": 10_000, "autoattack_n": 1_000, "workers": 8,
-        "answers_steps": 200, "answers_width": 32}
+        "answers_steps": 200, "answers_width": 32, "compile": True}
 TINY = {"n_images": 2_048, "batch_size": 64, "width": 8, "windows": 3, "window_steps": 2,
         "warmup_steps": 1, "eval_n": 256, "autoattack_n": 8, "workers": 0,
         "answers_steps": 0, "answers_width": 8}
@@ -140,7 +148,9 @@ def fast_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Tra
     ``benchmarks/gpu_probe.py``). Each call returns how the step ran (``StepGraph.mode``).
     """
     cuda = x.is_cuda
-    body = body if body is not None else partial(step_loss, model, cfg, cuda)
+    if body is None:
+        passes = compiled_passes(model, x.device) if cfg.compile else None
+        body = partial(step_loss, model, cfg, cuda, passes=passes)
     run_step = graphs.StepGraph(model, body, graph=graph)
     it = iter(())
 
@@ -267,10 +277,12 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     cuda = dev.type == "cuda"
     runs = [(m, m, cuda) for m in methods]
     if cuda and "pgd_at" in methods:
-        runs.insert(runs.index(("pgd_at", "pgd_at", True)) + 1, ("pgd_at_eager", "pgd_at", False))
+        at = runs.index(("pgd_at", "pgd_at", True)) + 1
+        runs[at:at] = [("pgd_at_eager", "pgd_at", False)] + (
+            [("pgd_at_compiled", "pgd_at", True)] if s.get("compile") else [])
     for name, method, graph in runs:
         cfg = TrainConfig(method=method, width=s["width"], batch_size=s["batch_size"],
-                          device=str(dev), progress=False)
+                          device=str(dev), progress=False, compile=name.endswith("_compiled"))
         model = build_model(cfg).to(dev)
         if cuda:
             model = model.to(memory_format=torch.channels_last)

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                    default=None, help="run every step eagerly on CUDA too (graphs are the default "
                    "there; results are the same, only slower)")
+    p.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model's passes (inductor on CUDA), the attack's "
+                        "weights frozen; the same computation, measured faster or not by "
+                        "benchmarks/gpu_probe.py")
     p.add_argument("--pretrain-fraction", type=float,
                    help="the two-stage variant (supcon_at, anchor): this share of the epochs "
                         "pre-trains the encoder on the contrastive term, the rest trains the "
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 **_overrides(args, "epochs", "seed", "data", "width", "proj_dim", "batch_size",
                              "train_subset", "val_size", "attack_steps", "val_attack_steps", "lr",
-                             "cuda_graphs", "pretrain_fraction"))
+                             "cuda_graphs", "pretrain_fraction", "compile"))
         except (ValueError, TypeError) as err:  # the arguments do not make a valid config
             raise UsageError(str(err)) from err
         try:

@@ -98,6 +98,10 @@ class TrainConfig:
     amp: bool | None = None           # bf16 autocast; None = default_amp(device)
     channels_last: bool | None = None  # None = on for CUDA
     cuda_graphs: bool | None = None    # replay each step from a CUDA graph; None = on for CUDA
+    # torch.compile the model's passes (inductor on CUDA; aot_eager, no code generation, on a
+    # CPU); the attack then runs with the weights frozen (see CompiledPasses). Off by default
+    # until a GPU benchmark shows it pays (benchmarks/gpu_probe.py's compiled stages).
+    compile: bool = False
     log_every: int = 20
     progress: bool = True
     out_dir: str | None = None
@@ -146,7 +150,8 @@ class TrainConfig:
         if self.train_subset is not None and (isinstance(self.train_subset, bool)
                                               or not isinstance(self.train_subset, int)):
             raise ValueError(f"train_subset must be None or an int, got {self.train_subset!r}")
-        for name in ("adv_in_contrastive", "progress", "amp", "channels_last", "cuda_graphs"):
+        for name in ("adv_in_contrastive", "progress", "amp", "channels_last", "cuda_graphs",
+                     "compile"):
             value, optional = getattr(self, name), name in ("amp", "channels_last", "cuda_graphs")
             if not isinstance(value, bool) and not (optional and value is None):
                 raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, "
@@ -309,11 +314,57 @@ def draw_step_inputs(cfg: TrainConfig, x: torch.Tensor,
     return inputs
 
 
+class CompiledPasses:
+    """The model's three passes (``__call__``, ``forward_all``, ``project``) compiled with
+    ``torch.compile``; everything else (``train()``, the parameters) is the model's own.
+
+    Compiling fuses the memory-bound work around the convolutions (BatchNorm, ReLU, residual adds,
+    casts), which takes most of a wide model's step on a GPU
+    (``data/results/bench/kernels_w64-*.json``). ``backend``: ``"inductor"`` (generated kernels,
+    the GPU default) or ``"aot_eager"`` (traced, no code generation: what the CPU tests use).
+    """
+
+    def __init__(self, model: PreActResNet18, backend: str) -> None:
+        self.model = model
+        self._forward = torch.compile(model, backend=backend)
+        self.forward_all = torch.compile(model.forward_all, backend=backend)
+        self.project = torch.compile(model.project, backend=backend)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
+
+
+def compiled_passes(model: PreActResNet18, device: torch.device) -> CompiledPasses:
+    """:class:`CompiledPasses` with the backend for ``device``: inductor on CUDA, aot_eager
+    elsewhere (inductor's CPU code generation needs a C++ toolchain, and the book's CPU models are
+    too small for it to pay)."""
+    return CompiledPasses(model, "inductor" if device.type == "cuda" else "aot_eager")
+
+
+@contextmanager
+def _frozen_if(frozen: bool, model: torch.nn.Module) -> Iterator[None]:
+    """Weights without ``requires_grad`` inside the block, their flags restored afterwards.
+
+    Why, for compiled passes: a compiled backward returns the gradient of every input that
+    requires one, so with trainable weights each attack step would also compute the weight
+    gradients that ``autograd.grad`` skips eagerly. The arithmetic of the step is unchanged.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()] if frozen else []
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tensor,
               a1: torch.Tensor, start: torch.Tensor | None = None,
               a2: torch.Tensor | None = None, *,
               gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              stage: str = "joint") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              stage: str = "joint", passes: CompiledPasses | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one step for ``cfg.method`` from the inputs :func:`draw_step_inputs` drew.
 
     Deterministic given its inputs, free of host syncs and of data-dependent shapes, so that
@@ -326,11 +377,20 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
     that term (there is no trained classifier to attack yet); its ``"probe"`` step is PGD-AT of
     the classifier on the frozen encoder.
 
+    ``passes`` (:class:`CompiledPasses`, ``cfg.compile``) runs every pass compiled, the attacks
+    with the weights frozen.
+
     Returns the scalar loss and a dict of detached per-step diagnostics (device tensors):
     ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
     """
-    attack = partial(attacks.pgd_core, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps,
-                     amp=amp, start=start)
+    net = passes if passes is not None else model
+    pgd = partial(attacks.pgd_core, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps,
+                  amp=amp, start=start)
+
+    def attack(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with _frozen_if(passes is not None, model):
+            return pgd(*args, **kwargs)
+
     # No cast cache: a CUDA graph capture needs autocast's cache off.
     autocast = torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=amp,
                               cache_enabled=False)
@@ -343,7 +403,7 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
         if cfg.adv_in_contrastive:  # else plain SupCon / ANCHOR pre-training on clean views
             model.train(cfg.attack_bn == "train")
             with torch.no_grad(), autocast:
-                z_clean = model.project(torch.cat(views)).float()  # held fixed by the attack
+                z_clean = net.project(torch.cat(views)).float()  # held fixed by the attack
             y_clean = y.repeat(2)
 
             def contrastive_of(z_adv: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
@@ -351,10 +411,10 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
                                           torch.cat([y_clean, y]), temperature=cfg.temperature,
                                           beta=beta, validate=False)
 
-            views.append(attack(model.project, a1, y, loss_fn=contrastive_of))
+            views.append(attack(net.project, a1, y, loss_fn=contrastive_of))
         model.train()
         with autocast:
-            z = model.project(torch.cat(views))
+            z = net.project(torch.cat(views))
         con = _contrastive_term(z, y, n_views, cfg, beta, gather)
         return con, {"ce": zero, "con": con.detach(), "correct": zero}
 
@@ -362,29 +422,29 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
         # Frozen encoder: BatchNorm keeps the statistics pre-training left (eval mode), and only
         # the classifier requires gradients (train() sets that), so only it learns.
         model.eval()
-        x_adv = attack(model, a1, y)
+        x_adv = attack(net, a1, y)
         with autocast:
-            logits = model(x_adv)
+            logits = net(x_adv)
         ce = F.cross_entropy(logits.float(), y)
         return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
 
     if cfg.method == "standard":
         model.train()
         with autocast:
-            logits = model(a1)
+            logits = net(a1)
         ce = F.cross_entropy(logits.float(), y)
         return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
 
     if cfg.method == "trades":
         model.train(cfg.attack_bn == "train")  # "eval", the default, as the official TRADES code
         with torch.no_grad(), autocast:
-            clean_probs = F.softmax(model(a1).float(), dim=1)
+            clean_probs = F.softmax(net(a1).float(), dim=1)
         # The official code starts at x + 0.001·N(0, I) because the KL's gradient vanishes at x;
         # a uniform start in the ball does the same job and keeps one attack core for all methods.
-        x_adv = attack(model, a1, y, loss_fn=_kl_to_clean(clean_probs))
+        x_adv = attack(net, a1, y, loss_fn=_kl_to_clean(clean_probs))
         model.train()
         with autocast:
-            logits_clean, logits_adv = model(a1), model(x_adv)
+            logits_clean, logits_adv = net(a1), net(x_adv)
         loss = losses.trades_loss(logits_clean.float(), logits_adv.float(), y, beta=cfg.trades_beta,
                                   validate=False)
         ce = F.cross_entropy(logits_clean.float(), y)
@@ -392,18 +452,18 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
                       "correct": (logits_adv.argmax(1) == y).sum()}
 
     model.train(cfg.attack_bn == "train")
-    x_adv = attack(model, a1, y)
+    x_adv = attack(net, a1, y)
     model.train()
     if cfg.method == "pgd_at":
         with autocast:
-            logits = model(x_adv)
+            logits = net(x_adv)
         ce = F.cross_entropy(logits.float(), y)
         return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
 
     # supcon_at / anchor: one backbone pass over all views, CE on the adversarial view only.
     views = torch.cat([a1, a2, x_adv])
     with autocast:
-        logits, z = model.forward_all(views)
+        logits, z = net.forward_all(views)
     n = y.shape[0]
     ce = F.cross_entropy(logits[2 * n:].float(), y)
     con = _contrastive_term(z, y, n_views, cfg, beta, gather)
@@ -551,6 +611,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
+    passes = compiled_passes(model, device) if cfg.compile else None
     x_train, y_train = distributed.shard(run.x_train, run.y_train, ctx)
     steps_per_epoch = x_train.shape[0] // local_batch
     # The fused kernel updates all parameters in one launch on CUDA (same arithmetic).
@@ -570,7 +631,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
             if not param.requires_grad:
                 param.grad = None  # else the optimiser would keep applying the last stage's
         return graphs.StepGraph(model, partial(step_loss, model, cfg, amp, gather=gather,
-                                               stage=stage),
+                                               stage=stage, passes=passes),
                                 graph=use_graph, log=tqdm.write)
 
     run_step: graphs.StepGraph | None = None
@@ -728,7 +789,7 @@ def _write_history_if_changed(path: Path, history: list[dict[str, Any]]) -> None
 
 
 # Fields that may change between a run and its resumption without changing the computation.
-_RESUME_FREE = {"progress", "log_every", "out_dir", "extra", "cuda_graphs"}
+_RESUME_FREE = {"progress", "log_every", "out_dir", "extra", "cuda_graphs", "compile"}
 
 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:

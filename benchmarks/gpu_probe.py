@@ -13,10 +13,9 @@ width-64 model. This script measures, in one run and on one device:
    full evaluation's wall time can be attributed.
 3. Which kernels an eager width-64 step spends its device time in (``torch.profiler``).
 4. How long an atomic checkpoint save (with fsync) takes on the machine's disk.
-5. Variants of the width-64 step: the weights frozen while the attack runs, with and without the
-   model's forward compiled (``torch.compile``), eager and graphed (``variant_step_seconds``);
-   each records its first step's time (compiling included) and gradient norm, which should
-   match the trainer's step from the same start.
+5. The width-64 step with ``TrainConfig.compile`` (the model's passes compiled, the attack's
+   weights frozen), eager and graphed; like every step stage it records its first step's time
+   (compiling included) and gradient norm, which should match the trainer's uncompiled step.
 
 Usage (device machine): ``python benchmarks/gpu_probe.py OUT.json [best.pt [test.npz]]``. Writes
 the JSON after every stage; ``PROBE_ONLY="kernels_w64 ..."`` runs the named stages alone. On a
@@ -35,7 +34,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from anchor_lib import attacks, checkpoint, data, evaluate, provenance
 from anchor_lib.bench import fast_train_step, median_step_seconds
@@ -57,66 +55,20 @@ def _setup(width: int, batch: int, dev: torch.device):
     return cfg, model, opt, x, y
 
 
-def step_seconds(width: int, batch: int, dev: torch.device, graph: bool) -> dict:
-    """Median seconds of one PGD-10 training step as the trainer runs it, eager or graphed."""
+def step_seconds(width: int, batch: int, dev: torch.device, graph: bool,
+                 compiled: bool = False) -> dict:
+    """Median seconds of one PGD-10 training step as the trainer runs it, eager or graphed;
+    ``compiled``: with ``TrainConfig.compile`` (the model's passes compiled, the attack's weights
+    frozen; ``aot_eager`` on a CPU). ``first_step_seconds`` includes compiling and recording;
+    ``first_grad_norm`` fingerprints the step, the same for every variant from the same weights,
+    data and draws (up to bf16 rounding on a GPU)."""
     cfg, model, opt, x, y = _setup(width, batch, dev)
+    cfg.compile = compiled
     step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
                            graph=graph)
     first_seconds, grad_norm = _first_step(step, model, dev)
     modes: list[str] = []
     reps = (5, 5, 3) if dev.type == "cuda" else (2, 2, 1)
-    seconds = median_step_seconds(lambda: modes.append(step()), dev, windows=reps[0],
-                                  window_steps=reps[1], warmup_steps=reps[2])
-    return {"step_seconds": seconds, "train_step": modes[-1],
-            "first_step_seconds": first_seconds, "first_grad_norm": grad_norm}
-
-
-def frozen_attack_loss(model: torch.nn.Module, net: torch.nn.Module, cfg: TrainConfig, amp: bool,
-                       y: torch.Tensor, a1: torch.Tensor, start: torch.Tensor,
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``step_loss`` of ``pgd_at`` with the weights frozen while the attack runs, every pass
-    through ``net`` (``model`` itself or its ``torch.compile``).
-
-    Why frozen: a compiled backward returns the gradient of every input that requires one, so
-    with trainable weights each attack step would also compute the weight gradients that
-    ``autograd.grad`` skips in eager mode (the likely reason the issue's whole-model compile was
-    slower than eager). Frozen, the attack's compiled backward is input-gradient only.
-    """
-    params = list(model.parameters())
-    model.train(cfg.attack_bn == "train")
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        x_adv = attacks.pgd_core(net, a1, y, cfg.eps, cfg.alpha, cfg.attack_steps, amp=amp,
-                                 start=start)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    model.train()
-    with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-        logits = net(x_adv)
-    ce = F.cross_entropy(logits.float(), y)
-    zero = torch.zeros((), device=y.device)
-    return ce, {"ce": ce.detach(), "con": zero, "correct": (logits.argmax(1) == y).sum()}
-
-
-def variant_step_seconds(width: int, batch: int, dev: torch.device, graph: bool,
-                         compiled: bool) -> dict:
-    """Median seconds of a PGD-10 step with the weights frozen during the attack
-    (:func:`frozen_attack_loss`), the forward compiled or not, eager or replayed from a graph.
-
-    ``first_step_seconds`` includes compiling and recording; ``first_loss`` is comparable across
-    the variants and with :func:`step_seconds` (same weights, data and random draws). On a CPU
-    the compile uses the ``aot_eager`` backend (the tests check the plumbing, not the speed).
-    """
-    cfg, model, opt, x, y = _setup(width, batch, dev)
-    cuda = dev.type == "cuda"
-    net = torch.compile(model, backend="inductor" if cuda else "aot_eager") if compiled else model
-    step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
-                           graph=graph, body=partial(frozen_attack_loss, model, net, cfg, cuda))
-    first_seconds, grad_norm = _first_step(step, model, dev)
-    modes: list[str] = []
-    reps = (5, 5, 3) if cuda else (2, 2, 1)
     seconds = median_step_seconds(lambda: modes.append(step()), dev, windows=reps[0],
                                   window_steps=reps[1], warmup_steps=reps[2])
     return {"step_seconds": seconds, "train_step": modes[-1], "compiled": compiled,
@@ -237,14 +189,12 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
         for graph in (False, True):  # on a CPU the graphed step is the rehearsal (graphs.py)
             stages.append((f"pgd_at_{'graphed' if graph else 'eager'}_w{width}",
                            partial(step_seconds, width, b, dev, graph)))
-    # Variants of the width-64 step (CUDA only; on a CPU the tests run them at width 4 directly):
-    # the weights frozen during the attack, then also the forward compiled, eager and graphed.
+    # The width-64 step with the model's passes compiled, eager and graphed (CUDA only; the
+    # tests run it at width 4 on a CPU directly).
     if cuda:
-        for compiled in (False, True):
-            for graph in (False, True):
-                name = (f"pgd_at_{'compiled' if compiled else 'frozen'}_"
-                        f"{'graphed' if graph else 'eager'}_w64")
-                stages.append((name, partial(variant_step_seconds, 64, 512, dev, graph, compiled)))
+        for graph in (False, True):
+            stages.append((f"pgd_at_compiled_{'graphed' if graph else 'eager'}_w64",
+                           partial(step_seconds, 64, 512, dev, graph, True)))
     stages.append(("kernels_w64" if cuda else "kernels_w4",
                    partial(kernel_profile, 64 if cuda else 4, report["batch_size"], dev)))
     stages.append(("eval_pieces", partial(eval_pieces, best, dev, 2000 if cuda else 16,

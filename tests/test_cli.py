@@ -459,3 +459,14 @@ def test_kill_9_mid_epoch_then_resume_is_bit_for_bit(tmp_path, capsys):
     assert len(_rows(killed / "history.csv")) == 3
     for name in ("checkpoint.pt", "best.pt", "history.csv"):
         checkpoint.verify(killed / name)
+
+
+def test_train_compile_flag_reaches_the_config(monkeypatch):
+    from anchor_lib import train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: seen.append(cfg) or [])
+    assert cli.main(["train", "--method", "pgd_at", "--profile", "smoke", "--compile",
+                     "--quiet"]) == 0
+    assert cli.main(["train", "--method", "pgd_at", "--profile", "smoke", "--quiet"]) == 0
+    assert [cfg.compile for cfg in seen] == [True, False]

@@ -350,3 +350,22 @@ def test_pretrain_epochs_count_exactly_and_stages_follow():
     assert cfg.pretrain_epochs == 29  # 0.29 * 100 is 28.999... in floating point
     assert [cfg.stage(e) for e in (0, 28, 29, 99)] == ["pretrain", "pretrain", "probe", "probe"]
     assert tiny("anchor").stage(0) == "joint"
+
+
+@pytest.mark.parametrize("method", ["anchor", "trades"])
+def test_compiled_passes_train_as_the_eager_trainer(method, small_data, tmp_path):
+    """TrainConfig.compile (aot_eager on a CPU: traced, no code generation) trains the same
+    model as the eager trainer, through every pass a method uses (the forward, forward_all and
+    project; TRADES' KL attack); the weights are frozen during the attack and restored after.
+    It only changes how the passes run, so a run resumes across it."""
+    cfg = tiny(method, train_subset=128, out_dir=str(tmp_path / "compiled"), compile=True)
+    plain = train(tiny(method, train_subset=128), dataset=small_data)
+    compiled = train(cfg, dataset=small_data)
+    for key in ("loss", "ce", "con", "train_acc", "val_clean", "val_pgd"):
+        assert compiled[-1][key] == pytest.approx(plain[-1][key], rel=1e-4, abs=1e-6), key
+    state = checkpoint.load(tmp_path / "compiled" / "checkpoint.pt")
+    assert state["config"]["compile"] is True
+    # The finished run, resumed without compiling: compile is not part of the computation's
+    # config, so this is the same run (nothing left to train), not a refused one.
+    resumed = train(dataclasses.replace(cfg, compile=False), resume=True, dataset=small_data)
+    assert [r["epoch"] for r in resumed] == [1]
