@@ -277,9 +277,9 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     cuda = dev.type == "cuda"
     runs = [(m, m, cuda) for m in methods]
     if cuda and "pgd_at" in methods:
-        at = runs.index(("pgd_at", "pgd_at", True)) + 1
-        runs[at:at] = [("pgd_at_eager", "pgd_at", False)] + (
-            [("pgd_at_compiled", "pgd_at", True)] if s.get("compile") else [])
+        runs.insert(runs.index(("pgd_at", "pgd_at", True)) + 1, ("pgd_at_eager", "pgd_at", False))
+        if s.get("compile"):  # last: compiling takes minutes, and a stage limit may cut it
+            runs.append(("pgd_at_compiled", "pgd_at", True))
     for name, method, graph in runs:
         cfg = TrainConfig(method=method, width=s["width"], batch_size=s["batch_size"],
                           device=str(dev), progress=False, compile=name.endswith("_compiled"))
