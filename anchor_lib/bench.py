@@ -275,14 +275,14 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     # graph per step on CUDA; on CUDA also the eager PGD-AT step, to show what the graph buys.
     x_dev, y_dev = x_u8.to(dev), y.to(dev)
     cuda = dev.type == "cuda"
-    runs = [(m, m, cuda) for m in methods]
+    runs = [(m, m, cuda, False) for m in methods]  # (name, method, graph, compile)
     if cuda and "pgd_at" in methods:
-        runs.insert(runs.index(("pgd_at", "pgd_at", True)) + 1, ("pgd_at_eager", "pgd_at", False))
+        runs.insert(methods.index("pgd_at") + 1, ("pgd_at_eager", "pgd_at", False, False))
         if s.get("compile"):  # last: compiling takes minutes, and a stage limit may cut it
-            runs.append(("pgd_at_compiled", "pgd_at", True))
-    for name, method, graph in runs:
+            runs.append(("pgd_at_compiled", "pgd_at", True, True))
+    for name, method, graph, compile_passes in runs:
         cfg = TrainConfig(method=method, width=s["width"], batch_size=s["batch_size"],
-                          device=str(dev), progress=False, compile=name.endswith("_compiled"))
+                          device=str(dev), progress=False, compile=compile_passes)
         model = build_model(cfg).to(dev)
         if cuda:
             model = model.to(memory_format=torch.channels_last)

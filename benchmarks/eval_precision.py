@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from anchor_lib import attacks, checkpoint, evaluate, provenance
+from anchor_lib import checkpoint, data, evaluate, provenance
 from anchor_lib.train import config_from_dict, dataset_for, load_model
 
 #: DESIGN §4: a reduced-precision result counts only within this many points of fp32.
@@ -39,8 +39,7 @@ MAX_POINTS = 0.2
 
 def _attack(variant: str):
     """PGD-20 of the protocol whose passes run in ``variant``'s arithmetic."""
-    pgd20 = partial(attacks.pgd, eps=evaluate.EVAL_EPS, alpha=evaluate.EVAL_EPS / 4, steps=20,
-                    random_start=True, amp=variant == "bf16")
+    pgd20 = partial(evaluate.standard_attacks()["pgd20"], amp=variant == "bf16")
     if variant != "tf32":
         return pgd20
 
@@ -98,7 +97,7 @@ def main(out: str, ckpt: str, n: str | None = None) -> dict[str, Any]:
     count = len(dataset.y_test) if n is None else int(n)
     if not 1 <= count <= len(dataset.y_test):
         raise ValueError(f"N must be between 1 and {len(dataset.y_test)} test images, got {count}")
-    x = dataset.x_test[:count].to(dev).float().div_(255)
+    x = data.to_float(dataset.x_test[:count]).to(dev)
     y = dataset.y_test[:count].to(dev)
     batch = evaluate.default_batch_size(dev)
     report = {
