@@ -17,13 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check anchor_lib tests benchmarks
+	$(BIN)/ruff check anchor_lib tests benchmarks scripts
 
+# One pytest worker per core (pytest-xdist): each test is single-threaded (tests/conftest.py).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not book" -q
+	$(BIN)/python -m pytest -m "not book" -q -n auto
 
-# One thread: the chapters' tiny models gain nothing from two, and lose 5-20x when they share.
+# One thread per chapter: the chapters' tiny models gain nothing from two, and lose 5-20x when
+# they share; execute_book.py runs one chapter per core instead, into the build's cache.
 book: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/execute_book.py
 	OMP_NUM_THREADS=1 $(BIN)/jupyter-book build -W -n --keep-going .
 
 browser: $(STAMP)

@@ -80,18 +80,29 @@ def pytest_runtest_call(item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+    """Attach what a reliability test exercised to its report (under pytest-xdist the report
+    travels from the worker to the controller, which tallies it in pytest_runtest_logreport)."""
     report = (yield).get_result()
     found = reliability_cases(item)
     if found is None or report.skipped or (report.when != "call" and report.passed):
         return
     kind, declared = found
-    if report.failed:
-        _TALLY["failed"][kind] += declared
-        return
-    ran = item.stash.get(_EXECUTED, declared)
-    _TALLY["handled"][kind] += ran
-    if ran < declared:
-        _TALLY["short"][item.nodeid] = declared - ran
+    ran = 0 if report.failed else item.stash.get(_EXECUTED, declared)
+    report.user_properties.append(("reliability", {"kind": kind, "declared": declared,
+                                                   "ran": ran, "failed": report.failed}))
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name != "reliability":
+            continue
+        kind, declared = value["kind"], value["declared"]
+        if value["failed"]:
+            _TALLY["failed"][kind] += declared
+            continue
+        _TALLY["handled"][kind] += value["ran"]
+        if value["ran"] < declared:
+            _TALLY["short"][report.nodeid] = declared - value["ran"]
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,0 +1,103 @@
+"""scripts/execute_book.py: chapters run side by side into the cache Jupyter Book then reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_cache import get_cache
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "execute_book.py"
+KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+
+# Each chapter notes when it started and stopped (and where it ran) in a file beside it.
+_STAMP = """
+import json, os, time
+start = time.time()
+time.sleep({sleep})
+with open("{name}.json", "w") as f:
+    json.dump({{"start": start, "end": time.time(), "cwd": os.getcwd()}}, f)
+{extra}
+"""
+
+
+def _book(root: Path, chapters: dict[str, str], execute: str = "cache") -> None:
+    (root / "book").mkdir(parents=True)
+    (root / "book" / "index.md").write_text("# Index\n")
+    for name, code in chapters.items():
+        nb = nbformat.v4.new_notebook(metadata=KERNEL)
+        nb.cells = [nbformat.v4.new_markdown_cell(f"# {name}"), nbformat.v4.new_code_cell(code)]
+        nbformat.write(nb, root / "book" / f"{name}.ipynb")
+    (root / "_config.yml").write_text(
+        f"execute:\n  execute_notebooks: {execute}\n  cache: _build/.jupyter_cache\n"
+        "  timeout: 60\n")
+    toc = "format: jb-book\nroot: book/index\nparts:\n  - caption: Chapters\n    chapters:\n"
+    (root / "_toc.yml").write_text(toc + "".join(f"      - file: book/{n}\n" for n in chapters))
+
+
+def _run(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
+    _book(tmp_path, {name: _STAMP.format(sleep=2, name=name, extra="") for name in ("a", "b")})
+    stale = tmp_path / "_build" / ".jupyter_cache" / "stale"
+    stale.mkdir(parents=True)   # an earlier build's cache is emptied, not reused
+    done = _run(tmp_path, "--jobs", "2")
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists()
+
+    stamps = {n: json.loads((tmp_path / "book" / f"{n}.json").read_text()) for n in ("a", "b")}
+    assert all(s["cwd"] == str(tmp_path / "book") for s in stamps.values())
+    # Side by side: each chapter started before the other one ended.
+    assert stamps["a"]["start"] < stamps["b"]["end"] and stamps["b"]["start"] < stamps["a"]["end"]
+
+    # What Jupyter Book's cache mode looks up: the committed notebook (no outputs) matches a
+    # cached, executed one, and merging gives the executed outputs.
+    cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
+    for name in ("a", "b"):
+        nb = nbformat.read(tmp_path / "book" / f"{name}.ipynb", as_version=4)
+        assert cache.match_cache_notebook(nb) is not None
+        _, merged = cache.merge_match_into_notebook(nb)
+        assert merged.cells[1].execution_count == 1
+
+    report = json.loads((tmp_path / "_build" / "execution.json").read_text())
+    assert report["jobs"] == 2 and report["failed"] == []
+    assert set(report["chapter_execution_seconds"]) == {"a", "b"}
+    assert all(s >= 2 for s in report["chapter_execution_seconds"].values())
+
+
+def test_a_chapter_that_raises_fails_the_run_with_its_traceback(tmp_path):
+    _book(tmp_path, {"good": _STAMP.format(sleep=0, name="good", extra=""),
+                     "bad": _STAMP.format(sleep=0, name="bad",
+                                          extra="raise ValueError('chapter broke')")})
+    done = _run(tmp_path)
+    assert done.returncode == 1
+    assert "FAILED book/bad.ipynb" in done.stderr and "chapter broke" in done.stderr
+    assert json.loads((tmp_path / "_build" / "execution.json").read_text())["failed"] == [
+        "book/bad.ipynb"]
+    cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
+    bad = nbformat.read(tmp_path / "book" / "bad.ipynb", as_version=4)
+    with pytest.raises(KeyError):   # not cached, so a build would not render it as executed
+        cache.match_cache_notebook(bad)
+
+
+@pytest.mark.bad_input(cases=3)
+def test_bad_setup_is_refused_with_what_was_expected(tmp_path):
+    _book(tmp_path / "force", {"a": "1"}, execute="force")
+    done = _run(tmp_path / "force")
+    assert done.returncode == 2 and "execute_notebooks: cache" in done.stderr
+    assert "'force'" in done.stderr
+
+    _book(tmp_path / "ok", {"a": "1"})
+    done = _run(tmp_path / "ok", "--jobs", "0")
+    assert done.returncode == 2 and "--jobs must be >= 1, got 0" in done.stderr
+
+    (tmp_path / "ok" / "book" / "a.ipynb").unlink()
+    done = _run(tmp_path / "ok")
+    assert done.returncode == 2 and "lists no notebook that exists" in done.stderr
