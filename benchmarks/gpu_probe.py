@@ -11,7 +11,8 @@ width-64 model. This script measures, in one run and on one device:
    ``StepGraph`` itself, which falls back to eager (``train_step``) if they differ.
 2. The pieces of the evaluation (each attack, each sanity check) on a small sample, so that the
    full evaluation's wall time can be attributed.
-3. Which kernels an eager width-64 step spends its device time in (``torch.profiler``).
+3. Which kernels an eager width-64 step spends its device time in (``torch.profiler``), and
+   which calls make its activation-sized copies; the same for the compiled step.
 4. How long an atomic checkpoint save (with fsync) takes on the machine's disk.
 5. The width-64 step with ``TrainConfig.compile`` (the model's passes compiled, the attack's
    weights frozen), eager and graphed; like every step stage it records its first step's time
@@ -86,36 +87,72 @@ def _first_step(step, model: torch.nn.Module, dev: torch.device) -> tuple[float,
     return round(time.perf_counter() - t0, 2), round(norm, 6)
 
 
-def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20) -> dict:
-    """Where an eager PGD-10 step's device time goes: the ``top`` kernels by self time.
+def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
+                   compiled: bool = False) -> dict:
+    """Where a PGD-10 step's device time goes (``torch.profiler``), eager or ``compiled``.
 
-    Eager, because a replayed graph shows as one launch; the kernels are the same ones. On a CPU
-    the operators' self CPU time stands in for kernels (for the tests).
+    Not replayed from a graph, because a replay shows as one launch; the kernels are the same
+    ones. On CUDA, ``top`` lists kernels only (device time counted once, so ``ms_per_step`` is the
+    step's device time), ``operators`` the aten operators by the device time of the kernels each
+    launched itself, and ``copies`` the ``aten::copy_`` calls grouped by their inputs' shapes,
+    dtypes and strides, with the Python frames that made them where there are any (a copy made
+    by the backward pass has none). On a CPU the operators' self CPU time stands in for kernels
+    (for the tests).
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cfg, model, opt, x, y = _setup(width, batch, dev)
+    cfg.compile = compiled
     step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
                            graph=False)
     cuda = dev.type == "cuda"
-    for _ in range(3):  # cuDNN's search and the allocator's first requests, outside the trace
+    for _ in range(3):  # cuDNN's search, compiling, the allocator's first requests: untraced
         step()
     sync(dev)
     steps = 3
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) \
-            as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=True, with_stack=True) as prof:
         for _ in range(steps):
             step()
         sync(dev)
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [(e.key, getattr(e, field, 0.0), e.count) for e in prof.key_averages()]
-    events = sorted((e for e in events if e[1] > 0), key=lambda e: e[1], reverse=True)
-    total = sum(e[1] for e in events)
-    return {"steps": steps, "time": "device (kernels)" if cuda else "CPU (operators)",
-            "ms_per_step": round(total / 1000 / steps, 3),
-            "top": [{"name": name[:200], "ms_per_step": round(us / 1000 / steps, 3),
-                     "share": round(us / total, 4), "calls_per_step": n / steps}
-                    for name, us, n in events[:top]]}
+
+    def ranked(events, n: int, keep=lambda e: True) -> tuple[float, list[dict]]:
+        rows = sorted((e for e in events if getattr(e, field, 0.0) > 0 and keep(e)),
+                      key=lambda e: getattr(e, field), reverse=True)
+        total = sum(getattr(e, field) for e in rows)
+        return total, [{"name": e.key[:200], "ms_per_step": round(getattr(e, field) / 1000 / steps, 3),
+                        "share": round(getattr(e, field) / total, 4),
+                        "calls_per_step": e.count / steps} for e in rows[:n]]
+
+    averages = prof.key_averages()
+    is_kernel = (lambda e: e.device_type == DeviceType.CUDA) if cuda else (lambda e: True)
+    total, kernels = ranked(averages, top, is_kernel)
+    report = {"steps": steps, "compiled": compiled,
+              "time": "device (kernels)" if cuda else "CPU (operators)",
+              "ms_per_step": round(total / 1000 / steps, 3), "top": kernels}
+    if cuda:
+        report["operators"] = ranked(averages, top, lambda e: not is_kernel(e))[1]
+    def callers(e, n: int = 3) -> str:  # the operators that asked for the copy, innermost first
+        names, parent = [], e.cpu_parent
+        while parent is not None and len(names) < n:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        return " < ".join(names)
+
+    groups: dict[tuple[str, str, str], list] = {}
+    for e in prof.events():
+        if e.name == "aten::copy_":
+            frames = " < ".join(f for f in e.stack if "anchor_lib" in f or "torch/nn" in f)
+            groups.setdefault((str(e.input_shapes[:1]), callers(e), frames[:400]), []).append(e)
+    us = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    rows = sorted(groups.items(), key=lambda kv: sum(map(us, kv[1])), reverse=True)
+    report["copies"] = [{"shape": shape, "callers": made_by, "stack": frames,
+                         "calls_per_step": len(v) / steps,
+                         "ms_per_step": round(sum(map(us, v)) / 1000 / steps, 3)}
+                        for (shape, made_by, frames), v in rows[:12]]
+    return report
 
 
 def eval_pieces(path: str | None, dev: torch.device, n: int, n_aa: int,
@@ -194,6 +231,8 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
         for graph in (False, True):
             stages.append((f"pgd_at_compiled_{'graphed' if graph else 'eager'}_w64",
                            partial(step_seconds, 64, 512, dev, graph, True)))
+        stages.append(("kernels_compiled_w64", partial(kernel_profile, 64, 512, dev,
+                                                        compiled=True)))
     stages.append(("kernels_w64" if cuda else "kernels_w4",
                    partial(kernel_profile, 64 if cuda else 4, report["batch_size"], dev)))
     stages.append(("eval_pieces", partial(eval_pieces, best, dev, 2000 if cuda else 16,

@@ -86,6 +86,9 @@ def test_gpu_probe_runs_its_cpu_version(tmp_path, monkeypatch):
     kernels = report["kernels_w4"]
     assert kernels["ms_per_step"] > 0 and 0 < len(kernels["top"]) <= 20
     assert sum(k["share"] for k in kernels["top"]) <= 1.0 + 1e-6
+    # Where the copies come from: the shape copied and the operators that asked for it.
+    assert all(c["calls_per_step"] > 0 for c in kernels["copies"])
+    assert any(c["callers"].startswith("aten::") for c in kernels["copies"]), kernels["copies"]
     pieces = report["eval_pieces"]
     assert all(pieces[k]["seconds"] > 0 for k in ("clean", "pgd20", "autoattack"))
 
