@@ -3,7 +3,8 @@
 The model takes images in [0, 1] and normalises them itself, so attacks never need to know
 the dataset statistics. ``forward`` returns logits only (what attacks expect); ``features``
 returns the pooled backbone representation and ``project`` the L2-normalised embedding ``z``
-used by the contrastive losses.
+used by the contrastive losses. Its BatchNorm layers are :class:`BatchNorm2d`: PyTorch's, with an
+eval-mode backward that keeps channels_last gradients in channels_last (what attack steps need).
 """
 
 from __future__ import annotations
@@ -28,14 +29,89 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class _EvalBatchNormFn(torch.autograd.Function):
+    """Eval-mode batch normalisation, ``(x - running_mean) / sqrt(running_var + eps) * w + b``.
+
+    The forward pass is ``F.batch_norm``'s own. The backward pass exists for the gradient's memory
+    layout: PyTorch's CUDA backward of eval-mode BatchNorm (``batch_norm_elementwise_backward_eval``)
+    allocates the input gradient contiguous (NCHW) whatever the input's layout, so with
+    channels_last activations its kernel writes across strides and the layers below receive the
+    gradient in the other layout. The H100 kernel profile of a training step
+    (``data/results/bench/kernels_w64-*.json``) shows one strided BatchNorm-backward kernel per
+    layer per attack step and about as many layout copies, together about a third of the step.
+    Here the input gradient is ``grad * w / sqrt(var + eps)`` in the gradient's own layout; the
+    weight and bias gradients are computed only for inputs that require them. The backward is
+    made of differentiable operations, so second derivatives work.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps):
+        ctx.eps = eps
+        # The input is needed only for the weight's gradient (not during an attack's steps).
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, mean, var, weight)
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, var, weight = ctx.saved_tensors
+        acc = torch.promote_types(grad.dtype, torch.float32)  # fp32 for bf16/fp16 activations
+        invstd = torch.rsqrt(var.to(acc) + ctx.eps)
+        scale = invstd * weight.to(acc) if weight is not None else invstd
+        shape = (1, -1) + (1,) * (grad.dim() - 2)
+        dims = [0, *range(2, grad.dim())]
+        need_x, _, _, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x = grad * scale.to(grad.dtype).view(shape) if need_x else None
+        grad_w = grad_b = None
+        if need_w:
+            x_hat = (x.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
+            grad_w = (grad.to(acc) * x_hat).sum(dims).to(weight.dtype)
+        if need_b:
+            grad_b = grad.to(acc).sum(dims).to(weight.dtype)
+        return grad_x, None, None, grad_w, grad_b, None
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and state_dict) whose eval-mode backward keeps
+    the gradient in the input's memory layout (see ``_EvalBatchNormFn``).
+
+    Train mode, and eval mode without an input gradient to compute, are ``nn.BatchNorm2d``'s own
+    code; eval mode with one (every attack step) has the same forward arithmetic and a backward
+    equal to PyTorch's up to rounding. Inputs ``(N, C, H, W)``, any float dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.running_mean is None or not (torch.is_grad_enabled()
+                                                              and x.requires_grad):
+            return super().forward(x)
+        self._check_input_dim(x)
+        return _EvalBatchNormFn.apply(x, self.running_mean, self.running_var, self.weight,
+                                      self.bias, self.eps)
+
+
+def use_torch_batchnorm(model: nn.Module) -> nn.Module:
+    """Swap every :class:`BatchNorm2d` of ``model`` for a plain ``nn.BatchNorm2d`` with the same
+    state and mode, in place; returns ``model``. For comparisons with PyTorch's own layer (the
+    tests, the GPU probe); the results differ by rounding only."""
+    for name, module in list(model.named_modules()):
+        if type(module) is BatchNorm2d:
+            plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum,
+                                   module.affine, module.track_running_stats)
+            plain.load_state_dict(module.state_dict())
+            plain.to(module.running_mean.device if module.track_running_stats else module.weight.device)
+            plain.train(module.training)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, plain)
+    return model
+
+
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al., 2016): BN-ReLU-conv twice, identity shortcut."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_planes != planes:
@@ -78,7 +154,7 @@ class PreActResNet18(nn.Module):
                                         PreActBlock(planes, planes, 1)))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.bn = nn.BatchNorm2d(in_planes)
+        self.bn = BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
         self.head = nn.Sequential(nn.Linear(in_planes, in_planes), nn.ReLU(inplace=True),
                                   nn.Linear(in_planes, proj_dim))

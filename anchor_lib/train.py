@@ -342,14 +342,15 @@ def compiled_passes(model: PreActResNet18, device: torch.device) -> CompiledPass
 
 
 @contextmanager
-def _frozen_if(frozen: bool, model: torch.nn.Module) -> Iterator[None]:
-    """Weights without ``requires_grad`` inside the block, their flags restored afterwards.
-
-    Why, for compiled passes: a compiled backward returns the gradient of every input that
-    requires one, so with trainable weights each attack step would also compute the weight
-    gradients that ``autograd.grad`` skips eagerly. The arithmetic of the step is unchanged.
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Weights without ``requires_grad`` inside the block (an attack's steps), their flags
+    restored afterwards. The arithmetic of the step is unchanged; what changes is which
+    gradients a backward pass is asked for. Eagerly, ``autograd.grad`` skips the weights'
+    gradients anyway, except in :class:`~anchor_lib.models.BatchNorm2d`'s eval-mode backward,
+    which can only see which of its inputs require a gradient. A compiled backward returns the
+    gradient of every input that requires one.
     """
-    flags = [(p, p.requires_grad) for p in model.parameters()] if frozen else []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -377,8 +378,8 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
     that term (there is no trained classifier to attack yet); its ``"probe"`` step is PGD-AT of
     the classifier on the frozen encoder.
 
-    ``passes`` (:class:`CompiledPasses`, ``cfg.compile``) runs every pass compiled, the attacks
-    with the weights frozen.
+    ``passes`` (:class:`CompiledPasses`, ``cfg.compile``) runs every pass compiled. The attacks
+    run with the weights frozen (``requires_grad`` off), compiled or not.
 
     Returns the scalar loss and a dict of detached per-step diagnostics (device tensors):
     ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
@@ -388,7 +389,7 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
                   amp=amp, start=start)
 
     def attack(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with _frozen_if(passes is not None, model):
+        with _frozen(model):
             return pgd(*args, **kwargs)
 
     # No cast cache: a CUDA graph capture needs autocast's cache off.

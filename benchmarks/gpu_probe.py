@@ -8,7 +8,9 @@ width-64 model. This script measures, in one run and on one device:
    replayed from a CUDA graph (``anchor_lib.graphs``: the attack and the forward/backward in one
    graph; augmentation, the random start and the optimiser step outside it), at widths 64 and 16.
    The graph's first replay is compared with the eager step from the same weights and inputs by
-   ``StepGraph`` itself, which falls back to eager (``train_step``) if they differ.
+   ``StepGraph`` itself, which falls back to eager (``train_step``) if they differ. The graphed
+   step once more with PyTorch's ``nn.BatchNorm2d`` (``*_torch_bn``): the ratio is what
+   ``anchor_lib.models.BatchNorm2d``'s layout-keeping eval-mode backward buys.
 2. The pieces of the evaluation (each attack, each sanity check) on a small sample, so that the
    full evaluation's wall time can be attributed.
 3. Which kernels an eager width-64 step spends its device time in (``torch.profiler``), and
@@ -39,13 +41,16 @@ import torch
 from anchor_lib import attacks, checkpoint, data, evaluate, provenance
 from anchor_lib.bench import fast_train_step, median_step_seconds
 from anchor_lib.evaluate import sync
+from anchor_lib.models import use_torch_batchnorm
 from anchor_lib.train import TrainConfig, build_model, cudnn_benchmark, load_model
 
 
-def _setup(width: int, batch: int, dev: torch.device):
+def _setup(width: int, batch: int, dev: torch.device, torch_bn: bool = False):
     cfg = TrainConfig(method="pgd_at", width=width, batch_size=batch, device=str(dev), progress=False)
     torch.manual_seed(0)
     model = build_model(cfg).to(dev)
+    if torch_bn:  # PyTorch's own BatchNorm2d, to time what models.BatchNorm2d's backward buys
+        use_torch_batchnorm(model)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
@@ -57,13 +62,14 @@ def _setup(width: int, batch: int, dev: torch.device):
 
 
 def step_seconds(width: int, batch: int, dev: torch.device, graph: bool,
-                 compiled: bool = False) -> dict:
+                 compiled: bool = False, torch_bn: bool = False) -> dict:
     """Median seconds of one PGD-10 training step as the trainer runs it, eager or graphed;
     ``compiled``: with ``TrainConfig.compile`` (the model's passes compiled, the attack's weights
     frozen; ``aot_eager`` on a CPU). ``first_step_seconds`` includes compiling and recording;
     ``first_grad_norm`` fingerprints the step, the same for every variant from the same weights,
-    data and draws (up to bf16 rounding on a GPU)."""
-    cfg, model, opt, x, y = _setup(width, batch, dev)
+    data and draws (up to bf16 rounding on a GPU). ``torch_bn``: with ``nn.BatchNorm2d`` in place
+    of :class:`anchor_lib.models.BatchNorm2d`."""
+    cfg, model, opt, x, y = _setup(width, batch, dev, torch_bn)
     cfg.compile = compiled
     step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
                            graph=graph)
@@ -73,6 +79,7 @@ def step_seconds(width: int, batch: int, dev: torch.device, graph: bool,
     seconds = median_step_seconds(lambda: modes.append(step()), dev, windows=reps[0],
                                   window_steps=reps[1], warmup_steps=reps[2])
     return {"step_seconds": seconds, "train_step": modes[-1], "compiled": compiled,
+            "batchnorm": "torch" if torch_bn else "anchor_lib",
             "first_step_seconds": first_seconds, "first_grad_norm": grad_norm}
 
 
@@ -112,7 +119,7 @@ def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
     sync(dev)
     steps = 3
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
-                 record_shapes=True, with_stack=True) as prof:
+                 record_shapes=True, with_stack=cuda) as prof:  # stacks cost seconds on a CPU
         for _ in range(steps):
             step()
         sync(dev)
@@ -225,6 +232,10 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
         for graph in (False, True):  # on a CPU the graphed step is the rehearsal (graphs.py)
             stages.append((f"pgd_at_{'graphed' if graph else 'eager'}_w{width}",
                            partial(step_seconds, width, b, dev, graph)))
+        # The same graphed step with PyTorch's BatchNorm2d: the ratio of the two is what the
+        # layout-keeping eval-mode backward buys, measured in one run.
+        stages.append((f"pgd_at_graphed_w{width}_torch_bn",
+                       partial(step_seconds, width, b, dev, True, torch_bn=True)))
     # The width-64 step with the model's passes compiled, eager and graphed (CUDA only; the
     # tests run it at width 4 on a CPU directly).
     if cuda:

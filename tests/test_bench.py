@@ -82,6 +82,10 @@ def test_gpu_probe_runs_its_cpu_version(tmp_path, monkeypatch):
     assert report["pgd_at_eager_w4"]["step_seconds"] > 0
     assert report["pgd_at_eager_w4"]["train_step"] == "eager"
     assert report["pgd_at_graphed_w4"]["train_step"] == "rehearsal"
+    # PyTorch's BatchNorm2d in place of models.BatchNorm2d: the same step up to rounding.
+    ours, plain = report["pgd_at_graphed_w4"], report["pgd_at_graphed_w4_torch_bn"]
+    assert (ours["batchnorm"], plain["batchnorm"]) == ("anchor_lib", "torch")
+    assert plain["first_grad_norm"] == pytest.approx(ours["first_grad_norm"], rel=1e-4)
     assert len(report["checkpoint_save"]["seconds"]) == 3
     kernels = report["kernels_w4"]
     assert kernels["ms_per_step"] > 0 and 0 < len(kernels["top"]) <= 20
