@@ -19,9 +19,10 @@ setup: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check anchor_lib tests benchmarks scripts
 
-# One pytest worker per core (pytest-xdist): each test is single-threaded (tests/conftest.py).
+# One pytest worker per core (pytest-xdist): each test is single-threaded (tests/conftest.py);
+# loadgroup keeps the tests of one xdist_group (the multi-process ones) on one worker.
 unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not book" -q -n auto
+	$(BIN)/python -m pytest -m "not book" -q -n auto --dist loadgroup
 
 # One thread per chapter: the chapters' tiny models gain nothing from two, and lose 5-20x when
 # they share; execute_book.py runs one chapter per core instead, into the build's cache.

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from anchor_lib import distributed, losses
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+# Each test launches two processes: under pytest-xdist (make unit, --dist loadgroup) they all run
+# on one worker, one after another, so that no more than three processes share the two cores.
+pytestmark = pytest.mark.xdist_group("two_processes")
 ARGS = ["train", "--method", "standard", "--data", "synthetic", "--profile", "smoke",
         "--epochs", "4", "--width", "4", "--proj-dim", "16", "--batch-size", "64",
         "--train-subset", "1024", "--val-size", "128", "--val-attack-steps", "1", "--lr", "0.1",
@@ -28,18 +31,22 @@ def _history(folder: Path) -> list[dict[str, float]]:
                 for row in csv.DictReader(f)]
 
 
-def _run(cmd: list[str], tmp_path: Path) -> None:
+def _run(*cmds: list[str], cwd: Path) -> None:
+    """Run the commands side by side (each single-threaded) and require that all succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ANCHOR_OFFLINE": "1"}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-2000:]
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python")
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    _run([sys.executable, "-m", "anchor_lib", *ARGS, "--out", str(tmp_path / "one")], tmp_path)
-    _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "anchor_lib", *ARGS,
-          "--out", str(tmp_path / "two")], tmp_path)
+    _run([sys.executable, "-m", "anchor_lib", *ARGS, "--out", str(tmp_path / "one")],
+         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "anchor_lib", *ARGS,
+          "--out", str(tmp_path / "two")], cwd=tmp_path)
     one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
     assert len(one) == len(two) == 4
     # Same global batch and step count, so the same learning-rate schedule, step for step.
@@ -98,7 +105,7 @@ def test_gathered_contrastive_term_has_the_one_process_loss_and_gradient(tmp_pat
     torch.save((x, y, w), tmp_path / "inputs.pt")
     (tmp_path / "gather.py").write_text(textwrap.dedent(_GATHER_SCRIPT))
     _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(tmp_path / "gather.py"),
-          str(tmp_path / "inputs.pt"), str(tmp_path / "seen.pt")], tmp_path)
+          str(tmp_path / "inputs.pt"), str(tmp_path / "seen.pt")], cwd=tmp_path)
     seen = torch.load(tmp_path / "seen.pt")
 
     w1 = w.clone().requires_grad_()
@@ -124,8 +131,8 @@ def test_two_process_anchor_sees_the_global_batchs_contrastive_term(tmp_path):
     args = ["train", "--method", "anchor", "--data", "synthetic", "--profile", "smoke",
             "--epochs", "1", "--width", "4", "--proj-dim", "16", "--batch-size", "64",
             "--train-subset", "256", "--val-size", "0", "--lr", "1e-6", "--quiet"]
-    _run([sys.executable, "-m", "anchor_lib", *args, "--out", str(tmp_path / "one")], tmp_path)
-    _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "anchor_lib", *args,
-          "--out", str(tmp_path / "two")], tmp_path)
+    _run([sys.executable, "-m", "anchor_lib", *args, "--out", str(tmp_path / "one")],
+         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "anchor_lib", *args,
+          "--out", str(tmp_path / "two")], cwd=tmp_path)
     one, two = _history(tmp_path / "one")[0], _history(tmp_path / "two")[0]
     assert two["con"] == pytest.approx(one["con"], rel=0.01), (one, two)
