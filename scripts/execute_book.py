@@ -3,12 +3,12 @@
 Jupyter Book 1.x executes the notebooks one after another while Sphinx reads them, so on the
 2-core CI machine one core idles through about seven minutes of single-threaded chapters. This
 script empties Jupyter Book's execution cache (``execute.cache`` in ``_config.yml``), executes
-every chapter of ``_toc.yml`` in its own kernel, ``--jobs`` at a time (default: one per core),
-longest first, with ``book/`` as the working directory, and stores each executed notebook in
-that cache. ``_config.yml`` says ``execute_notebooks: cache``, so the build that follows
-renders these outputs instead of executing the chapters again. Emptying the cache first keeps
-the promise of ``execute_notebooks: force``: every ``make book`` runs every chapter against the
-library of the same commit.
+every chapter of ``_toc.yml`` in its own kernel, ``--jobs`` at a time (default: one per core at
+the smoke profile, else one), longest first, with ``book/`` as the working directory, and stores
+each executed notebook in that cache. ``_config.yml`` says ``execute_notebooks: cache``, so the
+build that follows renders these outputs instead of executing the chapters again. Emptying the
+cache first keeps the promise of ``execute_notebooks: force``: every ``make book`` runs every
+chapter against the library of the same commit.
 
 A chapter that raises stops the script with exit status 1 and its traceback, before the build
 would execute it a second time. The seconds each chapter took are written as JSON to
@@ -68,6 +68,13 @@ def longest_first(root: Path, paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: -seconds.get(p.stem, float("inf")))
 
 
+def default_jobs() -> int:
+    """One chapter per core at ``ANCHOR_PROFILE=smoke`` (what ``make book`` sets: tiny CPU models,
+    one thread each); one at a time at any other profile, or none set, where chapters may train
+    on a GPU for minutes and would share its memory."""
+    return (os.cpu_count() or 1) if os.environ.get("ANCHOR_PROFILE") == "smoke" else 1
+
+
 def execute(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode, float, str | None]:
     """Run one notebook in a fresh kernel with its folder as working directory."""
     nb = nbformat.read(path, as_version=4)
@@ -78,8 +85,9 @@ def execute(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode, floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="chapters executed at once (default: one per core)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="chapters executed at once (default: one per core at the smoke "
+                             "profile, else one: bigger profiles train on the GPU)")
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the folder with _config.yml and _toc.yml (default: this repository)")
     parser.add_argument("--report", type=Path, help="default: ROOT/_build/execution.json")

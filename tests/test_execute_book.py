@@ -101,3 +101,19 @@ def test_bad_setup_is_refused_with_what_was_expected(tmp_path):
     (tmp_path / "ok" / "book" / "a.ipynb").unlink()
     done = _run(tmp_path / "ok")
     assert done.returncode == 2 and "lists no notebook that exists" in done.stderr
+
+
+def test_chapters_run_side_by_side_only_at_the_smoke_profile(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute_book", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 4)
+    monkeypatch.setenv("ANCHOR_PROFILE", "smoke")
+    assert module.default_jobs() == 4
+    for profile in ("demo", "full"):   # chapters that may train on one GPU: one at a time
+        monkeypatch.setenv("ANCHOR_PROFILE", profile)
+        assert module.default_jobs() == 1
+    monkeypatch.delenv("ANCHOR_PROFILE")
+    assert module.default_jobs() == 1
