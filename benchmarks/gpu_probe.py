@@ -101,10 +101,10 @@ def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
     Not replayed from a graph, because a replay shows as one launch; the kernels are the same
     ones. On CUDA, ``top`` lists kernels only (device time counted once, so ``ms_per_step`` is the
     step's device time), ``operators`` the aten operators by the device time of the kernels each
-    launched itself, and ``copies`` the ``aten::copy_`` calls grouped by their inputs' shapes,
-    dtypes and strides, with the Python frames that made them where there are any (a copy made
-    by the backward pass has none). On a CPU the operators' self CPU time stands in for kernels
-    (for the tests).
+    launched itself, and ``copies`` the ``aten::copy_`` calls grouped by the shape copied, the
+    operators that called them and the Python frames that made them (a copy made by the backward
+    pass has none; stacks are recorded on CUDA only). On a CPU the operators' self CPU time stands
+    in for kernels (for the tests).
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -236,18 +236,19 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
         # layout-keeping eval-mode backward buys, measured in one run.
         stages.append((f"pgd_at_graphed_w{width}_torch_bn",
                        partial(step_seconds, width, b, dev, True, torch_bn=True)))
-    # The width-64 step with the model's passes compiled, eager and graphed (CUDA only; the
-    # tests run it at width 4 on a CPU directly).
+    stages.append(("kernels_w64" if cuda else "kernels_w4",
+                   partial(kernel_profile, 64 if cuda else 4, report["batch_size"], dev)))
+    stages.append(("eval_pieces", partial(eval_pieces, best, dev, 2000 if cuda else 16,
+                                          200 if cuda else 4, test_npz)))
+    # Last, because compiling takes minutes: the width-64 step with the model's passes compiled,
+    # eager and graphed, and its kernel profile (CUDA only; the tests run the compiled step at
+    # width 4 on a CPU directly).
     if cuda:
         for graph in (False, True):
             stages.append((f"pgd_at_compiled_{'graphed' if graph else 'eager'}_w64",
                            partial(step_seconds, 64, 512, dev, graph, True)))
         stages.append(("kernels_compiled_w64", partial(kernel_profile, 64, 512, dev,
                                                         compiled=True)))
-    stages.append(("kernels_w64" if cuda else "kernels_w4",
-                   partial(kernel_profile, 64 if cuda else 4, report["batch_size"], dev)))
-    stages.append(("eval_pieces", partial(eval_pieces, best, dev, 2000 if cuda else 16,
-                                          200 if cuda else 4, test_npz)))
     only = os.environ.get("PROBE_ONLY", "").split()  # e.g. "kernels_w64": those stages alone
     for name, fn in stages:
         if only and name not in only:
