@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -76,11 +77,24 @@ def default_jobs() -> int:
 
 
 def execute(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode, float, str | None]:
-    """Run one notebook in a fresh kernel with its folder as working directory."""
-    nb = nbformat.read(path, as_version=4)
-    result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout, allow_errors=False)
-    error = None if result.err is None else result.exc_string or repr(result.err)
-    return path, nb, result.time, error
+    """Run one notebook in a fresh kernel with its folder as working directory: the notebook,
+    its seconds and, if it failed, the traceback. A cell that raises fails at once; a kernel that
+    fails to start or dies (two kernels starting together can race for a port) is retried once
+    in a new kernel, then fails."""
+    for attempt in (1, 2):
+        nb = nbformat.read(path, as_version=4)
+        try:
+            result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
+                                         allow_errors=False)
+        except Exception as err:  # not a cell's error: those come back in result.err
+            if attempt == 1:
+                print(f"retrying {path.name} in a new kernel after {type(err).__name__}: {err}",
+                      file=sys.stderr, flush=True)
+                continue
+            return path, nb, 0.0, traceback.format_exc()
+        error = None if result.err is None else result.exc_string or repr(result.err)
+        return path, nb, result.time, error
+    raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -37,6 +39,14 @@ def _book(root: Path, chapters: dict[str, str], execute: str = "cache") -> None:
         "  timeout: 60\n")
     toc = "format: jb-book\nroot: book/index\nparts:\n  - caption: Chapters\n    chapters:\n"
     (root / "_toc.yml").write_text(toc + "".join(f"      - file: book/{n}\n" for n in chapters))
+
+
+def _script():
+    """scripts/execute_book.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("execute_book", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -104,11 +114,7 @@ def test_bad_setup_is_refused_with_what_was_expected(tmp_path):
 
 
 def test_chapters_run_side_by_side_only_at_the_smoke_profile(monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("execute_book", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     monkeypatch.setattr(module.os, "cpu_count", lambda: 4)
     monkeypatch.setenv("ANCHOR_PROFILE", "smoke")
     assert module.default_jobs() == 4
@@ -117,3 +123,28 @@ def test_chapters_run_side_by_side_only_at_the_smoke_profile(monkeypatch):
         assert module.default_jobs() == 1
     monkeypatch.delenv("ANCHOR_PROFILE")
     assert module.default_jobs() == 1
+
+
+@pytest.mark.fault(cases=2)
+def test_a_kernel_that_fails_to_start_is_retried_once_then_reported(tmp_path, monkeypatch):
+    module = _script()
+    nbformat.write(nbformat.v4.new_notebook(metadata=KERNEL), tmp_path / "a.ipynb")
+    calls = []
+
+    def kernel(fails: int):
+        """single_nb_execution whose kernel fails to start on the first ``fails`` calls."""
+        def run(nb, **kwargs):
+            calls.append(kwargs["cwd"])
+            if len(calls) <= fails:
+                raise RuntimeError("Kernel died before replying to kernel_info")
+            return SimpleNamespace(time=0.5, err=None, exc_string=None)
+        return run
+
+    monkeypatch.setattr(module, "single_nb_execution", kernel(fails=1))
+    _, _, took, error = module.execute(tmp_path / "a.ipynb", timeout=30)
+    assert error is None and took == 0.5 and calls == [str(tmp_path)] * 2
+
+    calls.clear()
+    monkeypatch.setattr(module, "single_nb_execution", kernel(fails=2))
+    _, _, _, error = module.execute(tmp_path / "a.ipynb", timeout=30)
+    assert len(calls) == 2 and "RuntimeError: Kernel died before replying" in error
