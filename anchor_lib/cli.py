@@ -70,9 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="run every step eagerly on CUDA too (graphs are the default "
                    "there; results are the same, only slower)")
     p.add_argument("--compile", action="store_const", const=True, default=None,
-                   help="torch.compile the model's passes (inductor on CUDA), the attack's "
-                        "weights frozen; the same computation, measured faster or not by "
-                        "benchmarks/gpu_probe.py")
+                   help="torch.compile the model's passes (inductor on CUDA); the same "
+                        "computation, measured faster or not by benchmarks/gpu_probe.py")
     p.add_argument("--pretrain-fraction", type=float,
                    help="the two-stage variant (supcon_at, anchor): this share of the epochs "
                         "pre-trains the encoder on the contrastive term, the rest trains the "

@@ -99,8 +99,8 @@ class TrainConfig:
     channels_last: bool | None = None  # None = on for CUDA
     cuda_graphs: bool | None = None    # replay each step from a CUDA graph; None = on for CUDA
     # torch.compile the model's passes (inductor on CUDA; aot_eager, no code generation, on a
-    # CPU); the attack then runs with the weights frozen (see CompiledPasses). Off by default
-    # until a GPU benchmark shows it pays (benchmarks/gpu_probe.py's compiled stages).
+    # CPU; see CompiledPasses). Off by default until a GPU benchmark shows it pays
+    # (benchmarks/gpu_probe.py's compiled stages).
     compile: bool = False
     log_every: int = 20
     progress: bool = True

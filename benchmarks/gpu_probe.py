@@ -141,6 +141,7 @@ def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
               "ms_per_step": round(total / 1000 / steps, 3), "top": kernels}
     if cuda:
         report["operators"] = ranked(averages, top, lambda e: not is_kernel(e))[1]
+
     def callers(e, n: int = 3) -> str:  # the operators that asked for the copy, innermost first
         names, parent = [], e.cpu_parent
         while parent is not None and len(names) < n:

@@ -55,7 +55,7 @@ def chapters(root: Path) -> list[Path]:
         return []
 
     spec = yaml.safe_load((root / "_toc.yml").read_text())
-    names = ([spec["root"]] if "root" in spec else []) + files(spec.get("parts", spec))
+    names = ([spec["root"]] if "root" in spec else []) + files(spec)
     return [root / f"{name}.ipynb" for name in dict.fromkeys(names)
             if (root / f"{name}.ipynb").exists()]
 
@@ -86,15 +86,14 @@ def execute(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode, floa
         try:
             result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
                                          allow_errors=False)
+            break
         except Exception as err:  # not a cell's error: those come back in result.err
-            if attempt == 1:
-                print(f"retrying {path.name} in a new kernel after {type(err).__name__}: {err}",
-                      file=sys.stderr, flush=True)
-                continue
-            return path, nb, 0.0, traceback.format_exc()
-        error = None if result.err is None else result.exc_string or repr(result.err)
-        return path, nb, result.time, error
-    raise AssertionError("unreachable")
+            if attempt == 2:
+                return path, nb, 0.0, traceback.format_exc()
+            print(f"retrying {path.name} in a new kernel after {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
+    error = None if result.err is None else result.exc_string or repr(result.err)
+    return path, nb, result.time, error
 
 
 def main(argv: list[str] | None = None) -> int:
