@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                    default=None, help="run every step eagerly on CUDA too (graphs are the default "
                    "there; results are the same, only slower)")
-    p.add_argument("--compile", action="store_const", const=True, default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model's passes (inductor on CUDA); the same "
-                        "computation, measured faster or not by benchmarks/gpu_probe.py")
+                        "computation, faster on a GPU (data/results/bench/). Default: on for CUDA "
+                        "at the full profile")
     p.add_argument("--pretrain-fraction", type=float,
                    help="the two-stage variant (supcon_at, anchor): this share of the epochs "
                         "pre-trains the encoder on the contrastive term, the rest trains the "

@@ -108,8 +108,10 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
         "eval_seconds": round(time.perf_counter() - t0, 2), "eval_batch_size": batch_size,
         "eval_precision": evaluate.EVAL_PRECISION,
         "profile": cfg_dict.get("profile"), "config": cfg_dict,
-        # How the training steps ran: "cuda_graph" or "eager" (and why a graph was dropped).
+        # How the training steps ran: "cuda_graph" or "eager" (and why a graph was dropped), and
+        # whether the model's passes were compiled (None: written before that was recorded).
         "train_step": state.get("train_step"), "train_step_fallback": state.get("train_step_fallback"),
+        "compiled": state.get("compiled"),
         "validation": state.get("val"), "accuracy": accuracy, "sanity": checks,
     }
 

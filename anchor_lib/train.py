@@ -99,9 +99,10 @@ class TrainConfig:
     channels_last: bool | None = None  # None = on for CUDA
     cuda_graphs: bool | None = None    # replay each step from a CUDA graph; None = on for CUDA
     # torch.compile the model's passes (inductor on CUDA; aot_eager, no code generation, on a
-    # CPU; see CompiledPasses). Off by default until a GPU benchmark shows it pays
-    # (benchmarks/gpu_probe.py's compiled stages).
-    compile: bool = False
+    # CPU; see CompiledPasses). None = on for CUDA at the full profile: there it cut the graphed
+    # width-64 PGD-10 step from 70 to 46 ms on an H100 (data/results/bench/), for about 30 s of
+    # compiling; the short demo and tutorial runs, often on a Colab CPU's two cores, leave it off.
+    compile: bool | None = None
     log_every: int = 20
     progress: bool = True
     out_dir: str | None = None
@@ -152,7 +153,8 @@ class TrainConfig:
             raise ValueError(f"train_subset must be None or an int, got {self.train_subset!r}")
         for name in ("adv_in_contrastive", "progress", "amp", "channels_last", "cuda_graphs",
                      "compile"):
-            value, optional = getattr(self, name), name in ("amp", "channels_last", "cuda_graphs")
+            value = getattr(self, name)
+            optional = name in ("amp", "channels_last", "cuda_graphs", "compile")
             if not isinstance(value, bool) and not (optional and value is None):
                 raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, "
                                  f"got {value!r}")
@@ -232,6 +234,14 @@ def default_amp(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch before 2.3 has no including_emulation (and no emulation)
         return torch.cuda.is_bf16_supported()
+
+
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether ``cfg`` trains with the model's passes compiled on ``device`` (``cfg.compile``;
+    None: on for CUDA at the ``full`` profile, where 30 epochs repay the compiling)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return device.type == "cuda" and cfg.profile == "full"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -612,7 +622,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    passes = compiled_passes(model, device) if cfg.compile else None
+    passes = compiled_passes(model, device) if use_compile(cfg, device) else None
     x_train, y_train = distributed.shard(run.x_train, run.y_train, ctx)
     steps_per_epoch = x_train.shape[0] // local_batch
     # The fused kernel updates all parameters in one launch on CUDA (same arithmetic).
@@ -734,7 +744,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                        f"({row['seconds']:.1f} s, {run_step.mode} steps)")
         if out is not None and ctx.main:
             model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            how = {"train_step": run_step.mode, "train_step_fallback": run_step.fallback}
+            how = {"train_step": run_step.mode, "train_step_fallback": run_step.fallback,
+                   "compiled": passes is not None}
             state = {"model": model_state, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
                      "config": asdict(cfg), "epoch": epoch, "history": history,
@@ -766,7 +777,8 @@ def _best_state(state: dict[str, Any]) -> dict[str, Any]:
     return {"model": state["model"], "config": state["config"], "epoch": state["epoch"],
             "val": {k: row[k] for k in ("val_clean", "val_pgd")}, "data": state["data"],
             "train_step": state.get("train_step"),
-            "train_step_fallback": state.get("train_step_fallback")}
+            "train_step_fallback": state.get("train_step_fallback"),
+            "compiled": state.get("compiled")}
 
 
 def _write_best_if_behind(path: Path, state: dict[str, Any]) -> None:

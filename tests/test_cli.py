@@ -468,5 +468,8 @@ def test_train_compile_flag_reaches_the_config(monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: seen.append(cfg) or [])
     assert cli.main(["train", "--method", "pgd_at", "--profile", "smoke", "--compile",
                      "--quiet"]) == 0
+    assert cli.main(["train", "--method", "pgd_at", "--profile", "smoke", "--no-compile",
+                     "--quiet"]) == 0
     assert cli.main(["train", "--method", "pgd_at", "--profile", "smoke", "--quiet"]) == 0
-    assert [cfg.compile for cfg in seen] == [True, False]
+    # No flag: None, which train.use_compile resolves per device and profile.
+    assert [cfg.compile for cfg in seen] == [True, False, None]

@@ -352,6 +352,24 @@ def test_pretrain_epochs_count_exactly_and_stages_follow():
     assert tiny("anchor").stage(0) == "joint"
 
 
+def test_compile_default_is_on_for_cuda_at_the_full_profile_only():
+    """compile=None compiles where 30 epochs repay it (CUDA, full profile); an explicit value
+    wins everywhere. Only the device's type is read, so no GPU is needed here."""
+    from anchor_lib.train import use_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    full = TrainConfig.from_profile("full", method="pgd_at")
+    assert full.compile is None
+    assert use_compile(full, cuda) is True
+    assert use_compile(full, cpu) is False
+    for profile in ("smoke", "demo", "tutorial"):
+        assert use_compile(TrainConfig.from_profile(profile, method="pgd_at"), cuda) is False
+    assert use_compile(dataclasses.replace(full, compile=False), cuda) is False
+    assert use_compile(TrainConfig.from_profile("smoke", method="pgd_at", compile=True), cpu)
+    with pytest.raises(ValueError, match="compile must be True or False or None, got 'yes'"):
+        TrainConfig(compile="yes")
+
+
 @pytest.mark.parametrize("method", ["anchor", "trades"])
 def test_compiled_passes_train_as_the_eager_trainer(method, small_data, tmp_path):
     """TrainConfig.compile (aot_eager on a CPU: traced, no code generation) trains the same
@@ -359,12 +377,15 @@ def test_compiled_passes_train_as_the_eager_trainer(method, small_data, tmp_path
     project; TRADES' KL attack); the weights are frozen during the attack and restored after.
     It only changes how the passes run, so a run resumes across it."""
     cfg = tiny(method, train_subset=128, out_dir=str(tmp_path / "compiled"), compile=True)
-    plain = train(tiny(method, train_subset=128), dataset=small_data)
+    plain = train(tiny(method, train_subset=128, out_dir=str(tmp_path / "plain")),
+                  dataset=small_data)
+    assert checkpoint.load(tmp_path / "plain" / "checkpoint.pt")["compiled"] is False
     compiled = train(cfg, dataset=small_data)
     for key in ("loss", "ce", "con", "train_acc", "val_clean", "val_pgd"):
         assert compiled[-1][key] == pytest.approx(plain[-1][key], rel=1e-4, abs=1e-6), key
     state = checkpoint.load(tmp_path / "compiled" / "checkpoint.pt")
-    assert state["config"]["compile"] is True
+    assert state["config"]["compile"] is True and state["compiled"] is True
+    assert checkpoint.load(tmp_path / "compiled" / "best.pt")["compiled"] is True
     # The finished run, resumed without compiling: compile is not part of the computation's
     # config, so this is the same run (nothing left to train), not a refused one.
     resumed = train(dataclasses.replace(cfg, compile=False), resume=True, dataset=small_data)
