@@ -7,8 +7,9 @@
   parameter gradients nobody uses);
 - ``standard``, ``pgd_at`` and ``anchor`` as :func:`anchor_lib.train.train` runs them (on CUDA
   replayed from a CUDA graph, ``graphs.py``), and on CUDA ``pgd_at_eager``, the same step without
-  the graph, and ``pgd_at_compiled``, the graphed step with ``TrainConfig.compile`` (its warm-up
-  steps include the compiling);
+  the graph, and ``pgd_at_compiled`` and ``anchor_compiled``, the graphed steps with
+  ``TrainConfig.compile`` (what the ``full`` profile trains with on a GPU; their warm-up steps
+  include the compiling);
 - ``eval_pgd20_10k``: PGD-20 over 10,000 images (fp32; on CUDA also in the channels_last layout,
   ``eval_pgd20_10k_channels_last``, and with bf16 passes, ``eval_pgd20_10k_bf16``, which counts
   for a model only where ``benchmarks/eval_precision.py`` shows it agrees with fp32 there);
@@ -278,8 +279,9 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     runs = [(m, m, cuda, False) for m in methods]  # (name, method, graph, compile)
     if cuda and "pgd_at" in methods:
         runs.insert(methods.index("pgd_at") + 1, ("pgd_at_eager", "pgd_at", False, False))
-        if s.get("compile"):  # last: compiling takes minutes, and a stage limit may cut it
-            runs.append(("pgd_at_compiled", "pgd_at", True, True))
+    if cuda and s.get("compile"):  # last: compiling takes minutes, and a stage limit may cut it
+        # The graphed steps with TrainConfig.compile, as the full profile trains on a GPU.
+        runs += [(f"{m}_compiled", m, True, True) for m in ("pgd_at", "anchor") if m in methods]
     for name, method, graph, compile_passes in runs:
         cfg = TrainConfig(method=method, width=s["width"], batch_size=s["batch_size"],
                           device=str(dev), progress=False, compile=compile_passes)
@@ -375,8 +377,9 @@ def _write(out, dev, tiny, s, steps_per_epoch, results, methods, extra=None) -> 
         "are meaningless; compare ratios only)" if tiny else "full",
         "data": "random uint8 CIFAR-sized tensors", **{k: v for k, v in s.items()},
         "steps_per_epoch": steps_per_epoch, "results": results,
-        "speedup_vs_reference": {m: round(ref / results[m]["epoch_seconds"], 2)
-                                 for m in (*methods, "pgd_at_eager") if m in results},
+        "speedup_vs_reference": {name: round(ref / r["epoch_seconds"], 2)
+                                 for name, r in results.items()
+                                 if "epoch_seconds" in r and name != "reference_pgd_at"},
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         if dev.type == "cuda" else None,
         "precision": {"anchor_lib": "bf16 autocast + channels_last on CUDA (fp32 on CPU); "

@@ -46,11 +46,11 @@ PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed"
 
 _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
-__all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "ablation_param", "ablation_table",
-           "attack_gap", "compare", "default_root", "find_embeddings", "format_results_table",
-           "load_ablations", "load_history", "load_per_image", "load_results", "load_run",
-           "load_tutorial_checkpoint", "provenance_table", "results_table", "sanity_table",
-           "save_per_image", "validate_metrics", "RunResult"]
+__all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "ablation_choice", "ablation_param",
+           "ablation_table", "attack_gap", "compare", "default_root", "find_embeddings",
+           "format_results_table", "load_ablation_summary", "load_ablations", "load_history",
+           "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint", "provenance_table",
+           "results_table", "sanity_table", "save_per_image", "validate_metrics", "RunResult"]
 
 
 def default_root() -> Path:
@@ -502,10 +502,47 @@ def ablation_param(name: str, runs: Sequence[RunResult | dict[str, Any]]) -> str
 
 def ablation_table(runs: Sequence[RunResult | dict[str, Any]], param: str,
                    attacks: Sequence[str] = ATTACKS):
-    """One row per run of an ablation, sorted by the varied ``param`` (a TrainConfig field)."""
+    """One row per run of an ablation, sorted by the varied ``param`` (a TrainConfig field).
+
+    Besides :func:`results_table`'s test columns, ``val_clean`` and ``val_pgd``: the selected
+    epoch's validation accuracies (fractions; NaN for a run without them), on which the ablation
+    chooses, never on the test columns.
+    """
     df = results_table(runs, attacks)
     df.insert(0, param, [m["config"].get(param) for _, m in _runs(runs)])
+    for i, key in enumerate(("val_clean", "val_pgd"), start=1):
+        df.insert(i, key, [float((m.get("validation") or {}).get(key, math.nan))
+                           for _, m in _runs(runs)])
     return df.sort_values(param, kind="stable")
+
+
+def load_ablation_summary(root: str | Path | None = None) -> dict[str, Any] | None:
+    """``<root>/ablation_summary.json`` (what the ablation chose per knob; verified against its
+    sha256 sidecar when there is one), or None when no ablation has finished a knob yet."""
+    path = (Path(root) if root is not None else default_root()) / "ablation_summary.json"
+    if not path.is_file():
+        return None
+    if path.with_name(path.name + ".sha256").is_file():
+        checkpoint.verify(path)
+    return json.loads(path.read_text())
+
+
+def ablation_choice(runs: Sequence[RunResult | dict[str, Any]], param: str,
+                    planned: Sequence[Any], summary: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Where the choice of ``param`` stands: which of the ``planned`` values have a finished run
+    (``finished``) and which not (``missing``), the value with the best validation PGD accuracy
+    among the finished (``leading``, None if none has validation accuracies), and the value
+    ``summary`` (:func:`load_ablation_summary`) records as chosen (``chosen``: None until the
+    ablation has run every value of ``param`` and written its summary)."""
+    done = {str(m["config"].get(param)): (m.get("validation") or {}) for _, m in _runs(runs)}
+    scored = {v: val["val_pgd"] for v, val in done.items() if "val_pgd" in val}
+    entry = ((summary or {}).get("params") or {}).get(param) or {}
+    return {"param": param,
+            "finished": [v for v in map(str, planned) if v in done],
+            "missing": [v for v in map(str, planned) if v not in done],
+            "leading": max(scored, key=scored.__getitem__) if scored else None,
+            "chosen": entry.get("chosen")}
 
 
 # --- committed artifacts the chapters can use instead of training live --------------------------

@@ -29,6 +29,10 @@ def test_tiny_benchmark_writes_design_json(tmp_path):
     assert results["eval_pgd20_10k"]["seconds"] > 0 and "autoattack_1k" not in results
     # Standard training does no attack, so it must be faster than PGD-AT in the same run.
     assert results["standard"]["epoch_seconds"] < results["pgd_at"]["epoch_seconds"]
+    # Every timed training row gets its ratio to the reference of the same run.
+    ref = results["reference_pgd_at"]["epoch_seconds"]
+    assert report["speedup_vs_reference"] == {
+        m: round(ref / results[m]["epoch_seconds"], 2) for m in ("standard", "pgd_at", "anchor")}
 
 
 def test_fast_path_matches_reference_accuracy():

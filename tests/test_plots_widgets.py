@@ -175,6 +175,8 @@ def results_root(tmp_path):
                               pd.DataFrame(HISTORY).to_csv(index=False))
     for beta in (2.0, 0.0, 0.5):
         m = fake_metrics("anchor", full_accs(0.8, 0.5 + beta / 100, 0.45), beta=beta)
+        # Validation ranks the values unlike the test set (0.5 first), as it may.
+        m["validation"] = {"val_clean": 0.79, "val_pgd": 0.48 - abs(beta - 0.5) / 100}
         checkpoint.write_json(root / "ablation_beta" / f"beta-{beta}" / "metrics.json", m)
     (root / "bench").mkdir()
     return root
@@ -346,10 +348,30 @@ def test_history_and_ablation_plots(results_root):
     assert param == "beta"
     table = results.ablation_table(abl["ablation_beta"], param)
     assert list(table["beta"]) == [0.0, 0.5, 2.0]
+    assert list(table["val_pgd"]) == pytest.approx([0.475, 0.48, 0.465])
+    assert list(table["pgd20"]) == pytest.approx([0.5, 0.505, 0.52])
     ax = plots.plot_ablation(abl["ablation_beta"], param)
     assert ax.get_xlabel() == "beta" and len(ax.get_lines()) == 3
     # the varied field is found even when the folder name is not a config key
     assert results.ablation_param("ablation_mining", abl["ablation_beta"]) == "beta"
+
+
+def test_ablation_choice_reads_validation_and_the_summary(results_root):
+    """Until every planned value has run, nothing is chosen; the leader is the best on
+    validation (not on the test set, where beta 2.0 leads here); the chosen value is the
+    summary's."""
+    runs = results.load_ablations(results_root)["ablation_beta"]
+    assert results.load_ablation_summary(results_root) is None
+    state = results.ablation_choice(runs, "beta", (0.0, 0.5, 1.0, 2.0))
+    assert state == {"param": "beta", "finished": ["0.0", "0.5", "2.0"], "missing": ["1.0"],
+                     "leading": "0.5", "chosen": None}
+    summary = {"params": {"beta": {"chosen": "0.5"}}}
+    checkpoint.write_json(results_root / "ablation_summary.json", summary)
+    loaded = results.load_ablation_summary(results_root)
+    assert results.ablation_choice(runs, "beta", (0.0, 0.5, 2.0), loaded)["chosen"] == "0.5"
+    (results_root / "ablation_summary.json").write_text(json.dumps({"params": {}}))
+    with pytest.raises(checkpoint.CheckpointError, match="ablation_summary"):
+        results.load_ablation_summary(results_root)  # edited after its sidecar was written
 
 
 def test_malformed_or_damaged_results_are_refused(results_root, tmp_path):
