@@ -23,6 +23,9 @@
 #              then `poll` in the next call, before the machine's idle release.
 #              An ablation slot: JOB_PROFILE=full JOB_RUNS=anchor JOB_ARGS="--ablation --params beta
 #              --attacks clean,fgsm,pgd20,cw --no-sanity" STAGES=tutorial ... start
+#              JOB_THEN_ARGS (with JOB_THEN_RUNS, default anchor): after JOB_RUNS, in the time
+#              left, the same profile once more with these arguments instead of JOB_ARGS, e.g. a
+#              full run, then ablation runs: JOB_RUNS=anchor JOB_THEN_ARGS="--ablation ..."
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -94,10 +97,10 @@ case "${1:-bench}" in
     ckpts=${JOB_CHECKPOINTS:-data/checkpoints}; extra=${JOB_ARGS:-}
     IFS=, read -ra run_groups <<< "${JOB_RUNS:-standard pgd_at anchor,trades supcon_at}"
     log="$OUT/job.log"
-    run_methods() {  # SECONDS_LEFT "METHOD ...": train and evaluate them, one after another
+    run_methods() {  # SECONDS_LEFT "METHOD ..." [ARGS]: train and evaluate them, one after another
       # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
       timeout "$1" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
-        --methods $2 $extra
+        --methods $2 ${3-$extra}
     }
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
         "import torch, torchattacks; print('torch', torch.__version__, 'torchattacks', torchattacks.__version__)"
@@ -151,6 +154,14 @@ case "${1:-bench}" in
           run_methods "$left" "$methods" >>"$log" 2>&1
           echo "== $profile $methods: rc $? at ${SECONDS}s" | tee -a "$log"
         done
+        # Then, in the time left, the same profile with other arguments: an ablation slot after
+        # a full run keeps the GPU busy without a second call (JOB_THEN_RUNS, default anchor).
+        left=$(( ${BUDGET_S:-540} - SECONDS ))
+        if [ -n "${JOB_THEN_ARGS:-}" ] && [ "$left" -gt 60 ]; then
+          run_methods "$left" "${JOB_THEN_RUNS:-anchor}" "$JOB_THEN_ARGS" >>"$log" 2>&1
+          echo "== $profile ${JOB_THEN_RUNS:-anchor} $JOB_THEN_ARGS: rc $? at ${SECONDS}s" \
+            | tee -a "$log"
+        fi
       fi
       # Export every finished one of them (a timeout may have cut the rest short).
       done_runs=$(for m in "${exportable[@]}"; do

@@ -79,6 +79,37 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     assert [e["method"] for e in manifest["checkpoints"]] == ["standard"]
 
 
+def test_session_then_runs_other_arguments_in_the_time_left(tmp_path, finished_run):
+    """JOB_THEN_ARGS: after JOB_RUNS, the same profile once more with other arguments: an
+    ablation slot in the same job, its artifacts packed with the rest. JOB_RUNS' run fails here
+    (its folder holds another method's finished run, which reproduce refuses to overwrite), and
+    the slot after it runs all the same: a failed stage costs none after it."""
+    results = tmp_path / "data" / "results"
+    shutil.copytree(finished_run, results / "smoke-trades")  # a `standard` run
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
+           "JOB_RUNS": "trades", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
+           # one ablation run: the two-stage value cannot run in the smoke profile's one epoch
+           "JOB_THEN_ARGS": "--ablation --params pretrain_fraction --data synthetic "
+                            "--attacks clean --no-sanity",
+           "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = (out / "job.log").read_text()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== smoke anchor --ablation --params pretrain_fraction" in log, log[-3000:]
+    assert "is a finished run with a different config (method" in log, log[-3000:]
+    assert log.index("== smoke trades: rc 1") < log.index("== smoke anchor --ablation")
+    assert "== export" not in log  # nothing the chapters load has finished
+    summary = json.loads((results / "ablation_summary.json").read_text())
+    assert summary["params"]["pretrain_fraction"]["chosen"] == "0.0"
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert "data/results/ablation_pretrain_fraction/pretrain_fraction-0.0/metrics.json" in names
+    assert "data/results/ablation_summary.json" in names
+
+
 def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
     """`start` runs the session in a copy of the tree, in the background; `poll` brings back
     what has finished so far, then the job's own output once it is done. The session runs its
