@@ -100,7 +100,7 @@ class TrainConfig:
     cuda_graphs: bool | None = None    # replay each step from a CUDA graph; None = on for CUDA
     # torch.compile the model's passes (inductor on CUDA; aot_eager, no code generation, on a
     # CPU; see CompiledPasses). None = on for CUDA at the full profile: there it cut the graphed
-    # width-64 PGD-10 step from 70 to 46 ms on an H100 (data/results/bench/), for about 30 s of
+    # width-64 PGD-10 step from 71 to 47 ms on an H100 (data/results/bench/), for about 30 s of
     # compiling; the short demo and tutorial runs, often on a Colab CPU's two cores, leave it off.
     compile: bool | None = None
     log_every: int = 20
