@@ -253,7 +253,7 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     extra: dict[str, Any] = {}
 
     def save() -> Path:
-        return _write(out, dev, tiny, s, steps_per_epoch, results, methods, extra)
+        return _write(out, dev, tiny, s, steps_per_epoch, results, extra)
 
     def record(name: str, step_seconds: float) -> None:
         results[name] = {"epoch_seconds": round(step_seconds * steps_per_epoch, 3),
@@ -369,7 +369,7 @@ def _same_answers_on_cifar(s: dict[str, int], dev: torch.device) -> dict[str, An
                     "with a constant learning rate; accuracies on all test images"}
 
 
-def _write(out, dev, tiny, s, steps_per_epoch, results, methods, extra=None) -> Path:
+def _write(out, dev, tiny, s, steps_per_epoch, results, extra=None) -> Path:
     ref = results["reference_pgd_at"]["epoch_seconds"]
     report = {
         "device": provenance.hardware(dev), "torch": torch.__version__,

@@ -509,10 +509,10 @@ def ablation_table(runs: Sequence[RunResult | dict[str, Any]], param: str,
     chooses, never on the test columns.
     """
     df = results_table(runs, attacks)
-    df.insert(0, param, [m["config"].get(param) for _, m in _runs(runs)])
+    metrics = [m for _, m in _runs(runs)]
+    df.insert(0, param, [m["config"].get(param) for m in metrics])
     for i, key in enumerate(("val_clean", "val_pgd"), start=1):
-        df.insert(i, key, [float((m.get("validation") or {}).get(key, math.nan))
-                           for _, m in _runs(runs)])
+        df.insert(i, key, [float((m.get("validation") or {}).get(key, math.nan)) for m in metrics])
     return df.sort_values(param, kind="stable")
 
 

@@ -133,23 +133,16 @@ def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
                         "share": round(getattr(e, field) / total, 4),
                         "calls_per_step": e.count / steps} for e in rows[:n]]
 
-    averages = prof.key_averages()
-
-    def annotation(e) -> bool:
-        # Inductor's "## Call CompiledFxGraph <hash> ##" ranges show on the device's timeline,
-        # spanning a compiled graph's kernels: counting them would count those kernels twice.
-        return e.key.startswith("## ")
-
-    def is_kernel(e) -> bool:
-        return not annotation(e) and (e.device_type == DeviceType.CUDA or not cuda)
-
+    # Inductor's "## Call CompiledFxGraph <hash> ##" ranges show on the device's timeline,
+    # spanning a compiled graph's kernels: counting them would count those kernels twice.
+    averages = [e for e in prof.key_averages() if not e.key.startswith("## ")]
+    is_kernel = (lambda e: e.device_type == DeviceType.CUDA) if cuda else (lambda e: True)
     total, kernels = ranked(averages, top, is_kernel)
     report = {"steps": steps, "compiled": compiled,
               "time": "device (kernels)" if cuda else "CPU (operators)",
               "ms_per_step": round(total / 1000 / steps, 3), "top": kernels}
     if cuda:
-        report["operators"] = ranked(averages, top,
-                                     lambda e: not is_kernel(e) and not annotation(e))[1]
+        report["operators"] = ranked(averages, top, lambda e: not is_kernel(e))[1]
 
     def callers(e, n: int = 3) -> str:  # the operators that asked for the copy, innermost first
         names, parent = [], e.cpu_parent
