@@ -11,8 +11,10 @@ cache first keeps the promise of ``execute_notebooks: force``: every ``make book
 chapter against the library of the same commit.
 
 A chapter that raises stops the script with exit status 1 and its traceback, before the build
-would execute it a second time. The seconds each chapter took are written as JSON to
-``--report`` (default ``_build/execution.json``).
+would execute it a second time. The seconds each chapter took, and its slowest cells, are written
+as JSON to ``--report`` (default ``_build/execution.json``). Each kernel talks to its client over
+Unix sockets in a folder of its own, not TCP ports: kernels started together over TCP can race for
+the same free port.
 
 Usage (what ``make book`` runs, from the repository root)::
 
@@ -26,9 +28,11 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -36,6 +40,7 @@ import yaml
 from jupyter_cache import get_cache
 from jupyter_cache.base import CacheBundleIn
 from jupyter_cache.executors.utils import single_nb_execution
+from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Chapter seconds from the last committed CPU check (relative to the root): the longest chapters
@@ -76,24 +81,42 @@ def default_jobs() -> int:
     return (os.cpu_count() or 1) if os.environ.get("ANCHOR_PROFILE") == "smoke" else 1
 
 
-def execute(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode, float, str | None]:
+def execute(path: Path, timeout: int
+            ) -> tuple[Path, nbformat.NotebookNode, float, str | None, list[list]]:
     """Run one notebook in a fresh kernel with its folder as working directory: the notebook,
-    its seconds and, if it failed, the traceback. A cell that raises fails at once; a kernel that
-    fails to start or dies (two kernels starting together can race for a port) is retried once
-    in a new kernel, then fails."""
+    its seconds, if it failed the traceback, and its three slowest cells (``[cell id, seconds]``).
+    A cell that raises fails at once; a kernel that fails to start or dies is retried once in a
+    new kernel, then fails."""
     for attempt in (1, 2):
         nb = nbformat.read(path, as_version=4)
-        try:
-            result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
-                                         allow_errors=False)
-            break
-        except Exception as err:  # not a cell's error: those come back in result.err
-            if attempt == 2:
-                return path, nb, 0.0, traceback.format_exc()
-            print(f"retrying {path.name} in a new kernel after {type(err).__name__}: {err}",
-                  file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="anchor-kernel-") as sockets:
+            ipc = Config({"KernelManager": {"transport": "ipc",
+                                            "ip": os.path.join(sockets, "kernel")}})
+            try:
+                result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
+                                             allow_errors=False, record_timing=True, config=ipc)
+                break
+            except Exception as err:  # not a cell's error: those come back in result.err
+                if attempt == 2:
+                    return path, nb, 0.0, traceback.format_exc(), []
+                print(f"retrying {path.name} in a new kernel after {type(err).__name__}: {err}",
+                      file=sys.stderr, flush=True)
     error = None if result.err is None else result.exc_string or repr(result.err)
-    return path, nb, result.time, error
+    return path, nb, result.time, error, slowest_cells(nb)
+
+
+def slowest_cells(nb: nbformat.NotebookNode, n: int = 3) -> list[list]:
+    """The ``n`` code cells that took longest, ``[[cell id, seconds], ...]``, from the timestamps
+    nbclient records in each cell's metadata; the timestamps are removed, so that the cached
+    notebook is what it would be without them."""
+    took = []
+    for i, cell in enumerate(nb.cells):
+        stamps = cell.get("metadata", {}).pop("execution", None) or {}
+        if "iopub.execute_input" in stamps and "shell.execute_reply" in stamps:
+            start, end = (datetime.fromisoformat(stamps[k].replace("Z", "+00:00"))
+                          for k in ("iopub.execute_input", "shell.execute_reply"))
+            took.append([cell.get("id", str(i)), round((end - start).total_seconds(), 2)])
+    return sorted(took, key=lambda c: -c[1])[:n]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,26 +146,30 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = root / config["cache"]
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = get_cache(str(cache_dir))
-    start, seconds, failed = time.perf_counter(), {}, []
+    start, seconds, slowest, failed = time.perf_counter(), {}, {}, []
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
         futures = [pool.submit(execute, p, int(config.get("timeout", 30))) for p in paths]
         for future in as_completed(futures):
-            path, nb, took, error = future.result()
+            path, nb, took, error, cells = future.result()
             name = path.relative_to(root).as_posix()
             if error is not None:
                 failed.append(name)
                 print(f"FAILED {name} after {took:.1f} s:\n{error}", file=sys.stderr, flush=True)
                 continue
             seconds[path.stem] = round(took, 2)
+            slowest[path.stem] = cells
             cache.cache_notebook_bundle(CacheBundleIn(nb, str(path),
                                                       data={"execution_seconds": took}),
                                         check_validity=False, overwrite=True)
-            print(f"executed {name} in {took:.1f} s", flush=True)
+            print(f"executed {name} in {took:.1f} s"
+                  + (f" (slowest cell {cells[0][0]}: {cells[0][1]:.1f} s)" if cells else ""),
+                  flush=True)
     wall = time.perf_counter() - start
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({
         "jobs": args.jobs, "wall_seconds": round(wall, 2), "failed": sorted(failed),
-        "chapter_execution_seconds": dict(sorted(seconds.items()))}, indent=1) + "\n")
+        "chapter_execution_seconds": dict(sorted(seconds.items())),
+        "slowest_cells": dict(sorted(slowest.items()))}, indent=1) + "\n")
     print(f"{len(seconds)} chapters executed in {wall:.1f} s with {args.jobs} at a time"
           + (f"; FAILED: {', '.join(sorted(failed))}" if failed else ""))
     return 1 if failed else 0

@@ -80,6 +80,15 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
     assert report["jobs"] == 2 and report["failed"] == []
     assert set(report["chapter_execution_seconds"]) == {"a", "b"}
     assert all(s >= 2 for s in report["chapter_execution_seconds"].values())
+    # Where a chapter's time went: its one code cell, which slept 2 s.
+    for name in ("a", "b"):
+        nb = nbformat.read(tmp_path / "book" / f"{name}.ipynb", as_version=4)
+        [(cell_id, seconds)] = report["slowest_cells"][name]
+        assert cell_id == nb.cells[1].id and 2 <= seconds < report["chapter_execution_seconds"][name]
+        _, merged = cache.merge_match_into_notebook(nb)
+        assert "execution" not in merged.cells[1].metadata  # the timestamps are not cached
+    # The kernels talked over Unix sockets, not TCP ports two kernels could race for.
+    assert "Kernel is running over TCP" not in done.stderr
 
 
 def test_a_chapter_that_raises_fails_the_run_with_its_traceback(tmp_path):
@@ -141,10 +150,10 @@ def test_a_kernel_that_fails_to_start_is_retried_once_then_reported(tmp_path, mo
         return run
 
     monkeypatch.setattr(module, "single_nb_execution", kernel(fails=1))
-    _, _, took, error = module.execute(tmp_path / "a.ipynb", timeout=30)
+    _, _, took, error, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
     assert error is None and took == 0.5 and calls == [str(tmp_path)] * 2
 
     calls.clear()
     monkeypatch.setattr(module, "single_nb_execution", kernel(fails=2))
-    _, _, _, error = module.execute(tmp_path / "a.ipynb", timeout=30)
+    _, _, _, error, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
     assert len(calls) == 2 and "RuntimeError: Kernel died before replying" in error
