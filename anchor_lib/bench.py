@@ -140,17 +140,20 @@ def reference_train_steps(model, loader, optimizer, device, cfg: TrainConfig):
 
 def fast_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
                     x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
-                    graph: bool, body: graphs.StepBody | None = None) -> Callable[[], str]:
+                    graph: bool, body: graphs.StepBody | None = None,
+                    compile_mode: str | None = None) -> Callable[[], str]:
     """A callable making one anchor_lib training step, as :func:`anchor_lib.train.train` does.
 
     Cycles through the device-resident uint8 ``x`` (N, 3, H, W) and ``y`` (N,) in shuffled
     batches of ``cfg.batch_size``; bf16 autocast and channels_last on CUDA; ``graph`` replays the
     step from a CUDA graph. ``body`` replaces the trainer's ``step_loss`` (a variant to time, see
-    ``benchmarks/gpu_probe.py``). Each call returns how the step ran (``StepGraph.mode``).
+    ``benchmarks/gpu_probe.py``); ``compile_mode`` is inductor's mode when ``cfg.compile``
+    (:func:`anchor_lib.train.compiled_passes`). Each call returns how the step ran
+    (``StepGraph.mode``).
     """
     cuda = x.is_cuda
     if body is None:
-        passes = compiled_passes(model, x.device) if cfg.compile else None
+        passes = compiled_passes(model, x.device, compile_mode) if cfg.compile else None
         body = partial(step_loss, model, cfg, cuda, passes=passes)
     run_step = graphs.StepGraph(model, body, graph=graph)
     it = iter(())

@@ -332,23 +332,32 @@ class CompiledPasses:
     casts), which takes most of a wide model's step on a GPU
     (``data/results/bench/kernels_w64-*.json``). ``backend``: ``"inductor"`` (generated kernels,
     the GPU default) or ``"aot_eager"`` (traced, no code generation: what the CPU tests use).
+    ``mode``: inductor's ``torch.compile`` mode, None for its default; the trainer uses the
+    default, and ``benchmarks/gpu_probe.py`` times ``"max-autotune-no-cudagraphs"`` (convolution
+    templates autotuned against cuDNN, which lets inductor fuse the pointwise work around a
+    convolution into it; the step's own CUDA graph replaces inductor's).
     """
 
-    def __init__(self, model: PreActResNet18, backend: str) -> None:
+    def __init__(self, model: PreActResNet18, backend: str, mode: str | None = None) -> None:
+        if mode is not None and backend != "inductor":
+            raise ValueError(f"a compile mode needs the inductor backend, got backend {backend!r} "
+                             f"with mode {mode!r}")
         self.model = model
-        self._forward = torch.compile(model, backend=backend)
-        self.forward_all = torch.compile(model.forward_all, backend=backend)
-        self.project = torch.compile(model.project, backend=backend)
+        self._forward = torch.compile(model, backend=backend, mode=mode)
+        self.forward_all = torch.compile(model.forward_all, backend=backend, mode=mode)
+        self.project = torch.compile(model.project, backend=backend, mode=mode)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x)
 
 
-def compiled_passes(model: PreActResNet18, device: torch.device) -> CompiledPasses:
+def compiled_passes(model: PreActResNet18, device: torch.device,
+                    mode: str | None = None) -> CompiledPasses:
     """:class:`CompiledPasses` with the backend for ``device``: inductor on CUDA, aot_eager
     elsewhere (inductor's CPU code generation needs a C++ toolchain, and the book's CPU models are
-    too small for it to pay)."""
-    return CompiledPasses(model, "inductor" if device.type == "cuda" else "aot_eager")
+    too small for it to pay). ``mode`` (inductor's) applies on CUDA only."""
+    cuda = device.type == "cuda"
+    return CompiledPasses(model, "inductor" if cuda else "aot_eager", mode if cuda else None)
 
 
 @contextmanager

@@ -19,6 +19,10 @@ width-64 model. This script measures, in one run and on one device:
 5. The width-64 step with ``TrainConfig.compile`` (the model's passes compiled, the attack's
    weights frozen), eager and graphed; like every step stage it records its first step's time
    (compiling included) and gradient norm, which should match the trainer's uncompiled step.
+6. The same graphed step and its kernel profile with inductor's ``max-autotune-no-cudagraphs``
+   mode (``*_autotuned_*``): convolutions autotuned between cuDNN and inductor's templates, which
+   can take the BatchNorm and ReLU around them into the convolution's kernel. Its first step's
+   time is the price: every convolution shape is benchmarked while compiling.
 
 Usage (device machine): ``python benchmarks/gpu_probe.py OUT.json [best.pt [test.npz]]``. Writes
 the JSON after every stage; ``PROBE_ONLY="kernels_w64 ..."`` runs the named stages alone. On a
@@ -62,23 +66,25 @@ def _setup(width: int, batch: int, dev: torch.device, torch_bn: bool = False):
 
 
 def step_seconds(width: int, batch: int, dev: torch.device, graph: bool,
-                 compiled: bool = False, torch_bn: bool = False) -> dict:
+                 compiled: bool = False, torch_bn: bool = False,
+                 compile_mode: str | None = None) -> dict:
     """Median seconds of one PGD-10 training step as the trainer runs it, eager or graphed;
     ``compiled``: with ``TrainConfig.compile`` (the model's passes compiled, the attack's weights
     frozen; ``aot_eager`` on a CPU). ``first_step_seconds`` includes compiling and recording;
     ``first_grad_norm`` fingerprints the step, the same for every variant from the same weights,
     data and draws (up to bf16 rounding on a GPU). ``torch_bn``: with ``nn.BatchNorm2d`` in place
-    of :class:`anchor_lib.models.BatchNorm2d`."""
+    of :class:`anchor_lib.models.BatchNorm2d`. ``compile_mode``: inductor's mode when compiled."""
     cfg, model, opt, x, y = _setup(width, batch, dev, torch_bn)
     cfg.compile = compiled
     step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
-                           graph=graph)
+                           graph=graph, compile_mode=compile_mode)
     first_seconds, grad_norm = _first_step(step, model, dev)
     modes: list[str] = []
     reps = (5, 5, 3) if dev.type == "cuda" else (2, 2, 1)
     seconds = median_step_seconds(lambda: modes.append(step()), dev, windows=reps[0],
                                   window_steps=reps[1], warmup_steps=reps[2])
     return {"step_seconds": seconds, "train_step": modes[-1], "compiled": compiled,
+            "compile_mode": compile_mode,
             "batchnorm": "torch" if torch_bn else "anchor_lib",
             "first_step_seconds": first_seconds, "first_grad_norm": grad_norm}
 
@@ -95,8 +101,9 @@ def _first_step(step, model: torch.nn.Module, dev: torch.device) -> tuple[float,
 
 
 def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
-                   compiled: bool = False) -> dict:
-    """Where a PGD-10 step's device time goes (``torch.profiler``), eager or ``compiled``.
+                   compiled: bool = False, compile_mode: str | None = None) -> dict:
+    """Where a PGD-10 step's device time goes (``torch.profiler``), eager or ``compiled`` (with
+    inductor's ``compile_mode``).
 
     Not replayed from a graph, because a replay shows as one launch; the kernels are the same
     ones. On CUDA, ``top`` lists kernels only (device time counted once, so ``ms_per_step`` is the
@@ -112,7 +119,7 @@ def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
     cfg, model, opt, x, y = _setup(width, batch, dev)
     cfg.compile = compiled
     step = fast_train_step(model, opt, cfg, x, y, torch.Generator(device=dev).manual_seed(0),
-                           graph=False)
+                           graph=False, compile_mode=compile_mode)
     cuda = dev.type == "cuda"
     for _ in range(3):  # cuDNN's search, compiling, the allocator's first requests: untraced
         step()
@@ -138,7 +145,7 @@ def kernel_profile(width: int, batch: int, dev: torch.device, top: int = 20,
     averages = [e for e in prof.key_averages() if not e.key.startswith("## ")]
     is_kernel = (lambda e: e.device_type == DeviceType.CUDA) if cuda else (lambda e: True)
     total, kernels = ranked(averages, top, is_kernel)
-    report = {"steps": steps, "compiled": compiled,
+    report = {"steps": steps, "compiled": compiled, "compile_mode": compile_mode,
               "time": "device (kernels)" if cuda else "CPU (operators)",
               "ms_per_step": round(total / 1000 / steps, 3), "top": kernels}
     if cuda:
@@ -252,6 +259,11 @@ def main(out: str, best: str | None = None, test_npz: str | None = None) -> None
                            partial(step_seconds, 64, 512, dev, graph, True)))
         stages.append(("kernels_compiled_w64", partial(kernel_profile, 64, 512, dev,
                                                         compiled=True)))
+        autotune = "max-autotune-no-cudagraphs"  # the step is graphed already
+        stages.append(("pgd_at_autotuned_graphed_w64",
+                       partial(step_seconds, 64, 512, dev, True, True, compile_mode=autotune)))
+        stages.append(("kernels_autotuned_w64", partial(kernel_profile, 64, 512, dev,
+                                                         compiled=True, compile_mode=autotune)))
     only = os.environ.get("PROBE_ONLY", "").split()  # e.g. "kernels_w64": those stages alone
     for name, fn in stages:
         if only and name not in only:

@@ -190,3 +190,24 @@ def test_compiled_step_computes_the_trainers_step():
     assert base["first_grad_norm"] > 0
     assert compiled["train_step"] == "rehearsal" and compiled["compiled"] is True
     assert compiled["step_seconds"] > 0
+
+
+def test_compile_mode_reaches_inductor_only():
+    """The probe's autotuned stages pass inductor's mode through ``compiled_passes``; on a CPU
+    (aot_eager, no code generation) the mode is dropped, and asking aot_eager for one is refused
+    rather than silently ignored."""
+    import torch
+
+    from anchor_lib.train import CompiledPasses, TrainConfig, build_model, compiled_passes
+
+    model = build_model(TrainConfig(width=4))
+    passes = compiled_passes(model, torch.device("cpu"), "max-autotune-no-cudagraphs")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(passes(x), model(x), atol=1e-6)
+    with pytest.raises(ValueError, match="needs the inductor backend.*'aot_eager'.*max-autotune"):
+        CompiledPasses(model, "aot_eager", "max-autotune")
+    probe = _load_benchmark_script("gpu_probe")
+    row = probe.step_seconds(4, 16, torch.device("cpu"), True, True,
+                             compile_mode="max-autotune-no-cudagraphs")
+    assert row["compile_mode"] == "max-autotune-no-cudagraphs" and row["step_seconds"] > 0
