@@ -126,19 +126,25 @@ def save_masks(metrics: dict[str, Any], path: str | Path) -> Path:
                                                 "commit": metrics.get("commit")})
 
 
-def _check_same_run(metrics_path: Path, cfg: TrainConfig) -> None:
+def _check_same_run(metrics_path: Path, cfg: TrainConfig,
+                    knobs: dict[str, dict[str, Any]] | None = None) -> None:
     """A finished run counts only for the config that made it: anything else is an error, never
     a silent skip (the folder is named by profile and method alone)."""
     with open(metrics_path) as f:
         diff = config_differences(json.load(f).get("config") or {}, cfg)
     if diff:
+        chosen = [k for k in diff if (knobs or {}).get(k, {}).get("source") == "validation"]
+        why = (f" ({', '.join(f'{k} = {getattr(cfg, k)}' for k in chosen)} now chosen on "
+               f"validation by ablation_summary.json)" if chosen else "")
         raise ValueError(f"{metrics_path} is a finished run with a different config ({', '.join(diff)}"
-                         f"); move its folder away to run this config there")
+                         f"){why}; move its folder away to run this config there")
 
 
 def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
-            dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None) -> dict:
-    """Train (resuming), evaluate and write the artifacts of one run; skip it if finished."""
+            dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None,
+            knobs: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Train (resuming), evaluate and write the artifacts of one run; skip it if finished.
+    ``knobs`` (:func:`chosen_knobs`) goes into ``metrics.json`` as the knobs' provenance."""
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         try:
@@ -146,7 +152,7 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
         except checkpoint.CheckpointError:
             pass  # a damaged metrics.json is redone, never trusted
         else:
-            _check_same_run(metrics_path, cfg)
+            _check_same_run(metrics_path, cfg, knobs)
             return {"run": run_dir.name, "status": "skipped (finished)"}
     cfg.out_dir = str(run_dir)
     t0 = time.perf_counter()
@@ -169,6 +175,8 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
                                 "space": space, "profile": cfg.profile,
                                 **provenance.describe(dev)})
     metrics["cluster_metrics"] = {**embeddings.cluster_metrics(emb), "space": space}
+    if knobs:
+        metrics["knobs"] = knobs
     checkpoint.write_json(metrics_path, metrics)  # last: its presence means "finished"
     return {"run": run_dir.name, "status": f"done in {time.perf_counter() - t0:.1f} s"}
 
@@ -191,13 +199,63 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
         raise ValueError(f"profile must be one of {', '.join(EVAL_SETTINGS)}, got {profile!r}")
     statuses = []
     for method in methods:
-        cfg = TrainConfig.from_profile(profile, method=method, **overrides)
+        knobs = chosen_knobs(out, profile, method, overrides)
+        cfg = TrainConfig.from_profile(profile, method=method, **overrides,
+                                       **{k: v["value"] for k, v in knobs.items()})
         if method == "trades":
             cfg.trades_beta = 6.0
-        status = run_one(cfg, Path(out) / f"{profile}-{method}", settings, dataset, attacks)
+        if knobs:
+            log(f"{profile}-{method}: " + ", ".join(f"{k} = {v['value']} ({v['source']})"
+                                                     for k, v in knobs.items()))
+        status = run_one(cfg, Path(out) / f"{profile}-{method}", settings, dataset, attacks,
+                         knobs=knobs)
         log(f"{status['run']}: {status['status']}")
         statuses.append(status)
     return statuses
+
+
+#: ANCHOR's knobs that the reproduction takes from the ablation's validation choice (DESIGN §3:
+#: "τ, β, λ are chosen on a validation split"); the adversarial view and the two-stage variant
+#: are ablated, not chosen. supcon_at is ANCHOR with β = 0, so it takes τ and λ only.
+CHOSEN_KNOBS: dict[str, tuple[str, ...]] = {"anchor": ("temperature", "beta", "lam"),
+                                            "supcon_at": ("temperature", "lam")}
+
+
+def chosen_knobs(out: str | Path, profile: str, method: str,
+                 overrides: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The value of each of ``method``'s :data:`CHOSEN_KNOBS` for a reproduction run, and where
+    it comes from: ``"override"`` (passed in ``overrides``), ``"validation"`` (chosen by
+    ``<out>/ablation_summary.json``, which :func:`ablation` wrote for this ``profile`` and the
+    same overrides; its validation accuracies are copied along) or ``"default"`` (the
+    :class:`TrainConfig` default, not chosen on validation yet). Empty for methods without
+    knobs. A summary for another profile or other overrides is not used (the choice was made on
+    other runs); a damaged one is an error (``checkpoint.CheckpointError``), never ignored.
+    """
+    names = CHOSEN_KNOBS.get(method, ())
+    overrides = {k: v for k, v in (overrides or {}).items() if k not in ("progress", "device")}
+    summary_path = Path(out) / "ablation_summary.json"
+    params: dict[str, Any] = {}
+    if names and summary_path.exists():
+        checkpoint.verify(summary_path)
+        summary = json.loads(summary_path.read_text())
+        applies = summary.get("profile") == profile and summary.get("overrides") == {
+            k: v for k, v in overrides.items() if k not in names}
+        params = summary.get("params") or {} if applies else {}
+    defaults = TrainConfig.from_profile(profile, method=method)
+    knobs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        entry = params.get(name) or {}
+        if name in overrides:
+            knobs[name] = {"value": overrides[name], "source": "override"}
+        elif entry.get("chosen") is not None:
+            knobs[name] = {"value": type(getattr(defaults, name))(entry["chosen"]),
+                           "source": "validation",
+                           "from": f"{summary_path.name} ({summary['selection']}, "
+                                   f"{summary['epoch_fraction']:g} of the epochs)",
+                           "validation": entry.get("validation")}
+        else:
+            knobs[name] = {"value": getattr(defaults, name), "source": "default"}
+    return knobs
 
 
 

@@ -48,7 +48,7 @@ _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
 __all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "ablation_choice", "ablation_param",
            "ablation_table", "attack_gap", "compare", "default_root", "find_embeddings",
-           "format_results_table", "load_ablation_summary", "load_ablations", "load_history",
+           "format_results_table", "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
            "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint", "provenance_table",
            "results_table", "sanity_table", "save_per_image", "validate_metrics", "RunResult"]
 
@@ -337,6 +337,33 @@ def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):
             row["sha256"] = "verified" if item.verified else "no sidecar"
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")
+
+
+def knobs_table(runs: Iterable[RunResult | dict[str, Any]]):
+    """The contrastive runs' τ, β and λ and where each value came from: one row per ``anchor`` /
+    ``supcon_at`` run, one column per knob of ``reproduce.CHOSEN_KNOBS``, cells like ``"0.5
+    (validation)"``: ``validation`` (the ablation's choice), ``default`` (not chosen yet),
+    ``override``, or ``not recorded`` (a run written before ``metrics.json`` kept ``knobs``; its
+    value is the config's). supcon_at's β is 0 by definition, shown as such."""
+    import pandas as pd
+
+    from .reproduce import CHOSEN_KNOBS  # the reproduction's rule; reproduce imports this module
+
+    columns = dict.fromkeys(k for names in CHOSEN_KNOBS.values() for k in names)
+    rows = []
+    for name, m in _runs(runs):
+        if m.get("method") not in CHOSEN_KNOBS:
+            continue
+        recorded = m.get("knobs") or {}
+        row = {"run": name}
+        for knob in columns:
+            if knob not in CHOSEN_KNOBS[m["method"]]:
+                row[knob] = "0 (by definition)"
+                continue
+            source = (recorded.get(knob) or {}).get("source", "not recorded")
+            row[knob] = f"{m['config'].get(knob)} ({source})"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["run", *columns]).set_index("run")
 
 
 def sanity_table(runs: Iterable[RunResult | dict[str, Any]]):

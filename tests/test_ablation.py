@@ -148,3 +148,64 @@ def test_cli_ablation_slot_options(monkeypatch, capsys):
         cli.main(["reproduce", "--profile", "smoke", "--no-sanity"])
     assert exit_info.value.code == 2
     assert "--no-sanity only apply with --ablation" in capsys.readouterr().err
+
+
+def _summary(out, profile="full", overrides=None, **chosen):
+    params = {name: {"validation": {str(v): {"val_clean": 0.5, "val_pgd": 0.3}}, "chosen": str(v)}
+              for name, v in chosen.items()}
+    checkpoint.write_json(out / "ablation_summary.json",
+                          {"profile": profile, "epoch_fraction": 0.5, "overrides": overrides or {},
+                           "selection": "best validation PGD accuracy", "params": params})
+
+
+def test_chosen_knobs_name_their_source(tmp_path):
+    """The reproduction's ANCHOR run takes tau, beta and lambda from the ablation's validation
+    choice where it has one, and says which knob is still a default; supcon_at (beta = 0 by
+    definition) takes tau and lambda; the other methods have no knobs to choose."""
+    assert {k: v["source"] for k, v in reproduce.chosen_knobs(tmp_path, "full", "anchor").items()} \
+        == {"temperature": "default", "beta": "default", "lam": "default"}
+    _summary(tmp_path, beta=0.5, adv_in_contrastive=False)
+    knobs = reproduce.chosen_knobs(tmp_path, "full", "anchor")
+    assert knobs["beta"]["value"] == 0.5 and isinstance(knobs["beta"]["value"], float)
+    assert knobs["beta"]["source"] == "validation" and "0.5" in knobs["beta"]["validation"]
+    assert knobs["lam"] == {"value": 1.0, "source": "default"}
+    assert set(knobs) == {"temperature", "beta", "lam"}  # the adversarial view is ablated only
+    assert set(reproduce.chosen_knobs(tmp_path, "full", "supcon_at")) == {"temperature", "lam"}
+    assert reproduce.chosen_knobs(tmp_path, "full", "pgd_at") == {}
+    assert reproduce.chosen_knobs(tmp_path, "full", "anchor", {"beta": 2.0})["beta"] == \
+        {"value": 2.0, "source": "override"}
+    # Chosen at another profile or with other overrides: not this run's choice.
+    assert reproduce.chosen_knobs(tmp_path, "smoke", "anchor")["beta"]["source"] == "default"
+    assert reproduce.chosen_knobs(tmp_path, "full", "anchor",
+                                  {"epochs": 3})["beta"]["source"] == "default"
+    (tmp_path / "ablation_summary.json").write_text('{"params": {}}')
+    with pytest.raises(checkpoint.CheckpointError):
+        reproduce.chosen_knobs(tmp_path, "full", "anchor")
+
+
+def test_reproduction_trains_anchor_with_the_knob_chosen_on_validation(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce.EVAL_SETTINGS, "smoke",
+                        {"n": 32, "autoattack_n": 8, "sanity": False, "embed_n": 20})
+    monkeypatch.setitem(reproduce.ABLATION, "beta", (0.0, 2.0))
+    ds = data.synthetic(n_train=1024, n_test=64, size=16, seed=0)
+    log: list[str] = []
+    tiny = dict(data="synthetic", width=4, proj_dim=16, train_subset=128, val_size=64,
+                batch_size=64, attack_steps=1, val_attack_steps=1, progress=False)
+    summary = reproduce.ablation("smoke", ("beta",), out=tmp_path, dataset=ds, attacks=("clean",),
+                                 log=log.append, **tiny)
+    chosen = float(summary["params"]["beta"]["chosen"])
+    reproduce.reproduce("smoke", ("anchor",), tmp_path, dataset=ds, attacks=("clean",),
+                        log=log.append, **tiny)
+    metrics = json.loads((tmp_path / "smoke-anchor" / "metrics.json").read_text())
+    assert metrics["config"]["beta"] == chosen
+    assert metrics["knobs"]["beta"]["source"] == "validation"
+    assert metrics["knobs"]["temperature"] == {"value": 0.1, "source": "default"}
+    assert any(line.startswith(f"smoke-anchor: temperature = 0.1 (default), beta = {chosen} "
+                               "(validation)") for line in log)
+    # A later choice makes the finished run stale: an error naming the knob, never a skip.
+    other = 2.0 if chosen == 0.0 else 0.0
+    summary["params"]["beta"]["chosen"] = str(other)
+    checkpoint.write_json(tmp_path / "ablation_summary.json", summary)
+    with pytest.raises(ValueError, match=rf"beta = {other} now chosen on validation"):
+        reproduce.reproduce("smoke", ("anchor",), tmp_path, dataset=ds, attacks=("clean",),
+                            log=log.append, **tiny)

@@ -431,3 +431,21 @@ def test_committed_embeddings_and_tutorial_checkpoints(results_root, tmp_path, m
         {"anchor": {"file": "anchor-w2.pt", "sha256": "0" * 64}}))
     with pytest.raises(checkpoint.CheckpointError, match="anchor-w2.pt"):
         results.load_tutorial_checkpoint("anchor", root)
+
+
+def test_knobs_table_says_where_each_knob_came_from():
+    anchor = fake_metrics("anchor", full_accs(0.8, 0.5, 0.45), beta=0.5, temperature=0.1)
+    anchor["knobs"] = {"beta": {"value": 0.5, "source": "validation"},
+                       "temperature": {"value": 0.1, "source": "default"},
+                       "lam": {"value": 1.0, "source": "default"}}
+    supcon = fake_metrics("supcon_at", full_accs(0.8, 0.5, 0.45), temperature=0.1)
+    old = fake_metrics("anchor", full_accs(0.8, 0.5, 0.45), profile="tutorial", temperature=0.1)
+    pgd = fake_metrics("pgd_at", full_accs(0.8, 0.5, 0.45))
+    table = results.knobs_table([anchor, supcon, old, pgd])
+    assert list(table.index) == ["full-anchor", "full-supcon_at", "tutorial-anchor"]
+    assert table.loc["full-anchor", "beta"] == "0.5 (validation)"
+    assert table.loc["full-anchor", "temperature"] == "0.1 (default)"
+    assert table.loc["full-supcon_at", "beta"] == "0 (by definition)"
+    assert table.loc["full-supcon_at", "lam"] == "1.0 (not recorded)"
+    assert table.loc["tutorial-anchor", "beta"] == "1.0 (not recorded)"
+    assert results.knobs_table([pgd]).empty

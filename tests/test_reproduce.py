@@ -35,7 +35,12 @@ def _trimmed(monkeypatch):
 def _reproduce(out, methods=("anchor",), **kw):
     log: list[str] = []
     statuses = rep.reproduce("smoke", methods, out, attacks=ATTACKS, log=log.append, **TINY, **kw)
-    assert len(log) == len(methods)
+    # One status line per run; the runs with knobs first say where each knob's value came from.
+    assert [line for line in log if " = " not in line] == [f"{s['run']}: {s['status']}"
+                                                           for s in statuses]
+    assert len(statuses) == len(methods)
+    knob_lines = [line for line in log if " = " in line]
+    assert len(knob_lines) == sum(m in rep.CHOSEN_KNOBS for m in methods)
     return statuses
 
 
