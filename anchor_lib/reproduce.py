@@ -287,7 +287,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     validation PGD accuracy — the test numbers play no part in that choice — and the values that
     cannot run at this schedule (``skipped``, with the reason: the two-stage variant needs two
     epochs). Each knob is chosen on its own, so the ablation can run in slots, a few ``params``
-    at a time: the summary keeps the entries of earlier calls for the parameters this call does
+    at a time; the summary is rewritten after each knob, and keeps the entries of earlier calls for the parameters this call does
     not vary (when they used the same profile, schedule and overrides; otherwise it starts over).
 
     ``attacks`` (default all) and ``sanity`` (default: the profile's) set what each run's test
@@ -344,7 +344,8 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
         chosen = max(values, key=lambda v: values[v]["val_pgd"]) if values else None
         summary["params"][param] = {"validation": values, "chosen": chosen,
                                     **({"skipped": skipped} if skipped else {})}
-    checkpoint.write_json(summary_path, summary)
+        # After every knob: a slot that ends during the next knob keeps this one's choice.
+        checkpoint.write_json(summary_path, summary)
     return summary
 
 

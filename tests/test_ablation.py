@@ -209,3 +209,27 @@ def test_reproduction_trains_anchor_with_the_knob_chosen_on_validation(tmp_path,
     with pytest.raises(ValueError, match=rf"beta = {other} now chosen on validation"):
         reproduce.reproduce("smoke", ("anchor",), tmp_path, dataset=ds, attacks=("clean",),
                             log=log.append, **tiny)
+
+
+@pytest.mark.fault
+def test_a_slot_that_ends_mid_ablation_keeps_the_knobs_it_finished(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce.EVAL_SETTINGS, "smoke",
+                        {"n": 32, "autoattack_n": 8, "sanity": False, "embed_n": 20})
+    monkeypatch.setattr(reproduce, "ABLATION", {"beta": (0.0,), "lam": (2.0,)})
+    real = reproduce.run_one
+
+    def dies_on_lam(cfg, run_dir, *a, **k):
+        if run_dir.name.startswith("lam"):
+            raise KeyboardInterrupt  # the slot's time is up
+        return real(cfg, run_dir, *a, **k)
+
+    monkeypatch.setattr(reproduce, "run_one", dies_on_lam)
+    ds = data.synthetic(n_train=1024, n_test=64, size=16, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.ablation("smoke", ("beta", "lam"), out=tmp_path, dataset=ds, data="synthetic",
+                           width=4, proj_dim=16, train_subset=64, val_size=32, batch_size=64,
+                           attack_steps=1, val_attack_steps=1, progress=False, attacks=("clean",),
+                           log=lambda *_: None)
+    checkpoint.verify(tmp_path / "ablation_summary.json")
+    saved = json.loads((tmp_path / "ablation_summary.json").read_text())
+    assert set(saved["params"]) == {"beta"} and saved["params"]["beta"]["chosen"] == "0.0"
