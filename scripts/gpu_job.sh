@@ -26,6 +26,8 @@
 #              JOB_THEN_ARGS (with JOB_THEN_RUNS, default anchor): after JOB_RUNS, in the time
 #              left, the same profile once more with these arguments instead of JOB_ARGS, e.g. a
 #              full run, then ablation runs: JOB_RUNS=anchor JOB_THEN_ARGS="--ablation ..."
+#              Order: the ablation's tau, beta and lambda before the full anchor and supcon_at
+#              runs, which reproduce trains with the values ablation_summary.json chose.
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
