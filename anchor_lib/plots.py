@@ -18,6 +18,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from .data import CLASSES
 from .results import (
@@ -99,9 +100,8 @@ def plot_history(history: Any, ax=None, *, columns: Sequence[str] | None = None,
     if columns and all(c in ("train_acc", "val_clean", "val_pgd") for c in columns):
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-    if len(df):
-        ax.set_xticks(np.unique(np.linspace(df["epoch"].min(), df["epoch"].max(),
-                                            min(len(df), 8)).round()))
+    # Whole epochs, spanning every history drawn on these axes (not just the last one).
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
@@ -284,7 +284,8 @@ def show_images(x: Any, titles: Sequence[str] | None = None, *, ncols: int = 8,
 def plot_ablation(runs: Sequence[Any], param: str, ax=None, *,
                   attacks: Sequence[str] = ("clean", "pgd20", "autoattack"),
                   title: str | None = None):
-    """Accuracy against an ablated TrainConfig field (e.g. ``beta``), one line per attack.
+    """Accuracy against an ablated TrainConfig field (e.g. ``beta``): one line per attack (test
+    accuracy) and a dashed one for the validation PGD accuracy the knob is chosen on.
 
     ``runs`` are :class:`anchor_lib.results.RunResult` objects or ``metrics.json`` dicts.
     Returns the Axes.
@@ -293,7 +294,11 @@ def plot_ablation(runs: Sequence[Any], param: str, ax=None, *,
     ax = _new_ax(ax)
     for a in attacks:
         if a in df.columns and df[a].notna().any():
-            ax.plot(df[param], df[a], marker="o", label=ATTACK_LABELS.get(a, a))
+            ax.plot(df[param], df[a], marker="o", label=f"test {ATTACK_LABELS.get(a, a)}")
+    # The validation accuracy the knob is chosen on, dashed: the test lines are the report.
+    for key, name in (("val_pgd", "validation PGD"),):
+        if df[key].notna().any():
+            ax.plot(df[param], df[key], marker="s", linestyle="--", label=name)
     ax.set_xlabel(param)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

@@ -287,8 +287,9 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     validation PGD accuracy — the test numbers play no part in that choice — and the values that
     cannot run at this schedule (``skipped``, with the reason: the two-stage variant needs two
     epochs). Each knob is chosen on its own, so the ablation can run in slots, a few ``params``
-    at a time; the summary is rewritten after each knob, and keeps the entries of earlier calls for the parameters this call does
-    not vary (when they used the same profile, schedule and overrides; otherwise it starts over).
+    at a time; the summary is rewritten after each knob, and keeps the entries of earlier calls
+    for the parameters this call does not vary (when they used the same profile, schedule and
+    overrides; otherwise it starts over).
 
     ``attacks`` (default all) and ``sanity`` (default: the profile's) set what each run's test
     report holds; the choice never reads it.

@@ -54,6 +54,13 @@ def test_plot_history_from_list_frame_and_csv(tmp_path):
     plots.plot_history(pd.DataFrame(HISTORY), ax=ax, columns=["val_pgd"], label="anchor")
     csv = tmp_path / "history.csv"
     pd.DataFrame(HISTORY).to_csv(csv, index=False)
+    # The epoch ticks span every history on the axes, not only the last one drawn.
+    longer = [dict(r, epoch=r["epoch"] * 10) for r in HISTORY]
+    plots.plot_history(longer, ax=ax, columns=["val_pgd"], label="longer")
+    plots.plot_history(HISTORY, ax=ax, columns=["val_pgd"], label="shorter")
+    ax.figure.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert max(ticks) >= 25 and all(float(t).is_integer() for t in ticks)
     ax2 = plots.plot_history(csv, columns=["loss", "ce", "con"])
     assert len(ax2.get_lines()) == 3
     with pytest.raises(ValueError, match="no column"):
@@ -351,7 +358,12 @@ def test_history_and_ablation_plots(results_root):
     assert list(table["val_pgd"]) == pytest.approx([0.475, 0.48, 0.465])
     assert list(table["pgd20"]) == pytest.approx([0.5, 0.505, 0.52])
     ax = plots.plot_ablation(abl["ablation_beta"], param)
-    assert ax.get_xlabel() == "beta" and len(ax.get_lines()) == 3
+    assert ax.get_xlabel() == "beta" and len(ax.get_lines()) == 4
+    # test lines for the report, and the validation line the knob is chosen on, dashed
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "test Clean", "test PGD-20", "test AutoAttack", "validation PGD"]
+    assert ax.get_lines()[-1].get_linestyle() == "--"
+    assert list(ax.get_lines()[-1].get_ydata()) == pytest.approx([0.475, 0.48, 0.465])
     # the varied field is found even when the folder name is not a config key
     assert results.ablation_param("ablation_mining", abl["ablation_beta"]) == "beta"
 
