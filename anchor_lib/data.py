@@ -177,8 +177,9 @@ def _assemble(items: dict[str, list[tuple[str, bytes]]], where: str) -> dict[str
                              "a half-extracted archive looks like this)")
         xs = [_decode_jpeg(data, f"{where}/{split}/{rel}") for rel, data in entries]
         ys = [CLASSES.index(Path(rel).parts[0]) for rel, _ in entries]
-        # Folder copies are sorted by class; a fixed shuffle makes "the first n test images"
-        # class-balanced, as in the original interleaved release (AutoAttack uses the first 1,000).
+        # Folder copies are sorted by class; a fixed shuffle makes "the first n test images" a
+        # random sample, balanced in expectation as in the original release (the first 1,000,
+        # AutoAttack's, hold 83 to 123 images per class), instead of one or two classes.
         order = np.random.default_rng(0).permutation(len(entries))
         out[f"x_{split}"] = np.stack(xs)[order]
         out[f"y_{split}"] = np.asarray(ys, dtype=np.int64)[order]
