@@ -200,13 +200,15 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     statuses = []
     for method in methods:
         knobs = chosen_knobs(out, profile, method, overrides)
-        cfg = TrainConfig.from_profile(profile, method=method, **overrides,
-                                       **{k: v["value"] for k, v in knobs.items()})
+        cfg = TrainConfig.from_profile(profile, method=method, **{
+            **overrides, **{k: v["value"] for k, v in knobs.items()}})
         if method == "trades":
             cfg.trades_beta = 6.0
         if knobs:
+            notes = dict.fromkeys(v["note"] for v in knobs.values() if "note" in v)
             log(f"{profile}-{method}: " + ", ".join(f"{k} = {v['value']} ({v['source']})"
-                                                     for k, v in knobs.items()))
+                                                     for k, v in knobs.items())
+                + "".join(f"; {n}" for n in notes))
         status = run_one(cfg, Path(out) / f"{profile}-{method}", settings, dataset, attacks,
                          knobs=knobs)
         log(f"{status['run']}: {status['status']}")
@@ -225,22 +227,36 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
                  overrides: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The value of each of ``method``'s :data:`CHOSEN_KNOBS` for a reproduction run, and where
     it comes from: ``"override"`` (passed in ``overrides``), ``"validation"`` (chosen by
-    ``<out>/ablation_summary.json``, which :func:`ablation` wrote for this ``profile`` and the
-    same overrides; its validation accuracies are copied along) or ``"default"`` (the
-    :class:`TrainConfig` default, not chosen on validation yet). Empty for methods without
-    knobs. A summary for another profile or other overrides is not used (the choice was made on
-    other runs); a damaged one is an error (``checkpoint.CheckpointError``), never ignored.
+    ``<out>/ablation_summary.json``; its validation accuracies are copied along) or
+    ``"default"`` (the :class:`TrainConfig` default, with a ``note`` saying why no choice
+    applies). Empty for methods without knobs.
+
+    A choice applies only to the configuration it was made for: the summary records the base
+    config of its runs (:func:`ablation`), and any difference from this run's, apart from the
+    knobs themselves and the seed (replicates share the choice), means the choice is not used: a
+    summary of another profile, schedule, data or code default. A damaged summary is an error
+    (``checkpoint.CheckpointError``), never ignored.
     """
     names = CHOSEN_KNOBS.get(method, ())
     overrides = {k: v for k, v in (overrides or {}).items() if k not in ("progress", "device")}
     summary_path = Path(out) / "ablation_summary.json"
     params: dict[str, Any] = {}
+    note = f"no {summary_path.name} yet"
     if names and summary_path.exists():
         checkpoint.verify(summary_path)
         summary = json.loads(summary_path.read_text())
-        applies = summary.get("profile") == profile and summary.get("overrides") == {
-            k: v for k, v in overrides.items() if k not in names}
-        params = summary.get("params") or {} if applies else {}
+        mine = TrainConfig.from_profile(profile, method="anchor", **{
+            k: v for k, v in overrides.items() if k not in names})
+        diff = [k for k in config_differences(summary.get("base_config") or {}, mine)
+                if k != "seed" and k not in names]
+        if summary.get("profile") != profile:
+            note = f"{summary_path.name} was chosen at the {summary.get('profile')} profile"
+        elif "base_config" not in summary or diff:
+            note = (f"{summary_path.name} was chosen for another configuration "
+                    f"({', '.join(diff) or 'not recorded'})")
+        else:
+            params = summary.get("params") or {}
+            note = f"not chosen yet in {summary_path.name}"
     defaults = TrainConfig.from_profile(profile, method=method)
     knobs: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -254,9 +270,8 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
                                    f"{summary['epoch_fraction']:g} of the epochs)",
                            "validation": entry.get("validation")}
         else:
-            knobs[name] = {"value": getattr(defaults, name), "source": "default"}
+            knobs[name] = {"value": getattr(defaults, name), "source": "default", "note": note}
     return knobs
-
 
 
 #: Embedded images per ablation run. A width-64 model's features are 512 float16 numbers per view,
@@ -302,23 +317,27 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                 "embed_n": min(EVAL_SETTINGS[profile]["embed_n"], ABLATION_EMBED_N)}
     if sanity is not None:
         settings["sanity"] = sanity
+    base = TrainConfig.from_profile(profile, method="anchor", **overrides)
     summary: dict[str, Any] = {"profile": profile, "epoch_fraction": epoch_fraction,
                                "overrides": {k: v for k, v in overrides.items()
                                              if k not in ("progress", "device")},
+                               # What chosen_knobs compares a reproduction's config with.
+                               "base_config": dataclasses.asdict(base),
                                "selection": "best validation PGD accuracy", "params": {}}
     summary_path = Path(out) / "ablation_summary.json"
     if summary_path.exists():
         checkpoint.verify(summary_path)
         earlier = json.loads(summary_path.read_text())
-        same = all(earlier.get(k) == summary[k] for k in ("profile", "epoch_fraction", "overrides"))
+        same = all(earlier.get(k) == summary[k] for k in ("profile", "epoch_fraction", "overrides")
+                   ) and not config_differences(earlier.get("base_config") or {}, base)
         if same:
             summary["params"] = dict(earlier.get("params") or {})
         else:
-            log(f"{summary_path}: written by another profile, schedule or overrides; replaced")
+            log(f"{summary_path}: written by another profile, schedule, overrides or code "
+                f"defaults; replaced")
     for param in params:
         values, skipped = {}, {}
         for value in ABLATION[param]:
-            base = TrainConfig.from_profile(profile, method="anchor", **overrides)
             run_dir = Path(out) / f"ablation_{param}" / f"{param}-{value}"
             try:  # replace() validates the combination (setattr would not)
                 cfg = dataclasses.replace(base, epochs=max(1, round(base.epochs * epoch_fraction)),

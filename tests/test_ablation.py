@@ -151,10 +151,16 @@ def test_cli_ablation_slot_options(monkeypatch, capsys):
 
 
 def _summary(out, profile="full", overrides=None, **chosen):
+    import dataclasses
+
+    from anchor_lib.train import TrainConfig
+
     params = {name: {"validation": {str(v): {"val_clean": 0.5, "val_pgd": 0.3}}, "chosen": str(v)}
               for name, v in chosen.items()}
+    base = TrainConfig.from_profile(profile, method="anchor", **(overrides or {}))
     checkpoint.write_json(out / "ablation_summary.json",
                           {"profile": profile, "epoch_fraction": 0.5, "overrides": overrides or {},
+                           "base_config": dataclasses.asdict(base),
                            "selection": "best validation PGD accuracy", "params": params})
 
 
@@ -168,16 +174,27 @@ def test_chosen_knobs_name_their_source(tmp_path):
     knobs = reproduce.chosen_knobs(tmp_path, "full", "anchor")
     assert knobs["beta"]["value"] == 0.5 and isinstance(knobs["beta"]["value"], float)
     assert knobs["beta"]["source"] == "validation" and "0.5" in knobs["beta"]["validation"]
-    assert knobs["lam"] == {"value": 1.0, "source": "default"}
+    assert knobs["lam"] == {"value": 1.0, "source": "default",
+                            "note": "not chosen yet in ablation_summary.json"}
     assert set(knobs) == {"temperature", "beta", "lam"}  # the adversarial view is ablated only
     assert set(reproduce.chosen_knobs(tmp_path, "full", "supcon_at")) == {"temperature", "lam"}
     assert reproduce.chosen_knobs(tmp_path, "full", "pgd_at") == {}
     assert reproduce.chosen_knobs(tmp_path, "full", "anchor", {"beta": 2.0})["beta"] == \
         {"value": 2.0, "source": "override"}
-    # Chosen at another profile or with other overrides: not this run's choice.
-    assert reproduce.chosen_knobs(tmp_path, "smoke", "anchor")["beta"]["source"] == "default"
+    # Chosen at another profile or for another configuration: not this run's choice, and the
+    # note says why; another seed is a replicate and shares the choice.
+    other = reproduce.chosen_knobs(tmp_path, "smoke", "anchor")["beta"]
+    assert other["source"] == "default" and "chosen at the full profile" in other["note"]
+    other = reproduce.chosen_knobs(tmp_path, "full", "anchor", {"epochs": 3})["beta"]
+    assert other["source"] == "default" and "another configuration (epochs)" in other["note"]
     assert reproduce.chosen_knobs(tmp_path, "full", "anchor",
-                                  {"epochs": 3})["beta"]["source"] == "default"
+                                  {"seed": 1})["beta"]["source"] == "validation"
+    # A code default changed since the ablation ran: its runs were another configuration.
+    saved = json.loads((tmp_path / "ablation_summary.json").read_text())
+    saved["base_config"]["lr"] = 0.05
+    checkpoint.write_json(tmp_path / "ablation_summary.json", saved)
+    assert "another configuration (lr)" in reproduce.chosen_knobs(tmp_path, "full",
+                                                                  "anchor")["beta"]["note"]
     (tmp_path / "ablation_summary.json").write_text('{"params": {}}')
     with pytest.raises(checkpoint.CheckpointError):
         reproduce.chosen_knobs(tmp_path, "full", "anchor")
@@ -199,9 +216,15 @@ def test_reproduction_trains_anchor_with_the_knob_chosen_on_validation(tmp_path,
     metrics = json.loads((tmp_path / "smoke-anchor" / "metrics.json").read_text())
     assert metrics["config"]["beta"] == chosen
     assert metrics["knobs"]["beta"]["source"] == "validation"
-    assert metrics["knobs"]["temperature"] == {"value": 0.1, "source": "default"}
-    assert any(line.startswith(f"smoke-anchor: temperature = 0.1 (default), beta = {chosen} "
-                               "(validation)") for line in log)
+    assert metrics["knobs"]["temperature"] == {"value": 0.1, "source": "default",
+                                               "note": "not chosen yet in ablation_summary.json"}
+    assert f"smoke-anchor: temperature = 0.1 (default), beta = {chosen} (validation), lam = 1.0 " \
+           "(default); not chosen yet in ablation_summary.json" in log
+    # A knob passed explicitly wins over the choice, and says so.
+    reproduce.reproduce("smoke", ("anchor",), tmp_path / "other", dataset=ds, attacks=("clean",),
+                        log=log.append, beta=0.5, **tiny)
+    metrics = json.loads((tmp_path / "other" / "smoke-anchor" / "metrics.json").read_text())
+    assert metrics["config"]["beta"] == 0.5 and metrics["knobs"]["beta"]["source"] == "override"
     # A later choice makes the finished run stale: an error naming the knob, never a skip.
     other = 2.0 if chosen == 0.0 else 0.0
     summary["params"]["beta"]["chosen"] = str(other)
