@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ __all__ = [
     "LogitsOnly",
     "attack_mode",
     "autoattack",
+    "autoattack_config",
     "cross_entropy_per_example",
     "cw_l2",
     "cw_l2_core",
@@ -563,11 +565,26 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
             for sub in attack._autoattack.attacks:
                 if isinstance(sub, torchattacks.Square):
                     sub.n_queries = AUTOATTACK_SQUARE_QUERIES
+                    # The reference AutoAttack runs Square with a fixed schedule of square sizes
+                    # (resc_schedule=False); torchattacks' default rescales it to the budget.
+                    sub.rescale_schedule = False
                 else:  # APGD, APGD-T, FAB
                     sub.steps = AUTOATTACK_ITERATIONS
             x_adv = torch.cat([attack(x[s].detach(), y[s])
                                for s in _batches(len(x), batch_size or len(x))])
         return project(x_adv.to(x.dtype), x.detach(), eps, norm).detach()
+
+
+def autoattack_config() -> dict[str, Any]:
+    """What :func:`autoattack` runs, for the record (``metrics.json``'s ``autoattack_config``):
+    the implementation and the budgets set on it, those of the reference AutoAttack's standard
+    version (Croce and Hein, 2020)."""
+    import torchattacks
+
+    return {"implementation": f"torchattacks {torchattacks.__version__}", "version": "standard",
+            "attacks": ["APGD-CE", "APGD-T", "FAB-T", "Square"], "restarts": 1,
+            "iterations": AUTOATTACK_ITERATIONS, "target_classes": "every class but the true one",
+            "square_queries": AUTOATTACK_SQUARE_QUERIES, "square_rescale_schedule": False}
 
 
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,

@@ -231,6 +231,20 @@ def standard_attacks(eps: float = EVAL_EPS) -> dict[str, Attack]:
     }
 
 
+def _within_ball(attack: Attack, eps: float, name: str) -> Attack:
+    """``attack`` with its output checked to lie in the L-inf ball of radius ``eps``: an
+    adversarial image from outside the threat model would count as a break it is not."""
+    def checked(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = attack(model, x, y)
+        if isinstance(x_adv, torch.Tensor) and x_adv.shape == x.shape:
+            dist = (x_adv.detach() - x).abs().amax().item()
+            if dist > eps + 1e-6:  # float rounding of x +- eps is ~1e-8
+                raise ValueError(f"attack {name!r} returned images {dist * 255:.3f}/255 from the "
+                                 f"originals, outside the L-inf ball of {eps * 255:.3f}/255")
+        return x_adv
+    return checked
+
+
 def _check_count(value: object, name: str) -> int | None:
     return None if value is None else check_number(value, name, low=1, integer=True)
 
@@ -238,7 +252,8 @@ def _check_count(value: object, name: str) -> int | None:
 def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    attacks: Sequence[str] | str = ATTACKS, n: int | None = None,
                    autoattack_n: int = 1000, batch_size: int = 500, progress: bool = False,
-                   eps: float = EVAL_EPS, per_image: bool = False) -> dict[str, dict[str, Any]]:
+                   eps: float = EVAL_EPS, per_image: bool = False,
+                   seed: int = 0) -> dict[str, dict[str, Any]]:
     """Accuracies of ``model`` under the protocol's attacks, as in ``metrics.json``.
 
     Args:
@@ -253,6 +268,8 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         progress: print one line per attack with its accuracy and wall time.
         eps: L-inf radius (default 8/255).
         per_image: also return each attack's :func:`correct` mask.
+        seed: every attack starts from this seed (:func:`seeded`), so a rerun draws the same
+            random starts and the caller's random streams are left as they were.
 
     Returns:
         ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
@@ -272,6 +289,7 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          f"{list(ATTACKS)}")
     n = _check_count(n, "n")
     autoattack_n = _check_count(autoattack_n, "autoattack_n")
+    seed = check_number(seed, "seed", integer=True)
     x, y = _check_data(x, y, batch_size)
     if n is not None:
         x, y = x[:n], y[:n]
@@ -280,7 +298,9 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     for name in names:
         start = time.perf_counter()
         xs, ys = (x[:autoattack_n], y[:autoattack_n]) if name == "autoattack" else (x, y)
-        mask = correct(model, xs, ys, None if name == "clean" else table[name], batch_size)
+        attack = None if name == "clean" else _within_ball(table[name], eps, name)
+        with seeded(seed, x.device):
+            mask = correct(model, xs, ys, attack, batch_size)
         value = mask.sum().item() / len(xs)  # a host sync: the time below is the attack's
         seconds = time.perf_counter() - start
         results[name] = {"value": value, "n": len(xs), "seconds": round(seconds, 2)}
@@ -330,7 +350,9 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     Runs L-inf PGD with step ``alpha`` (default eps / 4) for each step count, all from the same
     random start, and passes when each accuracy is at most the previous one plus one example or
     half a point. Accuracy that rises with more steps means the attack is not converging, a
-    classic symptom of a noisy or masked gradient.
+    classic symptom of a noisy gradient. A gradient that is exactly zero (rounded inputs, a
+    saturated softmax) leaves the attack where it started, so accuracy stays flat and this check
+    passes: :func:`check_eps_sweep` and :func:`check_black_box_weaker` are the ones that catch it.
 
     Returns:
         ``{"steps": [...], "accuracy": [...], "passed": bool, "detail": str}``.

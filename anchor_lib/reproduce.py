@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import attacks as attacks_lib
 from . import checkpoint, data, embeddings, evaluate, provenance, results
 from .models import PreActResNet18
 from .train import (
@@ -91,12 +92,18 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     t0 = time.perf_counter()
     names = tuple(attacks) if attacks else evaluate.ATTACKS
     accuracy = evaluate.evaluate_suite(model, x, y, attacks=names, autoattack_n=autoattack_n,
-                                       batch_size=batch_size, per_image=per_image)
+                                       batch_size=batch_size, per_image=True)
     k = min(autoattack_n, len(y))
-    checks = (evaluate.sanity_checks(model, x[:k], y[:k],
+    # The checks compare with the suite's own PGD-20 on the same first k images (one draw of
+    # random starts), not with a second PGD-20 of other starts.
+    pgd20 = (float(accuracy["pgd20"]["correct"][:k].mean()) if "pgd20" in accuracy else None)
+    checks = (evaluate.sanity_checks(model, x[:k], y[:k], pgd20=pgd20,
                                      autoattack=accuracy.get("autoattack", {}).get("value"),
                                      batch_size=batch_size)
               if sanity else {})
+    if not per_image:
+        for entry in accuracy.values():
+            entry.pop("correct")
     history = state.get("history") or []
     return {
         "method": cfg_dict.get("method"), "data": dataset.label,
@@ -113,6 +120,7 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
         "train_step": state.get("train_step"), "train_step_fallback": state.get("train_step_fallback"),
         "compiled": state.get("compiled"),
         "validation": state.get("val"), "accuracy": accuracy, "sanity": checks,
+        **({"autoattack_config": attacks_lib.autoattack_config()} if "autoattack" in names else {}),
     }
 
 

@@ -379,3 +379,54 @@ def test_evaluation_runs_in_ieee_fp32_and_restores_the_flags():
                                                                                             True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_evaluate_suite_is_seeded_and_leaves_the_callers_random_streams(trained):
+    """The same call draws the same random starts (so every committed number can be rerun),
+    whatever the global RNG's state, and does not move that state."""
+    model, x, y = trained
+    torch.manual_seed(1)
+    first = evaluate_suite(model, x, y, attacks=("pgd20", "cw"), eps=EPS, per_image=True)
+    torch.manual_seed(2)
+    before = torch.get_rng_state()
+    again = evaluate_suite(model, x, y, attacks=("pgd20", "cw"), eps=EPS, per_image=True)
+    assert torch.equal(torch.get_rng_state(), before)
+    for name in ("pgd20", "cw"):
+        assert (first[name]["correct"] == again[name]["correct"]).all()
+    with pytest.raises(TypeError, match="seed must be an int, got 0.5"):
+        evaluate_suite(model, x, y, attacks=("clean",), seed=0.5)
+
+
+def test_evaluate_suite_refuses_images_outside_the_threat_model(trained, monkeypatch):
+    """An attack whose output leaves the eps-ball would count breaks the threat model does not
+    allow: an error naming the attack and the distance, never a number."""
+    model, x, y = trained
+    table = evaluate.standard_attacks(EPS)
+    table["fgsm"] = lambda m, xb, yb: (xb + 2 * EPS).clamp(0, 1)
+    monkeypatch.setattr(evaluate, "standard_attacks", lambda eps: table)
+    with pytest.raises(ValueError, match=r"attack 'fgsm' returned images 8\.000/255 from the "
+                                         r"originals, outside the L-inf ball of 4\.000/255"):
+        evaluate_suite(model, x, y, attacks=("fgsm",), eps=EPS)
+
+
+def test_autoattack_runs_square_with_the_reference_schedule(trained, monkeypatch):
+    """The reference AutoAttack builds Square with resc_schedule=False; torchattacks' default
+    rescales the square sizes to the budget. The configured sub-attacks are inspected here, and
+    autoattack_config (what metrics.json records) says the same."""
+    import torchattacks
+
+    model, x, y = trained
+    seen = {}
+
+    def forward(self, images, labels):  # record the configured sub-attacks, attack nothing
+        seen.update({type(a).__name__: a for a in self._autoattack.attacks})
+        return images
+
+    monkeypatch.setattr(torchattacks.AutoAttack, "forward", forward)
+    attacks.autoattack(model, x[:4], y[:4], eps=EPS)
+    assert seen["Square"].rescale_schedule is False
+    assert seen["Square"].n_queries == attacks.AUTOATTACK_SQUARE_QUERIES == 5000
+    assert seen["APGD"].steps == seen["APGDT"].steps == seen["FAB"].steps == 100
+    config = attacks.autoattack_config()
+    assert config["square_rescale_schedule"] is False and config["iterations"] == 100
+    assert config["implementation"] == f"torchattacks {torchattacks.__version__}"

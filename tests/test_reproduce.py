@@ -221,3 +221,23 @@ def test_tutorial_profile_is_full_protocol_at_width_16_but_not_a_reading_profile
     monkeypatch.setenv("ANCHOR_PROFILE", "tutorial")
     with pytest.raises(ValueError, match="ANCHOR_PROFILE must be one of smoke, demo, full"):
         train.default_profile()
+
+
+def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch):
+    """The AutoAttack-gap and black-box checks use the PGD-20 the report states for the same
+    images (one draw of random starts), and metrics.json records AutoAttack's configuration."""
+    from anchor_lib import attacks
+
+    monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
+                        {"n": 48, "autoattack_n": 16, "sanity": True, "embed_n": 40})
+    monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 3)  # the call path, not the budget
+    monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 20)
+    rep.reproduce("smoke", ("pgd_at",), tmp_path, attacks=("clean", "pgd20", "autoattack"),
+                  log=lambda *_: None, **TINY)
+    run = tmp_path / "smoke-pgd_at"
+    metrics = json.loads((run / "metrics.json").read_text())
+    masks = results.load_per_image(run / "per_image.npz")
+    first16 = float(masks["pgd20"][:16].mean())
+    assert metrics["sanity"]["autoattack_gap"]["pgd20"] == pytest.approx(first16)
+    assert metrics["sanity"]["black_box_weaker"]["pgd20"] == pytest.approx(first16)
+    assert metrics["autoattack_config"]["square_rescale_schedule"] is False
