@@ -408,6 +408,10 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
         ``test`` ("paired" or "unpaired"), ``only_method`` and ``only_baseline`` (b and c;
         NaN unpaired), ``p_value`` and ``verdict``. Empty when either method has no run at
         ``profile`` (None = any profile).
+
+    Raises:
+        ValueError: the runs compared span several profiles, widths or data copies (with
+            ``profile=None``), which would average different experiments as if they were seeds.
     """
     import pandas as pd
 
@@ -420,6 +424,12 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
                "verdict"]
     if not groups[method] or not groups[baseline]:
         return pd.DataFrame(columns=columns).rename_axis("attack")
+    # Several runs of a method are averaged as seeds: that is only right within one experiment.
+    kinds = {(m.get("profile") or m["config"].get("profile"), m["config"].get("width"),
+              m.get("data")) for g in groups.values() for _, m in g}
+    if len(kinds) > 1:
+        raise ValueError(f"compare needs runs of one profile, width and data copy, got "
+                         f"{sorted(kinds, key=str)}; choose one with profile=")
     rows, loaded = [], {}
     for a in attacks:
         have = {k: [(item, m) for item, m in g if a in m["accuracy"]] for k, g in groups.items()}

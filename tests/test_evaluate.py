@@ -430,3 +430,17 @@ def test_autoattack_runs_square_with_the_reference_schedule(trained, monkeypatch
     config = attacks.autoattack_config()
     assert config["square_rescale_schedule"] is False and config["iterations"] == 100
     assert config["implementation"] == f"torchattacks {torchattacks.__version__}"
+
+
+def test_small_rises_within_the_slack_cannot_add_up(trained, monkeypatch):
+    """Each rise stays within one example's slack, together they are three: more steps (or a
+    larger eps) did raise accuracy, and both checks say so."""
+    model, x, y = trained   # 200 images: the slack is 0.005
+    creeping = iter([0.500, 0.504, 0.508, 0.512])
+    monkeypatch.setattr(evaluate, "_pgd_accuracy", lambda *a, **k: next(creeping))
+    result = check_more_steps(model, x, y, EPS)
+    assert result["passed"] is False and "rises from 1 to 20 steps" in result["detail"]
+    sweep = iter([0.9, 0.500, 0.504, 0.508, 0.0])
+    monkeypatch.setattr(evaluate, "_pgd_accuracy", lambda *a, **k: next(sweep))
+    result = check_eps_sweep(model, x, y, (0, 1 / 255, 2 / 255, 4 / 255, 64 / 255))
+    assert result["passed"] is False and "rises with eps" in result["detail"]

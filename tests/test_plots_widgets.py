@@ -461,3 +461,13 @@ def test_knobs_table_says_where_each_knob_came_from():
     assert table.loc["full-supcon_at", "lam"] == "1.0 (not recorded)"
     assert table.loc["tutorial-anchor", "beta"] == "1.0 (not recorded)"
     assert results.knobs_table([pgd]).empty
+
+
+def test_compare_refuses_to_average_different_experiments():
+    """With profile=None, runs of two profiles (widths) would be averaged as if seeds."""
+    full = fake_metrics("anchor", full_accs(0.8, 0.5, 0.45), width=64)
+    small = fake_metrics("anchor", full_accs(0.7, 0.4, 0.35), profile="tutorial", width=16)
+    base = fake_metrics("pgd_at", full_accs(0.8, 0.5, 0.45), width=64)
+    with pytest.raises(ValueError, match="one profile, width and data copy.*profile="):
+        results.compare([full, small, base], profile=None)
+    assert not results.compare([full, small, base], profile="full").empty
