@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("data/results"))
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--data", choices=("cifar10", "synthetic"))
+    p.add_argument("--default-knobs", action="store_true",
+                   help="at --profile full, train anchor / supcon_at with the default tau, "
+                        "beta and lambda, instead of first choosing those not chosen yet on "
+                        "validation (the ablation)")
     p.add_argument("--ablation", action="store_true",
                    help="instead of the five methods, the ANCHOR ablation (beta, lambda, tau, "
                         "adversarial view) at half the epochs, each knob chosen on validation")
@@ -223,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                      **_overrides(args, "epochs", "data"))
         else:
             reproduce(args.profile, tuple(args.methods), args.out,
-                      **_overrides(args, "epochs", "data"))
+                      default_knobs=args.default_knobs, **_overrides(args, "epochs", "data"))
         if args.export_checkpoints is not None:
             path = export_tutorial_checkpoints(args.out, args.export_checkpoints, chosen,
                                                args.profile)

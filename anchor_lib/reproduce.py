@@ -191,12 +191,18 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
 
 def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
               out: str | Path = "data/results", *, dataset: data.CIFAR10 | None = None,
-              attacks: tuple[str, ...] | None = None, log=print,
+              attacks: tuple[str, ...] | None = None, log=print, default_knobs: bool = False,
               **overrides: Any) -> list[dict[str, str]]:
     """Train and evaluate every method in ``methods`` at ``profile``; returns one status per run.
 
     The four robust methods share epochs, schedule, batch size, augmentation and the training
     attack, because they all come from the same profile; ``overrides`` apply to every run.
+    ``anchor`` and ``supcon_at`` take the knobs :func:`chosen_knobs` gives them. At the
+    ``full`` profile, the reproduction, the knobs they need and that are not chosen yet are
+    chosen first, before anything else trains, by :func:`ablation` on the validation split (its
+    runs' test reports without AutoAttack and the sanity checks, as :data:`ABLATION_ATTACKS`
+    says); ``default_knobs`` trains with the defaults instead. A knob still unchosen after that
+    (every value failed) is an error: a run trained with it would be stale once it is chosen.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -205,9 +211,25 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     settings = EVAL_SETTINGS[profile] if profile in EVAL_SETTINGS else None
     if settings is None:
         raise ValueError(f"profile must be one of {', '.join(EVAL_SETTINGS)}, got {profile!r}")
+    def unchosen_knobs() -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+        knobs_of = {method: chosen_knobs(out, profile, method, overrides) for method in methods}
+        return knobs_of, [k for k in ABLATION if any(
+            knobs.get(k, {}).get("source") == "default" for knobs in knobs_of.values())]
+
+    knobs_of, unchosen = unchosen_knobs()
+    if profile == "full" and unchosen and not default_knobs:
+        log(f"choosing {', '.join(unchosen)} on the validation split first (reproduce "
+            f"--ablation --params {' '.join(unchosen)}; --default-knobs skips this)")
+        ablation(profile, tuple(unchosen), out, dataset=dataset, attacks=ABLATION_ATTACKS,
+                 sanity=False, log=log, **overrides)
+        knobs_of, unchosen = unchosen_knobs()
+        if unchosen:
+            raise ValueError(f"the ablation chose no value of {', '.join(unchosen)} (see "
+                             f"{Path(out) / 'ablation_summary.json'}); fix that, or pass "
+                             f"--default-knobs to train with the defaults")
     statuses = []
     for method in methods:
-        knobs = chosen_knobs(out, profile, method, overrides)
+        knobs = knobs_of[method]
         cfg = TrainConfig.from_profile(profile, method=method, **{
             **overrides, **{k: v["value"] for k, v in knobs.items()}})
         if method == "trades":
@@ -281,6 +303,11 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
             knobs[name] = {"value": getattr(defaults, name), "source": "default", "note": note}
     return knobs
 
+
+#: The test report of the ablation runs the reproduction starts itself (the choice reads
+#: validation accuracy only): AutoAttack and the sanity checks, most of a full run's evaluation
+#: time, are left to the reproduction's own runs. The same as the GPU slots' --attacks.
+ABLATION_ATTACKS = ("clean", "fgsm", "pgd20", "cw")
 
 #: Embedded images per ablation run. A width-64 model's features are 512 float16 numbers per view,
 #: 3 MB per 1,000 images; eleven ablation runs at 1,000 would add 34 MB to a repository that travels

@@ -27,7 +27,8 @@
 #              left, the same profile once more with these arguments instead of JOB_ARGS, e.g. a
 #              full run, then ablation runs: JOB_RUNS=anchor JOB_THEN_ARGS="--ablation ..."
 #              Order: the ablation's tau, beta and lambda before the full anchor and supcon_at
-#              runs, which reproduce trains with the values ablation_summary.json chose.
+#              runs, which reproduce trains with the values ablation_summary.json chose (at
+#              the full profile it runs the missing ablation first, unless --default-knobs).
 # Results land in $OUT; commit them under data/results/ with the command and hardware.
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then

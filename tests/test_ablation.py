@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +257,56 @@ def test_a_slot_that_ends_mid_ablation_keeps_the_knobs_it_finished(tmp_path, mon
     checkpoint.verify(tmp_path / "ablation_summary.json")
     saved = json.loads((tmp_path / "ablation_summary.json").read_text())
     assert set(saved["params"]) == {"beta"} and saved["params"]["beta"]["chosen"] == "0.0"
+
+
+def test_full_reproduction_chooses_missing_knobs_first(tmp_path, monkeypatch):
+    """At the full profile a contrastive run with a knob at its default would be stale once the
+    ablation chooses: the reproduction runs the missing ablation first, before anything trains,
+    unless the defaults are meant."""
+    events = []
+    monkeypatch.setattr(reproduce, "run_one", lambda cfg, run_dir, *a, **k: events.append(
+        (run_dir.name, cfg.beta, cfg.lam, (k.get("knobs") or {}).get("beta"))) or {
+        "run": run_dir.name, "status": "done"})
+
+    def fake_ablation(profile, params, out, **kw):  # what an ablation leaves: a summary
+        events.append(("ablation", params, kw["attacks"], kw["sanity"]))
+        _summary(Path(out), beta=0.5, lam=2.0, temperature=0.2)
+
+    monkeypatch.setattr(reproduce, "ablation", fake_ablation)
+    reproduce.reproduce("full", ("pgd_at", "supcon_at", "anchor"), tmp_path, log=lambda *_: None)
+    assert events[0] == ("ablation", ("beta", "lam", "temperature"),
+                         reproduce.ABLATION_ATTACKS, False)
+    assert [e[:3] for e in events[1:]] == [("full-pgd_at", 1.0, 1.0), ("full-supcon_at", 1.0, 2.0),
+                                           ("full-anchor", 0.5, 2.0)]
+    assert events[-1][3]["source"] == "validation"
+    # Chosen now: a second call trains without another ablation; --default-knobs skips it.
+    events.clear()
+    reproduce.reproduce("full", ("anchor",), tmp_path, log=lambda *_: None)
+    assert [e[0] for e in events] == ["full-anchor"]
+    events.clear()
+    reproduce.reproduce("full", ("anchor",), tmp_path / "fresh", log=lambda *_: None,
+                        default_knobs=True)
+    assert events == [("full-anchor", 1.0, 1.0, {"value": 1.0, "source": "default",
+                                                  "note": "no ablation_summary.json yet"})]
+
+
+@pytest.mark.bad_input
+def test_a_knob_the_ablation_could_not_choose_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "run_one", lambda *a, **k: pytest.fail("trained anyway"))
+    monkeypatch.setattr(reproduce, "ablation",
+                        lambda profile, params, out, **kw: _summary(Path(out), beta=0.5))
+    with pytest.raises(ValueError, match=r"the ablation chose no value of lam, temperature .*"
+                                         r"--default-knobs"):
+        reproduce.reproduce("full", ("anchor",), tmp_path, log=lambda *_: None)
+
+
+def test_cli_default_knobs_flag(monkeypatch):
+    from anchor_lib import cli
+
+    calls = []
+    monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.append(k))
+    assert cli.main(["reproduce", "--profile", "full", "--methods", "anchor",
+                     "--default-knobs"]) == 0
+    assert calls[-1]["default_knobs"] is True
+    assert cli.main(["reproduce", "--profile", "full", "--methods", "anchor"]) == 0
+    assert calls[-1]["default_knobs"] is False
