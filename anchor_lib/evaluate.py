@@ -350,8 +350,8 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     Runs L-inf PGD with step ``alpha`` (default eps / 4) for each step count, all from the same
     random start, and passes when each accuracy is at most the previous one plus one example or
     half a point (compared with the lowest accuracy of fewer steps, so that rises within the
-    slack cannot add up). Accuracy that rises with more steps means the attack is not converging, a
-    classic symptom of a noisy gradient. A gradient that is exactly zero (rounded inputs, a
+    slack cannot add up). Accuracy that rises with more steps means the attack is not
+    converging, a classic symptom of a noisy gradient. A gradient that is exactly zero (rounded inputs, a
     saturated softmax) leaves the attack where it started, so accuracy stays flat and this check
     passes: :func:`check_eps_sweep` and :func:`check_black_box_weaker` are the ones that catch it.
 
@@ -387,9 +387,9 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """Robust accuracy must fall as eps grows, to near 0 at the largest eps.
 
     PGD-``steps`` (step eps / 4) at each eps. Passes when no accuracy rises above the lowest
-    one at a smaller eps by more than one example or half a point and the accuracy at the largest eps is below
-    ``max_final``. An attack that cannot push accuracy to ~0 with a huge budget (64/255 lets
-    it paint over the image) is not finding the model's weaknesses.
+    one at a smaller eps by more than one example or half a point, and the accuracy at the
+    largest eps is below ``max_final``. An attack that cannot push accuracy to ~0 with a huge
+    budget (64/255 lets it paint over the image) is not finding the model's weaknesses.
 
     Returns:
         ``{"eps": [...], "accuracy": [...], "passed": bool, "detail": str}``.

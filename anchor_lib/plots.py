@@ -296,9 +296,8 @@ def plot_ablation(runs: Sequence[Any], param: str, ax=None, *,
         if a in df.columns and df[a].notna().any():
             ax.plot(df[param], df[a], marker="o", label=f"test {ATTACK_LABELS.get(a, a)}")
     # The validation accuracy the knob is chosen on, dashed: the test lines are the report.
-    for key, name in (("val_pgd", "validation PGD"),):
-        if df[key].notna().any():
-            ax.plot(df[param], df[key], marker="s", linestyle="--", label=name)
+    if df["val_pgd"].notna().any():
+        ax.plot(df[param], df["val_pgd"], marker="s", linestyle="--", label="validation PGD")
     ax.set_xlabel(param)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
