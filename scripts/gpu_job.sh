@@ -127,8 +127,11 @@ case "${1:-bench}" in
     fi
     if [ -n "$decode" ]; then wait "$decode"; echo "== decode: rc $? at ${SECONDS}s" | tee -a "$log"; fi
     exportable=(standard pgd_at anchor)  # the methods whose weights the chapters load
+    # Wide models (full, demo) are no tutorial checkpoints: over the size limit.
+    if [ "$profile" = full ] || [ "$profile" = demo ]; then exportable=(); fi
     if [[ $stages == *" tutorial "* ]]; then
-      # A committed run whose weights did not come back cannot be exported: train it again.
+      # A committed run whose weights did not come back cannot be exported: train it again
+      # (a full-profile run is kept: its weights never come back, and it is no checkpoint).
       for m in "${exportable[@]}"; do
         d=$results/$profile-$m
         if [ -f "$d/metrics.json" ] && [ ! -f "$d/best.pt" ]; then rm -rf "$d"; fi
@@ -169,8 +172,7 @@ case "${1:-bench}" in
       # Export every finished one of them (a timeout may have cut the rest short).
       done_runs=$(for m in "${exportable[@]}"; do
         [ -f "$results/$profile-$m/metrics.json" ] && printf "'%s'," "$m"; done)
-      # Wide models (full, demo) are no tutorial checkpoints: over the size limit.
-      if [ -n "$done_runs" ] && [ "$profile" != full ] && [ "$profile" != demo ]; then
+      if [ -n "$done_runs" ]; then
         # Under a timeout too: a job killed here would lose the packing below.
         timeout "${EXPORT_S:-60}" python3 -c "from anchor_lib import reproduce as r; r.export_tutorial_checkpoints(\
 '$results', '$ckpts', methods=($done_runs), profile='$profile')" >>"$log" 2>&1

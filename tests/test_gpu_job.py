@@ -79,6 +79,29 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     assert [e["method"] for e in manifest["checkpoints"]] == ["standard"]
 
 
+def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run):
+    """A committed full-profile run never has its weights on the device (~90 MB, and no tutorial
+    checkpoint is made of it), so the session must not remove it to be trained again, as it
+    does a tutorial run without them; nor export anything at that profile."""
+    results = tmp_path / "data" / "results"
+    for name in ("full-anchor", "tutorial-anchor"):
+        shutil.copytree(finished_run, results / name)
+        (results / name / "best.pt").unlink()
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "full",
+           "JOB_RUNS": "anchor", "BUDGET_S": "0", "JOB_DECODE": "0",  # no time: nothing trains
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    log = (out / "job.log").read_text()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== full anchor" not in log and "== export" not in log, log[-3000:]
+    assert (results / "full-anchor" / "metrics.json").is_file()
+    assert (results / "tutorial-anchor" / "metrics.json").is_file()  # not this profile's run
+    with tarfile.open(out / "results.tgz") as tar:
+        assert "data/results/full-anchor/metrics.json" in tar.getnames()
+
+
 def test_session_then_runs_other_arguments_in_the_time_left(tmp_path, finished_run):
     """JOB_THEN_ARGS: after JOB_RUNS, the same profile once more with other arguments: an
     ablation slot in the same job, its artifacts packed with the rest. JOB_RUNS' run fails here
