@@ -382,6 +382,12 @@ def sanity_table(runs: Iterable[RunResult | dict[str, Any]]):
     return pd.DataFrame(rows).set_index("run")
 
 
+#: The columns of :func:`compare` and :func:`compare_runs`.
+COMPARE_COLUMNS = ["method", "baseline", "n_method", "n_baseline", "runs_method", "runs_baseline",
+                   "difference", "noise_2se", "test", "only_method", "only_baseline", "p_value",
+                   "verdict"]
+
+
 def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
             baseline: str = "pgd_at", *, profile: str | None = "full",
             attacks: Sequence[str] = ATTACKS):
@@ -419,11 +425,8 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
     chosen = [(item, m) for item, (_, m) in zip(items, _runs(items), strict=True)
               if profile is None or (m.get("profile") or m["config"].get("profile")) == profile]
     groups = {k: [(item, m) for item, m in chosen if m["method"] == k] for k in (method, baseline)}
-    columns = ["method", "baseline", "n_method", "n_baseline", "runs_method", "runs_baseline",
-               "difference", "noise_2se", "test", "only_method", "only_baseline", "p_value",
-               "verdict"]
     if not groups[method] or not groups[baseline]:
-        return pd.DataFrame(columns=columns).rename_axis("attack")
+        return pd.DataFrame(columns=COMPARE_COLUMNS).rename_axis("attack")
     # Several runs of a method are averaged as seeds: that is only right within one experiment.
     kinds = {(m.get("profile") or m["config"].get("profile"), m["config"].get("width"),
               m.get("data")) for g in groups.values() for _, m in g}
@@ -431,36 +434,64 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
         raise ValueError(f"compare needs runs of one profile, width and data copy, got "
                          f"{sorted(kinds, key=str)}; choose one with profile=")
     rows, loaded = [], {}
+    labels = (METHOD_LABELS.get(method, method), METHOD_LABELS.get(baseline, baseline))
     for a in attacks:
-        have = {k: [(item, m) for item, m in g if a in m["accuracy"]] for k, g in groups.items()}
-        if not have[method] or not have[baseline]:
-            continue
-        entries = {k: [m["accuracy"][a] for _, m in v] for k, v in have.items()}
-        p = {k: sum(e["value"] for e in v) / len(v) for k, v in entries.items()}
-        n = {k: min(e["n"] for e in v) for k, v in entries.items()}
-        row = {"attack": ATTACK_LABELS.get(a, a), "method": p[method], "baseline": p[baseline],
-               "n_method": n[method], "n_baseline": n[baseline],
-               "runs_method": len(have[method]), "runs_baseline": len(have[baseline]),
-               "test": "unpaired", "only_method": math.nan, "only_baseline": math.nan,
-               "p_value": math.nan}
-        masks = _paired_masks(have[method], have[baseline], a, loaded)
-        if masks is not None:
-            mine, theirs = masks
-            b, c, size = int((mine & ~theirs).sum()), int((~mine & theirs).sum()), mine.size
-            diff, noise = 100 * (b - c) / size, 200 * math.sqrt(b + c) / size
-            row.update(test="paired", only_method=b, only_baseline=c, p_value=_mcnemar_p(b, c))
-            # Exact test: with few disagreements the normal approximation calls too much a win.
-            tie = row["p_value"] >= 0.05
-        else:
-            diff = 100 * (p[method] - p[baseline])
-            noise = 200 * math.sqrt(sum(p[k] * (1 - p[k]) / n[k] for k in p))
-            tie = abs(diff) <= noise
-        if tie:
-            verdict = "within noise"
-        else:
-            verdict = f"{METHOD_LABELS.get(method if diff > 0 else baseline, '')} higher"
-        rows.append({**row, "difference": diff, "noise_2se": noise, "verdict": verdict})
-    return pd.DataFrame(rows, columns=["attack", *columns]).set_index("attack")
+        have = [[(item, m) for item, m in groups[k] if a in m["accuracy"]]
+                for k in (method, baseline)]
+        if have[0] and have[1]:
+            rows.append(_difference(*have, a, loaded, labels))
+    return pd.DataFrame(rows, columns=["attack", *COMPARE_COLUMNS]).set_index("attack")
+
+
+def compare_runs(run: RunResult, other: RunResult, attacks: Sequence[str] = ATTACKS):
+    """``run`` against ``other``, two single runs (two values of an ablation, say), per attack
+    both were evaluated with: :func:`compare`'s rows and test (paired on the same test images
+    when both have masks for them, else unpaired), the verdict naming the higher run."""
+    import pandas as pd
+
+    loaded: dict[Path, dict[str, Any]] = {}
+    rows = [_difference([(run, run.metrics)], [(other, other.metrics)], a, loaded,
+                        (run.name, other.name))
+            for a in attacks if a in run.metrics["accuracy"] and a in other.metrics["accuracy"]]
+    return pd.DataFrame(rows, columns=["attack", *COMPARE_COLUMNS]).set_index("attack")
+
+
+def describe_difference(row) -> str:
+    """One row of :func:`compare` or :func:`compare_runs` in words, e.g. ``+0.74 points (noise
+    ±0.55, paired, p = 0.007) -> ANCHOR higher`` (an unpaired row has no p-value)."""
+    p = row["p_value"]
+    test = row["test"] if math.isnan(p) else \
+        f"{row['test']}, {'p < 0.001' if p < 0.001 else f'p = {p:.3f}'}"
+    return (f"{row['difference']:+.2f} points (noise ±{row['noise_2se']:.2f}, {test}) -> "
+            f"{row['verdict']}")
+
+
+def _difference(mine: list, theirs: list, attack: str, loaded: dict[Path, dict[str, Any]],
+                labels: tuple[str, str]) -> dict[str, Any]:
+    """One row of :func:`compare`: ``mine`` against ``theirs`` (lists of (run, metrics), several
+    runs averaged as seeds) under ``attack``; ``labels`` name the two sides in the verdict."""
+    entries = [[m["accuracy"][attack] for _, m in side] for side in (mine, theirs)]
+    p = [sum(e["value"] for e in v) / len(v) for v in entries]
+    n = [min(e["n"] for e in v) for v in entries]
+    row = {"attack": ATTACK_LABELS.get(attack, attack), "method": p[0], "baseline": p[1],
+           "n_method": n[0], "n_baseline": n[1], "runs_method": len(mine),
+           "runs_baseline": len(theirs), "test": "unpaired", "only_method": math.nan,
+           "only_baseline": math.nan, "p_value": math.nan}
+    masks = _paired_masks(mine, theirs, attack, loaded)
+    if masks is not None:
+        right, right_other = masks
+        b, c = int((right & ~right_other).sum()), int((~right & right_other).sum())
+        size = right.size
+        diff, noise = 100 * (b - c) / size, 200 * math.sqrt(b + c) / size
+        row.update(test="paired", only_method=b, only_baseline=c, p_value=_mcnemar_p(b, c))
+        # Exact test: with few disagreements the normal approximation calls too much a win.
+        tie = row["p_value"] >= 0.05
+    else:
+        diff = 100 * (p[0] - p[1])
+        noise = 200 * math.sqrt(sum(q * (1 - q) / k for q, k in zip(p, n, strict=True)))
+        tie = abs(diff) <= noise
+    verdict = "within noise" if tie else f"{labels[0] if diff > 0 else labels[1]} higher"
+    return {**row, "difference": diff, "noise_2se": noise, "verdict": verdict}
 
 
 def attack_gap(run: RunResult, weak: str = "pgd20", strong: str = "autoattack",

@@ -291,6 +291,30 @@ def test_compare_falls_back_to_unpaired_and_checks_the_masks(tmp_path):
         results.save_per_image(tmp_path / "x.npz", {"pgd20": np.zeros(3)})
 
 
+def test_compare_runs_pairs_two_runs_of_one_method(tmp_path):
+    """Two ablation values are runs of one method, which compare() cannot tell apart by method:
+    compare_runs pairs the two runs themselves, and names the higher run in its verdict."""
+    root = _paired_root(tmp_path, b=20, c=3)
+    anchor, pgd_at = results.load_run(root / "full-anchor-0"), results.load_run(root / "full-pgd_at-0")
+    tab = results.compare_runs(anchor, pgd_at, attacks=("clean", "pgd20", "autoattack"))
+    assert list(tab.index) == ["Clean", "PGD-20"]  # neither run has AutoAttack
+    row = tab.loc["PGD-20"]
+    assert row["test"] == "paired" and (row["only_method"], row["only_baseline"]) == (20, 3)
+    assert row["difference"] == pytest.approx(1.7) and row["verdict"] == "full-anchor-0 higher"
+    assert tab.loc["Clean", "verdict"] == "within noise" and tab.loc["Clean", "difference"] == 0
+    # The same numbers as compare() gives for the two methods.
+    same = results.compare([anchor, pgd_at], "anchor", "pgd_at", attacks=("pgd20",)).loc["PGD-20"]
+    assert same.drop("verdict").equals(row.drop("verdict"))
+    flipped = results.compare_runs(pgd_at, anchor, attacks=("pgd20",)).loc["PGD-20"]
+    assert flipped["difference"] == pytest.approx(-1.7) and flipped["verdict"] == row["verdict"]
+    assert results.describe_difference(row) == (
+        "+1.70 points (noise ±0.96, paired, p < 0.001) -> full-anchor-0 higher")
+    unpaired = row.copy()  # the words of an unpaired row carry no p-value
+    unpaired[["test", "p_value"]] = ["unpaired", np.nan]
+    assert results.describe_difference(unpaired) == (
+        "+1.70 points (noise ±0.96, unpaired) -> full-anchor-0 higher")
+
+
 
 def test_attack_gap_tells_a_weaker_loss_from_masking(tmp_path):
     """PGD-20 right on 400 of 1,000 images, AutoAttack (first 100 only) on 30 of them; CW breaks
