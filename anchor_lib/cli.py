@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at --profile full, train anchor / supcon_at with the default tau, "
                         "beta and lambda, instead of first choosing those not chosen yet on "
                         "validation (the ablation)")
+    p.add_argument("--time-budget", type=_positive_int, metavar="SECONDS",
+                   help="start a run only if the finished runs on this hardware say it will end "
+                        "within SECONDS of the start, else go on to the next (GPU slots)")
     p.add_argument("--ablation", action="store_true",
                    help="instead of the five methods, the ANCHOR ablation (beta, lambda, tau, "
                         "adversarial view) at half the epochs, each knob chosen on validation")
@@ -224,10 +227,11 @@ def run(args: argparse.Namespace) -> int:
         if args.ablation:
             ablation(args.profile, tuple(args.params or ABLATION), out=args.out,
                      attacks=tuple(args.attacks) if args.attacks else None, sanity=args.sanity,
-                     **_overrides(args, "epochs", "data"))
+                     time_budget=args.time_budget, **_overrides(args, "epochs", "data"))
         else:
             reproduce(args.profile, tuple(args.methods), args.out,
-                      default_knobs=args.default_knobs, **_overrides(args, "epochs", "data"))
+                      default_knobs=args.default_knobs, time_budget=args.time_budget,
+                      **_overrides(args, "epochs", "data"))
         if args.export_checkpoints is not None:
             path = export_tutorial_checkpoints(args.out, args.export_checkpoints, chosen,
                                                args.profile)

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import attacks as attacks_lib
 from . import checkpoint, data, embeddings, evaluate, provenance, results
+from .budget import Budget
 from .models import PreActResNet18
 from .train import (
     METHODS,
@@ -192,7 +193,7 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
 def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
               out: str | Path = "data/results", *, dataset: data.CIFAR10 | None = None,
               attacks: tuple[str, ...] | None = None, log=print, default_knobs: bool = False,
-              **overrides: Any) -> list[dict[str, str]]:
+              time_budget: float | None = None, **overrides: Any) -> list[dict[str, str]]:
     """Train and evaluate every method in ``methods`` at ``profile``; returns one status per run.
 
     The four robust methods share epochs, schedule, batch size, augmentation and the training
@@ -203,6 +204,11 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     runs' test reports without AutoAttack and the sanity checks, as :data:`ABLATION_ATTACKS`
     says); ``default_knobs`` trains with the defaults instead. A knob still unchosen after that
     (every value failed) is an error: a run trained with it would be stale once it is chosen.
+
+    ``time_budget`` (seconds; GPU slots) starts a run, the ablation's included, only when
+    :class:`~anchor_lib.budget.Budget` expects it to finish in what is left, and goes on to the
+    next; a method whose knobs the ablation could not choose in the time waits, and its status
+    says so.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -216,31 +222,44 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
         return knobs_of, [k for k in ABLATION if any(
             knobs.get(k, {}).get("source") == "default" for knobs in knobs_of.values())]
 
+    budget = Budget(time_budget, out, log)
     knobs_of, unchosen = unchosen_knobs()
+    statuses = []
     if profile == "full" and unchosen and not default_knobs:
         log(f"choosing {', '.join(unchosen)} on the validation split first (reproduce "
             f"--ablation --params {' '.join(unchosen)}; --default-knobs skips this)")
         ablation(profile, tuple(unchosen), out, dataset=dataset, attacks=ABLATION_ATTACKS,
-                 sanity=False, log=log, **overrides)
+                 sanity=False, log=log, budget=budget, **overrides)
         knobs_of, unchosen = unchosen_knobs()
-        if unchosen:
+        if unchosen and time_budget is None:
             raise ValueError(f"the ablation chose no value of {', '.join(unchosen)} (see "
                              f"{Path(out) / 'ablation_summary.json'}); fix that, or pass "
                              f"--default-knobs to train with the defaults")
-    statuses = []
+        # Out of time for the ablation: the methods that need its choice wait for a later slot.
+        waiting = {m: [k for k in unchosen if knobs_of[m].get(k, {}).get("source") == "default"]
+                   for m in methods}
+        for method, knobs in waiting.items():
+            if knobs:
+                log(f"{profile}-{method}: waits for the ablation of {', '.join(knobs)}")
+                statuses.append({"run": f"{profile}-{method}",
+                                 "status": f"not started (waits for {', '.join(knobs)})"})
+        methods = tuple(m for m in methods if not waiting[m])
     for method in methods:
         knobs = knobs_of[method]
         cfg = TrainConfig.from_profile(profile, method=method, **{
             **overrides, **{k: v["value"] for k, v in knobs.items()}})
         if method == "trades":
             cfg.trades_beta = 6.0
+        run_dir = Path(out) / f"{profile}-{method}"
+        if not budget.admits(cfg, run_dir, attacks or evaluate.ATTACKS, settings["sanity"]):
+            statuses.append({"run": run_dir.name, "status": "not started (time budget)"})
+            continue
         if knobs:
             notes = dict.fromkeys(v["note"] for v in knobs.values() if "note" in v)
             log(f"{profile}-{method}: " + ", ".join(f"{k} = {v['value']} ({v['source']})"
                                                      for k, v in knobs.items())
                 + "".join(f"; {n}" for n in notes))
-        status = run_one(cfg, Path(out) / f"{profile}-{method}", settings, dataset, attacks,
-                         knobs=knobs)
+        status = run_one(cfg, run_dir, settings, dataset, attacks, knobs=knobs)
         log(f"{status['run']}: {status['status']}")
         statuses.append(status)
     return statuses
@@ -328,7 +347,8 @@ ABLATION: dict[str, tuple[Any, ...]] = {
 def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
              out: str | Path = "data/results", *, epoch_fraction: float = 0.5,
              dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None,
-             sanity: bool | None = None, log=print, **overrides: Any) -> dict[str, Any]:
+             sanity: bool | None = None, log=print, time_budget: float | None = None,
+             budget: Budget | None = None, **overrides: Any) -> dict[str, Any]:
     """Train ANCHOR variants at a shorter schedule; choose each knob on the VALIDATION split.
 
     Run ``<out>/ablation_<param>/<param>-<value>/`` gets the usual artifacts (``metrics.json``
@@ -342,7 +362,9 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     overrides; otherwise it starts over).
 
     ``attacks`` (default all) and ``sanity`` (default: the profile's) set what each run's test
-    report holds; the choice never reads it.
+    report holds; the choice never reads it. ``time_budget`` (seconds), or a ``budget`` shared
+    with the caller, starts a run only when it is expected to fit (:class:`Budget`); a knob with
+    a value left out for time is not chosen in this call, and later calls finish it.
     """
     unknown = [p for p in params if p not in ABLATION]
     if unknown:
@@ -352,6 +374,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                 "embed_n": min(EVAL_SETTINGS[profile]["embed_n"], ABLATION_EMBED_N)}
     if sanity is not None:
         settings["sanity"] = sanity
+    budget = budget if budget is not None else Budget(time_budget, out, log)
     base = TrainConfig.from_profile(profile, method="anchor", **overrides)
     summary: dict[str, Any] = {"profile": profile, "epoch_fraction": epoch_fraction,
                                "overrides": {k: v for k, v in overrides.items()
@@ -371,7 +394,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             log(f"{summary_path}: written by another profile, schedule, overrides or code "
                 f"defaults; replaced")
     for param in params:
-        values, skipped = {}, {}
+        values, skipped, out_of_time = {}, {}, []
         for value in ABLATION[param]:
             run_dir = Path(out) / f"ablation_{param}" / f"{param}-{value}"
             try:  # replace() validates the combination (setattr would not)
@@ -391,11 +414,18 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             if same is not None:
                 _copy_artifacts(same, run_dir)
                 status = {"status": f"same config as {same.parent.name}/{same.name}, copied"}
+            elif not budget.admits(cfg, run_dir, attacks or evaluate.ATTACKS, settings["sanity"]):
+                out_of_time.append(str(value))
+                continue
             else:
                 status = run_one(cfg, run_dir, settings, dataset, attacks)
             log(f"ablation_{param}/{run_dir.name}: {status['status']}")
             with open(run_dir / "metrics.json") as f:
                 values[str(value)] = json.load(f)["validation"]
+        if out_of_time:  # a choice among some of the values would not be the ablation's
+            log(f"ablation_{param}: not chosen in this call ({', '.join(out_of_time)} did not "
+                f"fit in the time budget)")
+            continue
         chosen = max(values, key=lambda v: values[v]["val_pgd"]) if values else None
         summary["params"][param] = {"validation": values, "chosen": chosen,
                                     **({"skipped": skipped} if skipped else {})}

@@ -101,9 +101,13 @@ case "${1:-bench}" in
     IFS=, read -ra run_groups <<< "${JOB_RUNS:-standard pgd_at anchor,trades supcon_at}"
     log="$OUT/job.log"
     run_methods() {  # SECONDS_LEFT "METHOD ..." [ARGS]: train and evaluate them, one after another
+      # reproduce starts only the runs that the finished ones say will end in time (a full run
+      # cut short is lost whole), and goes on to the next; JOB_TIME_BUDGET=0 turns that off.
+      local fit=()
+      [ "${JOB_TIME_BUDGET:-1}" = 1 ] && fit=(--time-budget "$(( $1 > 20 ? $1 - 10 : 10 ))")
       # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
       timeout "$1" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
-        --methods $2 ${3-$extra}
+        --methods $2 ${3-$extra} "${fit[@]}"
     }
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
         "import torch, torchattacks; print('torch', torch.__version__, 'torchattacks', torchattacks.__version__)"

@@ -119,6 +119,8 @@ USAGE_ERRORS = {
     "embed_without_out": ["embed", "--checkpoint", "x.pt"],
     "embed_unknown_space": ["embed", "--checkpoint", "x.pt", "--out", "e.npz", "--space", "pixels"],
     "unknown_reproduce_method": ["reproduce", "--methods", "magic"],
+    "time_budget_zero": ["reproduce", "--time-budget", "0"],
+    "time_budget_not_a_number": ["reproduce", "--time-budget", "ten minutes"],
     "debug_after_unknown_option": ["train", "--method", "pgd_at", "--debgu"],
 }
 

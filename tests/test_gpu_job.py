@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from anchor_lib import checkpoint
 from anchor_lib import reproduce as rep
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_job.sh"
@@ -100,6 +101,32 @@ def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run)
     assert (results / "tutorial-anchor" / "metrics.json").is_file()  # not this profile's run
     with tarfile.open(out / "results.tgz") as tar:
         assert "data/results/full-anchor/metrics.json" in tar.getnames()
+
+
+def test_session_starts_only_the_runs_that_fit(tmp_path, finished_run):
+    """The session passes what is left of BUDGET_S to reproduce as --time-budget: a run that the
+    finished runs say cannot end in time is not started (it would be lost whole)."""
+    results = tmp_path / "data" / "results"
+    slow = results / "ablation_old" / "slow"  # a finished pgd_at run that took a day per epoch
+    shutil.copytree(finished_run, slow)
+    metrics = json.loads((slow / "metrics.json").read_text())
+    metrics["method"] = metrics["config"]["method"] = "pgd_at"
+    # evaluated as the session's run will be: every attack, and the smoke profile's checks
+    metrics["accuracy"] = {a: {"value": 0.5, "n": 48} for a in rep.evaluate.ATTACKS}
+    metrics["sanity"] = {"more_steps": {"passed": True}}
+    checkpoint.write_json(slow / "metrics.json", metrics)
+    checkpoint.write_text(slow / "history.csv", "epoch,seconds\n1,86400\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
+           "JOB_RUNS": "pgd_at", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
+           "BUDGET_S": "300", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = (out / "job.log").read_text()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "smoke-pgd_at: not started: it needs about 9" in log, log[-3000:]
+    assert "== smoke pgd_at: rc 0" in log and not (results / "smoke-pgd_at").exists()
 
 
 def test_session_then_runs_other_arguments_in_the_time_left(tmp_path, finished_run):

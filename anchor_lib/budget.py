@@ -1,0 +1,156 @@
+"""Fitting runs into a slot of GPU time, by what the finished runs took.
+
+GPU time here comes in slots of about ten minutes, and a full-profile run that the slot's end cuts
+short is lost whole: its resume checkpoint (~90 MB) cannot be brought back. So
+``reproduce(time_budget=...)`` starts a run only when it is expected to finish in what is left of
+the budget, and goes on to the next run that fits. The expectation comes from the runs already
+finished under the same results folder, on the same hardware:
+
+- training: of the finished runs with the same training cost (method, data, width, batch size,
+  attack steps, views), the slowest first epoch (which compiles) plus the slowest median later
+  epoch for each further epoch, from their ``history.csv``;
+- evaluation: the longest ``eval_seconds`` of the finished runs evaluated alike (profile, width,
+  attacks, sanity checks), the same method's when there is one (AutoAttack on a robust model
+  takes far longer than on a standard one);
+
+the sum times :data:`MARGIN`. A run with no such precedent is started if any time is left (no
+estimate is no reason to skip it); a finished run is always "admitted", since skipping it costs
+nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, provenance
+from .train import TrainConfig, resolve_device
+
+#: Headroom on an estimate: loading, embeddings and the spread between runs (the parts it sums
+#: are each the slowest seen already).
+MARGIN = 1.05
+
+#: The config fields that decide how long an epoch takes (the rest, like the knobs' values, do
+#: not change the arithmetic).
+COST_KEYS = ("method", "data", "train_subset", "val_size", "width", "batch_size",
+             "attack_steps", "val_attack_steps", "adv_in_contrastive", "pretrain_fraction")
+
+#: Methods whose epochs cost the same: supcon_at is anchor with beta = 0, the same passes.
+SAME_COST = {"supcon_at": "anchor"}
+
+
+@dataclass
+class Estimate:
+    """Expected seconds of one run (``seconds``: training, evaluation and the margin) and the
+    finished runs it comes from (``basis``, for the log)."""
+
+    seconds: float
+    basis: str
+
+
+def finished_runs(out: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every finished run under ``out`` (``<run>/`` and ``ablation_*/<run>/``) with its parsed
+    ``metrics.json``; a damaged or unreadable one is left out, never trusted."""
+    out = Path(out)
+    found = []
+    for path in sorted([*out.glob("*/metrics.json"), *out.glob("ablation_*/*/metrics.json")]):
+        try:
+            checkpoint.verify(path)
+            metrics = json.loads(path.read_text())
+        except (ValueError, OSError):
+            continue
+        if isinstance(metrics, dict) and isinstance(metrics.get("config"), dict):
+            found.append((path.parent, metrics))
+    return found
+
+
+def _epoch_seconds(run_dir: Path) -> tuple[float, float] | None:
+    """(first epoch, median of the later ones) in seconds from ``history.csv``, or None."""
+    try:
+        checkpoint.verify(run_dir / "history.csv")
+        lines = (run_dir / "history.csv").read_text().splitlines()
+        column = lines[0].split(",").index("seconds")
+        seconds = [float(line.split(",")[column]) for line in lines[1:] if line.strip()]
+    except (ValueError, OSError, IndexError):
+        return None
+    if not seconds:
+        return None
+    return seconds[0], statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+
+
+def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
+             sanity: bool, hardware: str) -> Estimate | None:
+    """How long a run of ``cfg`` evaluated with ``attacks`` (and the sanity checks if
+    ``sanity``) is expected to take on ``hardware``, from the finished runs under ``out``; None
+    when no finished run there trained or evaluated alike on that hardware."""
+    runs = [(d, m) for d, m in finished_runs(out) if m.get("hardware") == hardware]
+    def cost(config: dict[str, Any]) -> tuple:
+        config = {**config, "method": SAME_COST.get(config["method"], config["method"])}
+        return tuple(config.get(k) for k in COST_KEYS)
+
+    mine = cost(dataclasses.asdict(cfg))
+    train = [(d, _epoch_seconds(d)) for d, m in runs
+             if cost({**dataclasses.asdict(cfg), **m["config"]}) == mine]
+    train = [(d, e) for d, e in train if e is not None]
+    evals = [(d, m) for d, m in runs if m["config"].get("width") == cfg.width
+             and (m.get("profile") or m["config"].get("profile")) == cfg.profile
+             and sorted(m.get("accuracy") or {}) == sorted(attacks)
+             and bool(m.get("sanity")) == sanity and m.get("eval_seconds") is not None]
+    if not train or not evals:
+        return None
+    first = max(e[0] for _, e in train)
+    later = max(e[1] for _, e in train)
+    same_method = [(d, m) for d, m in evals if m.get("method") == cfg.method]
+    eval_dir, eval_metrics = max(same_method or evals, key=lambda dm: dm[1]["eval_seconds"])
+    seconds = (first + (cfg.epochs - 1) * later + eval_metrics["eval_seconds"]) * MARGIN
+    names = sorted(_name(out, d) for d, _ in train)
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    basis = (f"epochs timed by {', '.join(names[:2])}{more}; "
+             f"evaluation by {_name(out, eval_dir)}")
+    return Estimate(seconds, basis)
+
+
+def _name(out: str | Path, run_dir: Path) -> str:
+    return str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
+
+
+class Budget:
+    """What is left of a time budget (``seconds``; None = no budget), and whether a run is
+    expected to fit in it. ``log`` says why a run is not started."""
+
+    def __init__(self, seconds: float | None, out: str | Path, log: Callable[[str], Any] = print):
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"time_budget must be a number of seconds > 0, got {seconds!r}")
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.out, self.log = Path(out), log
+
+    def left(self) -> float:
+        """Seconds left (infinite without a budget)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def admits(self, cfg: TrainConfig, run_dir: Path, attacks: tuple[str, ...],
+               sanity: bool) -> bool:
+        """Whether to start the run of ``cfg`` in ``run_dir``: finished already, expected to fit
+        in what is left, or without an estimate while time is left."""
+        if self.deadline is None or (run_dir / "metrics.json").exists():
+            return True
+        left = self.left()
+        hardware = provenance.hardware(resolve_device(cfg.device))
+        guess = estimate(self.out, cfg, attacks=attacks, sanity=sanity, hardware=hardware)
+        name = _name(self.out, run_dir)
+        if guess is None:
+            if left > 0:
+                self.log(f"{name}: no finished run on {hardware} to time it by; starting it "
+                         f"with {left:.0f} s of the time budget left")
+            return left > 0
+        if guess.seconds > left:
+            self.log(f"{name}: not started: it needs about {guess.seconds:.0f} s ({guess.basis}), "
+                     f"and {max(left, 0):.0f} s of the time budget are left")
+            return False
+        return True

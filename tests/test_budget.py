@@ -1,0 +1,160 @@
+"""anchor_lib.budget: a run starts only when the finished runs say it fits in the time left.
+
+GPU slots end hard, and a full-profile run cut short is lost whole; these tests build finished
+runs with known timings (metrics.json and history.csv, as the trainer writes them) and check the
+estimate, the decision and what reproduce and the ablation do with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from anchor_lib import budget, checkpoint, provenance
+from anchor_lib import reproduce as rep
+from anchor_lib.train import TrainConfig
+
+CPU = provenance.hardware("cpu")
+ALL = ("clean", "fgsm", "pgd20", "cw", "autoattack")
+
+
+def fake_run(folder: Path, cfg: TrainConfig, epoch_seconds: list[float], eval_seconds: float,
+             *, attacks=ALL, sanity: bool = True, hardware: str = CPU) -> Path:
+    """A finished run of ``cfg`` in ``folder`` whose epochs and evaluation took these times."""
+    rows = "".join(f"{i + 1},{s}\n" for i, s in enumerate(epoch_seconds))
+    checkpoint.write_text(folder / "history.csv", "epoch,seconds\n" + rows)
+    checkpoint.write_json(folder / "metrics.json", {
+        "method": cfg.method, "profile": cfg.profile, "hardware": hardware,
+        "config": dataclasses.asdict(cfg), "eval_seconds": eval_seconds,
+        "accuracy": {a: {"value": 0.5, "n": 100} for a in attacks},
+        "sanity": {"more_steps": {"passed": True}} if sanity else {}})
+    return folder
+
+
+def full(method: str, **changes) -> TrainConfig:
+    return dataclasses.replace(TrainConfig.from_profile("full", method=method), **changes)
+
+
+@pytest.fixture()
+def results(tmp_path) -> Path:
+    """Two ablation runs of anchor (15 epochs; the first compiled: 40 s first epoch) and the full
+    PGD-AT run, timed like the H100 runs of 2026-11-27."""
+    out = tmp_path / "results"
+    fake_run(out / "ablation_beta" / "beta-1.0", full("anchor", epochs=15),
+             [40.0, 6.0, 6.5, 6.0], 46.0, attacks=rep.ABLATION_ATTACKS, sanity=False)
+    fake_run(out / "ablation_beta" / "beta-2.0", full("anchor", epochs=15, beta=2.0),
+             [6.4, 6.3, 6.6], 47.0, attacks=rep.ABLATION_ATTACKS, sanity=False)
+    fake_run(out / "full-pgd_at", full("pgd_at"), [11.6, 9.5, 9.6], 339.0)
+    return out
+
+
+def test_estimate_takes_the_slowest_epochs_and_a_like_evaluation(results):
+    guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
+    # slowest first epoch 40, slowest median later epoch max(6.0, 6.45), the full evaluation
+    assert guess.seconds == pytest.approx((40 + 29 * 6.45 + 339) * budget.MARGIN)
+    assert guess.basis == ("epochs timed by ablation_beta/beta-1.0, ablation_beta/beta-2.0; "
+                           "evaluation by full-pgd_at")
+    # supcon_at is anchor with beta = 0: the same passes, so the same epochs.
+    same = budget.estimate(results, full("supcon_at"), attacks=ALL, sanity=True, hardware=CPU)
+    assert same.seconds == pytest.approx(guess.seconds)
+    # An ablation run: its own short evaluation, without AutoAttack and the sanity checks.
+    short = budget.estimate(results, full("anchor", epochs=15, lam=2.0),
+                            attacks=rep.ABLATION_ATTACKS, sanity=False, hardware=CPU)
+    assert short.seconds == pytest.approx((40 + 14 * 6.45 + 47) * budget.MARGIN)
+
+
+def test_estimate_prefers_the_same_methods_evaluation(results):
+    fake_run(results / "full-anchor-seed1", full("anchor", seed=1), [40.0, 6.0], 100.0)
+    guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
+    assert "evaluation by full-anchor-seed1" in guess.basis
+    assert guess.seconds == pytest.approx((40 + 29 * 6.45 + 100) * budget.MARGIN)
+
+
+@pytest.mark.parametrize("case", ["other hardware", "other width", "other method", "other attacks"])
+def test_no_estimate_without_a_like_run(results, case):
+    cfg, kwargs = full("anchor"), {"attacks": ALL, "sanity": True, "hardware": CPU}
+    if case == "other hardware":
+        kwargs["hardware"] = "NVIDIA H100 80GB HBM3"
+    elif case == "other width":
+        cfg = full("anchor", width=32)
+    elif case == "other method":
+        cfg = full("trades")  # TRADES' epochs cost more than PGD-AT's: no precedent
+    else:
+        kwargs["attacks"] = ("clean", "pgd20")
+    assert budget.estimate(results, cfg, **kwargs) is None
+
+
+def test_a_damaged_run_is_not_a_precedent(results):
+    (results / "full-pgd_at" / "metrics.json").write_text("{}")
+    assert budget.estimate(results, full("anchor"), attacks=ALL, sanity=True,
+                           hardware=CPU) is None
+    assert [d.name for d, _ in budget.finished_runs(results)] == ["beta-1.0", "beta-2.0"]
+
+
+def test_budget_admits_what_fits_and_says_why_not(results):
+    logs: list[str] = []
+    cfg = full("anchor")
+    assert budget.Budget(None, results).admits(cfg, results / "full-anchor", ALL, True)
+    tight = budget.Budget(500, results, logs.append)
+    assert not tight.admits(cfg, results / "full-anchor", ALL, True)
+    need = budget.estimate(results, cfg, attacks=ALL, sanity=True, hardware=CPU).seconds
+    assert f"full-anchor: not started: it needs about {need:.0f} s" in logs[-1]
+    assert "s of the time budget are left" in logs[-1]
+    # A finished run is skipped, not trained: always admitted.
+    assert tight.admits(full("pgd_at"), results / "full-pgd_at", ALL, True)
+    # No precedent: started while time is left.
+    assert tight.admits(full("trades"), results / "full-trades", ALL, True)
+    assert "no finished run on" in logs[-1]
+    assert budget.Budget(700, results).admits(cfg, results / "full-anchor", ALL, True)
+    with pytest.raises(ValueError, match="time_budget must be a number of seconds > 0, got 0"):
+        budget.Budget(0, results)
+
+
+def _huge_precedent(out: Path) -> None:
+    """A finished full-profile anchor run timed at a day per epoch (another lr, so that the
+    ablation does not take it for one of its own runs and copy it)."""
+    fake_run(out / "ablation_old" / "slow", full("anchor", epochs=15, lr=0.1),
+             [86400.0, 86400.0], 10.0, attacks=rep.ABLATION_ATTACKS, sanity=False)
+
+
+def test_ablation_leaves_a_knob_unchosen_when_a_value_does_not_fit(tmp_path):
+    out = tmp_path / "results"
+    _huge_precedent(out)
+    logs: list[str] = []
+    summary = rep.ablation("full", ("temperature",), out, attacks=rep.ABLATION_ATTACKS,
+                           sanity=False, log=logs.append, time_budget=600)
+    assert "temperature" not in summary["params"]
+    assert any("ablation_temperature: not chosen in this call (0.1, 0.2 did not fit" in line
+               for line in logs), logs
+    assert not (out / "ablation_temperature").exists()  # nothing was started
+
+
+def test_reproduce_lets_the_methods_that_need_unchosen_knobs_wait(tmp_path):
+    out = tmp_path / "results"
+    _huge_precedent(out)
+    logs: list[str] = []
+    statuses = rep.reproduce("full", ("anchor", "supcon_at"), out, log=logs.append,
+                             time_budget=600)
+    assert statuses == [
+        {"run": "full-anchor", "status": "not started (waits for beta, lam, temperature)"},
+        {"run": "full-supcon_at", "status": "not started (waits for lam, temperature)"}]
+
+
+def test_reproduce_skips_a_method_that_does_not_fit_and_runs_the_next(tmp_path, monkeypatch):
+    monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
+                        {"n": 48, "autoattack_n": 16, "sanity": False, "embed_n": 40})
+    out = tmp_path / "results"
+    slow = dataclasses.replace(TrainConfig.from_profile("smoke", method="pgd_at", data="synthetic"),
+                               lr=0.01)
+    fake_run(out / "ablation_old" / "slow", slow, [86400.0], 1.0, attacks=("clean", "pgd20"),
+             sanity=False)
+    logs: list[str] = []
+    statuses = rep.reproduce("smoke", ("pgd_at", "standard"), out, attacks=("clean", "pgd20"),
+                             log=logs.append, time_budget=3600, data="synthetic", progress=False)
+    assert statuses[0] == {"run": "smoke-pgd_at", "status": "not started (time budget)"}
+    assert statuses[1]["run"] == "smoke-standard" and statuses[1]["status"].startswith("done in")
+    assert not (out / "smoke-pgd_at").exists()
+    assert json.loads((out / "smoke-standard" / "metrics.json").read_text())["method"] == "standard"
