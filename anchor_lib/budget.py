@@ -32,8 +32,8 @@ from typing import Any
 from . import checkpoint, provenance
 from .train import TrainConfig, resolve_device
 
-#: Headroom on an estimate: loading, embeddings and the spread between runs (the parts it sums
-#: are each the slowest seen already).
+#: Headroom on an estimate, for loading, embeddings and the spread between runs (the parts it
+#: sums are each the slowest seen already).
 MARGIN = 1.05
 
 #: The config fields that decide how long an epoch takes (the rest, like the knobs' values, do
@@ -41,7 +41,7 @@ MARGIN = 1.05
 COST_KEYS = ("method", "data", "train_subset", "val_size", "width", "batch_size",
              "attack_steps", "val_attack_steps", "adv_in_contrastive", "pretrain_fraction")
 
-#: Methods whose epochs cost the same: supcon_at is anchor with beta = 0, the same passes.
+#: Methods whose epochs cost the same as another's (supcon_at is anchor with beta = 0).
 SAME_COST = {"supcon_at": "anchor"}
 
 

@@ -277,8 +277,8 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
     """The value of each of ``method``'s :data:`CHOSEN_KNOBS` for a reproduction run, and where
     it comes from: ``"override"`` (passed in ``overrides``), ``"validation"`` (chosen by
     ``<out>/ablation_summary.json``; its validation accuracies are copied along) or
-    ``"default"`` (the :class:`TrainConfig` default, with a ``note`` saying why no choice
-    applies). Empty for methods without knobs.
+    ``"default"`` (the :class:`~anchor_lib.train.TrainConfig` default, with a ``note`` saying
+    why no choice applies). Empty for methods without knobs.
 
     A choice applies only to the configuration it was made for: the summary records the base
     config of its runs (:func:`ablation`), and any difference from this run's, apart from the
@@ -363,8 +363,9 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
 
     ``attacks`` (default all) and ``sanity`` (default: the profile's) set what each run's test
     report holds; the choice never reads it. ``time_budget`` (seconds), or a ``budget`` shared
-    with the caller, starts a run only when it is expected to fit (:class:`Budget`); a knob with
-    a value left out for time is not chosen in this call, and later calls finish it.
+    with the caller, starts a run only when it is expected to fit
+    (:class:`~anchor_lib.budget.Budget`); a knob with a value left out for time is not chosen in
+    this call, and later calls finish it.
     """
     unknown = [p for p in params if p not in ABLATION]
     if unknown:
