@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import attacks, checkpoint, data, distributed, evaluate, graphs, losses
+from . import attacks, checkpoint, compile_cache, data, distributed, evaluate, graphs, losses
 from .models import PreActResNet18
 
 METHODS = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
@@ -357,6 +357,7 @@ def compiled_passes(model: PreActResNet18, device: torch.device,
     elsewhere (inductor's CPU code generation needs a C++ toolchain, and the book's CPU models are
     too small for it to pay). ``mode`` (inductor's) applies on CUDA only."""
     cuda = device.type == "cuda"
+    compile_cache.load()  # what an earlier machine compiled, when $ANCHOR_COMPILE_CACHE names it
     return CompiledPasses(model, "inductor" if cuda else "aot_eager", mode if cuda else None)
 
 
@@ -746,6 +747,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                **metrics, "lr": lr_used,
                "seconds": time.perf_counter() - t0, "best": bool(is_best)}
         history.append(row)
+        if passes is not None and ctx.main and epoch == start_epoch:
+            compile_cache.save()  # the first epoch compiled every pass: keep that for next time
         if cfg.progress and ctx.main:
             tqdm.write(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.3f} "
                        f"train acc {row['train_acc']:.3f} val clean {row['val_clean']:.3f} "

@@ -6,6 +6,8 @@
 #   git rev-parse HEAD > .gpu/COMMIT        # the device's copy has no .git
 #   pip download --no-deps --only-binary=:all: torchattacks==3.5.1 -d .whl
 # The call:  run(command="bash scripts/gpu_job.sh session|bench|reproduce", carry=[".gpu", ".whl"])
+# After it:  cp <files_at>/compile-cache.bin .gpu/   (when it came back: the next machine skips
+#            most of compiling; anchor_lib/compile_cache.py)
 #   session:   STAGES (default "bench tutorial"; "probe" adds benchmarks/gpu_probe.py, PROBE_ONLY
 #              picks its stages; "precision" ends with benchmarks/eval_precision.py): the
 #              benchmark, then the tutorial-profile runs (standard, pgd_at, anchor, each exported
@@ -38,11 +40,21 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
 export ANCHOR_DATA_DIR="$PWD/.gpu" ANCHOR_OFFLINE=1 ANCHOR_CACHE_DIR=/tmp/anchor-cache
+# What the last machine compiled (anchor_lib.compile_cache): loaded before the first compile,
+# rewritten after each compiled run's first epoch, and brought back in $OUT (keep it in .gpu/).
+export ANCHOR_COMPILE_CACHE="$PWD/.gpu/compile-cache.bin"
 export ANCHOR_COMMIT="$(cat .gpu/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 bg=${JOB_BG:-/tmp/anchor-bg}
 self=$(realpath "$0")
+keep_compile_cache() {  # into $OUT, if it can come back (16 MB a file)
+  if [ -f "$ANCHOR_COMPILE_CACHE" ]; then
+    size=$(stat -c %s "$ANCHOR_COMPILE_CACHE")
+    if [ "$size" -le 16000000 ]; then cp "$ANCHOR_COMPILE_CACHE" "$OUT/"
+    else echo "compile cache: $size bytes, too large to bring back"; fi
+  fi
+}
 case "${1:-bench}" in
   start)
     # A later call may not see the job's pid (each call can run in its own process namespace:
@@ -84,6 +96,7 @@ case "${1:-bench}" in
   bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -m anchor_lib bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    keep_compile_cache
     ;;
   reproduce)
     # Restartable: finished runs are skipped, unfinished ones resume from data/results/*/checkpoint.pt.
@@ -92,6 +105,7 @@ case "${1:-bench}" in
     python3 -m anchor_lib reproduce --profile full --out data/results 2>&1 | tee "$OUT/reproduce.log"
     # Checkpoints (~90 MB each) stay on the machine; only the small artifacts come back.
     tar -czf "$OUT/results.tgz" --exclude="*.pt" --exclude="*.pt.sha256" data/results
+    keep_compile_cache
     ;;
   session)
     set +e  # a failed stage must not cost the stages after it
@@ -201,6 +215,7 @@ case "${1:-bench}" in
       [ -f "$d/checkpoint.pt" ] && [ ! -f "$d/metrics.json" ] && echo "$d"; done)
     # shellcheck disable=SC2086  # (a full-profile checkpoint, ~90 MB, cannot come back anyway)
     [ -n "$unfinished" ] && [ "$profile" != full ] && tar -czf "$OUT/resume.tgz" $unfinished
+    keep_compile_cache | tee -a "$log"
     grep -E "^==|wrote|Error|error" "$log" | tail -40
     exit 0
     ;;

@@ -83,11 +83,14 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
 def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run):
     """A committed full-profile run never has its weights on the device (~90 MB, and no tutorial
     checkpoint is made of it), so the session must not remove it to be trained again, as it
-    does a tutorial run without them; nor export anything at that profile."""
+    does a tutorial run without them; nor export anything at that profile. The compile cache
+    comes back with the results."""
     results = tmp_path / "data" / "results"
     for name in ("full-anchor", "tutorial-anchor"):
         shutil.copytree(finished_run, results / name)
         (results / name / "best.pt").unlink()
+    (tmp_path / ".gpu").mkdir()  # the compile cache an earlier machine sent back
+    (tmp_path / ".gpu" / "compile-cache.bin").write_bytes(b"kernels")
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "full",
            "JOB_RUNS": "anchor", "BUDGET_S": "0", "JOB_DECODE": "0",  # no time: nothing trains
@@ -101,6 +104,7 @@ def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run)
     assert (results / "tutorial-anchor" / "metrics.json").is_file()  # not this profile's run
     with tarfile.open(out / "results.tgz") as tar:
         assert "data/results/full-anchor/metrics.json" in tar.getnames()
+    assert (out / "compile-cache.bin").read_bytes() == b"kernels"  # goes back with the results
 
 
 def test_session_starts_only_the_runs_that_fit(tmp_path, finished_run):
