@@ -39,6 +39,20 @@ def finished_run(tmp_path_factory) -> Path:
     return results / "smoke-standard"
 
 
+def run_session(cwd: Path, timeout: int = 120, **job_env: str) -> tuple[str, Path]:
+    """``gpu_job.sh session`` in ``cwd`` with these job variables, as the device machine runs it
+    (no decoding of the real data, one thread); returns its job.log and its $OUT."""
+    out = cwd / "out"
+    env = {**os.environ, "OUT": str(out), "JOB_DECODE": "0", "OMP_NUM_THREADS": "1",
+           # the script runs `python3`: make it this interpreter, as it is on the device machine
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           **job_env}
+    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (out / "job.log").read_text(), out
+
+
 def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     results = tmp_path / "data" / "results"
     shutil.copytree(finished_run, results / "smoke-standard")
@@ -48,16 +62,8 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
     unfinished.mkdir()
     shutil.copy(results / "smoke-standard" / "checkpoint.pt", unfinished / "checkpoint.pt")
 
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial precision", "JOB_PROFILE": "smoke",
-           "JOB_RUNS": "standard", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
-           "OMP_NUM_THREADS": "1", "PRECISION_N": "64",
-           # the script runs `python3`: make it this interpreter, as it is on the device machine
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    log = (out / "job.log").read_text()
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    log, out = run_session(tmp_path, STAGES="tutorial precision", JOB_PROFILE="smoke",
+                           JOB_RUNS="standard", JOB_ARGS="--data synthetic", PRECISION_N="64")
     assert "== smoke standard: rc 0" in log and "== export: rc 0" in log, log[-3000:]
     assert "smoke-standard: skipped (finished)" in log
     # The precision stage measures the first finished run with weights (smoke-anchor has none).
@@ -91,14 +97,8 @@ def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run)
         (results / name / "best.pt").unlink()
     (tmp_path / ".gpu").mkdir()  # the compile cache an earlier machine sent back
     (tmp_path / ".gpu" / "compile-cache.bin").write_bytes(b"kernels")
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "full",
-           "JOB_RUNS": "anchor", "BUDGET_S": "0", "JOB_DECODE": "0",  # no time: nothing trains
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
-    log = (out / "job.log").read_text()
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    log, out = run_session(tmp_path, timeout=60, STAGES="tutorial", JOB_PROFILE="full",
+                           JOB_RUNS="anchor", BUDGET_S="0")  # no time: nothing trains
     assert "== full anchor" not in log and "== export" not in log, log[-3000:]
     assert (results / "full-anchor" / "metrics.json").is_file()
     assert (results / "tutorial-anchor" / "metrics.json").is_file()  # not this profile's run
@@ -120,15 +120,8 @@ def test_session_starts_only_the_runs_that_fit(tmp_path, finished_run):
     metrics["sanity"] = {"more_steps": {"passed": True}}
     checkpoint.write_json(slow / "metrics.json", metrics)
     checkpoint.write_text(slow / "history.csv", "epoch,seconds\n1,86400\n")
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
-           "JOB_RUNS": "pgd_at", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
-           "BUDGET_S": "300", "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    log = (out / "job.log").read_text()
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    log, out = run_session(tmp_path, STAGES="tutorial", JOB_PROFILE="smoke", JOB_RUNS="pgd_at",
+                           JOB_ARGS="--data synthetic", BUDGET_S="300")
     assert "smoke-pgd_at: not started: it needs about 9" in log, log[-3000:]
     assert "== smoke pgd_at: rc 0" in log and not (results / "smoke-pgd_at").exists()
 
@@ -140,18 +133,12 @@ def test_session_then_runs_other_arguments_in_the_time_left(tmp_path, finished_r
     the slot after it runs all the same: a failed stage costs none after it."""
     results = tmp_path / "data" / "results"
     shutil.copytree(finished_run, results / "smoke-trades")  # a `standard` run
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "STAGES": "tutorial", "JOB_PROFILE": "smoke",
-           "JOB_RUNS": "trades", "JOB_ARGS": "--data synthetic", "JOB_DECODE": "0",
-           # one ablation run: the two-stage value cannot run in the smoke profile's one epoch
-           "JOB_THEN_ARGS": "--ablation --params pretrain_fraction --data synthetic "
-                            "--attacks clean --no-sanity",
-           "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(SCRIPT), "session"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    log = (out / "job.log").read_text()
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    log, out = run_session(
+        tmp_path, STAGES="tutorial", JOB_PROFILE="smoke", JOB_RUNS="trades",
+        JOB_ARGS="--data synthetic",
+        # one ablation run: the two-stage value cannot run in the smoke profile's one epoch
+        JOB_THEN_ARGS="--ablation --params pretrain_fraction --data synthetic --attacks clean "
+                      "--no-sanity")
     assert "== smoke anchor --ablation --params pretrain_fraction" in log, log[-3000:]
     assert "is a finished run with a different config (method" in log, log[-3000:]
     assert log.index("== smoke trades: rc 1") < log.index("== smoke anchor --ablation")
