@@ -67,6 +67,16 @@ def test_every_toc_page_is_built(html):
     assert (html / "genindex.html").is_file() and (html / "search.html").is_file()
 
 
+def test_printed_output_wraps_instead_of_scrolling(html):
+    """_static/outputs.css (long printed lines, mostly sentences, wrap at the column's edge)
+    reaches the build and every chapter page links it."""
+    css = (html / "_static" / "outputs.css").read_text(encoding="utf-8")
+    assert "white-space: pre-wrap" in css and "div.output.stream pre" in css
+    unlinked = [p for p in CHAPTERS if "_static/outputs.css" not in
+                (html / "book" / f"{Path(p).stem}.html").read_text(encoding="utf-8")]
+    assert not unlinked, f"chapter pages without outputs.css: {unlinked}"
+
+
 def test_api_reference_documents_the_library(html):
     text = (html / "book" / "api.html").read_text(encoding="utf-8")
     for name in ("anchor_lib.attacks.pgd", "anchor_lib.losses.anchor_loss",
