@@ -9,14 +9,19 @@ and graphs) and load it into another before it compiles (``load_cache_artifacts`
 keyed by the traced code, the PyTorch and Triton versions and the GPU, so a file from other code or
 another machine only misses; it never changes what runs.
 
-``ANCHOR_COMPILE_CACHE=FILE`` turns this on: the first compile of a process loads FILE when it
-exists, and each training run that compiled rewrites it (``scripts/gpu_job.sh`` sets it and brings
-the file back). A cache is an optimisation only: a file that cannot be read or loaded is reported
-and ignored, never an error.
+``ANCHOR_COMPILE_CACHE=DIR`` turns this on. The first compile of a process loads every file in
+DIR; each compiled training run adds what its process compiled as one more file, named by its
+content's hash, after its first epoch and at its end. One file per save, rather than one file
+rewritten: a process saves only the entries it compiled or used, so a rewrite would drop what the
+other processes of a job (one per group of methods) had saved. The oldest files go once DIR holds
+more than :data:`MAX_BYTES`. ``scripts/gpu_job.sh`` sets DIR and brings it back. A cache is an
+optimisation only: a file that cannot be read, loaded or written is reported and skipped, never an
+error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -25,49 +30,80 @@ import torch
 
 from . import checkpoint
 
-#: The environment variable naming the cache file.
+#: The environment variable naming the cache folder.
 ENV = "ANCHOR_COMPILE_CACHE"
+
+#: The folder's largest total size: it travels to and from the GPU machines (files of at most
+#: 16 MB come back, and the whole working tree that travels is limited to 64 MB).
+MAX_BYTES = 15 * 2**20
 
 _loaded: set[Path] = set()  # files already loaded into this process
 
 
-def path() -> Path | None:
-    """The cache file ``$ANCHOR_COMPILE_CACHE`` names, or None when it is unset or empty."""
+def folder() -> Path | None:
+    """The cache folder ``$ANCHOR_COMPILE_CACHE`` names, or None when it is unset or empty."""
     value = os.environ.get(ENV, "").strip()
     return Path(value) if value else None
 
 
-def load() -> bool:
-    """Load the cache file into this process, once, before anything compiles; True if loaded.
+def _files(where: Path) -> list[Path]:
+    """The cache files in ``where``, oldest first."""
+    return sorted(where.glob("*.bin"), key=lambda p: (p.stat().st_mtime, p.name))
 
-    Nothing happens when the variable is unset or the file does not exist (the first slot)."""
-    file = path()
-    if file is None or file in _loaded or not file.is_file():
-        return False
-    _loaded.add(file)  # one try per process, loaded or not
-    try:
-        torch.compiler.load_cache_artifacts(file.read_bytes())
-    except Exception as err:  # noqa: BLE001 - any failure of an optimisation is only reported
-        warnings.warn(f"{ENV}: could not load {file} ({type(err).__name__}: {err}); compiling "
-                      f"from scratch", RuntimeWarning, stacklevel=2)
-        return False
-    return True
+
+def _warn(message: str) -> None:
+    warnings.warn(f"{ENV}: {message}", RuntimeWarning, stacklevel=3)
+
+
+def load() -> int:
+    """Load every cache file not loaded into this process yet; returns how many loaded.
+
+    Nothing happens when the variable is unset or the folder holds no file (the first slot)."""
+    where = folder()
+    if where is None or not where.is_dir():
+        return 0
+    count = 0
+    for file in _files(where):
+        if file in _loaded:
+            continue
+        _loaded.add(file)  # one try per file and process, loaded or not
+        try:
+            info = torch.compiler.load_cache_artifacts(file.read_bytes())
+        except Exception as err:  # noqa: BLE001 - any failure of an optimisation is only reported
+            _warn(f"could not load {file} ({type(err).__name__}: {err}); skipped")
+            continue
+        if info is None:  # PyTorch's answer to bytes it cannot read
+            _warn(f"{file} holds no cache PyTorch can read; skipped")
+            continue
+        count += 1
+    return count
 
 
 def save() -> Path | None:
-    """Write what this process compiled (and loaded) to the cache file, atomically; the path, or
-    None when the variable is unset or there is nothing to save (a CPU run's ``aot_eager``
-    generates no kernels)."""
-    file = path()
-    if file is None:
+    """Add what this process compiled (and used from loaded files) to the folder as one file;
+    its path, or None when the variable is unset or there is nothing to save (a CPU run's
+    ``aot_eager`` generates no kernels). Then the oldest files go while the folder holds more
+    than :data:`MAX_BYTES`."""
+    where = folder()
+    if where is None:
         return None
     try:
         artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is None or not artifacts[0]:
+            return None
+        blob = artifacts[0]
+        file = where / f"{hashlib.sha256(blob).hexdigest()[:16]}.bin"
+        if file.is_file():
+            file.touch()  # the same entries again: now the newest, the last to go
+        else:
+            checkpoint.atomic_write_bytes(file, blob, sidecar=False)
+        _loaded.add(file)  # this process holds its entries already
+        files = _files(where)
+        while len(files) > 1 and sum(p.stat().st_size for p in files) > MAX_BYTES:
+            oldest = files.pop(0)
+            if oldest != file:
+                oldest.unlink()
     except Exception as err:  # noqa: BLE001 - see load()
-        warnings.warn(f"{ENV}: could not serialise the compile cache ({type(err).__name__}: "
-                      f"{err}); {file} is left as it was", RuntimeWarning, stacklevel=2)
+        _warn(f"could not save the compile cache ({type(err).__name__}: {err}); skipped")
         return None
-    if artifacts is None or not artifacts[0]:
-        return None
-    checkpoint.atomic_write_bytes(file, artifacts[0], sidecar=False)
     return file

@@ -769,6 +769,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                 checkpoint.save(_best_state(state), out / "best.pt")
             checkpoint.write_text(out / "history.csv", history_csv(history))
         distributed.barrier(ctx)  # nobody resumes from a checkpoint rank 0 is still writing
+    if passes is not None and ctx.main:
+        compile_cache.save()  # and whatever later epochs compiled (the two-stage probe's passes)
     return history
 
 

@@ -6,8 +6,8 @@
 #   git rev-parse HEAD > .gpu/COMMIT        # the device's copy has no .git
 #   pip download --no-deps --only-binary=:all: torchattacks==3.5.1 -d .whl
 # The call:  run(command="bash scripts/gpu_job.sh session|bench|reproduce", carry=[".gpu", ".whl"])
-# After it:  cp <files_at>/compile-cache.bin .gpu/   (when it came back: the next machine skips
-#            most of compiling; anchor_lib/compile_cache.py)
+# After it:  tar -xzf <files_at>/compile-cache.tgz -C .gpu   (when it came back: the next machine
+#            skips most of compiling; anchor_lib/compile_cache.py)
 #   session:   STAGES (default "bench tutorial"; "probe" adds benchmarks/gpu_probe.py, PROBE_ONLY
 #              picks its stages; "precision" ends with benchmarks/eval_precision.py): the
 #              benchmark, then the tutorial-profile runs (standard, pgd_at, anchor, each exported
@@ -40,19 +40,22 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
 export ANCHOR_DATA_DIR="$PWD/.gpu" ANCHOR_OFFLINE=1 ANCHOR_CACHE_DIR=/tmp/anchor-cache
-# What the last machine compiled (anchor_lib.compile_cache): loaded before the first compile,
-# rewritten after each compiled run's first epoch, and brought back in $OUT (keep it in .gpu/).
-export ANCHOR_COMPILE_CACHE="$PWD/.gpu/compile-cache.bin"
+# What earlier machines compiled (anchor_lib.compile_cache): loaded before the first compile,
+# added to by each compiled run, and brought back in $OUT (unpack it into .gpu/ here).
+export ANCHOR_COMPILE_CACHE="$PWD/.gpu/compile-cache"
 export ANCHOR_COMMIT="$(cat .gpu/COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 bg=${JOB_BG:-/tmp/anchor-bg}
 self=$(realpath "$0")
-keep_compile_cache() {  # into $OUT, if it can come back (16 MB a file)
-  if [ -f "$ANCHOR_COMPILE_CACHE" ]; then
-    size=$(stat -c %s "$ANCHOR_COMPILE_CACHE")
-    if [ "$size" -le 16000000 ]; then cp "$ANCHOR_COMPILE_CACHE" "$OUT/"
-    else echo "compile cache: $size bytes, too large to bring back"; fi
+keep_compile_cache() {  # into $OUT as one file, if it can come back (16 MB a file)
+  if ls "$ANCHOR_COMPILE_CACHE"/*.bin >/dev/null 2>&1; then
+    tar -czf "$OUT/compile-cache.tgz" -C "$(dirname "$ANCHOR_COMPILE_CACHE")" \
+      "$(basename "$ANCHOR_COMPILE_CACHE")"
+    size=$(stat -c %s "$OUT/compile-cache.tgz")
+    if [ "$size" -gt 16000000 ]; then
+      rm "$OUT/compile-cache.tgz"; echo "compile cache: $size bytes packed, too large to bring back"
+    fi
   fi
 }
 case "${1:-bench}" in
@@ -96,13 +99,13 @@ case "${1:-bench}" in
   bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -m anchor_lib bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
-    keep_compile_cache
     ;;
   reproduce)
     # Restartable: finished runs are skipped, unfinished ones resume from data/results/*/checkpoint.pt.
     # Within one call only: the next call's copy of the working tree removes the files it does not
     # hold (metrics.json and the like; ignored *.pt stay). For more, `start reproduce`.
-    python3 -m anchor_lib reproduce --profile full --out data/results 2>&1 | tee "$OUT/reproduce.log"
+    python3 -m anchor_lib reproduce --profile full --out data/results 2>&1 \
+      | tee "$OUT/reproduce.log" || echo "reproduce: rc $?"  # what finished still comes back
     # Checkpoints (~90 MB each) stay on the machine; only the small artifacts come back.
     tar -czf "$OUT/results.tgz" --exclude="*.pt" --exclude="*.pt.sha256" data/results
     keep_compile_cache
@@ -118,7 +121,8 @@ case "${1:-bench}" in
       # reproduce starts only the runs that the finished ones say will end in time (a full run
       # cut short is lost whole), and goes on to the next; JOB_TIME_BUDGET=0 turns that off.
       local fit=()
-      [ "${JOB_TIME_BUDGET:-1}" = 1 ] && fit=(--time-budget "$(( $1 > 20 ? $1 - 10 : 10 ))")
+      # (30 s short of the hard limit: Python's start and the unmeasured parts of a run)
+      [ "${JOB_TIME_BUDGET:-1}" = 1 ] && fit=(--time-budget "$(( $1 > 40 ? $1 - 30 : 10 ))")
       # shellcheck disable=SC2086  # word splitting of the method list and extra arguments
       timeout "$1" python3 -m anchor_lib reproduce --profile "$profile" --out "$results" \
         --methods $2 ${3-$extra} "${fit[@]}"

@@ -95,8 +95,8 @@ def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run)
     for name in ("full-anchor", "tutorial-anchor"):
         shutil.copytree(finished_run, results / name)
         (results / name / "best.pt").unlink()
-    (tmp_path / ".gpu").mkdir()  # the compile cache an earlier machine sent back
-    (tmp_path / ".gpu" / "compile-cache.bin").write_bytes(b"kernels")
+    (tmp_path / ".gpu" / "compile-cache").mkdir(parents=True)  # what earlier machines sent back
+    (tmp_path / ".gpu" / "compile-cache" / "0123.bin").write_bytes(b"kernels")
     log, out = run_session(tmp_path, timeout=60, STAGES="tutorial", JOB_PROFILE="full",
                            JOB_RUNS="anchor", BUDGET_S="0")  # no time: nothing trains
     assert "== full anchor" not in log and "== export" not in log, log[-3000:]
@@ -104,7 +104,8 @@ def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run)
     assert (results / "tutorial-anchor" / "metrics.json").is_file()  # not this profile's run
     with tarfile.open(out / "results.tgz") as tar:
         assert "data/results/full-anchor/metrics.json" in tar.getnames()
-    assert (out / "compile-cache.bin").read_bytes() == b"kernels"  # goes back with the results
+    with tarfile.open(out / "compile-cache.tgz") as tar:  # goes back with the results
+        assert tar.extractfile("compile-cache/0123.bin").read() == b"kernels"
 
 
 def test_session_starts_only_the_runs_that_fit(tmp_path, finished_run):
