@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, provenance
-from .train import TrainConfig, resolve_device
+from .train import TrainConfig, resolve_device, use_compile
 
 #: Headroom on an estimate, for loading, embeddings and the spread between runs (the parts it
 #: sums are each the slowest seen already).
@@ -70,8 +70,8 @@ def finished_runs(out: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     return found
 
 
-def _epoch_seconds(run_dir: Path) -> tuple[float, float] | None:
-    """(first epoch, median of the later ones) in seconds from ``history.csv``, or None."""
+def _epoch_seconds(run_dir: Path) -> list[float] | None:
+    """Each epoch's seconds from the run's ``history.csv``, or None (missing, damaged)."""
     try:
         checkpoint.verify(run_dir / "history.csv")
         lines = (run_dir / "history.csv").read_text().splitlines()
@@ -79,37 +79,57 @@ def _epoch_seconds(run_dir: Path) -> tuple[float, float] | None:
         seconds = [float(line.split(",")[column]) for line in lines[1:] if line.strip()]
     except (ValueError, OSError, IndexError):
         return None
-    if not seconds:
-        return None
-    return seconds[0], statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    return seconds or None
+
+
+def _cost(config: dict[str, Any]) -> tuple:
+    """What decides an epoch's time, of a config dict; fields an older run's config lacks take
+    :class:`~anchor_lib.train.TrainConfig`'s defaults (what that run trained with)."""
+    config = {**_DEFAULTS, **config}
+    return (SAME_COST.get(config["method"], config["method"]),
+            *(config[k] for k in COST_KEYS[1:]))
+
+
+_DEFAULTS = dataclasses.asdict(TrainConfig())
 
 
 def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
              sanity: bool, hardware: str) -> Estimate | None:
     """How long a run of ``cfg`` evaluated with ``attacks`` (and the sanity checks if
     ``sanity``) is expected to take on ``hardware``, from the finished runs under ``out``; None
-    when no finished run there trained or evaluated alike on that hardware."""
-    runs = [(d, m) for d, m in finished_runs(out) if m.get("hardware") == hardware]
-    def cost(config: dict[str, Any]) -> tuple:
-        config = {**config, "method": SAME_COST.get(config["method"], config["method"])}
-        return tuple(config.get(k) for k in COST_KEYS)
+    when no finished run there trained or evaluated alike on that hardware.
 
-    mine = cost(dataclasses.asdict(cfg))
-    train = [(d, _epoch_seconds(d)) for d, m in runs
-             if cost({**dataclasses.asdict(cfg), **m["config"]}) == mine]
-    train = [(d, e) for d, e in train if e is not None]
+    Training: the slowest first epoch (it compiles) of the runs that train alike, plus, for each
+    further epoch, the median over those runs of their median later epoch (runs of one epoch
+    have none). A run records whether it compiled; one that did not time a compiled run (or the
+    reverse) only where the older record says neither. Evaluation: the longest of the runs
+    evaluated alike, the same method's when there is one. Plus what a finished run took beyond
+    training and evaluation (loading, embeddings; ``run_seconds``, where recorded), then
+    :data:`MARGIN`."""
+    compiled = use_compile(cfg, resolve_device(cfg.device))
+    runs = [(d, m) for d, m in finished_runs(out) if m.get("hardware") == hardware]
+    mine = _cost(dataclasses.asdict(cfg))
+    train = [(d, m, _epoch_seconds(d)) for d, m in runs if _cost(m["config"]) == mine
+             and m.get("compiled") in (None, compiled)]
+    train = [(d, m, e) for d, m, e in train if e is not None]
     evals = [(d, m) for d, m in runs if m["config"].get("width") == cfg.width
              and (m.get("profile") or m["config"].get("profile")) == cfg.profile
              and sorted(m.get("accuracy") or {}) == sorted(attacks)
              and bool(m.get("sanity")) == sanity and m.get("eval_seconds") is not None]
     if not train or not evals:
         return None
-    first = max(e[0] for _, e in train)
-    later = max(e[1] for _, e in train)
+    first = max(e[0] for _, _, e in train)
+    laters = [statistics.median(e[1:]) for _, _, e in train if len(e) > 1]
+    later = statistics.median(laters) if laters else first
     same_method = [(d, m) for d, m in evals if m.get("method") == cfg.method]
     eval_dir, eval_metrics = max(same_method or evals, key=lambda dm: dm[1]["eval_seconds"])
-    seconds = (first + (cfg.epochs - 1) * later + eval_metrics["eval_seconds"]) * MARGIN
-    names = sorted(_name(out, d) for d, _ in train)
+    rest = max([m["run_seconds"] - (m.get("train_seconds") or 0) - m["eval_seconds"]
+                for _, m in [*evals, *((d, m) for d, m, _ in train)]
+                if m.get("run_seconds") is not None and m.get("eval_seconds") is not None],
+               default=0.0)
+    seconds = (first + (cfg.epochs - 1) * later + eval_metrics["eval_seconds"]
+               + max(rest, 0.0)) * MARGIN
+    names = sorted(_name(out, d) for d, _, _ in train)
     more = f" and {len(names) - 2} more" if len(names) > 2 else ""
     basis = (f"epochs timed by {', '.join(names[:2])}{more}; "
              f"evaluation by {_name(out, eval_dir)}")
@@ -134,23 +154,40 @@ class Budget:
         """Seconds left (infinite without a budget)."""
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
-    def admits(self, cfg: TrainConfig, run_dir: Path, attacks: tuple[str, ...],
-               sanity: bool) -> bool:
-        """Whether to start the run of ``cfg`` in ``run_dir``: finished already, expected to fit
-        in what is left, or without an estimate while time is left."""
-        if self.deadline is None or (run_dir / "metrics.json").exists():
-            return True
-        left = self.left()
+    def judge(self, cfg: TrainConfig, run_dir: Path, attacks: tuple[str, ...],
+              sanity: bool) -> str:
+        """``"finished"`` (skipping it costs nothing), ``"fits"`` (no budget, or expected to end
+        in what is left), ``"unknown"`` (no finished run to time it by) or ``"too long"``."""
+        if self.deadline is None:
+            return "fits"
+        try:
+            checkpoint.verify(run_dir / "metrics.json")
+            return "finished"
+        except checkpoint.CheckpointError:
+            pass  # missing, or damaged: then it trains again, and is timed like any other
         hardware = provenance.hardware(resolve_device(cfg.device))
         guess = estimate(self.out, cfg, attacks=attacks, sanity=sanity, hardware=hardware)
-        name = _name(self.out, run_dir)
         if guess is None:
-            if left > 0:
-                self.log(f"{name}: no finished run on {hardware} to time it by; starting it "
-                         f"with {left:.0f} s of the time budget left")
-            return left > 0
+            return "unknown"
+        left = self.left()
         if guess.seconds > left:
-            self.log(f"{name}: not started: it needs about {guess.seconds:.0f} s ({guess.basis}), "
-                     f"and {max(left, 0):.0f} s of the time budget are left")
-            return False
-        return True
+            self.log(f"{_name(self.out, run_dir)}: not started: it needs about "
+                     f"{guess.seconds:.0f} s ({guess.basis}), and {max(left, 0):.0f} s of the "
+                     f"time budget are left")
+            return "too long"
+        return "fits"
+
+    def admits(self, cfg: TrainConfig, run_dir: Path, attacks: tuple[str, ...],
+               sanity: bool) -> bool:
+        """Whether to start the run of ``cfg`` in ``run_dir`` now: finished already, expected to
+        fit in what is left, or without an estimate while time is left (no estimate is no reason
+        to skip it; :func:`~anchor_lib.reproduce.reproduce` starts such runs last)."""
+        verdict = self.judge(cfg, run_dir, attacks, sanity)
+        if verdict != "unknown":
+            return verdict != "too long"
+        left = self.left()
+        if left > 0:
+            self.log(f"{_name(self.out, run_dir)}: no finished run on "
+                     f"{provenance.hardware(resolve_device(cfg.device))} to time it by; starting "
+                     f"it with {left:.0f} s of the time budget left")
+        return left > 0

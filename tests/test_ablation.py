@@ -293,8 +293,11 @@ def test_full_reproduction_chooses_missing_knobs_first(tmp_path, monkeypatch):
 @pytest.mark.bad_input
 def test_a_knob_the_ablation_could_not_choose_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "run_one", lambda *a, **k: pytest.fail("trained anyway"))
-    monkeypatch.setattr(reproduce, "ablation",
-                        lambda profile, params, out, **kw: _summary(Path(out), beta=0.5))
+    def ablation(profile, params, out, **kw):  # ran every value, chose beta only
+        _summary(Path(out), beta=0.5)
+        return {"out_of_time": {}}
+
+    monkeypatch.setattr(reproduce, "ablation", ablation)
     with pytest.raises(ValueError, match=r"the ablation chose no value of lam, temperature .*"
                                          r"--default-knobs"):
         reproduce.reproduce("full", ("anchor",), tmp_path, log=lambda *_: None)

@@ -51,10 +51,14 @@ def results(tmp_path) -> Path:
     return out
 
 
-def test_estimate_takes_the_slowest_epochs_and_a_like_evaluation(results):
+#: What the fixture's runs give: the slowest first epoch, and the median over the runs of their
+#: median later epoch (6.0 and 6.45).
+FIRST, LATER = 40.0, (6.0 + 6.45) / 2
+
+
+def test_estimate_takes_the_slowest_first_epoch_and_a_like_evaluation(results):
     guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
-    # slowest first epoch 40, slowest median later epoch max(6.0, 6.45), the full evaluation
-    assert guess.seconds == pytest.approx((40 + 29 * 6.45 + 339) * budget.MARGIN)
+    assert guess.seconds == pytest.approx((FIRST + 29 * LATER + 339) * budget.MARGIN)
     assert guess.basis == ("epochs timed by ablation_beta/beta-1.0, ablation_beta/beta-2.0; "
                            "evaluation by full-pgd_at")
     # supcon_at is anchor with beta = 0: the same passes, so the same epochs.
@@ -63,14 +67,50 @@ def test_estimate_takes_the_slowest_epochs_and_a_like_evaluation(results):
     # An ablation run: its own short evaluation, without AutoAttack and the sanity checks.
     short = budget.estimate(results, full("anchor", epochs=15, lam=2.0),
                             attacks=rep.ABLATION_ATTACKS, sanity=False, hardware=CPU)
-    assert short.seconds == pytest.approx((40 + 14 * 6.45 + 47) * budget.MARGIN)
+    assert short.seconds == pytest.approx((FIRST + 14 * LATER + 47) * budget.MARGIN)
 
 
 def test_estimate_prefers_the_same_methods_evaluation(results):
-    fake_run(results / "full-anchor-seed1", full("anchor", seed=1), [40.0, 6.0], 100.0)
+    fake_run(results / "full-anchor-seed1", full("anchor", seed=1), [40.0, LATER], 100.0)
     guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
     assert "evaluation by full-anchor-seed1" in guess.basis
-    assert guess.seconds == pytest.approx((40 + 29 * 6.45 + 100) * budget.MARGIN)
+    assert guess.seconds == pytest.approx((FIRST + 29 * LATER + 100) * budget.MARGIN)
+
+
+def test_estimate_is_not_thrown_by_odd_runs(results):
+    """A one-epoch run has no later epoch (its first, compiling one must not stand in for them);
+    a run that records what it took beyond training and evaluation adds that; a compiled run
+    does not time an uncompiled one."""
+    fake_run(results / "ablation_x" / "one-epoch", full("anchor", epochs=1, lr=0.1), [500.0],
+             40.0, attacks=rep.ABLATION_ATTACKS, sanity=False)
+    guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
+    assert guess.seconds == pytest.approx((500 + 29 * LATER + 339) * budget.MARGIN)
+    metrics = json.loads((results / "full-pgd_at" / "metrics.json").read_text())
+    checkpoint.write_json(results / "full-pgd_at" / "metrics.json",
+                          {**metrics, "train_seconds": 30.7, "run_seconds": 400.0})
+    guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
+    assert guess.seconds == pytest.approx((500 + 29 * LATER + 339 + 30.3) * budget.MARGIN)
+    for d in results.glob("ablation_*/*"):
+        metrics = json.loads((d / "metrics.json").read_text())
+        checkpoint.write_json(d / "metrics.json", {**metrics, "compiled": True})
+    # On this CPU the full profile does not compile: no compiled run times it.
+    assert budget.estimate(results, full("anchor"), attacks=ALL, sanity=True,
+                           hardware=CPU) is None
+
+
+def test_an_older_runs_missing_fields_are_the_defaults_it_trained_with(results):
+    """A run written before a config field existed trained with that field's default, whatever
+    the run being timed asks for."""
+    run = results / "ablation_beta" / "beta-2.0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["config"]["adv_in_contrastive"]
+    checkpoint.write_json(run / "metrics.json", metrics)
+    without = full("anchor", epochs=15, adv_in_contrastive=False)
+    assert budget.estimate(results, without, attacks=rep.ABLATION_ATTACKS, sanity=False,
+                           hardware=CPU) is None
+    guess = budget.estimate(results, full("anchor", epochs=15), attacks=rep.ABLATION_ATTACKS,
+                            sanity=False, hardware=CPU)
+    assert "beta-2.0" in guess.basis
 
 
 @pytest.mark.parametrize("case", ["other hardware", "other width", "other method", "other attacks"])
@@ -87,11 +127,14 @@ def test_no_estimate_without_a_like_run(results, case):
     assert budget.estimate(results, cfg, **kwargs) is None
 
 
-def test_a_damaged_run_is_not_a_precedent(results):
+def test_a_damaged_run_is_not_a_precedent_nor_finished(results):
     (results / "full-pgd_at" / "metrics.json").write_text("{}")
     assert budget.estimate(results, full("anchor"), attacks=ALL, sanity=True,
                            hardware=CPU) is None
     assert [d.name for d, _ in budget.finished_runs(results)] == ["beta-1.0", "beta-2.0"]
+    # run_one trains a damaged run again, so it is timed like any other, not waved through.
+    tight = budget.Budget(1, results, lambda _: None)
+    assert tight.judge(full("pgd_at"), results / "full-pgd_at", ALL, True) == "unknown"
 
 
 def test_budget_admits_what_fits_and_says_why_not(results):
@@ -158,3 +201,35 @@ def test_reproduce_skips_a_method_that_does_not_fit_and_runs_the_next(tmp_path, 
     assert statuses[1]["run"] == "smoke-standard" and statuses[1]["status"].startswith("done in")
     assert not (out / "smoke-pgd_at").exists()
     assert json.loads((out / "smoke-standard" / "metrics.json").read_text())["method"] == "standard"
+
+
+def test_reproduce_starts_the_timed_runs_first_and_the_untimed_last(tmp_path, monkeypatch):
+    """Under a budget a run no finished run can time starts after those that can: cut by the
+    slot's end, it would otherwise cost a run known to fit."""
+    out = tmp_path / "results"
+    quick = dataclasses.replace(TrainConfig.from_profile("smoke", method="pgd_at"), lr=0.01)
+    fake_run(out / "ablation_old" / "quick", quick, [1.0, 1.0], 1.0)
+    started = []
+
+    def fake_run_one(cfg, run_dir, *args, **kwargs):
+        started.append(run_dir.name)
+        return {"run": run_dir.name, "status": "done in 0.0 s"}
+
+    monkeypatch.setattr(rep, "run_one", fake_run_one)
+    statuses = rep.reproduce("smoke", ("standard", "pgd_at"), out, log=lambda _: None,
+                             time_budget=3600)
+    assert started == ["smoke-pgd_at", "smoke-standard"]
+    assert [s["run"] for s in statuses] == started
+    # Without a budget, the order given.
+    started.clear()
+    rep.reproduce("smoke", ("standard", "pgd_at"), out, log=lambda _: None)
+    assert started == ["smoke-standard", "smoke-pgd_at"]
+
+
+def test_a_knob_unchosen_for_another_reason_than_time_is_an_error(tmp_path, monkeypatch):
+    """The budget lets methods wait for knobs the ablation had no time for, not for knobs it
+    ran and could not choose: that stays the error it is without a budget."""
+    monkeypatch.setattr(rep, "ablation", lambda *a, **k: {"params": {}, "out_of_time": {
+        "temperature": ["0.2"]}})
+    with pytest.raises(ValueError, match=r"the ablation chose no value of beta, lam \(see"):
+        rep.reproduce("full", ("anchor",), tmp_path, log=lambda _: None, time_budget=600)
