@@ -91,6 +91,8 @@ case "${1:-bench}" in
           data/results )
       # The session's own log (training progress) so far; its other files come when it ends.
       [ -f "$bg/out/job.log" ] && tail -c 200000 "$bg/out/job.log" > "$OUT/job.log"
+      # What it compiled so far (saved after each run's first epoch), in case this is the last call.
+      ANCHOR_COMPILE_CACHE="$bg/tree/.gpu/compile-cache" keep_compile_cache
       echo "== background: still running after ${POLL_S:-540} s; poll again"
     fi
     cat "$bg/log" "$bg/out/job.log" 2>/dev/null | tr '\r' '\n' \

@@ -194,6 +194,8 @@ def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
     (other / "pid").write_text("999999999\n")
     (other / "log").write_text("== probe: rc 0 after 25s\n")
     (other / "out" / "job.log").write_text("[pgd_at] epoch 3/30 loss 1.9 train acc 0.3\n")
+    (other / "tree" / ".gpu" / "compile-cache").mkdir(parents=True)  # saved after epoch 1
+    (other / "tree" / ".gpu" / "compile-cache" / "ab.bin").write_bytes(b"kernels")
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(SCRIPT), "poll"], cwd=repo, capture_output=True, text=True,
                           env={**env, "JOB_BG": str(other), "OUT": str(tmp_path / "out3"),
@@ -201,6 +203,8 @@ def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
     assert time.monotonic() - t0 >= 3, proc.stdout
     assert "still running after 3 s" in proc.stdout and "epoch 3/30" in proc.stdout, proc.stdout
     assert (tmp_path / "out3" / "job.log").read_text().startswith("[pgd_at] epoch 3/30")
+    with tarfile.open(tmp_path / "out3" / "compile-cache.tgz") as tar:  # in case no call follows
+        assert tar.extractfile("compile-cache/ab.bin").read() == b"kernels"
     # Nothing is left to poll on a machine that never started one.
     proc = subprocess.run(["bash", str(SCRIPT), "poll"], cwd=repo, capture_output=True, text=True,
                           env={**env, "JOB_BG": str(tmp_path / "none"), "OUT": str(tmp_path)})
