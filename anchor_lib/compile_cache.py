@@ -33,8 +33,8 @@ from . import checkpoint
 #: The environment variable naming the cache folder.
 ENV = "ANCHOR_COMPILE_CACHE"
 
-#: The folder's largest total size: it travels to and from the GPU machines (files of at most
-#: 16 MB come back, and the whole working tree that travels is limited to 64 MB).
+#: The folder's largest total size, since it travels to and from the GPU machines (files of at
+#: most 16 MB come back, and the whole working tree that travels is limited to 64 MB).
 MAX_BYTES = 15 * 2**20
 
 _loaded: set[Path] = set()  # files already loaded into this process
