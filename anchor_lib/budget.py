@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, provenance
+from . import checkpoint, provenance, results
 from .train import TrainConfig, resolve_device, use_compile
 
 #: Headroom on an estimate, for loading, embeddings and the spread between runs (the parts it
@@ -73,11 +73,8 @@ def finished_runs(out: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 def _epoch_seconds(run_dir: Path) -> list[float] | None:
     """Each epoch's seconds from the run's ``history.csv``, or None (missing, damaged)."""
     try:
-        checkpoint.verify(run_dir / "history.csv")
-        lines = (run_dir / "history.csv").read_text().splitlines()
-        column = lines[0].split(",").index("seconds")
-        seconds = [float(line.split(",")[column]) for line in lines[1:] if line.strip()]
-    except (ValueError, OSError, IndexError):
+        seconds = [float(s) for s in results.load_history(run_dir / "history.csv")["seconds"]]
+    except (ValueError, OSError, KeyError):  # CheckpointError is a ValueError
         return None
     return seconds or None
 

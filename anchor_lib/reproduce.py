@@ -20,7 +20,7 @@ from typing import Any
 
 from . import attacks as attacks_lib
 from . import checkpoint, data, embeddings, evaluate, provenance, results
-from .budget import Budget
+from .budget import Budget, finished_runs
 from .models import PreActResNet18
 from .train import (
     METHODS,
@@ -189,7 +189,7 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
     # All of this call (loading, embedding, writing too): what anchor_lib.budget times runs by.
     metrics["run_seconds"] = round(time.perf_counter() - t0, 2)
     checkpoint.write_json(metrics_path, metrics)  # last: its presence means "finished"
-    return {"run": run_dir.name, "status": f"done in {time.perf_counter() - t0:.1f} s"}
+    return {"run": run_dir.name, "status": f"done in {metrics['run_seconds']:.1f} s"}
 
 
 def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
@@ -262,30 +262,30 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
             log(f"{profile}-{method}: " + ", ".join(f"{k} = {v['value']} ({v['source']})"
                                                      for k, v in knobs.items())
                 + "".join(f"; {n}" for n in notes))
-        status = run_one(cfg, Path(out) / f"{profile}-{method}", settings, dataset, attacks,
-                         knobs=knobs)
+        status = run_one(cfg, run_dirs[method], settings, dataset, attacks, knobs=knobs)
         log(f"{status['run']}: {status['status']}")
         statuses.append(status)
 
     # Under a time budget the runs that can be timed go first, and those that cannot (no finished
     # run like them yet) last: a blind start that the slot's end cuts would cost a run that fits.
+    run_dirs = {m: Path(out) / f"{profile}-{m}" for m in methods}
     tested = attacks or evaluate.ATTACKS
     untimed = []
     for method in methods:
         cfg = config(method)
-        verdict = budget.judge(cfg, Path(out) / f"{profile}-{method}", tested, settings["sanity"])
+        verdict = budget.judge(cfg, run_dirs[method], tested, settings["sanity"])
         if verdict == "unknown":
             untimed.append(method)
-        elif verdict == "too long":
-            statuses.append({"run": f"{profile}-{method}", "status": "not started (time budget)"})
-        else:
+        elif verdict != "too long":
             start(method, cfg)
+        else:
+            statuses.append({"run": run_dirs[method].name, "status": "not started (time budget)"})
     for method in untimed:  # judged again: the runs just finished may time them now
         cfg = config(method)
-        if budget.admits(cfg, Path(out) / f"{profile}-{method}", tested, settings["sanity"]):
+        if budget.admits(cfg, run_dirs[method], tested, settings["sanity"]):
             start(method, cfg)
         else:
-            statuses.append({"run": f"{profile}-{method}", "status": "not started (time budget)"})
+            statuses.append({"run": run_dirs[method].name, "status": "not started (time budget)"})
     return statuses
 
 
@@ -467,13 +467,10 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
 
 def _finished_twin(out: Path, cfg: TrainConfig) -> Path | None:
     """A finished ablation run under ``out`` with ``cfg``'s configuration, if there is one."""
-    for metrics in sorted(out.glob("ablation_*/*/metrics.json")):
-        try:
-            checkpoint.verify(metrics)
-        except checkpoint.CheckpointError:
-            continue  # unfinished or damaged: not a run to copy
-        if not config_differences(json.loads(metrics.read_text()).get("config") or {}, cfg):
-            return metrics.parent
+    for run_dir, metrics in finished_runs(out):
+        if run_dir.parent.name.startswith("ablation_") and \
+                not config_differences(metrics["config"], cfg):
+            return run_dir
     return None
 
 

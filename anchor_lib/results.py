@@ -46,11 +46,13 @@ PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed"
 
 _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
-__all__ = ["ATTACKS", "ATTACK_LABELS", "METHOD_LABELS", "ablation_choice", "ablation_param",
-           "ablation_table", "attack_gap", "compare", "default_root", "find_embeddings",
-           "format_results_table", "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
-           "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint", "provenance_table",
-           "results_table", "sanity_table", "save_per_image", "validate_metrics", "RunResult"]
+__all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "ablation_choice",
+           "ablation_param", "ablation_table", "attack_gap", "compare", "compare_runs",
+           "default_root", "describe_difference", "find_embeddings", "format_results_table",
+           "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
+           "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint",
+           "provenance_table", "results_table", "sanity_table", "save_per_image",
+           "validate_metrics", "RunResult"]
 
 
 def default_root() -> Path:
