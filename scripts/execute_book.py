@@ -14,7 +14,9 @@ A chapter that raises stops the script with exit status 1 and its traceback, bef
 would execute it a second time. The seconds each chapter took, and its slowest cells, are written
 as JSON to ``--report`` (default ``_build/execution.json``). Each kernel talks to its client over
 Unix sockets in a folder of its own, not TCP ports: kernels started together over TCP can race for
-the same free port.
+the same free port. That folder is also the kernel's ``TMPDIR``, so the run folders a chapter makes
+with ``tempfile`` go when the chapter ends instead of piling up in ``/tmp`` build after build
+(PyTorch's compile cache stays where it was).
 
 Usage (what ``make book`` runs, from the repository root)::
 
@@ -24,6 +26,7 @@ Usage (what ``make book`` runs, from the repository root)::
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import shutil
@@ -31,7 +34,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -81,6 +86,26 @@ def default_jobs() -> int:
     return (os.cpu_count() or 1) if os.environ.get("ANCHOR_PROFILE") == "smoke" else 1
 
 
+@contextmanager
+def kernel_tmpdir(folder: str) -> Iterator[None]:
+    """``TMPDIR`` is ``folder`` for the kernels started inside the block (they inherit this
+    process's environment; each worker of the pool is a process of its own). Inductor's cache
+    keeps its usual place, which it would otherwise derive from ``TMPDIR``, so a chapter that
+    compiles does not compile from scratch in every build."""
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+    os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def execute(path: Path, timeout: int
             ) -> tuple[Path, nbformat.NotebookNode, float, str | None, list[list]]:
     """Run one notebook in a fresh kernel with its folder as working directory: the notebook,
@@ -89,9 +114,10 @@ def execute(path: Path, timeout: int
     new kernel, then fails."""
     for attempt in (1, 2):
         nb = nbformat.read(path, as_version=4)
-        with tempfile.TemporaryDirectory(prefix="anchor-kernel-") as sockets:
+        with tempfile.TemporaryDirectory(prefix="anchor-kernel-") as scratch, \
+                kernel_tmpdir(scratch):
             ipc = Config({"KernelManager": {"transport": "ipc",
-                                            "ip": os.path.join(sockets, "kernel")}})
+                                            "ip": os.path.join(scratch, "kernel")}})
             try:
                 result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
                                              allow_errors=False, record_timing=True, config=ipc)

@@ -33,7 +33,10 @@ def _history(folder: Path) -> list[dict[str, float]]:
 
 def _run(*cmds: list[str], cwd: Path) -> None:
     """Run the commands side by side (each single-threaded) and require that all succeed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ANCHOR_OFFLINE": "1"}
+    # torchrun leaves a torchelastic_* folder in TMPDIR each time: keep them in the test's folder.
+    scratch = cwd / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ANCHOR_OFFLINE": "1", "TMPDIR": str(scratch)}
     procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for cmd in cmds]
     for proc in procs:

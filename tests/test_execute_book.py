@@ -55,7 +55,12 @@ def _run(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
-    _book(tmp_path, {name: _STAMP.format(sleep=2, name=name, extra="") for name in ("a", "b")})
+    # Each chapter also makes a run folder with tempfile, as chapters 1, 2, 6 and 7 do.
+    leftover = ("import tempfile\nwith open('{name}.tmp.json', 'w') as f:\n"
+                "    json.dump({{'made': tempfile.mkdtemp(prefix='run-'), "
+                "'inductor': os.environ.get('TORCHINDUCTOR_CACHE_DIR')}}, f)")
+    _book(tmp_path, {name: _STAMP.format(sleep=2, name=name, extra=leftover.format(name=name))
+                     for name in ("a", "b")})
     stale = tmp_path / "_build" / ".jupyter_cache" / "stale"
     stale.mkdir(parents=True)   # an earlier build's cache is emptied, not reused
     done = _run(tmp_path, "--jobs", "2")
@@ -89,6 +94,12 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
         assert "execution" not in merged.cells[1].metadata  # the timestamps are not cached
     # The kernels talked over Unix sockets, not TCP ports two kernels could race for.
     assert "Kernel is running over TCP" not in done.stderr
+    # The chapters' temporary folders went with their kernels; inductor's cache did not move
+    # into them (it would be rebuilt from scratch in every build).
+    for name in ("a", "b"):
+        made = json.loads((tmp_path / "book" / f"{name}.tmp.json").read_text())
+        assert Path(made["made"]).name.startswith("run-") and not Path(made["made"]).exists()
+        assert made["inductor"] and not made["inductor"].startswith(str(Path(made["made"]).parent))
 
 
 def test_a_chapter_that_raises_fails_the_run_with_its_traceback(tmp_path):
