@@ -10,8 +10,9 @@ finished under the same results folder, on the same hardware:
   attack steps, views), the slowest first epoch (which compiles) plus the slowest median later
   epoch for each further epoch, from their ``history.csv``;
 - evaluation: the longest ``eval_seconds`` of the finished runs evaluated alike (profile, width,
-  attacks, sanity checks), the same method's when there is one (AutoAttack on a robust model
-  takes far longer than on a standard one);
+  attacks, sanity checks, search precision), the same method's when there is one (AutoAttack on a
+  robust model takes far longer than on a standard one); a TF32 search with no such run is timed
+  by the fp32 ones, which take longer;
 
 the sum times :data:`MARGIN`. A run with no such precedent is started if any time is left (no
 estimate is no reason to skip it); a finished run is always "admitted", since skipping it costs
@@ -91,7 +92,7 @@ _DEFAULTS = dataclasses.asdict(TrainConfig())
 
 
 def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
-             sanity: bool, hardware: str) -> Estimate | None:
+             sanity: bool, hardware: str, search: str = "fp32") -> Estimate | None:
     """How long a run of ``cfg`` evaluated with ``attacks`` (and the sanity checks if
     ``sanity``) is expected to take on ``hardware``, from the finished runs under ``out``; None
     when no finished run there trained or evaluated alike on that hardware.
@@ -100,7 +101,9 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     further epoch, the median over those runs of their median later epoch (runs of one epoch
     have none). A run records whether it compiled; one that did not time a compiled run (or the
     reverse) only where the older record says neither. Evaluation: the longest of the runs
-    evaluated alike, the same method's when there is one. Plus what a finished run took beyond
+    evaluated alike, the same method's when there is one; with the attacks' ``search`` in
+    ``"fp32"`` (runs that do not record it searched in fp32), or in ``"tf32"`` where such a run
+    exists (else the fp32 runs, an overestimate). Plus what a finished run took beyond
     training and evaluation (loading, embeddings; ``run_seconds``, where recorded), then
     :data:`MARGIN`."""
     compiled = use_compile(cfg, resolve_device(cfg.device))
@@ -113,6 +116,9 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
              and (m.get("profile") or m["config"].get("profile")) == cfg.profile
              and sorted(m.get("accuracy") or {}) == sorted(attacks)
              and bool(m.get("sanity")) == sanity and m.get("eval_seconds") is not None]
+    searched = {s: [(d, m) for d, m in evals if m.get("eval_search", "fp32") == s]
+                for s in ("fp32", "tf32")}
+    evals = searched.get(search) or searched["fp32"]
     if not train or not evals:
         return None
     first = max(e[0] for _, _, e in train)
@@ -152,7 +158,7 @@ class Budget:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
     def judge(self, cfg: TrainConfig, run_dir: Path, attacks: tuple[str, ...],
-              sanity: bool) -> str:
+              sanity: bool, search: str = "fp32") -> str:
         """``"finished"`` (skipping it costs nothing), ``"fits"`` (no budget, or expected to end
         in what is left), ``"unknown"`` (no finished run to time it by) or ``"too long"``."""
         if self.deadline is None:
@@ -163,7 +169,8 @@ class Budget:
         except checkpoint.CheckpointError:
             pass  # missing, or damaged: then it trains again, and is timed like any other
         hardware = provenance.hardware(resolve_device(cfg.device))
-        guess = estimate(self.out, cfg, attacks=attacks, sanity=sanity, hardware=hardware)
+        guess = estimate(self.out, cfg, attacks=attacks, sanity=sanity, hardware=hardware,
+                         search=search)
         if guess is None:
             return "unknown"
         left = self.left()
@@ -175,11 +182,11 @@ class Budget:
         return "fits"
 
     def admits(self, cfg: TrainConfig, run_dir: Path, attacks: tuple[str, ...],
-               sanity: bool) -> bool:
+               sanity: bool, search: str = "fp32") -> bool:
         """Whether to start the run of ``cfg`` in ``run_dir`` now: finished already, expected to
         fit in what is left, or without an estimate while time is left (no estimate is no reason
         to skip it; :func:`~anchor_lib.reproduce.reproduce` starts such runs last)."""
-        verdict = self.judge(cfg, run_dir, attacks, sanity)
+        verdict = self.judge(cfg, run_dir, attacks, sanity, search)
         if verdict != "unknown":
             return verdict != "too long"
         left = self.left()

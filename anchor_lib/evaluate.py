@@ -7,6 +7,14 @@ AutoAttack at L-inf eps = 8/255) and returns the ``accuracy`` section of ``metri
 An example counts as robust only when the model classifies it correctly both clean and under
 attack, so robust accuracy never exceeds clean accuracy. Only the clean-correct examples are
 attacked: attacking the others could not change the result and would only cost time.
+
+Every verdict (is this image classified correctly?) is taken in IEEE fp32. An attack's *search*
+may run in TF32 instead (``search="tf32"``; PGD-20 ran 3.3 times faster so on an H100), under the rule
+of DESIGN section 4: only once PGD-20, searched both ways on the same images from the same random
+starts, agrees within 0.2 points, and only for the slow attacks (CW-inf, AutoAttack, the sanity
+checks' attacks). An image that the TF32 search broke but the fp32 model still classifies
+correctly is attacked again in fp32: a verdict only TF32 reaches never counts for the model, and
+a weaker search is what the PGD-20 check bounds.
 """
 
 from __future__ import annotations
@@ -28,14 +36,19 @@ __all__ = [
     "ATTACKS",
     "EVAL_EPS",
     "EVAL_PRECISION",
+    "PRECISION_RULE_POINTS",
+    "SEARCH_PRECISIONS",
+    "TF32_SEARCH_ATTACKS",
     "Attack",
     "accuracy",
     "check_autoattack_gap",
     "check_black_box_weaker",
     "check_eps_sweep",
     "check_more_steps",
+    "check_search_precision",
     "correct",
     "default_batch_size",
+    "describe_precision",
     "eps_sweep",
     "evaluate_suite",
     "full_precision",
@@ -54,6 +67,20 @@ ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 
 #: How the protocol's arithmetic runs, as metrics.json records it.
 EVAL_PRECISION = "fp32 (IEEE; TF32 off on GPUs)"
+
+#: Where an attack's search may run: ``"fp32"`` (IEEE, the protocol's default) or ``"tf32"``
+#: (cuDNN's and matmul's TF32, on GPUs that have it; on a CPU it changes nothing). Verdicts are
+#: IEEE fp32 either way.
+SEARCH_PRECISIONS = ("fp32", "tf32")
+
+#: The attacks whose search runs in TF32 under ``search="tf32"`` once PGD-20 passed the check:
+#: the slow ones (CW-inf's 30 steps on 10,000 images; AutoAttack's ~7,900 model calls per batch).
+#: Clean, FGSM and PGD-20, the headline numbers, stay in fp32.
+TF32_SEARCH_ATTACKS = ("cw", "autoattack")
+
+#: DESIGN section 4: a reduced-precision result counts where it is within this many points of
+#: fp32 on the same model.
+PRECISION_RULE_POINTS = 0.2
 
 #: Images per attack call: one batch of 1,000 on a GPU (the protocol's whole AutoAttack subset),
 #: 500 on a CPU. A robust image costs AutoAttack about 7,900 model calls per batch, however big the
@@ -134,14 +161,31 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
+def _check_search(search: object) -> str:
+    if search not in SEARCH_PRECISIONS:
+        raise ValueError(f"search must be one of {', '.join(map(repr, SEARCH_PRECISIONS))}, "
+                         f"got {search!r}")
+    return str(search)
+
+
+def _attacked(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``attack(model, x, y)``, its output checked: the shape of ``x``, finite, in [0, 1]."""
+    x_adv = attack(model, x, y)
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv)
+        raise ValueError(f"attack must return x_adv of shape {tuple(x.shape)}, got {got}")
+    check_images(x_adv, "x_adv")  # finite and in [0, 1], else the score means nothing
+    return x_adv
+
+
 def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None,
-            batch_size: int = 500) -> torch.Tensor:
+            batch_size: int = 500, *, search: str = "fp32") -> torch.Tensor:
     """Which examples ``model`` gets right: bool ``(N,)`` on ``x``'s device.
 
     Without ``attack``: classified correctly. With one: classified correctly both clean and
     after ``attack`` (only the clean-correct examples are attacked). In eval mode without
-    parameter gradients, in IEEE fp32 (:func:`full_precision`); the model's mode is restored.
-    Two models' masks on the same images give a paired comparison
+    parameter gradients; the model's mode is restored. Every verdict is taken in IEEE fp32
+    (:func:`full_precision`). Two models' masks on the same images give a paired comparison
     (:func:`anchor_lib.results.compare`).
 
     Args:
@@ -150,12 +194,23 @@ def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack |
         y: integer labels ``(N,)`` in ``[0, K)``.
         attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``, or None.
         batch_size: images per forward pass or attack call.
+        search: ``"fp32"`` or ``"tf32"``: the precision the attack runs in. With ``"tf32"``,
+            the images the attack broke in TF32 that fp32 still classifies correctly are
+            attacked again in fp32 (the verdict is fp32's either way).
     """
+    return _correct(model, x, y, attack, batch_size, search)[0]
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None,
+             batch_size: int, search: str) -> tuple[torch.Tensor, int]:
+    """:func:`correct`, and how many images a TF32 search left to fp32 to attack again."""
     x, y = _check_data(x, y, batch_size)
+    search = _check_search(search)
     if attack is not None and not callable(attack):
         raise TypeError(f"attack must be callable as attack(model, x, y) -> x_adv, "
                         f"got {type(attack).__name__}")
     mask = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    retried = 0
     with attack_mode(model), full_precision():
         for s in _batches(len(x), batch_size):
             xb, yb = x[s], y[s]
@@ -166,14 +221,23 @@ def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack |
             keep = right.nonzero().squeeze(1)
             if keep.numel() == 0:
                 continue
-            x_adv = attack(model, xb[keep], yb[keep])
-            if not isinstance(x_adv, torch.Tensor) or x_adv.shape != xb[keep].shape:
-                got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv)
-                raise ValueError(f"attack must return x_adv of shape {tuple(xb[keep].shape)}, "
-                                 f"got {got}")
-            check_images(x_adv, "x_adv")  # finite and in [0, 1], else the score means nothing
-            mask[s.start + keep] = _predict(model, x_adv, yb[keep]) == yb[keep]
-    return mask
+            xk, yk = xb[keep], yb[keep]
+            with tf32(search == "tf32"):
+                x_adv = _attacked(attack, model, xk, yk)
+            held = _predict(model, x_adv, yk) == yk
+            if search == "tf32":
+                # Broken in TF32 but not in fp32: the image sits on the decision boundary, where
+                # the two round differently. Attacked again in fp32, it cannot count as robust
+                # only because the search ran in lower precision.
+                with tf32(True):
+                    held_in_search = _predict(model, x_adv, yk) == yk
+                again = (held & ~held_in_search).nonzero().squeeze(1)
+                if again.numel():
+                    x_again = _attacked(attack, model, xk[again], yk[again])
+                    held[again] = _predict(model, x_again, yk[again]) == yk[again]
+                    retried += again.numel()
+            mask[s.start + keep] = held
+    return mask, retried
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
@@ -189,9 +253,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
-                    batch_size: int = 500) -> float:
+                    batch_size: int = 500, *, search: str = "fp32") -> float:
     """Fraction of examples classified correctly both clean and after ``attack``, in [0, 1]:
-    the mean of :func:`correct` with ``attack`` (IEEE fp32, :func:`full_precision`).
+    the mean of :func:`correct` with ``attack`` (verdicts in IEEE fp32).
 
     Args:
         model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
@@ -199,11 +263,12 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
         y: integer labels ``(N,)`` in ``[0, K)``.
         attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``.
         batch_size: images per attack call.
+        search: the precision the attack runs in, ``"fp32"`` or ``"tf32"`` (:func:`correct`).
     """
     if attack is None:  # correct() checks the rest; None there means "no attack"
         raise TypeError("attack must be callable as attack(model, x, y) -> x_adv, got None "
                         "(clean accuracy is accuracy())")
-    return correct(model, x, y, attack, batch_size).sum().item() / len(x)
+    return correct(model, x, y, attack, batch_size, search=search).sum().item() / len(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +318,7 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    attacks: Sequence[str] | str = ATTACKS, n: int | None = None,
                    autoattack_n: int = 1000, batch_size: int = 500, progress: bool = False,
                    eps: float = EVAL_EPS, per_image: bool = False,
-                   seed: int = 0) -> dict[str, dict[str, Any]]:
+                   seed: int = 0, search: str = "fp32") -> dict[str, dict[str, Any]]:
     """Accuracies of ``model`` under the protocol's attacks, as in ``metrics.json``.
 
     Args:
@@ -270,11 +335,19 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         per_image: also return each attack's :func:`correct` mask.
         seed: every attack starts from this seed (:func:`seeded`), so a rerun draws the same
             random starts and the caller's random streams are left as they were.
+        search: ``"fp32"`` (every attack searches in IEEE fp32) or ``"tf32"``: PGD-20 (which
+            must be among ``attacks``) runs first, searched in fp32 (the number reported) and in
+            TF32 from the same random starts; if the two agree within
+            :data:`PRECISION_RULE_POINTS`, the attacks of :data:`TF32_SEARCH_ATTACKS` search in
+            TF32. Verdicts are fp32's either way (:func:`correct`).
 
     Returns:
         ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
-        time}}`` in the order asked; with ``per_image``, each entry also has ``"correct"``, a
-        bool numpy array ``(n,)``: entry i for the i-th evaluated image.
+        time, "search": "fp32" or "tf32"}}`` in the order asked. An attack searched in TF32
+        also has ``"retried_in_fp32"`` (images attacked again in fp32, :func:`correct`), and
+        with ``search="tf32"`` the PGD-20 entry has ``"tf32_check"``
+        (:func:`check_search_precision`). With ``per_image``, each entry also has
+        ``"correct"``, a bool numpy array ``(n,)``: entry i for the i-th evaluated image.
     """
     if not isinstance(attacks, (str, list, tuple)):
         raise TypeError(f"attacks must be a sequence of attack names from {list(ATTACKS)} or one "
@@ -290,26 +363,96 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     n = _check_count(n, "n")
     autoattack_n = _check_count(autoattack_n, "autoattack_n")
     seed = check_number(seed, "seed", integer=True)
+    search = _check_search(search)
+    if search == "tf32" and "pgd20" not in names:
+        raise ValueError(f"search='tf32' needs 'pgd20' among the attacks (PGD-20 searched in fp32 "
+                         f"and in TF32 is the check that allows TF32, DESIGN §4), got {names}")
     x, y = _check_data(x, y, batch_size)
     if n is not None:
         x, y = x[:n], y[:n]
     table = standard_attacks(eps)
-    results: dict[str, dict[str, float | int]] = {}
-    for name in names:
+
+    def measure(name: str, precision: str) -> tuple[dict[str, Any], torch.Tensor]:
         start = time.perf_counter()
         xs, ys = (x[:autoattack_n], y[:autoattack_n]) if name == "autoattack" else (x, y)
         attack = None if name == "clean" else _within_ball(table[name], eps, name)
         with seeded(seed, x.device):
-            mask = correct(model, xs, ys, attack, batch_size)
+            mask, retried = _correct(model, xs, ys, attack, batch_size, precision)
         value = mask.sum().item() / len(xs)  # a host sync: the time below is the attack's
         seconds = time.perf_counter() - start
-        results[name] = {"value": value, "n": len(xs), "seconds": round(seconds, 2)}
-        if per_image:
-            results[name]["correct"] = mask.cpu().numpy()
+        entry = {"value": value, "n": len(xs), "seconds": round(seconds, 2), "search": precision,
+                 **({"retried_in_fp32": retried} if precision == "tf32" else {})}
         if progress:
-            print(f"[evaluate] {name:>10}: {value:.4f} on {len(xs)} images ({seconds:.1f} s)",
-                  flush=True)
+            print(f"[evaluate] {name:>10}: {value:.4f} on {len(xs)} images ({seconds:.1f} s"
+                  f"{', searched in TF32' if precision == 'tf32' else ''})", flush=True)
+        return entry, mask
+
+    measured: dict[str, tuple[dict[str, Any], torch.Tensor]] = {}
+    tf32_allowed = False
+    if search == "tf32":
+        measured["pgd20"] = measure("pgd20", "fp32")
+        check = check_search_precision(measured["pgd20"][1], measure("pgd20", "tf32")[1])
+        measured["pgd20"][0]["tf32_check"] = check
+        tf32_allowed = check["passed"]
+        if progress:
+            print(f"[evaluate] TF32 search check: {check['detail']}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        entry, mask = measured.get(name) or measure(
+            name, "tf32" if tf32_allowed and name in TF32_SEARCH_ATTACKS else "fp32")
+        results[name] = entry
+        if per_image:
+            entry["correct"] = mask.cpu().numpy()
     return results
+
+
+def check_search_precision(fp32: torch.Tensor, tf32: torch.Tensor) -> dict[str, Any]:
+    """Whether an attack searched in TF32 is as strong as in fp32 on the same images (DESIGN §4).
+
+    Args:
+        fp32, tf32: :func:`correct` masks, bool ``(N,)``, of one attack on the same images from
+            the same random starts, searched in IEEE fp32 and in TF32.
+
+    Returns:
+        ``{"attack": "pgd20", "n", "fp32", "tf32"`` (accuracies in [0, 1]), ``"points"``
+        (TF32 minus fp32, in percentage points), ``"images_changed"``, ``"rule"``,
+        ``"passed"`` (``|points| <= PRECISION_RULE_POINTS``), ``"detail"}``.
+    """
+    if not (isinstance(fp32, torch.Tensor) and isinstance(tf32, torch.Tensor)
+            and fp32.dtype == tf32.dtype == torch.bool and fp32.shape == tf32.shape
+            and fp32.dim() == 1 and len(fp32) > 0):
+        raise ValueError(f"expected two non-empty bool masks (N,) of the same images, got "
+                         f"{_describe(fp32)} and {_describe(tf32)}")
+    n = len(fp32)
+    acc_fp32, acc_tf32 = fp32.sum().item() / n, tf32.sum().item() / n
+    points = (acc_tf32 - acc_fp32) * 100
+    changed = int((fp32 != tf32).sum().item())
+    passed = abs(points) <= PRECISION_RULE_POINTS + 1e-9
+    detail = (f"PGD-20 searched in TF32 {acc_tf32:.4f}, in fp32 {acc_fp32:.4f} on {n} images "
+              f"({points:+.2f} points, {changed} images changed): "
+              + ("TF32 searches CW-inf and AutoAttack" if passed else
+                 f"over the {PRECISION_RULE_POINTS} points allowed, every attack searches in fp32"))
+    return {"attack": "pgd20", "n": n, "fp32": acc_fp32, "tf32": acc_tf32,
+            "points": round(points, 3), "images_changed": changed,
+            "rule": f"|TF32 - fp32| <= {PRECISION_RULE_POINTS} points (DESIGN §4)",
+            "passed": passed, "detail": detail}
+
+
+def _describe(mask: object) -> str:
+    if isinstance(mask, torch.Tensor):
+        return f"{mask.dtype} {tuple(mask.shape)}"
+    return type(mask).__name__
+
+
+def describe_precision(search: str) -> str:
+    """How an evaluation's arithmetic ran, for ``metrics.json``'s ``eval_precision``:
+    :data:`EVAL_PRECISION`, or, where the TF32 search was used, what ran in TF32."""
+    if _check_search(search) == "fp32":
+        return EVAL_PRECISION
+    return ("verdicts in fp32 (IEEE; TF32 off on GPUs); the search of CW-inf, AutoAttack and the "
+            "sanity checks' attacks in TF32, PGD-20 searched both ways having agreed within "
+            f"{PRECISION_RULE_POINTS} points; images broken in TF32 but not in fp32 attacked "
+            "again in fp32")
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,17 +477,18 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-                  batch_size: int, seed: int, alpha: float | None = None) -> float:
+                  batch_size: int, seed: int, alpha: float | None = None,
+                  search: str = "fp32") -> float:
     if eps == 0:
         return accuracy(model, x, y, batch_size)
     attack = partial(pgd, eps=eps, alpha=eps / 4 if alpha is None else alpha, steps=steps)
     with seeded(seed, x.device):
-        return robust_accuracy(model, x, y, attack, batch_size)
+        return robust_accuracy(model, x, y, attack, batch_size, search=search)
 
 
 def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                      steps: Sequence[int] = (1, 5, 20, 50), *, alpha: float | None = None,
-                     batch_size: int = 500, seed: int = 0) -> dict:
+                     batch_size: int = 500, seed: int = 0, search: str = "fp32") -> dict:
     """More PGD steps must not raise robust accuracy.
 
     Runs L-inf PGD with step ``alpha`` (default eps / 4) for each step count, all from the same
@@ -355,12 +499,14 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     saturated softmax) leaves the attack where it started, so accuracy stays flat and this check
     passes: :func:`check_eps_sweep` and :func:`check_black_box_weaker` are the ones that catch it.
 
+    ``search`` is the precision the attacks run in (:func:`correct`).
+
     Returns:
         ``{"steps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     steps = [check_number(s, "steps", low=0, integer=True) for s in steps]
-    accs = [_pgd_accuracy(model, x, y, eps, s, batch_size, seed, alpha) for s in steps]
+    accs = [_pgd_accuracy(model, x, y, eps, s, batch_size, seed, alpha, search) for s in steps]
     tol = _tolerance(len(x))
     # Against the lowest accuracy so far, not just the previous one: small rises that each stay
     # within the slack must not add up to a large one.
@@ -383,13 +529,14 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     eps_values: Sequence[float] = (0, 2 / 255, 4 / 255, 8 / 255, 16 / 255,
                                                    32 / 255, 64 / 255),
                     *, steps: int = 20, max_final: float = 0.10, batch_size: int = 500,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, search: str = "fp32") -> dict:
     """Robust accuracy must fall as eps grows, to near 0 at the largest eps.
 
     PGD-``steps`` (step eps / 4) at each eps. Passes when no accuracy rises above the lowest
     one at a smaller eps by more than one example or half a point, and the accuracy at the
     largest eps is below ``max_final``. An attack that cannot push accuracy to ~0 with a huge
     budget (64/255 lets it paint over the image) is not finding the model's weaknesses.
+    ``search`` is the precision the attacks run in (:func:`correct`).
 
     Returns:
         ``{"eps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
@@ -397,7 +544,8 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     eps_values = [check_number(e, "eps", low=0.0) for e in eps_values]
     if not eps_values:
         raise ValueError("eps_values must hold at least one eps")
-    accs = [_pgd_accuracy(model, x, y, e, steps, batch_size, seed) for e in eps_values]
+    accs = [_pgd_accuracy(model, x, y, e, steps, batch_size, seed, search=search)
+            for e in eps_values]
     tol = _tolerance(len(x))
     monotone = all(accs[j] <= min(accs[:j]) + tol for j in range(1, len(accs)))
     final_ok = accs[-1] < max_final
@@ -414,7 +562,7 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def check_black_box_weaker(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                            n_queries: int = 1000, pgd_acc: float | None = None,
-                           batch_size: int = 500, seed: int = 0) -> dict:
+                           batch_size: int = 500, seed: int = 0, search: str = "fp32") -> dict:
     """The black-box Square attack must not beat white-box PGD-20.
 
     Square only queries outputs. If it finds adversarial examples that PGD misses, the
@@ -423,15 +571,16 @@ def check_black_box_weaker(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
 
     Args:
         pgd_acc: PGD-20 accuracy on the same ``x`` if already measured (else it is measured).
+        search: the precision the attacks run in (:func:`correct`).
 
     Returns:
         ``{"square": float, "pgd20": float, "n_queries": int, "passed": bool, "detail": str}``.
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     if pgd_acc is None:
-        pgd_acc = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
+        pgd_acc = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed, search=search)
     attack = partial(square, eps=eps, n_queries=n_queries, seed=seed)
-    square_acc = robust_accuracy(model, x, y, attack, batch_size)
+    square_acc = robust_accuracy(model, x, y, attack, batch_size, search=search)
     passed = square_acc >= pgd_acc - _tolerance(len(x))
     detail = (f"Square {square_acc:.3f} >= PGD-20 {pgd_acc:.3f}" if passed else
               f"Square {square_acc:.3f} < PGD-20 {pgd_acc:.3f}: a black-box attack beats the "
@@ -473,7 +622,8 @@ def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
 
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EVAL_EPS, *,
                   pgd20: float | None = None, autoattack: float | None = None,
-                  n_queries: int = 1000, batch_size: int = 500, seed: int = 0) -> dict[str, dict]:
+                  n_queries: int = 1000, batch_size: int = 500, seed: int = 0,
+                  search: str = "fp32") -> dict[str, dict]:
     """All four checks of DESIGN section 4 on ``(x, y)``; the ``sanity`` part of metrics.json.
 
     The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1.
@@ -485,6 +635,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         autoattack: AutoAttack accuracy already measured; None runs AutoAttack on ``x`` here,
             so keep ``x`` small (about 1,000 images on a GPU).
         n_queries: queries of the Square attack in the black-box check.
+        search: the precision the checks' attacks run in (:func:`correct`; verdicts are fp32's).
+            ``"tf32"`` only where :func:`check_search_precision` allowed it on this model.
 
     Returns:
         ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...}``,
@@ -493,18 +645,20 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     x, y = _check_data(x, y, batch_size)
+    search = _check_search(search)
     if pgd20 is None:
-        pgd20 = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
+        pgd20 = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)  # fp32, as the suite's
     if autoattack is None:
         autoattack = robust_accuracy(model, x, y, partial(autoattack_attack, eps=eps, seed=seed),
-                                     batch_size)
+                                     batch_size, search=search)
     checks = {
-        "more_steps": lambda: check_more_steps(model, x, y, eps, batch_size=batch_size, seed=seed),
+        "more_steps": lambda: check_more_steps(model, x, y, eps, batch_size=batch_size, seed=seed,
+                                               search=search),
         "eps_sweep": lambda: check_eps_sweep(model, x, y, eps_sweep(eps), batch_size=batch_size,
-                                             seed=seed),
+                                             seed=seed, search=search),
         "black_box_weaker": lambda: check_black_box_weaker(model, x, y, eps, n_queries=n_queries,
                                                            pgd_acc=pgd20, batch_size=batch_size,
-                                                           seed=seed),
+                                                           seed=seed, search=search),
         "autoattack_gap": lambda: check_autoattack_gap(pgd20, autoattack, n=len(x)),
     }
     out = {}

@@ -50,7 +50,8 @@ TUTORIAL_MAX_BYTES = 2 * 2**20
 def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = None,
                         n: int | None = None, autoattack_n: int = 1000, sanity: bool = False,
                         dataset: data.CIFAR10 | None = None, device: str = "auto",
-                        batch_size: int | None = None, per_image: bool = False) -> dict[str, Any]:
+                        batch_size: int | None = None, per_image: bool = False,
+                        search: str = "fp32") -> dict[str, Any]:
     """Evaluate a verified checkpoint on the test set; return a DESIGN §6 ``metrics.json`` dict.
 
     Args:
@@ -64,23 +65,28 @@ def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = N
             a GPU, 500 on a CPU). It changes the speed, and which random start each image
             gets, not the protocol.
         per_image: keep each attack's per-image mask (see :func:`evaluate_model`).
+        search: ``"fp32"``, or ``"tf32"`` for the slow attacks' search where PGD-20 shows it
+            agrees with fp32 on this model (``evaluate.evaluate_suite``; needs ``pgd20``).
     """
     dev = resolve_device(device)
     model, state = load_model(path, dev)
     return evaluate_model(model, state, attacks=attacks, n=n, autoattack_n=autoattack_n,
                           sanity=sanity, dataset=dataset, batch_size=batch_size,
-                          per_image=per_image)
+                          per_image=per_image, search=search)
 
 
 def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
                    attacks: tuple[str, ...] | None = None, n: int | None = None,
                    autoattack_n: int = 1000, sanity: bool = False,
                    dataset: data.CIFAR10 | None = None,
-                   batch_size: int | None = None, per_image: bool = False) -> dict[str, Any]:
+                   batch_size: int | None = None, per_image: bool = False,
+                   search: str = "fp32") -> dict[str, Any]:
     """:func:`evaluate_checkpoint` for a model already loaded (with its checkpoint ``state``).
 
     With ``per_image`` each ``accuracy`` entry also holds ``"correct"``, the attack's per-image
     bool mask (``evaluate.evaluate_suite``): not JSON; :func:`save_masks` takes it out.
+    ``eval_search`` records the ``search`` asked for, ``eval_precision`` what ran: the sanity
+    checks search in TF32 only where the suite's PGD-20 check allowed it.
     """
     dev = next(model.parameters()).device
     if batch_size is None:
@@ -93,14 +99,15 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     t0 = time.perf_counter()
     names = tuple(attacks) if attacks else evaluate.ATTACKS
     accuracy = evaluate.evaluate_suite(model, x, y, attacks=names, autoattack_n=autoattack_n,
-                                       batch_size=batch_size, per_image=True)
+                                       batch_size=batch_size, per_image=True, search=search)
+    used = "tf32" if (accuracy.get("pgd20", {}).get("tf32_check") or {}).get("passed") else "fp32"
     k = min(autoattack_n, len(y))
     # The checks compare with the suite's own PGD-20 on the same first k images (one draw of
     # random starts), not with a second PGD-20 of other starts.
     pgd20 = (float(accuracy["pgd20"]["correct"][:k].mean()) if "pgd20" in accuracy else None)
     checks = (evaluate.sanity_checks(model, x[:k], y[:k], pgd20=pgd20,
                                      autoattack=accuracy.get("autoattack", {}).get("value"),
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, search=used)
               if sanity else {})
     if not per_image:
         for entry in accuracy.values():
@@ -114,7 +121,7 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
         "selected_epoch": int(state.get("epoch", -1)) + 1,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 2) or None,
         "eval_seconds": round(time.perf_counter() - t0, 2), "eval_batch_size": batch_size,
-        "eval_precision": evaluate.EVAL_PRECISION,
+        "eval_precision": evaluate.describe_precision(used), "eval_search": search,
         "profile": cfg_dict.get("profile"), "config": cfg_dict,
         # How the training steps ran: "cuda_graph" or "eager" (and why a graph was dropped), and
         # whether the model's passes were compiled (None: written before that was recorded).
@@ -133,6 +140,18 @@ def save_masks(metrics: dict[str, Any], path: str | Path) -> Path:
     return results.save_per_image(path, masks, {"method": metrics.get("method"),
                                                 "data": metrics.get("data"),
                                                 "commit": metrics.get("commit")})
+
+
+def _check_search(search: object, attacks: tuple[str, ...] | None) -> str:
+    """``search``, checked before anything trains: a TF32 search needs PGD-20 in the report (its
+    check), and finding that out after training would waste the run."""
+    if search not in evaluate.SEARCH_PRECISIONS:
+        raise ValueError(f"search must be one of {', '.join(evaluate.SEARCH_PRECISIONS)}, got "
+                         f"{search!r}")
+    if search == "tf32" and attacks is not None and "pgd20" not in attacks:
+        raise ValueError(f"search 'tf32' needs pgd20 among the attacks (its fp32 / TF32 check), "
+                         f"got {', '.join(attacks)}")
+    return str(search)
 
 
 def _check_same_run(metrics_path: Path, cfg: TrainConfig,
@@ -171,7 +190,8 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
     model, state = load_model(run_dir / "best.pt", dev)
     metrics = evaluate_model(model, state, attacks=attacks, n=settings["n"],
                              autoattack_n=settings["autoattack_n"], sanity=settings["sanity"],
-                             dataset=dataset, per_image=True)
+                             dataset=dataset, per_image=True,
+                             search=settings.get("search", "fp32"))
     save_masks(metrics, run_dir / "per_image.npz")
     # train_seconds from the checkpoint covers all epochs, resumed ones included.
     metrics["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
@@ -195,7 +215,8 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
 def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
               out: str | Path = "data/results", *, dataset: data.CIFAR10 | None = None,
               attacks: tuple[str, ...] | None = None, log=print, default_knobs: bool = False,
-              time_budget: float | None = None, **overrides: Any) -> list[dict[str, str]]:
+              time_budget: float | None = None, search: str = "fp32",
+              **overrides: Any) -> list[dict[str, str]]:
     """Train and evaluate every method in ``methods`` at ``profile``; returns one status per run.
 
     The four robust methods share epochs, schedule, batch size, augmentation and the training
@@ -211,6 +232,10 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     :class:`~anchor_lib.budget.Budget` expects it to finish in what is left, and goes on to the
     next; a method whose knobs the ablation could not choose in the time waits, and its status
     says so.
+
+    ``search`` (``"fp32"`` or ``"tf32"``) is where the slow attacks of each run's evaluation
+    search, the ablation's included (``evaluate.evaluate_suite``: TF32 only on a model where
+    PGD-20 searched both ways agrees within 0.2 points; verdicts in fp32).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -219,6 +244,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     settings = EVAL_SETTINGS[profile] if profile in EVAL_SETTINGS else None
     if settings is None:
         raise ValueError(f"profile must be one of {', '.join(EVAL_SETTINGS)}, got {profile!r}")
+    settings = {**settings, "search": _check_search(search, attacks)}
     def unchosen_knobs() -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
         knobs_of = {method: chosen_knobs(out, profile, method, overrides) for method in methods}
         return knobs_of, [k for k in ABLATION if any(
@@ -232,7 +258,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
             f"--ablation --params {' '.join(unchosen)}; --default-knobs skips this)")
         done = ablation(profile, tuple(unchosen), out, dataset=dataset,
                         attacks=ABLATION_ATTACKS, sanity=False, log=log, budget=budget,
-                        **overrides)
+                        search=search, **overrides)
         knobs_of, unchosen = unchosen_knobs()
         failed = [k for k in unchosen if k not in done.get("out_of_time", {})]
         if failed:
@@ -273,7 +299,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     untimed = []
     for method in methods:
         cfg = config(method)
-        verdict = budget.judge(cfg, run_dirs[method], tested, settings["sanity"])
+        verdict = budget.judge(cfg, run_dirs[method], tested, settings["sanity"], search)
         if verdict == "unknown":
             untimed.append(method)
         elif verdict != "too long":
@@ -282,7 +308,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
             statuses.append({"run": run_dirs[method].name, "status": "not started (time budget)"})
     for method in untimed:  # judged again: the runs just finished may time them now
         cfg = config(method)
-        if budget.admits(cfg, run_dirs[method], tested, settings["sanity"]):
+        if budget.admits(cfg, run_dirs[method], tested, settings["sanity"], search):
             start(method, cfg)
         else:
             statuses.append({"run": run_dirs[method].name, "status": "not started (time budget)"})
@@ -372,7 +398,8 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
              out: str | Path = "data/results", *, epoch_fraction: float = 0.5,
              dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None,
              sanity: bool | None = None, log=print, time_budget: float | None = None,
-             budget: Budget | None = None, **overrides: Any) -> dict[str, Any]:
+             budget: Budget | None = None, search: str = "fp32",
+             **overrides: Any) -> dict[str, Any]:
     """Train ANCHOR variants at a shorter schedule; choose each knob on the VALIDATION split.
 
     Run ``<out>/ablation_<param>/<param>-<value>/`` gets the usual artifacts (``metrics.json``
@@ -389,7 +416,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     report holds; the choice never reads it. ``time_budget`` (seconds), or a ``budget`` shared
     with the caller, starts a run only when it is expected to fit
     (:class:`~anchor_lib.budget.Budget`); a knob with a value left out for time is not chosen in
-    this call, and later calls finish it.
+    this call, and later calls finish it. ``search`` is as in :func:`reproduce`.
 
     Returns:
         The summary as written, plus ``out_of_time``: for each knob left unchosen for lack of
@@ -399,7 +426,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     if unknown:
         raise ValueError(f"unknown ablation parameter(s) {', '.join(unknown)}; expected some of "
                          f"{', '.join(ABLATION)}")
-    settings = {**EVAL_SETTINGS[profile],
+    settings = {**EVAL_SETTINGS[profile], "search": _check_search(search, attacks),
                 "embed_n": min(EVAL_SETTINGS[profile]["embed_n"], ABLATION_EMBED_N)}
     if sanity is not None:
         settings["sanity"] = sanity
@@ -444,7 +471,8 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             if same is not None:
                 _copy_artifacts(same, run_dir)
                 status = {"status": f"same config as {same.parent.name}/{same.name}, copied"}
-            elif not budget.admits(cfg, run_dir, attacks or evaluate.ATTACKS, settings["sanity"]):
+            elif not budget.admits(cfg, run_dir, attacks or evaluate.ATTACKS, settings["sanity"],
+                                   search):
                 out_of_time.append(str(value))
                 continue
             else:

@@ -47,7 +47,7 @@ PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed"
 _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
 __all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "ablation_choice",
-           "ablation_param", "ablation_table", "attack_gap", "compare", "compare_runs",
+           "ablation_param", "ablation_table", "attack_gap", "attack_search", "compare", "compare_runs",
            "default_root", "describe_difference", "find_embeddings", "format_results_table",
            "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
            "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint",
@@ -326,7 +326,8 @@ def format_results_table(df, attacks: Sequence[str] = ATTACKS):
 def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):
     """Where each run's numbers come from: data copy, hardware, torch, commit, seed, epochs,
     selected epoch, train / eval seconds, evaluation batch size (None in runs older than the
-    field), profile and whether the file matched its sha256."""
+    field), profile, where the slow attacks searched (:func:`attack_search`) and whether the file
+    matched its sha256."""
     import pandas as pd
 
     items = list(runs)
@@ -334,11 +335,27 @@ def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):
     for (name, m), item in zip(_runs(items), items, strict=True):
         row = {"run": name, **{k: m.get(k) for k in PROVENANCE}}
         row["profile"] = m.get("profile") or m["config"].get("profile")
+        row["attack_search"] = attack_search(m)
         if isinstance(item, RunResult):
             row["file"] = str(item.path / "metrics.json")
             row["sha256"] = "verified" if item.verified else "no sidecar"
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")
+
+
+def attack_search(metrics: dict[str, Any]) -> str:
+    """Where a run's slow attacks (CW-inf, AutoAttack, the sanity checks') searched, in words:
+    ``"fp32"`` (also runs from before ``eval_search`` was recorded), ``"TF32 (PGD-20 check
+    +0.02 points)"``, or ``"fp32 (TF32 check failed: +0.35 points)"``. Verdicts are fp32's in
+    every case (``evaluate.evaluate_suite``)."""
+    if metrics.get("eval_search", "fp32") == "fp32":
+        return "fp32"
+    check = ((metrics.get("accuracy") or {}).get("pgd20") or {}).get("tf32_check") or {}
+    if "passed" not in check:
+        return "TF32 asked, not checked (no PGD-20)"
+    points = f"{check['points']:+.2f} points"
+    return f"TF32 (PGD-20 check {points})" if check["passed"] else \
+        f"fp32 (TF32 check failed: {points})"
 
 
 def knobs_table(runs: Iterable[RunResult | dict[str, Any]]):

@@ -6,7 +6,10 @@ seeded PGD-20 (eps 8/255, step 2/255, uniform random start, cross-entropy) on th
 with the attack's forward and backward passes run
 
 - ``fp32``: IEEE fp32, TF32 off (the protocol, :func:`anchor_lib.evaluate.full_precision`);
-- ``tf32``: fp32 tensors, cuDNN and matmul in TF32 (PyTorch's default for convolutions);
+- ``tf32``: fp32 tensors, cuDNN and matmul in TF32 (PyTorch's default for convolutions), as
+  the evaluation's TF32 search runs it (``evaluate.correct(..., search="tf32")``: images that
+  only TF32 judged broken are attacked again in fp32; measured before that was added at commit
+  30df15d);
 - ``bf16``: bf16 autocast on a channels_last copy (the trainer's arithmetic).
 
 Every variant judges its adversarial images with the fp32 model, so only the attack's arithmetic
@@ -34,19 +37,12 @@ from anchor_lib import checkpoint, data, evaluate, provenance
 from anchor_lib.train import config_from_dict, dataset_for, load_model
 
 #: DESIGN §4: a reduced-precision result counts only within this many points of fp32.
-MAX_POINTS = 0.2
+MAX_POINTS = evaluate.PRECISION_RULE_POINTS
 
 
 def _attack(variant: str):
-    """PGD-20 of the protocol whose passes run in ``variant``'s arithmetic."""
-    pgd20 = partial(evaluate.standard_attacks()["pgd20"], amp=variant == "bf16")
-    if variant != "tf32":
-        return pgd20
-
-    def in_tf32(model, x, y):
-        with evaluate.tf32(True):  # inside correct()'s full-precision block: the attack only
-            return pgd20(model, x, y)
-    return in_tf32
+    """PGD-20 of the protocol; bf16 autocast for ``"bf16"`` (TF32 is ``correct``'s search)."""
+    return partial(evaluate.standard_attacks()["pgd20"], amp=variant == "bf16")
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
@@ -67,12 +63,16 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
         if variant == "bf16" and dev.type == "cuda":
             net = model.to(memory_format=torch.channels_last)
         attack = _attack(variant)
+        # TF32 as the evaluation uses it: the search in TF32, the verdicts in fp32, and the images
+        # only TF32 judged broken attacked again in fp32.
+        search = "tf32" if variant == "tf32" else "fp32"
         with evaluate.seeded(seed + 1, dev):  # a warm-up batch: cuDNN's and the allocator's set-up
-            evaluate.correct(net, x[:batch_size], y[:batch_size], attack, batch_size)
+            evaluate.correct(net, x[:batch_size], y[:batch_size], attack, batch_size,
+                             search=search)
         evaluate.sync(dev)
         t0 = time.perf_counter()
         with evaluate.seeded(seed, dev):
-            masks[variant] = evaluate.correct(net, x, y, attack, batch_size)
+            masks[variant] = evaluate.correct(net, x, y, attack, batch_size, search=search)
         evaluate.sync(dev)
         seconds = time.perf_counter() - t0
         model.to(memory_format=torch.contiguous_format)

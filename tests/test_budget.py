@@ -22,15 +22,18 @@ ALL = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 
 
 def fake_run(folder: Path, cfg: TrainConfig, epoch_seconds: list[float], eval_seconds: float,
-             *, attacks=ALL, sanity: bool = True, hardware: str = CPU) -> Path:
-    """A finished run of ``cfg`` in ``folder`` whose epochs and evaluation took these times."""
+             *, attacks=ALL, sanity: bool = True, hardware: str = CPU,
+             search: str | None = None) -> Path:
+    """A finished run of ``cfg`` in ``folder`` whose epochs and evaluation took these times
+    (``search``: the eval_search it records; None: none, as runs before it was recorded)."""
     rows = "".join(f"{i + 1},{s}\n" for i, s in enumerate(epoch_seconds))
     checkpoint.write_text(folder / "history.csv", "epoch,seconds\n" + rows)
     checkpoint.write_json(folder / "metrics.json", {
         "method": cfg.method, "profile": cfg.profile, "hardware": hardware,
         "config": dataclasses.asdict(cfg), "eval_seconds": eval_seconds,
         "accuracy": {a: {"value": 0.5, "n": 100} for a in attacks},
-        "sanity": {"more_steps": {"passed": True}} if sanity else {}})
+        "sanity": {"more_steps": {"passed": True}} if sanity else {},
+        **({"eval_search": search} if search else {})})
     return folder
 
 
@@ -75,6 +78,20 @@ def test_estimate_prefers_the_same_methods_evaluation(results):
     guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
     assert "evaluation by full-anchor-seed1" in guess.basis
     assert guess.seconds == pytest.approx((FIRST + 29 * LATER + 100) * budget.MARGIN)
+
+
+def test_a_tf32_search_is_timed_by_tf32_evaluations_else_by_the_slower_fp32_ones(results):
+    tf32 = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU,
+                           search="tf32")
+    assert "evaluation by full-pgd_at" in tf32.basis  # no TF32 run yet: the fp32 one
+    fake_run(results / "full-standard", full("standard"), [3.0, 2.0], 120.0, search="tf32")
+    tf32 = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU,
+                           search="tf32")
+    assert "evaluation by full-standard" in tf32.basis
+    assert tf32.seconds == pytest.approx((FIRST + 29 * LATER + 120) * budget.MARGIN)
+    # An fp32 evaluation is never timed by a TF32 one (older runs without the field are fp32).
+    fp32 = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
+    assert "evaluation by full-pgd_at" in fp32.basis
 
 
 def test_estimate_is_not_thrown_by_odd_runs(results):

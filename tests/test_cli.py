@@ -120,6 +120,11 @@ USAGE_ERRORS = {
     "embed_unknown_space": ["embed", "--checkpoint", "x.pt", "--out", "e.npz", "--space", "pixels"],
     "unknown_reproduce_method": ["reproduce", "--methods", "magic"],
     "time_budget_zero": ["reproduce", "--time-budget", "0"],
+    "unknown_search_precision": ["evaluate", "--checkpoint", "x.pt", "--search-precision", "bf16"],
+    "tf32_search_without_pgd20": ["evaluate", "--checkpoint", "x.pt", "--attacks", "clean,cw",
+                                  "--search-precision", "tf32"],
+    "tf32_ablation_without_pgd20": ["reproduce", "--ablation", "--attacks", "clean",
+                                    "--search-precision", "tf32"],
     "time_budget_not_a_number": ["reproduce", "--time-budget", "ten minutes"],
     "debug_after_unknown_option": ["train", "--method", "pgd_at", "--debgu"],
 }
@@ -224,16 +229,16 @@ def test_interrupted_evaluate_leaves_no_metrics_then_reruns(tiny_checkpoint, tmp
     argv = ("evaluate", "--checkpoint", tiny_checkpoint, "--attacks", "clean,pgd20", "--n", "16",
             "--out", out)
     calls = []
-    real = evaluate.correct
+    real = evaluate._correct
 
-    def crash(model, x, y, attack=None, batch_size=500):  # clean is done; PGD-20 "crashes"
+    def crash(model, x, y, attack, batch_size, search):  # clean is done; PGD-20 "crashes"
         if attack is None:
-            return real(model, x, y, attack, batch_size)
+            return real(model, x, y, attack, batch_size, search)
         calls.append(1)
         raise RuntimeError("simulated crash in the middle of the evaluation")
 
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "correct", crash)
+        m.setattr(evaluate, "_correct", crash)
         code, _, err = run_cli(*argv, capsys=capsys)
     assert calls and assert_one_line_error(code, err, "simulated crash")
     assert not out.exists() and not out.with_name("metrics.json.sha256").exists()
@@ -268,14 +273,14 @@ def test_evaluate_batch_size_is_used_and_recorded(tiny_checkpoint, tmp_path, cap
     from anchor_lib import evaluate
 
     seen = []
-    real = evaluate.correct
+    real = evaluate._correct
 
-    def spy(model, x, y, attack=None, batch_size=500):
+    def spy(model, x, y, attack, batch_size, search):
         if attack is not None:
             seen.append(batch_size)
-        return real(model, x, y, attack, batch_size)
+        return real(model, x, y, attack, batch_size, search)
 
-    monkeypatch.setattr(evaluate, "correct", spy)
+    monkeypatch.setattr(evaluate, "_correct", spy)
     values = {}
     for flag in ([], ["--batch-size", "8"]):
         out = tmp_path / f"metrics{len(flag)}.json"

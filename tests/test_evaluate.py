@@ -210,7 +210,7 @@ def test_evaluate_suite_structure_and_order(trained, fast_autoattack):
     result = evaluate_suite(model, x, y, n=120, autoattack_n=16, batch_size=50, eps=EPS)
     assert list(result) == list(ATTACKS)
     for name, entry in result.items():
-        assert set(entry) == {"value", "n", "seconds"}
+        assert set(entry) == {"value", "n", "seconds", "search"} and entry["search"] == "fp32"
         assert isinstance(entry["value"], float) and 0.0 <= entry["value"] <= 1.0
         assert entry["n"] == (16 if name == "autoattack" else 120)
     acc = {name: entry["value"] for name, entry in result.items()}
@@ -444,3 +444,160 @@ def test_small_rises_within_the_slack_cannot_add_up(trained, monkeypatch):
     monkeypatch.setattr(evaluate, "_pgd_accuracy", lambda *a, **k: next(sweep))
     result = check_eps_sweep(model, x, y, (0, 1 / 255, 2 / 255, 4 / 255, 64 / 255))
     assert result["passed"] is False and "rises with eps" in result["detail"]
+
+
+# --------------------------------------------------------------------------------------------
+# The TF32 search (DESIGN §4: reduced precision only where it agrees with fp32)
+# --------------------------------------------------------------------------------------------
+
+def _tf32_on() -> bool:
+    return torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+class PrecisionDependent(nn.Module):
+    """What TF32 could do to a model, made visible on a CPU (where the flags change nothing):
+    with the flags on, ``flip`` moves every prediction to another class (a verdict that
+    differs between precisions), or ``mask`` rounds the input to 8 bits (a zero gradient, so an
+    attack searching in TF32 gets nowhere)."""
+
+    def __init__(self, model: nn.Module, effect: str) -> None:
+        super().__init__()
+        self.model, self.effect, self.num_classes = model, effect, K
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tf32_on() and self.effect == "mask":
+            x = torch.round(x * 255) / 255
+        logits = self.model(x)
+        if _tf32_on() and self.effect == "flip":
+            logits = logits.roll(1, dims=1)
+        return logits
+
+
+def test_a_tf32_search_attacks_in_tf32_and_judges_in_fp32(trained):
+    model, x, y = trained
+    x, y = x[:40], y[:40]
+    calls = []  # (who, TF32 on) for every model call
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.num_classes, self.inside = model, K, False
+
+        def forward(self, xb):
+            calls.append(("attack" if self.inside else "verdict", _tf32_on()))
+            return self.model(xb)
+
+    spy = Spy()
+
+    def attack(m, xb, yb):
+        spy.inside = True
+        try:
+            return pgd(m, xb, yb, eps=EPS, alpha=EPS / 4, steps=3)
+        finally:
+            spy.inside = False
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    mask = evaluate.correct(spy, x, y, attack, batch_size=20, search="tf32")
+    assert {flag for who, flag in calls if who == "attack"} == {True}
+    # fp32 verdicts, and one TF32 prediction per batch to find the images fp32 judges otherwise.
+    verdicts = [flag for who, flag in calls if who == "verdict"]
+    assert verdicts.count(True) == 2 and verdicts.count(False) == 4
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    # On a CPU TF32 changes no arithmetic: the same verdicts as the fp32 search.
+    torch.manual_seed(0)
+    plain = evaluate.correct(model, x, y, partial(pgd, eps=EPS, alpha=EPS / 4, steps=3), 20)
+    torch.manual_seed(0)
+    assert torch.equal(evaluate.correct(model, x, y, partial(pgd, eps=EPS, alpha=EPS / 4, steps=3),
+                                        20, search="tf32"), plain)
+    assert mask.dtype == torch.bool
+    with pytest.raises(ValueError, match="search must be one of 'fp32', 'tf32', got 'bf16'"):
+        evaluate.correct(model, x, y, attack, search="bf16")
+
+
+def test_images_broken_only_in_tf32_are_attacked_again_in_fp32(trained):
+    """A TF32 verdict that fp32 does not share never counts for the model, nor against it."""
+    model, x, y = trained
+    flips = PrecisionDependent(model, "flip")
+    seen = []
+
+    def unchanged(m, xb, yb):  # an attack that moves nothing: only the verdicts differ
+        seen.append((len(xb), _tf32_on()))
+        return xb.clone()
+
+    mask, retried = evaluate._correct(flips, x, y, unchanged, 500, "tf32")
+    clean = evaluate.correct(model, x, y)
+    # In TF32 every clean-correct image "broke"; fp32 disagreed, so each was attacked again in
+    # fp32, where it held: the verdict is fp32's.
+    assert torch.equal(mask, clean)
+    assert retried == int(clean.sum()) and seen == [(retried, True), (retried, False)]
+    # In fp32 nothing is attacked twice.
+    seen.clear()
+    assert evaluate._correct(flips, x, y, unchanged, 500, "fp32")[1] == 0 and len(seen) == 1
+
+
+def test_evaluate_suite_searches_in_tf32_only_after_pgd20_agrees(trained, fast_autoattack, capsys):
+    model, x, y = trained
+    names = ("clean", "fgsm", "pgd20", "cw", "autoattack")
+    fp32 = evaluate_suite(model, x, y, names, n=80, autoattack_n=16, eps=EPS, per_image=True)
+    tf32 = evaluate_suite(model, x, y, names, n=80, autoattack_n=16, eps=EPS, per_image=True,
+                          search="tf32", progress=True)
+    assert list(tf32) == list(names)  # the order asked, though PGD-20 ran first
+    assert {n: e["search"] for n, e in tf32.items()} == {
+        "clean": "fp32", "fgsm": "fp32", "pgd20": "fp32", "cw": "tf32", "autoattack": "tf32"}
+    check = tf32["pgd20"]["tf32_check"]
+    assert check["passed"] is True and check["images_changed"] == 0 and check["n"] == 80
+    assert check["fp32"] == check["tf32"] == tf32["pgd20"]["value"]
+    assert tf32["cw"]["retried_in_fp32"] == 0 and "retried_in_fp32" not in tf32["pgd20"]
+    for name in names:  # TF32 is a no-op on a CPU: the same answers
+        assert (tf32[name]["correct"] == fp32[name]["correct"]).all(), name
+    out = capsys.readouterr().out
+    assert "TF32 search check" in out and "searched in TF32" in out
+    json.dumps({n: {k: v for k, v in e.items() if k != "correct"} for n, e in tf32.items()})
+
+
+def test_a_tf32_search_that_disagrees_leaves_every_attack_in_fp32(trained):
+    model, x, y = trained
+    masked = PrecisionDependent(model, "mask")  # PGD searching in TF32 sees a zero gradient
+    result = evaluate_suite(masked, x, y, ("pgd20", "cw"), eps=EPS, search="tf32")
+    check = result["pgd20"]["tf32_check"]
+    assert check["passed"] is False and check["points"] > 0.2 and check["tf32"] > check["fp32"]
+    assert "every attack searches in fp32" in check["detail"]
+    assert result["cw"]["search"] == "fp32"
+    assert result["pgd20"]["value"] == check["fp32"]
+
+
+def test_tf32_search_refuses_what_it_cannot_check(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="needs 'pgd20' among the attacks"):
+        evaluate_suite(model, x, y, ("clean", "cw"), search="tf32")
+    with pytest.raises(ValueError, match="search must be one of"):
+        evaluate_suite(model, x, y, ("clean",), search="TF32")
+    with pytest.raises(ValueError, match="two non-empty bool masks"):
+        evaluate.check_search_precision(torch.ones(3, dtype=torch.bool), torch.ones(4))
+    close = evaluate.check_search_precision(torch.ones(1000, dtype=torch.bool),
+                                            torch.arange(1000) >= 2)
+    assert close["passed"] is True and close["points"] == -0.2 and close["images_changed"] == 2
+    assert evaluate.check_search_precision(torch.ones(1000, dtype=torch.bool),
+                                           torch.arange(1000) >= 3)["passed"] is False
+
+
+def test_sanity_checks_search_where_they_are_told(trained, fast_autoattack):
+    model, x, y = trained
+    flags = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.num_classes = model, K
+
+        def forward(self, xb):
+            flags.append(_tf32_on())
+            return self.model(xb)
+
+    for search, expected in (("fp32", {False}), ("tf32", {False, True})):
+        flags.clear()
+        sanity_checks(Spy(), x[:24], y[:24], eps=EPS, n_queries=10, pgd20=0.5, autoattack=0.5,
+                      search=search)
+        assert set(flags) == expected
+    assert evaluate.describe_precision("fp32") == evaluate.EVAL_PRECISION
+    assert "TF32" in evaluate.describe_precision("tf32")

@@ -60,7 +60,9 @@ def check_artifacts(run_dir, method: str) -> dict:
     assert set(metrics["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert list(metrics["accuracy"]) == list(ATTACKS)
     for entry in metrics["accuracy"].values():
-        assert set(entry) == {"value", "n", "seconds"} and 0.0 <= entry["value"] <= 1.0 and entry["n"] == 48
+        assert set(entry) == {"value", "n", "seconds", "search"} and entry["search"] == "fp32"
+        assert 0.0 <= entry["value"] <= 1.0 and entry["n"] == 48
+    assert metrics["eval_search"] == "fp32" and metrics["eval_precision"] == evaluate.EVAL_PRECISION
     assert metrics["accuracy"]["pgd20"]["value"] <= metrics["accuracy"]["clean"]["value"]
     assert isinstance(metrics["sanity"], dict)
     with open(run_dir / "history.csv", newline="") as f:
@@ -148,6 +150,7 @@ def test_a_finished_run_with_another_config_is_an_error_not_a_skip(tmp_path):
     (dict(methods=("anchor", "magic")), "unknown method"),
     (dict(width=0), "width must be an int >= 1"),
     (dict(lr=-1.0), "lr must be a finite number >= 0"),
+    (dict(search="bf16"), "search must be one of fp32, tf32, got 'bf16'"),
 ])
 def test_reproduce_rejects_bad_arguments(tmp_path, call, match):
     kw = {**TINY, **{k: v for k, v in call.items() if k not in ("profile", "methods")}}
@@ -223,9 +226,20 @@ def test_tutorial_profile_is_full_protocol_at_width_16_but_not_a_reading_profile
         train.default_profile()
 
 
-def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch):
+@pytest.mark.bad_input
+def test_a_tf32_search_without_pgd20_is_refused_before_anything_trains(tmp_path):
+    for call in (rep.reproduce, rep.ablation):
+        with pytest.raises(ValueError, match="search 'tf32' needs pgd20 among the attacks"):
+            call("smoke", out=tmp_path, attacks=("clean", "cw"), search="tf32",
+                 log=lambda _: None, **TINY)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("search", ["fp32", "tf32"])
+def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, search):
     """The AutoAttack-gap and black-box checks use the PGD-20 the report states for the same
-    images (one draw of random starts), and metrics.json records AutoAttack's configuration."""
+    images (one draw of random starts), and metrics.json records AutoAttack's configuration and
+    where the attacks searched."""
     from anchor_lib import attacks
 
     monkeypatch.setitem(rep.EVAL_SETTINGS, "smoke",
@@ -233,7 +247,7 @@ def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch):
     monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 3)  # the call path, not the budget
     monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 20)
     rep.reproduce("smoke", ("pgd_at",), tmp_path, attacks=("clean", "pgd20", "autoattack"),
-                  log=lambda *_: None, **TINY)
+                  log=lambda *_: None, search=search, **TINY)
     run = tmp_path / "smoke-pgd_at"
     metrics = json.loads((run / "metrics.json").read_text())
     masks = results.load_per_image(run / "per_image.npz")
@@ -241,3 +255,7 @@ def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch):
     assert metrics["sanity"]["autoattack_gap"]["pgd20"] == pytest.approx(first16)
     assert metrics["sanity"]["black_box_weaker"]["pgd20"] == pytest.approx(first16)
     assert metrics["autoattack_config"]["square_rescale_schedule"] is False
+    assert metrics["eval_search"] == search
+    assert metrics["accuracy"]["autoattack"]["search"] == search  # a CPU passes the check
+    assert metrics["eval_precision"] == evaluate.describe_precision(search)
+    assert ("tf32_check" in metrics["accuracy"]["pgd20"]) == (search == "tf32")
