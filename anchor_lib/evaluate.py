@@ -57,6 +57,7 @@ __all__ = [
     "seeded",
     "standard_attacks",
     "tf32",
+    "tf32_available",
 ]
 
 #: L-inf radius of the evaluation protocol (CIFAR-10).
@@ -148,6 +149,13 @@ def tf32(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
+def tf32_available(device: torch.device | str) -> bool:
+    """Whether TF32 changes any arithmetic on ``device``: a CUDA GPU of compute capability 8.0
+    (Ampere) or later. Elsewhere a "TF32" search would be fp32 under another name."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def sync(device: torch.device) -> None:
@@ -339,7 +347,8 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             must be among ``attacks``) runs first, searched in fp32 (the number reported) and in
             TF32 from the same random starts; if the two agree within
             :data:`PRECISION_RULE_POINTS`, the attacks of :data:`TF32_SEARCH_ATTACKS` search in
-            TF32. Verdicts are fp32's either way (:func:`correct`).
+            TF32. Verdicts are fp32's either way (:func:`correct`). Where TF32 does not exist
+            (:func:`tf32_available`: a CPU, an older GPU), everything runs as with ``"fp32"``.
 
     Returns:
         ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
@@ -370,6 +379,11 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     x, y = _check_data(x, y, batch_size)
     if n is not None:
         x, y = x[:n], y[:n]
+    if search == "tf32" and not tf32_available(x.device):
+        search = "fp32"  # the same arithmetic; no second PGD-20, no label that promises TF32
+        if progress:
+            print(f"[evaluate] TF32 search asked for, but {x.device} has no TF32: fp32 throughout",
+                  flush=True)
     table = standard_attacks(eps)
 
     def measure(name: str, precision: str) -> tuple[dict[str, Any], torch.Tensor]:

@@ -346,13 +346,14 @@ def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):
 def attack_search(metrics: dict[str, Any]) -> str:
     """Where a run's slow attacks (CW-inf, AutoAttack, the sanity checks') searched, in words:
     ``"fp32"`` (also runs from before ``eval_search`` was recorded), ``"TF32 (PGD-20 check
-    +0.02 points)"``, or ``"fp32 (TF32 check failed: +0.35 points)"``. Verdicts are fp32's in
-    every case (``evaluate.evaluate_suite``)."""
+    +0.02 points)"``, ``"fp32 (TF32 check failed: +0.35 points)"``, or ``"fp32 (TF32 asked;
+    none on this hardware)"``. Verdicts are fp32's in every case
+    (``evaluate.evaluate_suite``)."""
     if metrics.get("eval_search", "fp32") == "fp32":
         return "fp32"
     check = ((metrics.get("accuracy") or {}).get("pgd20") or {}).get("tf32_check") or {}
     if "passed" not in check:
-        return "TF32 asked, not checked (no PGD-20)"
+        return "fp32 (TF32 asked; none on this hardware)"
     points = f"{check['points']:+.2f} points"
     return f"TF32 (PGD-20 check {points})" if check["passed"] else \
         f"fp32 (TF32 check failed: {points})"

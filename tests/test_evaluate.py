@@ -535,7 +535,25 @@ def test_images_broken_only_in_tf32_are_attacked_again_in_fp32(trained):
     assert evaluate._correct(flips, x, y, unchanged, 500, "fp32")[1] == 0 and len(seen) == 1
 
 
-def test_evaluate_suite_searches_in_tf32_only_after_pgd20_agrees(trained, fast_autoattack, capsys):
+@pytest.fixture
+def tf32_gpu(monkeypatch):
+    """Take the CPU for a GPU with TF32: the flags change nothing here, but the models of these
+    tests read them (``PrecisionDependent``), which is how the TF32 path is exercised."""
+    monkeypatch.setattr(evaluate, "tf32_available", lambda device: True)
+
+
+def test_without_tf32_hardware_a_tf32_search_is_plain_fp32(trained, capsys):
+    model, x, y = trained
+    masked = PrecisionDependent(model, "mask")  # would fail the check if TF32 were switched on
+    result = evaluate_suite(masked, x, y, ("pgd20", "cw"), eps=EPS, search="tf32", progress=True)
+    assert [e["search"] for e in result.values()] == ["fp32", "fp32"]
+    assert "tf32_check" not in result["pgd20"]
+    assert "has no TF32: fp32 throughout" in capsys.readouterr().out
+    assert evaluate.tf32_available("cpu") is False
+
+
+def test_evaluate_suite_searches_in_tf32_only_after_pgd20_agrees(trained, fast_autoattack, capsys,
+                                                                   tf32_gpu):
     model, x, y = trained
     names = ("clean", "fgsm", "pgd20", "cw", "autoattack")
     fp32 = evaluate_suite(model, x, y, names, n=80, autoattack_n=16, eps=EPS, per_image=True)
@@ -555,7 +573,7 @@ def test_evaluate_suite_searches_in_tf32_only_after_pgd20_agrees(trained, fast_a
     json.dumps({n: {k: v for k, v in e.items() if k != "correct"} for n, e in tf32.items()})
 
 
-def test_a_tf32_search_that_disagrees_leaves_every_attack_in_fp32(trained):
+def test_a_tf32_search_that_disagrees_leaves_every_attack_in_fp32(trained, tf32_gpu):
     model, x, y = trained
     masked = PrecisionDependent(model, "mask")  # PGD searching in TF32 sees a zero gradient
     result = evaluate_suite(masked, x, y, ("pgd20", "cw"), eps=EPS, search="tf32")

@@ -210,6 +210,8 @@ def test_load_results_and_tables(results_root):
     assert results.attack_search(tf32) == "TF32 (PGD-20 check +0.02 points)"
     tf32["accuracy"]["pgd20"]["tf32_check"] = {"passed": False, "points": -0.35}
     assert results.attack_search(tf32) == "fp32 (TF32 check failed: -0.35 points)"
+    assert results.attack_search({"eval_search": "tf32", "accuracy": {"pgd20": {}}}) == \
+        "fp32 (TF32 asked; none on this hardware)"
     sanity = results.sanity_table(runs)
     assert not sanity.loc["full-standard", "eps_sweep"] and sanity.loc["full-anchor", "eps_sweep"]
     # dicts work too (metrics_list), and a missing attack is NaN, never a guess

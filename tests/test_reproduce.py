@@ -235,8 +235,8 @@ def test_a_tf32_search_without_pgd20_is_refused_before_anything_trains(tmp_path)
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("search", ["fp32", "tf32"])
-def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, search):
+@pytest.mark.parametrize("search, gpu", [("fp32", False), ("tf32", False), ("tf32", True)])
+def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, search, gpu):
     """The AutoAttack-gap and black-box checks use the PGD-20 the report states for the same
     images (one draw of random starts), and metrics.json records AutoAttack's configuration and
     where the attacks searched."""
@@ -246,6 +246,8 @@ def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, 
                         {"n": 48, "autoattack_n": 16, "sanity": True, "embed_n": 40})
     monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 3)  # the call path, not the budget
     monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 20)
+    # gpu: as on a GPU with TF32 (here the flags change no arithmetic, so the check passes).
+    monkeypatch.setattr(evaluate, "tf32_available", lambda device: gpu)
     rep.reproduce("smoke", ("pgd_at",), tmp_path, attacks=("clean", "pgd20", "autoattack"),
                   log=lambda *_: None, search=search, **TINY)
     run = tmp_path / "smoke-pgd_at"
@@ -255,7 +257,8 @@ def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, 
     assert metrics["sanity"]["autoattack_gap"]["pgd20"] == pytest.approx(first16)
     assert metrics["sanity"]["black_box_weaker"]["pgd20"] == pytest.approx(first16)
     assert metrics["autoattack_config"]["square_rescale_schedule"] is False
+    used = "tf32" if search == "tf32" and gpu else "fp32"  # no TF32 hardware: plain fp32
     assert metrics["eval_search"] == search
-    assert metrics["accuracy"]["autoattack"]["search"] == search  # a CPU passes the check
-    assert metrics["eval_precision"] == evaluate.describe_precision(search)
-    assert ("tf32_check" in metrics["accuracy"]["pgd20"]) == (search == "tf32")
+    assert metrics["accuracy"]["autoattack"]["search"] == used
+    assert metrics["eval_precision"] == evaluate.describe_precision(used)
+    assert ("tf32_check" in metrics["accuracy"]["pgd20"]) == (used == "tf32")
