@@ -10,9 +10,10 @@ finished under the same results folder, on the same hardware:
   attack steps, views), the slowest first epoch (which compiles) plus the slowest median later
   epoch for each further epoch, from their ``history.csv``;
 - evaluation: the longest ``eval_seconds`` of the finished runs evaluated alike (profile, width,
-  attacks, sanity checks, search precision), the same method's when there is one (AutoAttack on a
-  robust model takes far longer than on a standard one); a TF32 search with no such run is timed
-  by the fp32 ones, which take longer;
+  attacks, sanity checks), the same method's when there is one (AutoAttack on a robust model
+  takes far longer than on a standard one), and of those the ones that searched as this run will
+  (fp32 or TF32); a TF32 search timed by an fp32 run adds that run's PGD-20 (TF32 runs PGD-20
+  twice, and searches in fp32 throughout when its check fails);
 
 the sum times :data:`MARGIN`. A run with no such precedent is started if any time is left (no
 estimate is no reason to skip it); a finished run is always "admitted", since skipping it costs
@@ -101,37 +102,39 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     further epoch, the median over those runs of their median later epoch (runs of one epoch
     have none). A run records whether it compiled; one that did not time a compiled run (or the
     reverse) only where the older record says neither. Evaluation: the longest of the runs
-    evaluated alike, the same method's when there is one; with the attacks' ``search`` in
-    ``"fp32"`` (runs that do not record it searched in fp32), or in ``"tf32"`` where such a run
-    exists (else the fp32 runs, an overestimate). Plus what a finished run took beyond
-    training and evaluation (loading, embeddings; ``run_seconds``, where recorded), then
-    :data:`MARGIN`."""
+    evaluated alike, the same method's when there is one, and of those the ones whose attacks
+    searched like ``search`` (runs that do not record it searched in fp32); a TF32 search timed by
+    fp32 runs adds their PGD-20's seconds. An fp32 search is never timed by a TF32 run. Plus what
+    a finished run took beyond training and evaluation (loading, embeddings; ``run_seconds``,
+    where recorded), then :data:`MARGIN`."""
     compiled = use_compile(cfg, resolve_device(cfg.device))
     runs = [(d, m) for d, m in finished_runs(out) if m.get("hardware") == hardware]
     mine = _cost(dataclasses.asdict(cfg))
     train = [(d, m, _epoch_seconds(d)) for d, m in runs if _cost(m["config"]) == mine
              and m.get("compiled") in (None, compiled)]
     train = [(d, m, e) for d, m, e in train if e is not None]
-    evals = [(d, m) for d, m in runs if m["config"].get("width") == cfg.width
+    alike = [(d, m) for d, m in runs if m["config"].get("width") == cfg.width
              and (m.get("profile") or m["config"].get("profile")) == cfg.profile
              and sorted(m.get("accuracy") or {}) == sorted(attacks)
              and bool(m.get("sanity")) == sanity and m.get("eval_seconds") is not None]
-    searched = {s: [(d, m) for d, m in evals if m.get("eval_search", "fp32") == s]
+    same_method = [(d, m) for d, m in alike if m.get("method") == cfg.method]
+    searched = {s: [(d, m) for d, m in (same_method or alike) if m.get("eval_search", "fp32") == s]
                 for s in ("fp32", "tf32")}
-    evals = searched.get(search) or searched["fp32"]
+    evals = searched[search] or searched["fp32"]
     if not train or not evals:
         return None
     first = max(e[0] for _, _, e in train)
     laters = [statistics.median(e[1:]) for _, _, e in train if len(e) > 1]
     later = statistics.median(laters) if laters else first
-    same_method = [(d, m) for d, m in evals if m.get("method") == cfg.method]
-    eval_dir, eval_metrics = max(same_method or evals, key=lambda dm: dm[1]["eval_seconds"])
+    eval_dir, eval_metrics = max(evals, key=lambda dm: dm[1]["eval_seconds"])
+    eval_seconds = eval_metrics["eval_seconds"]
+    if search == "tf32" and eval_metrics.get("eval_search", "fp32") == "fp32":
+        eval_seconds += ((eval_metrics.get("accuracy") or {}).get("pgd20") or {}).get("seconds", 0)
     rest = max([m["run_seconds"] - (m.get("train_seconds") or 0) - m["eval_seconds"]
-                for _, m in [*evals, *((d, m) for d, m, _ in train)]
+                for _, m in [*alike, *((d, m) for d, m, _ in train)]
                 if m.get("run_seconds") is not None and m.get("eval_seconds") is not None],
                default=0.0)
-    seconds = (first + (cfg.epochs - 1) * later + eval_metrics["eval_seconds"]
-               + max(rest, 0.0)) * MARGIN
+    seconds = (first + (cfg.epochs - 1) * later + eval_seconds + max(rest, 0.0)) * MARGIN
     names = sorted(_name(out, d) for d, _, _ in train)
     more = f" and {len(names) - 2} more" if len(names) > 2 else ""
     basis = (f"epochs timed by {', '.join(names[:2])}{more}; "

@@ -85,8 +85,8 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
 
     With ``per_image`` each ``accuracy`` entry also holds ``"correct"``, the attack's per-image
     bool mask (``evaluate.evaluate_suite``): not JSON; :func:`save_masks` takes it out.
-    ``eval_search`` records the ``search`` asked for, ``eval_precision`` what ran: the sanity
-    checks search in TF32 only where the suite's PGD-20 check allowed it.
+    ``eval_search`` records the ``search`` asked for, ``eval_precision`` what ran (the sanity
+    checks search in fp32 in any case).
     """
     dev = next(model.parameters()).device
     if batch_size is None:
@@ -100,14 +100,13 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     names = tuple(attacks) if attacks else evaluate.ATTACKS
     accuracy = evaluate.evaluate_suite(model, x, y, attacks=names, autoattack_n=autoattack_n,
                                        batch_size=batch_size, per_image=True, search=search)
-    used = "tf32" if (accuracy.get("pgd20", {}).get("tf32_check") or {}).get("passed") else "fp32"
     k = min(autoattack_n, len(y))
     # The checks compare with the suite's own PGD-20 on the same first k images (one draw of
     # random starts), not with a second PGD-20 of other starts.
     pgd20 = (float(accuracy["pgd20"]["correct"][:k].mean()) if "pgd20" in accuracy else None)
     checks = (evaluate.sanity_checks(model, x[:k], y[:k], pgd20=pgd20,
                                      autoattack=accuracy.get("autoattack", {}).get("value"),
-                                     batch_size=batch_size, search=used)
+                                     batch_size=batch_size)
               if sanity else {})
     if not per_image:
         for entry in accuracy.values():
@@ -121,7 +120,7 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
         "selected_epoch": int(state.get("epoch", -1)) + 1,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 2) or None,
         "eval_seconds": round(time.perf_counter() - t0, 2), "eval_batch_size": batch_size,
-        "eval_precision": evaluate.describe_precision(used), "eval_search": search,
+        "eval_precision": evaluate.describe_precision(accuracy), "eval_search": search,
         "profile": cfg_dict.get("profile"), "config": cfg_dict,
         # How the training steps ran: "cuda_graph" or "eager" (and why a graph was dropped), and
         # whether the model's passes were compiled (None: written before that was recorded).

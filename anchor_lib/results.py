@@ -326,8 +326,8 @@ def format_results_table(df, attacks: Sequence[str] = ATTACKS):
 def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):
     """Where each run's numbers come from: data copy, hardware, torch, commit, seed, epochs,
     selected epoch, train / eval seconds, evaluation batch size (None in runs older than the
-    field), profile, where the slow attacks searched (:func:`attack_search`) and whether the file
-    matched its sha256."""
+    field), profile, where the slow attacks searched (:func:`anchor_lib.results.attack_search`)
+    and whether the file matched its sha256."""
     import pandas as pd
 
     items = list(runs)

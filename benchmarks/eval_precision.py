@@ -17,13 +17,20 @@ differs. Reported per variant: robust accuracy, seconds (after a warm-up batch, 
 synchronised), and against ``fp32``: the difference in points, how many images changed their
 verdict, and whether it is within the 0.2-point rule.
 
-Usage (device machine): ``python benchmarks/eval_precision.py OUT.json CHECKPOINT [N]``; N test
-images, default all 10,000. On a CPU the three variants run the same fp32 arithmetic (autocast
-and TF32 are CUDA-only), which is what the tests check the plumbing with.
+``--autoattack K`` also runs AutoAttack on the first K test images twice, searched in fp32 and in
+TF32 (as ``evaluate_suite(..., search="tf32")`` runs it, from the same seed), and compares them
+image by image with ``evaluate.check_search_precision``: what the per-model PGD-20 check only
+extrapolates to AutoAttack, measured. It costs about 250 s in fp32 on 1,000 images of a robust
+model on an H100.
+
+Usage (device machine): ``python benchmarks/eval_precision.py OUT.json CHECKPOINT [N]
+[--autoattack K]``; N test images, default all 10,000. On a CPU the three variants run the same
+fp32 arithmetic (autocast and TF32 are CUDA-only), which is what the tests check the plumbing with.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -89,7 +96,32 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
     return variants
 
 
-def main(out: str, ckpt: str, n: str | None = None) -> dict[str, Any]:
+def autoattack_both_ways(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                         batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """AutoAttack's robust accuracy and seconds searched in fp32 and in TF32 on the same images
+    from the same seed (verdicts in fp32), and the two compared image by image."""
+    attack = evaluate.standard_attacks()["autoattack"]
+    out: dict[str, Any] = {"n": len(y)}
+    masks = {}
+    for search in ("fp32", "tf32"):
+        evaluate.sync(x.device)
+        t0 = time.perf_counter()
+        with evaluate.seeded(seed, x.device):
+            masks[search] = evaluate.correct(model, x, y, attack, batch_size, search=search)
+        evaluate.sync(x.device)
+        out[search] = {"accuracy": round(masks[search].float().mean().item(), 5),
+                       "seconds": round(time.perf_counter() - t0, 3)}
+    check = evaluate.check_search_precision(masks["fp32"], masks["tf32"])
+    out["tf32"]["vs_fp32"] = {**{k: check[k] for k in ("points", "images_changed",
+                                                       "missed_by_tf32", "missed_by_fp32")},
+                              "within_rule": check["passed"],
+                              "speedup": round(out["fp32"]["seconds"]
+                                               / max(out["tf32"]["seconds"], 1e-9), 2)}
+    return out
+
+
+def main(out: str, ckpt: str, n: str | None = None,
+         autoattack_n: int | None = None) -> dict[str, Any]:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, state = load_model(ckpt, dev)
     cfg = state.get("config") or {}
@@ -97,6 +129,8 @@ def main(out: str, ckpt: str, n: str | None = None) -> dict[str, Any]:
     count = len(dataset.y_test) if n is None else int(n)
     if not 1 <= count <= len(dataset.y_test):
         raise ValueError(f"N must be between 1 and {len(dataset.y_test)} test images, got {count}")
+    if autoattack_n is not None and not 1 <= autoattack_n <= count:
+        raise ValueError(f"--autoattack must be between 1 and N = {count}, got {autoattack_n}")
     x = data.to_float(dataset.x_test[:count]).to(dev)
     y = dataset.y_test[:count].to(dev)
     batch = evaluate.default_batch_size(dev)
@@ -113,12 +147,20 @@ def main(out: str, ckpt: str, n: str | None = None) -> dict[str, Any]:
         "command": "python benchmarks/eval_precision.py " + " ".join(sys.argv[1:]),
     }
     report["variants"] = measure(model, x, y, batch_size=batch)
+    if autoattack_n:
+        report["autoattack"] = autoattack_both_ways(model, x[:autoattack_n], y[:autoattack_n],
+                                                    batch_size=batch)
     checkpoint.write_json(Path(out), report)
-    print(json.dumps(report["variants"], indent=1))
+    print(json.dumps({k: report[k] for k in ("variants", "autoattack") if k in report}, indent=1))
     return report
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
-        sys.exit("usage: python benchmarks/eval_precision.py OUT.json CHECKPOINT [N]")
-    main(*sys.argv[1:4])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("checkpoint")
+    parser.add_argument("n", nargs="?", help="test images (default all)")
+    parser.add_argument("--autoattack", type=int, metavar="K",
+                        help="also AutoAttack on the first K images, fp32 against TF32 search")
+    args = parser.parse_args()
+    main(args.out, args.checkpoint, args.n, args.autoattack)

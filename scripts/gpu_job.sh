@@ -205,11 +205,12 @@ case "${1:-bench}" in
     fi
     if [[ $stages == *" precision "* ]]; then
       # PGD-20 in fp32, TF32 and bf16 on the first finished run's model (DESIGN §4's 0.2 rule),
-      # on its first PRECISION_N test images (default all).
+      # on its first PRECISION_N test images (default all); PRECISION_AA_N=K adds AutoAttack on
+      # the first K, searched in fp32 and in TF32 (about 250 s in fp32 for K = 1000).
       for d in "$results/$profile"-*; do
         [ -f "$d/metrics.json" ] && [ -f "$d/best.pt" ] || continue
         timeout "${PRECISION_S:-150}" python3 "${self%/scripts/*}/benchmarks/eval_precision.py" "$OUT/precision.json" \
-          "$d/best.pt" ${PRECISION_N:-} >>"$log" 2>&1
+          "$d/best.pt" ${PRECISION_N:-} ${PRECISION_AA_N:+--autoattack "$PRECISION_AA_N"} >>"$log" 2>&1
         echo "== precision ($d): rc $? at ${SECONDS}s" | tee -a "$log"
         break
       done

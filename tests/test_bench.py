@@ -174,6 +174,14 @@ def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):
         assert variants[name]["vs_fp32"]["within_rule"] is True
     with pytest.raises(ValueError, match="between 1 and 48 test images, got 49"):
         precision.main(str(tmp_path / "x.json"), str(ckpt), "49")
+    # AutoAttack both ways (a CPU's TF32 is fp32: the same answers, image for image).
+    monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 2)
+    monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 5)
+    aa = precision.main(str(tmp_path / "aa.json"), str(ckpt), "40", 8)["autoattack"]
+    assert aa["n"] == 8 and aa["fp32"]["accuracy"] == aa["tf32"]["accuracy"]
+    assert aa["tf32"]["vs_fp32"]["images_changed"] == 0 and aa["tf32"]["vs_fp32"]["within_rule"]
+    with pytest.raises(ValueError, match="--autoattack must be between 1 and N = 40, got 41"):
+        precision.main(str(tmp_path / "x.json"), str(ckpt), "40", 41)
 
 
 def test_compiled_step_computes_the_trainers_step():

@@ -80,18 +80,34 @@ def test_estimate_prefers_the_same_methods_evaluation(results):
     assert guess.seconds == pytest.approx((FIRST + 29 * LATER + 100) * budget.MARGIN)
 
 
-def test_a_tf32_search_is_timed_by_tf32_evaluations_else_by_the_slower_fp32_ones(results):
-    tf32 = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU,
-                           search="tf32")
-    assert "evaluation by full-pgd_at" in tf32.basis  # no TF32 run yet: the fp32 one
-    fake_run(results / "full-standard", full("standard"), [3.0, 2.0], 120.0, search="tf32")
-    tf32 = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU,
-                           search="tf32")
-    assert "evaluation by full-standard" in tf32.basis
-    assert tf32.seconds == pytest.approx((FIRST + 29 * LATER + 120) * budget.MARGIN)
+def test_a_tf32_search_is_timed_by_the_same_methods_tf32_evaluation_else_its_fp32_one(results):
+    """Same method first (AutoAttack on a robust model is slow), then the same search; an fp32
+    evaluation timing a TF32 one adds its PGD-20 (TF32 runs PGD-20 twice)."""
+    def tf32(method):
+        return budget.estimate(results, full(method), attacks=ALL, sanity=True, hardware=CPU,
+                               search="tf32")
+    pgd20 = 18.0  # full-pgd_at's PGD-20 seconds, set below
+    metrics_path = results / "full-pgd_at" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["accuracy"]["pgd20"]["seconds"] = pgd20
+    checkpoint.write_json(metrics_path, metrics)
+    assert tf32("pgd_at").seconds == pytest.approx((11.6 + 29 * 9.55 + 339 + pgd20)
+                                                   * budget.MARGIN)
+    # A TF32 run of another method does not time pgd_at's AutoAttack-bound evaluation...
+    fake_run(results / "full-standard", full("standard"), [3.0, 2.0], 20.0, search="tf32")
+    assert "evaluation by full-pgd_at" in tf32("pgd_at").basis
+    # ...but pgd_at's own TF32 run does, and then nothing is added.
+    fake_run(results / "full-pgd_at-seed1", full("pgd_at", seed=1), [11.6, 9.5, 9.6], 120.0,
+             search="tf32")
+    guess = tf32("pgd_at")
+    assert "evaluation by full-pgd_at-seed1" in guess.basis
+    assert guess.seconds == pytest.approx((11.6 + 29 * 9.55 + 120) * budget.MARGIN)
+    # A method with no run of its own is timed by the others' TF32 runs, the longest.
+    assert "evaluation by full-pgd_at-seed1" in tf32("anchor").basis
     # An fp32 evaluation is never timed by a TF32 one (older runs without the field are fp32).
-    fp32 = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
-    assert "evaluation by full-pgd_at" in fp32.basis
+    fp32 = budget.estimate(results, full("pgd_at"), attacks=ALL, sanity=True, hardware=CPU)
+    assert "evaluation by full-pgd_at;" in fp32.basis + ";" and fp32.seconds == pytest.approx(
+        (11.6 + 29 * 9.55 + 339) * budget.MARGIN)
 
 
 def test_estimate_is_not_thrown_by_odd_runs(results):

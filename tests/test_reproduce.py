@@ -260,5 +260,6 @@ def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, 
     used = "tf32" if search == "tf32" and gpu else "fp32"  # no TF32 hardware: plain fp32
     assert metrics["eval_search"] == search
     assert metrics["accuracy"]["autoattack"]["search"] == used
-    assert metrics["eval_precision"] == evaluate.describe_precision(used)
+    assert metrics["eval_precision"] == evaluate.describe_precision(metrics["accuracy"])
+    assert ("search of AutoAttack in TF32" in metrics["eval_precision"]) == (used == "tf32")
     assert ("tf32_check" in metrics["accuracy"]["pgd20"]) == (used == "tf32")
