@@ -480,3 +480,20 @@ def test_train_compile_flag_reaches_the_config(monkeypatch):
     assert cli.main(["train", "--method", "pgd_at", "--profile", "smoke", "--quiet"]) == 0
     # No flag: None, which train.use_compile resolves per device and profile.
     assert [cfg.compile for cfg in seen] == [True, False, None]
+
+
+def test_the_readme_names_every_option_of_every_command():
+    """The README's "Command line" section is where a reader looks an option up: none missing."""
+    import argparse
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("## Command line")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    commands = next(a for a in cli.build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    missing = {name: [o for a in parser._actions for o in a.option_strings
+                      if o.startswith("--") and o not in ("--help", "--debug") and o not in section]
+               for name, parser in commands.items()}
+    assert set(commands) == {"train", "evaluate", "embed", "reproduce", "bench"}
+    assert not any(missing.values()), missing
+
