@@ -11,9 +11,10 @@ finished under the same results folder, on the same hardware:
   epoch for each further epoch, from their ``history.csv``;
 - evaluation: the longest ``eval_seconds`` of the finished runs evaluated alike (profile, width,
   attacks, sanity checks), the same method's when there is one (AutoAttack on a robust model
-  takes far longer than on a standard one), and of those the ones that searched as this run will
-  (fp32 or TF32); a TF32 search timed by an fp32 run adds that run's PGD-20 (TF32 runs PGD-20
-  twice, and searches in fp32 throughout when its check fails);
+  takes far longer than on a standard one), searched as this run will be (fp32 or TF32) where
+  such a run exists; a TF32 search timed by an fp32 run adds that run's PGD-20 (TF32 runs PGD-20
+  twice, and searches in fp32 throughout when its check fails), and an fp32 search is never
+  timed by a TF32 run;
 
 the sum times :data:`MARGIN`. A run with no such precedent is started if any time is left (no
 estimate is no reason to skip it); a finished run is always "admitted", since skipping it costs
@@ -102,11 +103,9 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     further epoch, the median over those runs of their median later epoch (runs of one epoch
     have none). A run records whether it compiled; one that did not time a compiled run (or the
     reverse) only where the older record says neither. Evaluation: the longest of the runs
-    evaluated alike, the same method's when there is one, and of those the ones whose attacks
-    searched like ``search`` (runs that do not record it searched in fp32); a TF32 search timed by
-    fp32 runs adds their PGD-20's seconds. An fp32 search is never timed by a TF32 run. Plus what
-    a finished run took beyond training and evaluation (loading, embeddings; ``run_seconds``,
-    where recorded), then :data:`MARGIN`."""
+    evaluated alike, by :func:`_eval_precedents`. Plus what a finished run took beyond training
+    and evaluation (loading, embeddings; ``run_seconds``, where recorded), then
+    :data:`MARGIN`."""
     compiled = use_compile(cfg, resolve_device(cfg.device))
     runs = [(d, m) for d, m in finished_runs(out) if m.get("hardware") == hardware]
     mine = _cost(dataclasses.asdict(cfg))
@@ -117,19 +116,13 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
              and (m.get("profile") or m["config"].get("profile")) == cfg.profile
              and sorted(m.get("accuracy") or {}) == sorted(attacks)
              and bool(m.get("sanity")) == sanity and m.get("eval_seconds") is not None]
-    same_method = [(d, m) for d, m in alike if m.get("method") == cfg.method]
-    searched = {s: [(d, m) for d, m in (same_method or alike) if m.get("eval_search", "fp32") == s]
-                for s in ("fp32", "tf32")}
-    evals = searched[search] or searched["fp32"]
+    evals = _eval_precedents(alike, cfg.method, search)
     if not train or not evals:
         return None
     first = max(e[0] for _, _, e in train)
     laters = [statistics.median(e[1:]) for _, _, e in train if len(e) > 1]
     later = statistics.median(laters) if laters else first
-    eval_dir, eval_metrics = max(evals, key=lambda dm: dm[1]["eval_seconds"])
-    eval_seconds = eval_metrics["eval_seconds"]
-    if search == "tf32" and eval_metrics.get("eval_search", "fp32") == "fp32":
-        eval_seconds += ((eval_metrics.get("accuracy") or {}).get("pgd20") or {}).get("seconds", 0)
+    eval_seconds, eval_dir = max((_eval_cost(m, search), d) for d, m in evals)
     rest = max([m["run_seconds"] - (m.get("train_seconds") or 0) - m["eval_seconds"]
                 for _, m in [*alike, *((d, m) for d, m, _ in train)]
                 if m.get("run_seconds") is not None and m.get("eval_seconds") is not None],
@@ -140,6 +133,36 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     basis = (f"epochs timed by {', '.join(names[:2])}{more}; "
              f"evaluation by {_name(out, eval_dir)}")
     return Estimate(seconds, basis)
+
+
+def _searched(metrics: dict[str, Any]) -> str:
+    return metrics.get("eval_search", "fp32")  # runs from before it was recorded: fp32
+
+
+def _eval_precedents(alike: list[tuple[Path, dict[str, Any]]], method: str,
+                     search: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The runs whose evaluation times one of ``method`` searched in ``search``, of the runs
+    evaluated alike. The same method's (supcon_at's and anchor's count as one) searched the same
+    way, else searched in fp32; without a run of the method, a TF32 search takes every run (the
+    longest of them, however it searched: a standard model's quick AutoAttack must not time a
+    robust one's), an fp32 search every fp32 run (never a TF32 one)."""
+    def same(m: dict[str, Any]) -> bool:
+        return SAME_COST.get(m.get("method"), m.get("method")) == SAME_COST.get(method, method)
+
+    fp32 = [(d, m) for d, m in alike if _searched(m) == "fp32"]
+    if search == "fp32":
+        return [(d, m) for d, m in fp32 if same(m)] or fp32
+    return ([(d, m) for d, m in alike if same(m) and _searched(m) == "tf32"]
+            or [(d, m) for d, m in fp32 if same(m)] or alike)
+
+
+def _eval_cost(metrics: dict[str, Any], search: str) -> float:
+    """A precedent's evaluation seconds, plus its PGD-20 when it searched in fp32 and times a TF32
+    search (which runs PGD-20 a second time)."""
+    seconds = float(metrics["eval_seconds"])
+    if search == "tf32" and _searched(metrics) == "fp32":
+        seconds += float(((metrics.get("accuracy") or {}).get("pgd20") or {}).get("seconds", 0))
+    return seconds
 
 
 def _name(out: str | Path, run_dir: Path) -> str:

@@ -102,8 +102,14 @@ def test_a_tf32_search_is_timed_by_the_same_methods_tf32_evaluation_else_its_fp3
     guess = tf32("pgd_at")
     assert "evaluation by full-pgd_at-seed1" in guess.basis
     assert guess.seconds == pytest.approx((11.6 + 29 * 9.55 + 120) * budget.MARGIN)
-    # A method with no run of its own is timed by the others' TF32 runs, the longest.
-    assert "evaluation by full-pgd_at-seed1" in tf32("anchor").basis
+    # A method with no run of its own is timed by the longest evaluation of any search: here
+    # PGD-AT's fp32 one and its PGD-20, not the standard run's quick TF32 one.
+    assert "evaluation by full-pgd_at;" in tf32("anchor").basis + ";"
+    assert tf32("anchor").seconds == pytest.approx((FIRST + 29 * LATER + 339 + pgd20)
+                                                   * budget.MARGIN)
+    # supcon_at and anchor count as one method: anchor's TF32 run times supcon_at's.
+    fake_run(results / "full-anchor", full("anchor"), [40.0, LATER], 150.0, search="tf32")
+    assert "evaluation by full-anchor;" in tf32("supcon_at").basis + ";"
     # An fp32 evaluation is never timed by a TF32 one (older runs without the field are fp32).
     fp32 = budget.estimate(results, full("pgd_at"), attacks=ALL, sanity=True, hardware=CPU)
     assert "evaluation by full-pgd_at;" in fp32.basis + ";" and fp32.seconds == pytest.approx(
