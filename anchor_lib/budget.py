@@ -103,9 +103,9 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     further epoch, the median over those runs of their median later epoch (runs of one epoch
     have none). A run records whether it compiled; one that did not time a compiled run (or the
     reverse) only where the older record says neither. Evaluation: the longest of the runs
-    evaluated alike, by :func:`_eval_precedents`. Plus what a finished run took beyond training
-    and evaluation (loading, embeddings; ``run_seconds``, where recorded), then
-    :data:`MARGIN`."""
+    evaluated alike that ``_eval_precedents`` picks (the module's docstring says which). Plus
+    what a finished run took beyond training and evaluation (loading, embeddings;
+    ``run_seconds``, where recorded), then :data:`MARGIN`."""
     compiled = use_compile(cfg, resolve_device(cfg.device))
     runs = [(d, m) for d, m in finished_runs(out) if m.get("hardware") == hardware]
     mine = _cost(dataclasses.asdict(cfg))
