@@ -11,8 +11,9 @@ cache first keeps the promise of ``execute_notebooks: force``: every ``make book
 chapter against the library of the same commit.
 
 A chapter that raises stops the script with exit status 1 and its traceback, before the build
-would execute it a second time. The seconds each chapter took, and its slowest cells, are written
-as JSON to ``--report`` (default ``_build/execution.json``). Each kernel talks to its client over
+would execute it a second time. The seconds each chapter took, its slowest cells and the seconds
+it spent outside its cells (a stall between cells shows there) are written as JSON to
+``--report`` (default ``_build/execution.json``). Each kernel talks to its client over
 Unix sockets in a folder of its own, not TCP ports: kernels started together over TCP can race for
 the same free port. That folder is also the kernel's ``TMPDIR``, so the run folders a chapter makes
 with ``tempfile`` go when the chapter ends instead of piling up in ``/tmp`` build after build
@@ -48,6 +49,9 @@ from jupyter_cache.executors.utils import single_nb_execution
 from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
+# Seconds of a chapter's run outside its cells worth a word in the log (start-up and shutdown of a
+# kernel take a few; in a CI run of 2026-11-27 chapter 7 spent ten minutes there, its kernel idle).
+STALL_SECONDS = 60
 # Chapter seconds from the last committed CPU check (relative to the root): the longest chapters
 # start first, so that the last one to finish is not a long one started late.
 TIMINGS = Path("data") / "results" / "cpu-checks" / "ci_run.json"
@@ -128,13 +132,13 @@ def execute(path: Path, timeout: int
                 print(f"retrying {path.name} in a new kernel after {type(err).__name__}: {err}",
                       file=sys.stderr, flush=True)
     error = None if result.err is None else result.exc_string or repr(result.err)
-    return path, nb, result.time, error, slowest_cells(nb)
+    return path, nb, result.time, error, cell_seconds(nb)
 
 
-def slowest_cells(nb: nbformat.NotebookNode, n: int = 3) -> list[list]:
-    """The ``n`` code cells that took longest, ``[[cell id, seconds], ...]``, from the timestamps
-    nbclient records in each cell's metadata; the timestamps are removed, so that the cached
-    notebook is what it would be without them."""
+def cell_seconds(nb: nbformat.NotebookNode) -> list[list]:
+    """Every executed code cell's seconds, longest first, ``[[cell id, seconds], ...]``, from the
+    timestamps nbclient records in each cell's metadata; the timestamps are removed, so that the
+    cached notebook is what it would be without them."""
     took = []
     for i, cell in enumerate(nb.cells):
         stamps = cell.get("metadata", {}).pop("execution", None) or {}
@@ -142,7 +146,7 @@ def slowest_cells(nb: nbformat.NotebookNode, n: int = 3) -> list[list]:
             start, end = (datetime.fromisoformat(stamps[k].replace("Z", "+00:00"))
                           for k in ("iopub.execute_input", "shell.execute_reply"))
             took.append([cell.get("id", str(i)), round((end - start).total_seconds(), 2)])
-    return sorted(took, key=lambda c: -c[1])[:n]
+    return sorted(took, key=lambda c: -c[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = root / config["cache"]
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = get_cache(str(cache_dir))
-    start, seconds, slowest, failed = time.perf_counter(), {}, {}, []
+    start, seconds, slowest, outside, failed = time.perf_counter(), {}, {}, {}, []
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
         futures = [pool.submit(execute, p, int(config.get("timeout", 30))) for p in paths]
         for future in as_completed(futures):
@@ -183,19 +187,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED {name} after {took:.1f} s:\n{error}", file=sys.stderr, flush=True)
                 continue
             seconds[path.stem] = round(took, 2)
-            slowest[path.stem] = cells
+            slowest[path.stem] = cells[:3]
+            # Kernel start-up and shutdown take a few seconds; much more means a stall (a late
+            # message, say), which the per-cell times would not show.
+            outside[path.stem] = round(max(took - sum(c[1] for c in cells), 0.0), 2)
             cache.cache_notebook_bundle(CacheBundleIn(nb, str(path),
                                                       data={"execution_seconds": took}),
                                         check_validity=False, overwrite=True)
             print(f"executed {name} in {took:.1f} s"
-                  + (f" (slowest cell {cells[0][0]}: {cells[0][1]:.1f} s)" if cells else ""),
+                  + (f" (slowest cell {cells[0][0]}: {cells[0][1]:.1f} s)" if cells else "")
+                  + (f"; {outside[path.stem]:.0f} s outside its cells (kernel start-up, shutdown "
+                     f"or a stalled message)" if outside[path.stem] > STALL_SECONDS else ""),
                   flush=True)
     wall = time.perf_counter() - start
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({
         "jobs": args.jobs, "wall_seconds": round(wall, 2), "failed": sorted(failed),
         "chapter_execution_seconds": dict(sorted(seconds.items())),
-        "slowest_cells": dict(sorted(slowest.items()))}, indent=1) + "\n")
+        "slowest_cells": dict(sorted(slowest.items())),
+        "outside_cells_seconds": dict(sorted(outside.items()))}, indent=1) + "\n")
     print(f"{len(seconds)} chapters executed in {wall:.1f} s with {args.jobs} at a time"
           + (f"; FAILED: {', '.join(sorted(failed))}" if failed else ""))
     return 1 if failed else 0

@@ -90,6 +90,9 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
         nb = nbformat.read(tmp_path / "book" / f"{name}.ipynb", as_version=4)
         [(cell_id, seconds)] = report["slowest_cells"][name]
         assert cell_id == nb.cells[1].id and 2 <= seconds < report["chapter_execution_seconds"][name]
+        # The rest of the chapter's time: its kernel's start-up and shutdown.
+        assert report["outside_cells_seconds"][name] == pytest.approx(
+            report["chapter_execution_seconds"][name] - seconds, abs=0.02)
         _, merged = cache.merge_match_into_notebook(nb)
         assert "execution" not in merged.cells[1].metadata  # the timestamps are not cached
     # The kernels talked over Unix sockets, not TCP ports two kernels could race for.
