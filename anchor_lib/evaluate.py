@@ -668,7 +668,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         n_queries: queries of the Square attack in the black-box check.
 
     The checks' own attacks always search in IEEE fp32, whatever an evaluation's ``search``: a
-    weaker search would make these detectors of gradient masking easier to pass.
+    weaker search would make these detectors of gradient masking easier to pass. A given
+    ``autoattack`` is used as it was measured, TF32 search or not.
 
     Returns:
         ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...}``,
