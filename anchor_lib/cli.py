@@ -17,6 +17,7 @@ from pathlib import Path
 from .embeddings import SPACES
 from .evaluate import SEARCH_PRECISIONS
 from .reproduce import ABLATION
+from .reproduce import _check_search as check_search
 from .train import METHODS, PROFILES
 
 SEARCH_HELP = ("where CW-inf and AutoAttack search: fp32 (default), or tf32 (PGD-20 ran 3.3x "
@@ -159,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_search(args: argparse.Namespace) -> None:
-    if args.search == "tf32" and args.attacks is not None and "pgd20" not in args.attacks:
-        raise UsageError(f"--search-precision tf32 needs pgd20 in --attacks (PGD-20 searched in "
-                         f"fp32 and in TF32 is its check), got {','.join(args.attacks)}")
+    """The library's rule (``reproduce._check_search``), before any work, as a usage error."""
+    try:
+        check_search(args.search, tuple(args.attacks) if args.attacks is not None else None)
+    except ValueError as err:
+        raise UsageError(f"--search-precision: {err}") from err
 
 
 def _overrides(args: argparse.Namespace, *names: str) -> dict:
