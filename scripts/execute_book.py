@@ -13,7 +13,9 @@ chapter against the library of the same commit.
 A chapter that raises stops the script with exit status 1 and its traceback, before the build
 would execute it a second time. The seconds each chapter took, its slowest cells and the seconds
 it spent outside its cells (a stall between cells shows there) are written as JSON to
-``--report`` (default ``_build/execution.json``). Each kernel talks to its client over
+``--report`` (default ``_build/execution.json``), with every silence of over a minute in the
+client's log of the run (``silences``: the seconds, and the log lines before and after it), so
+that a stall says where it waited. Each kernel talks to its client over
 Unix sockets in a folder of its own, not TCP ports: kernels started together over TCP can race for
 the same free port. That folder is also the kernel's ``TMPDIR``, so the run folders a chapter makes
 with ``tempfile`` go when the chapter ends instead of piling up in ``/tmp`` build after build
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import os
 import shutil
 import sys
@@ -39,6 +42,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import nbformat
@@ -110,29 +114,87 @@ def kernel_tmpdir(folder: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def execute(path: Path, timeout: int
-            ) -> tuple[Path, nbformat.NotebookNode, float, str | None, list[list]]:
+class Timeline(logging.Handler):
+    """Every record of the notebook client's log (nbclient logs each cell it starts and each
+    message the kernel sends, at debug level) and of the kernel manager's, as
+    ``(time.monotonic() seconds, its first 120 characters on one line)``, for
+    :func:`silences`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[tuple[float, str]] = []
+
+    def mark(self, text: str) -> None:
+        self.events.append((time.monotonic(), text))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.mark(" ".join(record.getMessage().split())[:120])
+
+
+def silences(events: list[tuple[float, str]], seconds: float) -> list[dict]:
+    """The gaps of over ``seconds`` between consecutive events, in order, each as
+    ``{"seconds", "after", "before"}`` (the lines either side): where a run waited."""
+    return [{"seconds": round(t1 - t0, 2), "after": a, "before": b}
+            for (t0, a), (t1, b) in pairwise(events) if t1 - t0 > seconds]
+
+
+@contextmanager
+def client_log(log: logging.Logger, timeline: Timeline) -> Iterator[None]:
+    """Inside the block, ``log`` (the notebook client's) and traitlets' logger (the kernel
+    manager's: start-up, shutdown) send every record to ``timeline`` and their warnings to
+    stderr, as before, and nowhere else."""
+    loud = logging.StreamHandler(sys.stderr)
+    loud.setLevel(logging.WARNING)
+    loggers = (log, logging.getLogger("traitlets"))
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+        lg.addHandler(timeline)
+        lg.addHandler(loud)
+    try:
+        yield
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
+            lg.removeHandler(timeline)
+            lg.removeHandler(loud)
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS
+            ) -> tuple[Path, nbformat.NotebookNode, float, str | None, list[list], list[dict]]:
     """Run one notebook in a fresh kernel with its folder as working directory: the notebook,
-    its seconds, if it failed the traceback, and its three slowest cells (``[cell id, seconds]``).
-    A cell that raises fails at once; a kernel that fails to start or dies is retried once in a
-    new kernel, then fails."""
-    for attempt in (1, 2):
-        nb = nbformat.read(path, as_version=4)
-        with tempfile.TemporaryDirectory(prefix="anchor-kernel-") as scratch, \
-                kernel_tmpdir(scratch):
-            ipc = Config({"KernelManager": {"transport": "ipc",
-                                            "ip": os.path.join(scratch, "kernel")}})
-            try:
-                result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
-                                             allow_errors=False, record_timing=True, config=ipc)
-                break
-            except Exception as err:  # not a cell's error: those come back in result.err
-                if attempt == 2:
-                    return path, nb, 0.0, traceback.format_exc(), []
-                print(f"retrying {path.name} in a new kernel after {type(err).__name__}: {err}",
-                      file=sys.stderr, flush=True)
+    its seconds, if it failed the traceback, its three slowest cells (``[cell id, seconds]``)
+    and the client's silences of over ``stall_seconds`` (:func:`silences`; a long cell that
+    prints nothing is one too). A cell that raises fails at once; a kernel that fails to start
+    or dies is retried once in a new kernel, then fails."""
+    timeline = Timeline()
+    log = logging.getLogger(f"execute_book.{path.stem}")
+    with client_log(log, timeline):
+        for attempt in (1, 2):
+            nb = nbformat.read(path, as_version=4)
+            with tempfile.TemporaryDirectory(prefix="anchor-kernel-") as scratch, \
+                    kernel_tmpdir(scratch):
+                ipc = Config({"KernelManager": {"transport": "ipc",
+                                                "ip": os.path.join(scratch, "kernel")}})
+                timeline.mark(f"attempt {attempt}: starting a kernel")
+                try:
+                    result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
+                                                 allow_errors=False, record_timing=True,
+                                                 config=ipc, log=log)
+                    break
+                except Exception as err:  # not a cell's error: those come back in result.err
+                    if attempt == 2:
+                        return (path, nb, 0.0, traceback.format_exc(), [],
+                                silences(timeline.events, stall_seconds))
+                    print(f"retrying {path.name} in a new kernel after {type(err).__name__}: "
+                          f"{err}", file=sys.stderr, flush=True)
+                finally:
+                    timeline.mark("the client returned (its kernel shut down)")
     error = None if result.err is None else result.exc_string or repr(result.err)
-    return path, nb, result.time, error, cell_seconds(nb)
+    return (path, nb, result.time, error, cell_seconds(nb),
+            silences(timeline.events, stall_seconds))
 
 
 def cell_seconds(nb: nbformat.NotebookNode) -> list[list]:
@@ -176,12 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = root / config["cache"]
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = get_cache(str(cache_dir))
-    start, seconds, slowest, outside, failed = time.perf_counter(), {}, {}, {}, []
+    start, seconds, slowest, outside, quiet, failed = time.perf_counter(), {}, {}, {}, {}, []
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
         futures = [pool.submit(execute, p, int(config.get("timeout", 30))) for p in paths]
         for future in as_completed(futures):
-            path, nb, took, error, cells = future.result()
+            path, nb, took, error, cells, gaps = future.result()
             name = path.relative_to(root).as_posix()
+            if gaps:
+                quiet[path.stem] = gaps
+                for gap in gaps:
+                    print(f"{name}: {gap['seconds']:.0f} s without a word from the client, "
+                          f"after {gap['after']!r}, before {gap['before']!r}",
+                          file=sys.stderr, flush=True)
             if error is not None:
                 failed.append(name)
                 print(f"FAILED {name} after {took:.1f} s:\n{error}", file=sys.stderr, flush=True)
@@ -205,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs, "wall_seconds": round(wall, 2), "failed": sorted(failed),
         "chapter_execution_seconds": dict(sorted(seconds.items())),
         "slowest_cells": dict(sorted(slowest.items())),
-        "outside_cells_seconds": dict(sorted(outside.items()))}, indent=1) + "\n")
+        "outside_cells_seconds": dict(sorted(outside.items())),
+        "silences": dict(sorted(quiet.items()))}, indent=1) + "\n")
     print(f"{len(seconds)} chapters executed in {wall:.1f} s with {args.jobs} at a time"
           + (f"; FAILED: {', '.join(sorted(failed))}" if failed else ""))
     return 1 if failed else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,7 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
             report["chapter_execution_seconds"][name] - seconds, abs=0.02)
         _, merged = cache.merge_match_into_notebook(nb)
         assert "execution" not in merged.cells[1].metadata  # the timestamps are not cached
+    assert report["silences"] == {}   # no minute without a word from the client
     # The kernels talked over Unix sockets, not TCP ports two kernels could race for.
     assert "Kernel is running over TCP" not in done.stderr
     # The chapters' temporary folders went with their kernels; inductor's cache did not move
@@ -103,6 +105,39 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
         made = json.loads((tmp_path / "book" / f"{name}.tmp.json").read_text())
         assert Path(made["made"]).name.startswith("run-") and not Path(made["made"]).exists()
         assert made["inductor"] and not made["inductor"].startswith(str(Path(made["made"]).parent))
+
+
+def test_silences_are_the_gaps_between_log_lines_longer_than_the_threshold():
+    module = _script()
+    events = [(0.0, "start"), (1.0, "Executing cell: x = 1"), (70.5, "msg_type: status"),
+              (71.0, "kernel shut down"), (200.0, "next")]
+    assert module.silences(events, 60) == [
+        {"seconds": 69.5, "after": "Executing cell: x = 1", "before": "msg_type: status"},
+        {"seconds": 129.0, "after": "kernel shut down", "before": "next"}]
+    assert module.silences(events, 200) == [] and module.silences(events[:1], 0) == []
+
+
+def test_a_silent_wait_is_reported_with_the_log_lines_around_it(tmp_path):
+    """A real kernel: a cell that sleeps without printing is a silence in the client's log,
+    between the line that started the cell and the kernel's next message."""
+    module = _script()
+    traitlets_handlers = list(logging.getLogger("traitlets").handlers)
+    nb = nbformat.v4.new_notebook(metadata=KERNEL)
+    nb.cells = [nbformat.v4.new_code_cell("print('hello')"),
+                nbformat.v4.new_code_cell("import time; time.sleep(2.5)")]
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    _, _, took, error, _, gaps = module.execute(tmp_path / "a.ipynb", timeout=30,
+                                                stall_seconds=2)
+    assert error is None and took >= 2.5
+    [gap] = [g for g in gaps if "time.sleep(2.5)" in g["after"]]
+    # The last line before it is the kernel's echo of the cell it started (execute_input).
+    assert gap["after"].startswith("content: {'code': 'import time; time.sleep(2.5)'")
+    assert 2.5 <= gap["seconds"] <= took and gap["before"].startswith("msg_type:")
+    # Nothing else was that quiet (start-up and shutdown take well under two seconds here).
+    assert len(gaps) == 1
+    # The client's debug lines went to the timeline, not to this process's log.
+    assert not logging.getLogger("execute_book.a").handlers
+    assert logging.getLogger("traitlets").handlers == traitlets_handlers
 
 
 def test_a_chapter_that_raises_fails_the_run_with_its_traceback(tmp_path):
@@ -164,10 +199,10 @@ def test_a_kernel_that_fails_to_start_is_retried_once_then_reported(tmp_path, mo
         return run
 
     monkeypatch.setattr(module, "single_nb_execution", kernel(fails=1))
-    _, _, took, error, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
+    _, _, took, error, _, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
     assert error is None and took == 0.5 and calls == [str(tmp_path)] * 2
 
     calls.clear()
     monkeypatch.setattr(module, "single_nb_execution", kernel(fails=2))
-    _, _, _, error, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
+    _, _, _, error, _, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
     assert len(calls) == 2 and "RuntimeError: Kernel died before replying" in error
