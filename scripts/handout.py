@@ -1,0 +1,134 @@
+"""Write the book's chapters as student handouts: the exercises kept, their solutions removed.
+
+Each chapter ends with exercises, and each exercise's solution follows it as a folded
+``{admonition} Solution`` block (a fenced directive with backticks or colons, in a cell of its own
+or inside the exercise's cell). This script copies the chapters to ``OUT`` with every such block
+removed, so that a teacher can hand them out as assignments. The "Open in Colab" badge goes too:
+it opens the book's own copy, solutions included; students open the handout itself instead
+(in Colab: File > Upload notebook). Everything else, the set-up cell included, is unchanged.
+
+Usage, from the repository root::
+
+    python scripts/handout.py OUT [CHAPTER ...]
+
+``CHAPTER`` is a chapter's number or file name (``3``, ``03_supervised_contrastive``); the
+default is every chapter of ``book/``. The sources in ``book/`` are never written to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+# The opening line of a solution: a MyST directive fenced by three or more backticks or colons.
+OPENING = re.compile(r"^(`{3,}|:{3,})\{admonition\}\s+Solution\s*$")
+BADGE = re.compile(r"^\[!\[Open in Colab\]\([^)]*\)\]\([^)]*\)\s*$")
+EXERCISE = re.compile(r"^\*\*\d+\.", re.M)
+
+
+class HandoutError(ValueError):
+    """A chapter whose solutions cannot be removed safely (an unclosed block, say)."""
+
+
+def strip_solutions(text: str, where: str = "") -> tuple[str, int]:
+    """``text`` (one markdown cell) without its solution blocks, and how many it had.
+
+    A block runs from its opening line to the first line that is exactly its fence (the same
+    characters, as many); fences of other kinds inside it (a ``~~~`` or `````` ``` `````` code
+    block in a ``:::`` solution) do not close it. An unclosed block is an error, not a cell cut
+    short."""
+    kept: list[str] = []
+    removed, fence, opened_at = 0, None, 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        if fence is None:
+            match = OPENING.match(line.strip())
+            if match:
+                fence, opened_at = match.group(1), number
+            else:
+                kept.append(line)
+        elif line.strip() == fence:
+            fence, removed = None, removed + 1
+    if fence is not None:
+        raise HandoutError(f"{where}: the solution opened on line {opened_at} with {fence!r} "
+                           f"is never closed (expected a line {fence!r})")
+    if not removed:
+        return text, 0
+    # Blank lines left where a block was, at most one in a row.
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n"), removed
+
+
+def handout(nb: nbformat.NotebookNode, name: str = "") -> tuple[nbformat.NotebookNode, int, int]:
+    """A copy of ``nb`` without solution blocks and without its Colab badge; also the numbers of
+    exercises (``**1.**``-style prompts) and of solutions removed."""
+    out = nbformat.from_dict(nb)
+    cells, exercises, solutions = [], 0, 0
+    for index, cell in enumerate(out.cells):
+        if cell.cell_type == "markdown":
+            lines = cell.source.split("\n")
+            text = "\n".join(line for line in lines if not BADGE.match(line.strip()))
+            if text != cell.source:   # the badge's line went, and the blank line after it
+                text = re.sub(r"\n{3,}", "\n\n", text).lstrip("\n")
+            text, removed = strip_solutions(text, f"{name}, cell {index}")
+            exercises += len(EXERCISE.findall(text))
+            solutions += removed
+            if not text.strip() and cell.source.strip():
+                continue   # the cell held nothing but a solution
+            cell.source = text
+        cells.append(cell)
+    out.cells = cells
+    return out, exercises, solutions
+
+
+def chapter_paths(book: Path, wanted: list[str]) -> list[Path]:
+    """The chapters named by number or file name (all of them for none), in book order."""
+    chapters = sorted(book.glob("[0-9][0-9]_*.ipynb"))
+    if not wanted:
+        return chapters
+    chosen = []
+    for want in wanted:
+        match = [p for p in chapters
+                 if p.stem == want or (want.isdigit() and int(p.stem[:2]) == int(want))]
+        if not match:
+            raise HandoutError(f"no chapter {want!r}; expected a number or one of: "
+                               + ", ".join(p.stem for p in chapters))
+        chosen += [p for p in match if p not in chosen]
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for the handouts (created)")
+    parser.add_argument("chapters", nargs="*",
+                        help="chapter numbers or file names (default: all)")
+    parser.add_argument("--book", type=Path, default=BOOK, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    book = args.book.resolve()
+    if args.out.resolve() == book:
+        parser.error(f"OUT must not be the book's own folder ({book}): the handouts would "
+                     "overwrite the chapters")
+    try:
+        paths = chapter_paths(book, args.chapters)
+        done = []
+        for path in paths:
+            nb, exercises, solutions = handout(nbformat.read(path, as_version=4), path.name)
+            if solutions != exercises:
+                raise HandoutError(f"{path.name}: {exercises} exercises but {solutions} "
+                                   "solutions removed; expected one solution per exercise")
+            done.append((path, nb, exercises))
+    except HandoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, nb, exercises in done:
+        nbformat.write(nb, args.out / path.name)
+        print(f"{args.out / path.name}: {exercises} exercises, solutions removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""scripts/handout.py: the chapters as student handouts, exercises kept and solutions removed."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "handout.py"
+CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("handout", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+handout = _script()
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_a_handout_keeps_every_exercise_and_nothing_of_the_solutions(path):
+    source = nbformat.read(path, as_version=4)
+    out, exercises, solutions = handout.handout(source, path.name)
+    text = "\n".join(c.source for c in out.cells)
+    # Every chapter ends with exercises, each with one solution, all of them gone.
+    assert exercises >= 1 and solutions == exercises
+    assert "{admonition} Solution" not in text and "Open in Colab" not in text
+    prompts = re.findall(r"^\*\*\d+\..*$", "\n".join(c.source for c in source.cells), re.M)
+    assert prompts and prompts == re.findall(r"^\*\*\d+\..*$", text, re.M)
+    # The code cells, the set-up cell among them, are the chapter's, in order; so are the
+    # markdown cells that held neither a solution nor the badge.
+    assert [c.source for c in out.cells if c.cell_type == "code"] == [
+        c.source for c in source.cells if c.cell_type == "code"]
+    untouched = [c.source for c in source.cells if c.cell_type == "markdown"
+                 and "{admonition} Solution" not in c.source and "Open in Colab" not in c.source]
+    assert all(s in [c.source for c in out.cells] for s in untouched)
+    assert out.cells[0].source.startswith("# ")   # the title, now without the badge under it
+    nbformat.validate(out)
+    assert "{admonition} Solution" in "\n".join(c.source for c in source.cells)  # not mutated
+
+
+def test_both_fence_styles_and_the_code_inside_them():
+    text = ("**1.** Ask.\n\n:::{admonition} Solution\n:class: dropdown\n\n```python\nx = 1\n```\n"
+            ":::\n\n**2.** Ask again.\n\n````{admonition} Solution\n:class: dropdown\n```python\n"
+            "y = 2\n```\n````\nAfter.")
+    out, removed = handout.strip_solutions(text)
+    assert removed == 2
+    assert out == "**1.** Ask.\n\n**2.** Ask again.\n\nAfter."
+    # Another admonition, or a cell without solutions, stays exactly as it was.
+    note = "```{admonition} Note\nKeep me.\n```\n\n\n"
+    assert handout.strip_solutions(note) == (note, 0)
+
+
+@pytest.mark.bad_input(cases=4)
+def test_bad_input_is_refused_with_what_was_expected(tmp_path, capsys):
+    with pytest.raises(handout.HandoutError, match=r"line 3 with ':::' is never closed"):
+        handout.strip_solutions("**1.** Ask.\n\n:::{admonition} Solution\nno end", "ch, cell 4")
+
+    book = tmp_path / "book"
+    book.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# One"),
+                nbformat.v4.new_markdown_cell("**1.** Ask.\n\n**2.** Ask again.\n\n"
+                                              "```{admonition} Solution\nOne.\n```")]
+    nbformat.write(nb, book / "01_one.ipynb")
+    assert handout.main([str(tmp_path / "out"), "--book", str(book)]) == 2
+    assert "01_one.ipynb: 2 exercises but 1 solutions removed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()   # nothing is written when a chapter is refused
+
+    assert handout.main([str(tmp_path / "out"), "7", "--book", str(book)]) == 2
+    assert "no chapter '7'; expected a number or one of: 01_one" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        handout.main([str(book), "--book", str(book)])
+    assert "must not be the book's own folder" in capsys.readouterr().err
+
+
+def test_the_command_writes_the_chosen_chapters(tmp_path, capsys):
+    assert handout.main([str(tmp_path / "out"), "3", "01_adversarial_examples"]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["01_adversarial_examples.ipynb", "03_supervised_contrastive.ipynb"]
+    nb = nbformat.read(tmp_path / "out" / "03_supervised_contrastive.ipynb", as_version=4)
+    assert "{admonition} Solution" not in "\n".join(c.source for c in nb.cells)
+    assert "solutions removed" in capsys.readouterr().out
