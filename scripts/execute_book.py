@@ -128,7 +128,7 @@ class Timeline(logging.Handler):
         self.events.append((time.monotonic(), text))
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.mark(" ".join(record.getMessage().split())[:120])
+        self.mark(" ".join(record.getMessage()[:500].split())[:120])
 
 
 def silences(events: list[tuple[float, str]], seconds: float) -> list[dict]:
@@ -141,8 +141,9 @@ def silences(events: list[tuple[float, str]], seconds: float) -> list[dict]:
 @contextmanager
 def client_log(log: logging.Logger, timeline: Timeline) -> Iterator[None]:
     """Inside the block, ``log`` (the notebook client's) and traitlets' logger (the kernel
-    manager's: start-up, shutdown) send every record to ``timeline`` and their warnings to
-    stderr, as before, and nowhere else."""
+    manager's: start-up, shutdown) send every record to ``timeline`` and their warnings and
+    errors to stderr, and nowhere else. (Before, both logs ended in traitlets' ``NullHandler``,
+    so a warning such as nbclient's "Timeout waiting for IOPub output" was never shown.)"""
     loud = logging.StreamHandler(sys.stderr)
     loud.setLevel(logging.WARNING)
     loggers = (log, logging.getLogger("traitlets"))
@@ -186,6 +187,8 @@ def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS
                     break
                 except Exception as err:  # not a cell's error: those come back in result.err
                     if attempt == 2:
+                        # The wait that ended in this error is a silence too.
+                        timeline.mark(f"attempt 2 failed: {type(err).__name__}")
                         return (path, nb, 0.0, traceback.format_exc(), [],
                                 silences(timeline.events, stall_seconds))
                     print(f"retrying {path.name} in a new kernel after {type(err).__name__}: "

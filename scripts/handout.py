@@ -35,52 +35,62 @@ class HandoutError(ValueError):
     """A chapter whose solutions cannot be removed safely (an unclosed block, say)."""
 
 
-def strip_solutions(text: str, where: str = "") -> tuple[str, int]:
-    """``text`` (one markdown cell) without its solution blocks, and how many it had.
+def strip_solutions(text: str, where: str = "") -> tuple[str, int, str]:
+    """``text`` (one markdown cell) without its solution blocks, how many it had, and the order
+    in which its exercise prompts (``E``) and solutions (``S``) stand, e.g. ``"ESES"``.
 
     A block runs from its opening line to the first line that is exactly its fence (the same
     characters, as many); fences of other kinds inside it (a ``~~~`` or `````` ``` `````` code
-    block in a ``:::`` solution) do not close it. An unclosed block is an error, not a cell cut
-    short."""
+    block in a ``:::`` solution) do not close it, and a prompt inside it does not count. An
+    unclosed block is an error, not a cell cut short."""
     kept: list[str] = []
-    removed, fence, opened_at = 0, None, 0
+    order, fence, opened_at = "", None, 0
     for number, line in enumerate(text.split("\n"), start=1):
         if fence is None:
             match = OPENING.match(line.strip())
             if match:
-                fence, opened_at = match.group(1), number
+                fence, opened_at, order = match.group(1), number, order + "S"
             else:
                 kept.append(line)
+                order += "E" if EXERCISE.match(line) else ""
         elif line.strip() == fence:
-            fence, removed = None, removed + 1
+            fence = None
     if fence is not None:
         raise HandoutError(f"{where}: the solution opened on line {opened_at} with {fence!r} "
                            f"is never closed (expected a line {fence!r})")
+    removed = order.count("S")
     if not removed:
-        return text, 0
+        return text, 0, order
     # Blank lines left where a block was, at most one in a row.
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n"), removed
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n"), removed, order
 
 
 def handout(nb: nbformat.NotebookNode, name: str = "") -> tuple[nbformat.NotebookNode, int, int]:
     """A copy of ``nb`` without solution blocks and without its Colab badge; also the numbers of
-    exercises (``**1.**``-style prompts) and of solutions removed."""
+    exercises (``**1.**``-style prompts) and of solutions removed. Every exercise must be
+    followed by exactly one solution before the next exercise (:class:`HandoutError` if not):
+    a handout with one exercise's solution left in, or with a stray solution removed, is worse
+    than none."""
     out = nbformat.from_dict(nb)
-    cells, exercises, solutions = [], 0, 0
+    cells, order = [], ""
     for index, cell in enumerate(out.cells):
         if cell.cell_type == "markdown":
             lines = cell.source.split("\n")
             text = "\n".join(line for line in lines if not BADGE.match(line.strip()))
             if text != cell.source:   # the badge's line went, and the blank line after it
                 text = re.sub(r"\n{3,}", "\n\n", text).lstrip("\n")
-            text, removed = strip_solutions(text, f"{name}, cell {index}")
-            exercises += len(EXERCISE.findall(text))
-            solutions += removed
+            text, _, cell_order = strip_solutions(text, f"{name}, cell {index}")
+            order += cell_order
             if not text.strip() and cell.source.strip():
                 continue   # the cell held nothing but a solution
             cell.source = text
         cells.append(cell)
     out.cells = cells
+    exercises, solutions = order.count("E"), order.count("S")
+    if order != "ES" * exercises:
+        raise HandoutError(f"{name}: expected each exercise followed by exactly one solution; "
+                           f"found {exercises} exercises and {solutions} solutions in the order "
+                           f"{order or '(none)'} (E: an exercise, S: a solution)")
     return out, exercises, solutions
 
 
@@ -115,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = chapter_paths(book, args.chapters)
         done = []
         for path in paths:
-            nb, exercises, solutions = handout(nbformat.read(path, as_version=4), path.name)
-            if solutions != exercises:
-                raise HandoutError(f"{path.name}: {exercises} exercises but {solutions} "
-                                   "solutions removed; expected one solution per exercise")
+            nb, exercises, _ = handout(nbformat.read(path, as_version=4), path.name)
             done.append((path, nb, exercises))
     except HandoutError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -32,6 +32,19 @@ def test_a_handout_keeps_every_exercise_and_nothing_of_the_solutions(path):
     # Every chapter ends with exercises, each with one solution, all of them gone.
     assert exercises >= 1 and solutions == exercises
     assert "{admonition} Solution" not in text and "Open in Colab" not in text
+    # Found independently of the script: no line of any solution's body is left.
+    source_text = "\n".join(c.source for c in source.cells if c.cell_type == "markdown")
+    bodies = [m.group(2) for m in re.finditer(
+        r"^(`{3,}|:{3,})\{admonition\} Solution\n(.*?)^\1$", source_text, re.M | re.S)]
+    assert len(bodies) == solutions
+    # (A line a solution shares with the chapter's other markdown may stay.)
+    outside = set(re.sub(r"^(`{3,}|:{3,})\{admonition\} Solution\n.*?^\1$", "", source_text,
+                         flags=re.M | re.S).splitlines())
+    handout_lines = set("\n".join(c.source for c in out.cells if c.cell_type == "markdown")
+                        .splitlines())
+    leftovers = [line for body in bodies for line in body.splitlines()
+                 if line.strip() and line in handout_lines and line not in outside]
+    assert leftovers == []
     prompts = re.findall(r"^\*\*\d+\..*$", "\n".join(c.source for c in source.cells), re.M)
     assert prompts and prompts == re.findall(r"^\*\*\d+\..*$", text, re.M)
     # The code cells, the set-up cell among them, are the chapter's, in order; so are the
@@ -50,15 +63,15 @@ def test_both_fence_styles_and_the_code_inside_them():
     text = ("**1.** Ask.\n\n:::{admonition} Solution\n:class: dropdown\n\n```python\nx = 1\n```\n"
             ":::\n\n**2.** Ask again.\n\n````{admonition} Solution\n:class: dropdown\n```python\n"
             "y = 2\n```\n````\nAfter.")
-    out, removed = handout.strip_solutions(text)
-    assert removed == 2
+    out, removed, order = handout.strip_solutions(text)
+    assert removed == 2 and order == "ESES"
     assert out == "**1.** Ask.\n\n**2.** Ask again.\n\nAfter."
     # Another admonition, or a cell without solutions, stays exactly as it was.
     note = "```{admonition} Note\nKeep me.\n```\n\n\n"
-    assert handout.strip_solutions(note) == (note, 0)
+    assert handout.strip_solutions(note) == (note, 0, "")
 
 
-@pytest.mark.bad_input(cases=4)
+@pytest.mark.bad_input(cases=5)
 def test_bad_input_is_refused_with_what_was_expected(tmp_path, capsys):
     with pytest.raises(handout.HandoutError, match=r"line 3 with ':::' is never closed"):
         handout.strip_solutions("**1.** Ask.\n\n:::{admonition} Solution\nno end", "ch, cell 4")
@@ -71,8 +84,15 @@ def test_bad_input_is_refused_with_what_was_expected(tmp_path, capsys):
                                               "```{admonition} Solution\nOne.\n```")]
     nbformat.write(nb, book / "01_one.ipynb")
     assert handout.main([str(tmp_path / "out"), "--book", str(book)]) == 2
-    assert "01_one.ipynb: 2 exercises but 1 solutions removed" in capsys.readouterr().err
+    assert ("01_one.ipynb: expected each exercise followed by exactly one solution; found 2 "
+            "exercises and 1 solutions in the order EES") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()   # nothing is written when a chapter is refused
+
+    # As many solutions as exercises, but two after the first and none after the second.
+    nb.cells[1].source = ("**1.** Ask.\n\n```{admonition} Solution\nOne.\n```\n\n"
+                          "```{admonition} Solution\nOne more.\n```\n\n**2.** Ask again.")
+    with pytest.raises(handout.HandoutError, match="in the order ESSE"):
+        handout.handout(nb, "01_one.ipynb")
 
     assert handout.main([str(tmp_path / "out"), "7", "--book", str(book)]) == 2
     assert "no chapter '7'; expected a number or one of: 01_one" in capsys.readouterr().err

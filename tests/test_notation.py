@@ -3,6 +3,7 @@ code's, so that the page cannot drift from the library."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
@@ -34,15 +35,24 @@ def rows(text: str) -> list[dict[str, str]]:
     return out
 
 
+EMPTY = object()   # a Default cell that states nothing
+
+
 def stated_default(cell: str) -> object:
     """The value a Default cell opens with: ``8/255``, ``10 (training)``, ``128 dimensions``,
-    ``True``; None for an empty cell."""
+    ``True``, ``None``, a quoted string in backticks; ``EMPTY`` for an empty cell."""
     if not cell:
-        return None
-    first = cell.split()[0]
-    if first in ("True", "False"):
-        return first == "True"
+        return EMPTY
+    first = cell.split()[0].strip("`")
+    if first[:1] in "\"'" or first in ("True", "False", "None"):
+        return ast.literal_eval(first)
     return float(Fraction(first))
+
+
+def same(code: object, stated: object) -> bool:
+    if isinstance(stated, float) and not isinstance(code, bool | str | type(None)):
+        return math.isclose(float(code), stated)
+    return code == stated and type(code) is type(stated)
 
 
 def check_reference(ref: str) -> None:
@@ -78,11 +88,11 @@ def check_page(text: str) -> set[str]:
         fields += re.findall(r"`TrainConfig\.(\w+)`", row["Default"])
         fields_named.update(fields)
         value = stated_default(re.sub(r"`TrainConfig\.\w+` = ", "", row["Default"]))
-        if value is None:
+        if value is EMPTY:
             continue
         assert len(fields) == 1, f"{row}: a stated default must belong to one TrainConfig field"
         code = FIELDS[fields[0]]
-        assert math.isclose(float(code), float(value)), (
+        assert same(code, value), (
             f"notation.md says {fields[0]} defaults to {row['Default']!r}; TrainConfig says "
             f"{code!r}")
     return fields_named
@@ -92,7 +102,8 @@ def test_every_name_exists_and_every_default_is_the_codes():
     fields_named = check_page(PAGE.read_text())
     # The knobs a reader meets in the chapters are all on the page.
     assert {"eps", "alpha", "attack_steps", "temperature", "beta", "lam", "trades_beta",
-            "adv_in_contrastive", "pretrain_fraction", "batch_size", "lr", "epochs"} <= fields_named
+            "adv_in_contrastive", "pretrain_fraction", "batch_size", "lr", "epochs",
+            "val_attack_steps", "attack_bn", "compile"} <= fields_named
 
 
 @pytest.mark.parametrize(("ref", "why"), [
@@ -114,4 +125,7 @@ def test_the_check_catches_a_wrong_default():
     with pytest.raises(AssertionError, match="trades_beta defaults to '5.0'"):
         check_page(wrong)
     assert stated_default("8/255") == pytest.approx(8 / 255) and stated_default("True") is True
-    assert stated_default("128 dimensions") == 128 and stated_default("") is None
+    assert stated_default("128 dimensions") == 128 and stated_default("") is EMPTY
+    assert stated_default('`"eval"`') == "eval" and stated_default("None") is None
+    assert not same(None, 0.0) and not same("eval", "train") and not same(True, 1.0)
+    assert same(0.2, 0.2) and same(10, 10.0)
