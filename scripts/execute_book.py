@@ -19,7 +19,8 @@ that a stall says where it waited. Each kernel talks to its client over
 Unix sockets in a folder of its own, not TCP ports: kernels started together over TCP can race for
 the same free port. That folder is also the kernel's ``TMPDIR``, so the run folders a chapter makes
 with ``tempfile`` go when the chapter ends instead of piling up in ``/tmp`` build after build
-(PyTorch's compile cache stays where it was).
+(PyTorch's compile cache stays where it was). A build stopped by SIGTERM or Ctrl-C stops its
+chapters too: the workers are killed, and their kernels exit with them.
 
 Usage (what ``make book`` runs, from the repository root)::
 
@@ -32,8 +33,10 @@ import argparse
 import getpass
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     report = args.report or root / "_build" / "execution.json"
 
+    # SIGTERM (a timeout, a cancelled job) unwinds like Ctrl-C, through the clean-up below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     config = yaml.safe_load((root / "_config.yml").read_text()).get("execute") or {}
     if config.get("execute_notebooks") != "cache" or not config.get("cache"):
         print("_config.yml must say execute_notebooks: cache and name execute.cache, got "
@@ -242,34 +247,46 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = get_cache(str(cache_dir))
     start, seconds, slowest, outside, quiet, failed = time.perf_counter(), {}, {}, {}, {}, []
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
+    # The workers keep SIGTERM's default (die at once), not the handler installed above: a
+    # worker that unwound would take execute()'s retry and start a new kernel.
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(paths)), initializer=signal.signal,
+                             initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
         futures = [pool.submit(execute, p, int(config.get("timeout", 30))) for p in paths]
-        for future in as_completed(futures):
-            path, nb, took, error, cells, gaps = future.result()
-            name = path.relative_to(root).as_posix()
-            if gaps:
-                quiet[path.stem] = gaps
-                for gap in gaps:
-                    print(f"{name}: {gap['seconds']:.0f} s without a word from the client, "
-                          f"after {gap['after']!r}, before {gap['before']!r}",
-                          file=sys.stderr, flush=True)
-            if error is not None:
-                failed.append(name)
-                print(f"FAILED {name} after {took:.1f} s:\n{error}", file=sys.stderr, flush=True)
-                continue
-            seconds[path.stem] = round(took, 2)
-            slowest[path.stem] = cells[:3]
-            # Kernel start-up and shutdown take a few seconds; much more means a stall (a late
-            # message, say), which the per-cell times would not show.
-            outside[path.stem] = round(max(took - sum(c[1] for c in cells), 0.0), 2)
-            cache.cache_notebook_bundle(CacheBundleIn(nb, str(path),
-                                                      data={"execution_seconds": took}),
-                                        check_validity=False, overwrite=True)
-            print(f"executed {name} in {took:.1f} s"
-                  + (f" (slowest cell {cells[0][0]}: {cells[0][1]:.1f} s)" if cells else "")
-                  + (f"; {outside[path.stem]:.0f} s outside its cells (kernel start-up, shutdown "
-                     f"or a stalled message)" if outside[path.stem] > STALL_SECONDS else ""),
-                  flush=True)
+        try:
+            for future in as_completed(futures):
+                path, nb, took, error, cells, gaps = future.result()
+                name = path.relative_to(root).as_posix()
+                if gaps:
+                    quiet[path.stem] = gaps
+                    for gap in gaps:
+                        print(f"{name}: {gap['seconds']:.0f} s without a word from the client, "
+                              f"after {gap['after']!r}, before {gap['before']!r}",
+                              file=sys.stderr, flush=True)
+                if error is not None:
+                    failed.append(name)
+                    print(f"FAILED {name} after {took:.1f} s:\n{error}", file=sys.stderr, flush=True)
+                    continue
+                seconds[path.stem] = round(took, 2)
+                slowest[path.stem] = cells[:3]
+                # Kernel start-up and shutdown take a few seconds; much more means a stall (a late
+                # message, say), which the per-cell times would not show.
+                outside[path.stem] = round(max(took - sum(c[1] for c in cells), 0.0), 2)
+                cache.cache_notebook_bundle(CacheBundleIn(nb, str(path),
+                                                          data={"execution_seconds": took}),
+                                            check_validity=False, overwrite=True)
+                print(f"executed {name} in {took:.1f} s"
+                      + (f" (slowest cell {cells[0][0]}: {cells[0][1]:.1f} s)" if cells else "")
+                      + (f"; {outside[path.stem]:.0f} s outside its cells (kernel start-up, shutdown "
+                         f"or a stalled message)" if outside[path.stem] > STALL_SECONDS else ""),
+                      flush=True)
+        except BaseException:
+            # Interrupted (SIGTERM, Ctrl-C) or broken: the chapters running or queued must not
+            # go on in the background. Each kernel exits when its worker does (ipykernel
+            # watches its parent process).
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                worker.kill()
+            raise
     wall = time.perf_counter() - start
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({

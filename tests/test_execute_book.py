@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,6 +154,40 @@ def test_a_chapter_that_raises_fails_the_run_with_its_traceback(tmp_path):
     bad = nbformat.read(tmp_path / "book" / "bad.ipynb", as_version=4)
     with pytest.raises(KeyError):   # not cached, so a build would not render it as executed
         cache.match_cache_notebook(bad)
+
+
+@pytest.mark.fault(cases=1)
+def test_a_terminated_build_leaves_nothing_running(tmp_path):
+    """SIGTERM (a timeout, a cancelled job) stops the chapter that runs and the ones queued,
+    instead of leaving the workers to go on in the background."""
+    _book(tmp_path, {"a": "import os, time\nopen('a.pid', 'w').write(str(os.getpid()))\n"
+                          "time.sleep(60)",
+                     "b": "open('b.ran', 'w').write('ran')"})
+    build = subprocess.Popen([sys.executable, str(SCRIPT), "--root", str(tmp_path), "--jobs", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "book" / "a.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), build.communicate()
+    time.sleep(0.5)   # the pid is written before the file is closed
+    kernel = int(pid_file.read_text())
+    build.terminate()
+    assert build.wait(timeout=30) != 0
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 20   # a kernel checks on its parent once a second
+    while alive(kernel) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(kernel), "chapter a's kernel outlived the build"
+    time.sleep(3)
+    assert not (tmp_path / "book" / "b.ran").exists(), "the queued chapter ran after the build"
 
 
 @pytest.mark.bad_input(cases=3)
