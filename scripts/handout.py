@@ -28,7 +28,12 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 # The opening line of a solution: a MyST directive fenced by three or more backticks or colons.
 OPENING = re.compile(r"^(`{3,}|:{3,})\{admonition\}\s+Solution\s*$")
 BADGE = re.compile(r"^\[!\[Open in Colab\]\([^)]*\)\]\([^)]*\)\s*$")
-EXERCISE = re.compile(r"^\*\*\d+\.", re.M)
+EXERCISE = re.compile(r"^\*\*\d+\.")
+
+
+def _tidy(text: str) -> str:
+    """At most one blank line in a row, where removed lines left more."""
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 class HandoutError(ValueError):
@@ -61,8 +66,7 @@ def strip_solutions(text: str, where: str = "") -> tuple[str, int, str]:
     removed = order.count("S")
     if not removed:
         return text, 0, order
-    # Blank lines left where a block was, at most one in a row.
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n"), removed, order
+    return _tidy("\n".join(kept)).strip("\n"), removed, order
 
 
 def handout(nb: nbformat.NotebookNode, name: str = "") -> tuple[nbformat.NotebookNode, int, int]:
@@ -78,7 +82,7 @@ def handout(nb: nbformat.NotebookNode, name: str = "") -> tuple[nbformat.Noteboo
             lines = cell.source.split("\n")
             text = "\n".join(line for line in lines if not BADGE.match(line.strip()))
             if text != cell.source:   # the badge's line went, and the blank line after it
-                text = re.sub(r"\n{3,}", "\n\n", text).lstrip("\n")
+                text = _tidy(text).lstrip("\n")
             text, _, cell_order = strip_solutions(text, f"{name}, cell {index}")
             order += cell_order
             if not text.strip() and cell.source.strip():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import by_path
 import pytest
 
 from anchor_lib import attacks, data
@@ -68,13 +69,7 @@ def test_benchmark_says_why_it_skipped_the_answer_check(tmp_path, monkeypatch):
 
 def test_gpu_probe_runs_its_cpu_version(tmp_path, monkeypatch):
     """The device probe stays runnable: on a CPU it times a tiny eager step and the eval pieces."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_probe.py"
-    spec = importlib.util.spec_from_file_location("gpu_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = by_path.load("benchmarks/gpu_probe.py")
     monkeypatch.chdir(tmp_path)  # the checkpoint-save stage writes into the working folder
     # AutoAttack on an untrained model can run its whole schedule (a minute and more on this CPU);
     # the probe's plumbing is what is tested here, AutoAttack itself in test_attacks.py.
@@ -104,15 +99,9 @@ def test_gpu_probe_runs_its_cpu_version(tmp_path, monkeypatch):
 def test_autoattack_calls_counts_the_protocol_by_stage(tmp_path, monkeypatch):
     """benchmarks/autoattack_calls.py: a robust image costs AutoAttack its whole budget in every
     stage, a fragile one only APGD-CE's; halving the batch doubles every fixed-budget count."""
-    import importlib.util
-    from pathlib import Path
-
     import torchattacks
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "autoattack_calls.py"
-    spec = importlib.util.spec_from_file_location("autoattack_calls", path)
-    counter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(counter)
+    counter = by_path.load("benchmarks/autoattack_calls.py")
     monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 3)   # the reference budget takes a
     monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 20)  # minute; the counting is tested
     forward = torchattacks.APGD.forward
@@ -138,14 +127,7 @@ def test_autoattack_calls_counts_the_protocol_by_stage(tmp_path, monkeypatch):
 
 
 def _load_benchmark_script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return by_path.load(f"benchmarks/{name}.py")
 
 
 def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):

@@ -13,13 +13,13 @@ Without a build these tests skip, except under CI (``CI`` set), where a missing 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import by_path
 import pytest
 
 pytestmark = pytest.mark.book
@@ -34,10 +34,7 @@ CHROMEDRIVER = (os.environ.get("CHROMEDRIVER_BIN") or shutil.which("chromedriver
 # Chapters 1-7 teach with figures; chapter 8 may be tables only.
 CHAPTERS_WITH_FIGURES = 7
 
-_spec = importlib.util.spec_from_file_location("_nb_static", Path(__file__).with_name(
-    "test_notebooks_static.py"))
-static = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(static)
+static = by_path.load("tests/test_notebooks_static.py", "_nb_static")
 
 CHAPTERS = static.chapter_files()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import by_path
 import nbformat
 import pytest
 from jupyter_cache import get_cache
@@ -46,10 +46,7 @@ def _book(root: Path, chapters: dict[str, str], execute: str = "cache") -> None:
 
 def _script():
     """scripts/execute_book.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("execute_book", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return by_path.load("scripts/execute_book.py")
 
 
 def _run(root: Path, *args: str) -> subprocess.CompletedProcess:

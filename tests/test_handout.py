@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
+import by_path
 import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "handout.py"
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("handout", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-handout = _script()
+handout = by_path.load("scripts/handout.py")
+# A solution block, found here independently of the script: its fence, then its body.
+SOLUTION = re.compile(r"^(`{3,}|:{3,})\{admonition\} Solution\n(.*?)^\1$", re.M | re.S)
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
@@ -34,12 +28,10 @@ def test_a_handout_keeps_every_exercise_and_nothing_of_the_solutions(path):
     assert "{admonition} Solution" not in text and "Open in Colab" not in text
     # Found independently of the script: no line of any solution's body is left.
     source_text = "\n".join(c.source for c in source.cells if c.cell_type == "markdown")
-    bodies = [m.group(2) for m in re.finditer(
-        r"^(`{3,}|:{3,})\{admonition\} Solution\n(.*?)^\1$", source_text, re.M | re.S)]
+    bodies = [m.group(2) for m in SOLUTION.finditer(source_text)]
     assert len(bodies) == solutions
     # (A line a solution shares with the chapter's other markdown may stay.)
-    outside = set(re.sub(r"^(`{3,}|:{3,})\{admonition\} Solution\n.*?^\1$", "", source_text,
-                         flags=re.M | re.S).splitlines())
+    outside = set(SOLUTION.sub("", source_text).splitlines())
     handout_lines = set("\n".join(c.source for c in out.cells if c.cell_type == "markdown")
                         .splitlines())
     leftovers = [line for body in bodies for line in body.splitlines()
