@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Seconds of a chapter's run outside its cells worth a word in the log (start-up and shutdown of a
 # kernel take a few; in a CI run of 2026-11-27 chapter 7 spent ten minutes there, its kernel idle).
 STALL_SECONDS = 60
+# The longest path a Unix socket may have (sun_path: 108 bytes with its terminating NUL).
+SOCKET_PATH_MAX = 107
 # Chapter seconds from the last committed CPU check (relative to the root): the longest chapters
 # start first, so that the last one to finish is not a long one started late.
 TIMINGS = Path("data") / "results" / "cpu-checks" / "ci_run.json"
@@ -166,22 +168,26 @@ def client_log(log: logging.Logger, timeline: Timeline) -> Iterator[None]:
             lg.propagate = propagate
 
 
-def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS
+def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS,
+            scratch_root: str | None = None
             ) -> tuple[Path, nbformat.NotebookNode, float, str | None, list[list], list[dict]]:
     """Run one notebook in a fresh kernel with its folder as working directory: the notebook,
     its seconds, if it failed the traceback, its three slowest cells (``[cell id, seconds]``)
     and the client's silences of over ``stall_seconds`` (:func:`silences`; a long cell that
     prints nothing is one too). A cell that raises fails at once; a kernel that fails to start
-    or dies is retried once in a new kernel, then fails."""
+    or dies is retried once in a new kernel, then fails. Each kernel's sockets, connection
+    file and ``TMPDIR`` are in a folder of its own under ``scratch_root`` (default: the
+    system's), removed when it is done."""
     timeline = Timeline()
     log = logging.getLogger(f"execute_book.{path.stem}")
     with client_log(log, timeline):
         for attempt in (1, 2):
             nb = nbformat.read(path, as_version=4)
-            with tempfile.TemporaryDirectory(prefix="anchor-kernel-") as scratch, \
+            with tempfile.TemporaryDirectory(prefix="kernel-", dir=scratch_root) as scratch, \
                     kernel_tmpdir(scratch):
-                ipc = Config({"KernelManager": {"transport": "ipc",
-                                                "ip": os.path.join(scratch, "kernel")}})
+                ipc = Config({"KernelManager": {
+                    "transport": "ipc", "ip": os.path.join(scratch, "kernel"),
+                    "connection_file": os.path.join(scratch, "kernel.json")}})
                 timeline.mark(f"attempt {attempt}: starting a kernel")
                 try:
                     result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
@@ -243,15 +249,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{root / '_toc.yml'} lists no notebook that exists", file=sys.stderr)
         return 2
 
+    # A kernel's sockets are files, SCRATCH/kernel-XXXXXXXX/kernel-N, and a Unix socket's path
+    # has at most 107 bytes: refuse a TMPDIR too long for them before any chapter starts.
+    longest = len(os.path.join(tempfile.gettempdir(), "anchor-build-12345678", "kernel-12345678",
+                               "kernel-4").encode())
+    if longest > SOCKET_PATH_MAX:
+        print(f"the temporary folder {tempfile.gettempdir()!r} is too long for the kernels' Unix "
+              f"sockets ({longest} bytes, at most {SOCKET_PATH_MAX}): set TMPDIR to a shorter "
+              f"folder", file=sys.stderr)
+        return 2
     cache_dir = root / config["cache"]
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = get_cache(str(cache_dir))
     start, seconds, slowest, outside, quiet, failed = time.perf_counter(), {}, {}, {}, {}, []
     # The workers keep SIGTERM's default (die at once), not the handler installed above: a
     # worker that unwound would take execute()'s retry and start a new kernel.
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(paths)), initializer=signal.signal,
-                             initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
-        futures = [pool.submit(execute, p, int(config.get("timeout", 30))) for p in paths]
+    # The kernels' folders are in one of this process's, which outlives workers that are killed.
+    with tempfile.TemporaryDirectory(prefix="anchor-build-", ignore_cleanup_errors=True) as scratch, \
+            ProcessPoolExecutor(max_workers=min(args.jobs, len(paths)), initializer=signal.signal,
+                                initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
+        futures = [pool.submit(execute, p, int(config.get("timeout", 30)), STALL_SECONDS, scratch)
+                   for p in paths]
         try:
             for future in as_completed(futures):
                 path, nb, took, error, cells, gaps = future.result()

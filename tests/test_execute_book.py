@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,12 +52,30 @@ def _script():
     return by_path.load("scripts/execute_book.py")
 
 
-def _run(root: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(root: Path, *args: str, tmp: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=_env(tmp))
 
 
-def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """An empty folder directly in the system's temporary folder, as a build's ``TMPDIR``, so
+    that a test sees what the build leaves there (pytest's ``tmp_path`` is too long a path for
+    the kernels' Unix sockets)."""
+    folder = Path(tempfile.mkdtemp(prefix="eb-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _env(tmp: Path | None) -> dict[str, str]:
+    return {**os.environ, **({"TMPDIR": str(tmp)} if tmp else {})}
+
+
+def _left_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path, short_tmp):
     # Each chapter also makes a run folder with tempfile, as chapters 1, 2, 6 and 7 do.
     leftover = ("import tempfile\nwith open('{name}.tmp.json', 'w') as f:\n"
                 "    json.dump({{'made': tempfile.mkdtemp(prefix='run-'), "
@@ -63,7 +84,7 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
                      for name in ("a", "b")})
     stale = tmp_path / "_build" / ".jupyter_cache" / "stale"
     stale.mkdir(parents=True)   # an earlier build's cache is emptied, not reused
-    done = _run(tmp_path, "--jobs", "2")
+    done = _run(tmp_path, "--jobs", "2", tmp=short_tmp)
     assert done.returncode == 0, done.stderr
     assert not stale.exists()
 
@@ -98,6 +119,7 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path):
     assert report["silences"] == {}   # no minute without a word from the client
     # The kernels talked over Unix sockets, not TCP ports two kernels could race for.
     assert "Kernel is running over TCP" not in done.stderr
+    assert _left_in(short_tmp) == []   # the kernels' sockets and connection files went too
     # The chapters' temporary folders went with their kernels; inductor's cache did not move
     # into them (it would be rebuilt from scratch in every build).
     for name in ("a", "b"):
@@ -154,14 +176,15 @@ def test_a_chapter_that_raises_fails_the_run_with_its_traceback(tmp_path):
 
 
 @pytest.mark.fault(cases=1)
-def test_a_terminated_build_leaves_nothing_running(tmp_path):
+def test_a_terminated_build_leaves_nothing_running(tmp_path, short_tmp):
     """SIGTERM (a timeout, a cancelled job) stops the chapter that runs and the ones queued,
     instead of leaving the workers to go on in the background."""
     _book(tmp_path, {"a": "import os, time\nopen('a.pid', 'w').write(str(os.getpid()))\n"
                           "time.sleep(60)",
                      "b": "open('b.ran', 'w').write('ran')"})
     build = subprocess.Popen([sys.executable, str(SCRIPT), "--root", str(tmp_path), "--jobs", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env(short_tmp))
     pid_file = tmp_path / "book" / "a.pid"
     deadline = time.monotonic() + 60
     while not pid_file.exists() and build.poll() is None and time.monotonic() < deadline:
@@ -185,9 +208,11 @@ def test_a_terminated_build_leaves_nothing_running(tmp_path):
     assert not alive(kernel), "chapter a's kernel outlived the build"
     time.sleep(3)
     assert not (tmp_path / "book" / "b.ran").exists(), "the queued chapter ran after the build"
+    # The killed kernel's sockets and connection file went with the build's folder.
+    assert _left_in(short_tmp) == []
 
 
-@pytest.mark.bad_input(cases=3)
+@pytest.mark.bad_input(cases=4)
 def test_bad_setup_is_refused_with_what_was_expected(tmp_path):
     _book(tmp_path / "force", {"a": "1"}, execute="force")
     done = _run(tmp_path / "force")
@@ -201,6 +226,15 @@ def test_bad_setup_is_refused_with_what_was_expected(tmp_path):
     (tmp_path / "ok" / "book" / "a.ipynb").unlink()
     done = _run(tmp_path / "ok")
     assert done.returncode == 2 and "lists no notebook that exists" in done.stderr
+
+    # A TMPDIR too long for the kernels' sockets is refused before any kernel starts, not
+    # after each chapter's two failed starts.
+    long_tmp = tmp_path / ("t" * 60)
+    long_tmp.mkdir()
+    _book(tmp_path / "long", {"a": "1"})
+    done = _run(tmp_path / "long", tmp=long_tmp)
+    assert done.returncode == 2 and "too long for the kernels' Unix sockets" in done.stderr
+    assert str(long_tmp) in done.stderr and _left_in(long_tmp) == []
 
 
 def test_chapters_run_side_by_side_only_at_the_smoke_profile(monkeypatch):
