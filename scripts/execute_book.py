@@ -19,8 +19,12 @@ that a stall says where it waited. Each kernel talks to its client over
 Unix sockets in a folder of its own, not TCP ports: kernels started together over TCP can race for
 the same free port. That folder is also the kernel's ``TMPDIR``, so the run folders a chapter makes
 with ``tempfile`` go when the chapter ends instead of piling up in ``/tmp`` build after build
-(PyTorch's compile cache stays where it was). A build stopped by SIGTERM or Ctrl-C stops its
-chapters too: the workers are killed, and their kernels exit with them.
+(PyTorch's compile cache stays where it was). The client waits on its kernel in polls of at most
+a second (``SlicedChannel``): a wake-up that pyzmq's asyncio poll misses then costs a second, not
+the 600 s cell timeout it cost chapter 7 now and then; ``missed_wakeups`` in the report counts
+them. A build stopped by SIGTERM or Ctrl-C stops its chapters too, and leaves nothing in the
+temporary folder: the workers are killed, their kernels exit with them, and the kernels' folders
+are removed.
 
 Usage (what ``make book`` runs, from the repository root)::
 
@@ -47,18 +51,25 @@ from contextlib import contextmanager
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
+from queue import Empty
+from typing import NamedTuple
 
 import nbformat
 import yaml
 from jupyter_cache import get_cache
 from jupyter_cache.base import CacheBundleIn
 from jupyter_cache.executors.utils import single_nb_execution
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.channels import AsyncZMQSocketChannel
+from traitlets import Type
 from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Seconds of a chapter's run outside its cells worth a word in the log (start-up and shutdown of a
 # kernel take a few; in a CI run of 2026-11-27 chapter 7 spent ten minutes there, its kernel idle).
 STALL_SECONDS = 60
+# The longest wait of one poll of a kernel's socket (SlicedChannel).
+POLL_SLICE = 1.0
 # The longest path a Unix socket may have (sun_path: 108 bytes with its terminating NUL).
 SOCKET_PATH_MAX = 107
 # Chapter seconds from the last committed CPU check (relative to the root): the longest chapters
@@ -119,6 +130,43 @@ def kernel_tmpdir(folder: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+class SlicedChannel(AsyncZMQSocketChannel):
+    """A kernel channel that waits for a message in polls of at most ``POLL_SLICE`` seconds.
+
+    pyzmq's asyncio poll can miss the wake-up for a message that has arrived: it then waits out
+    its whole timeout and finds the message in its final check, without an error. The notebook
+    client polls for a cell's execute reply with the cell timeout (600 s), so one missed wake-up
+    stalled chapter 7 for 599.8 s (the cell timeout less the cell's own 0.2 s) in a build of
+    2026-11-27, its kernel idle and the reply waiting. In slices, a missed wake-up costs at most
+    one slice. ``missed_wakeups`` counts, in this process, the slices that ended with a message
+    waiting (a missed wake-up, or a message that came in the slice's last instant)."""
+
+    missed_wakeups = 0
+
+    async def get_msg(self, timeout: float | None = None) -> dict:
+        """The next message; ``queue.Empty`` when none came within ``timeout`` seconds (None: wait
+        for ever), as the base class."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = POLL_SLICE if deadline is None else min(POLL_SLICE, max(0.0, deadline - time.monotonic()))
+            started = time.monotonic()
+            if await self.socket.poll(int(wait * 1000)):
+                if wait > 0 and time.monotonic() - started >= wait:
+                    SlicedChannel.missed_wakeups += 1
+                return await self._recv()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Empty
+
+
+class SlicedClient(AsyncKernelClient):
+    """The notebook client's kernel client, with :class:`SlicedChannel` for its sockets."""
+
+    shell_channel_class = Type(SlicedChannel)
+    iopub_channel_class = Type(SlicedChannel)
+    stdin_channel_class = Type(SlicedChannel)
+    control_channel_class = Type(SlicedChannel)
+
+
 class Timeline(logging.Handler):
     """Every record of the notebook client's log (nbclient logs each cell it starts and each
     message the kernel sends, at debug level) and of the kernel manager's, as
@@ -168,45 +216,59 @@ def client_log(log: logging.Logger, timeline: Timeline) -> Iterator[None]:
             lg.propagate = propagate
 
 
+class Executed(NamedTuple):
+    """One chapter's run (:func:`execute`)."""
+
+    path: Path
+    nb: nbformat.NotebookNode
+    seconds: float
+    error: str | None           # the traceback, when it failed
+    cells: list[list]           # [[cell id, seconds], ...], longest first
+    silences: list[dict]        # :func:`silences`
+    missed_wakeups: int         # SlicedChannel.missed_wakeups during this run
+
+
 def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS,
-            scratch_root: str | None = None
-            ) -> tuple[Path, nbformat.NotebookNode, float, str | None, list[list], list[dict]]:
+            scratch_root: str | None = None) -> Executed:
     """Run one notebook in a fresh kernel with its folder as working directory: the notebook,
-    its seconds, if it failed the traceback, its three slowest cells (``[cell id, seconds]``)
-    and the client's silences of over ``stall_seconds`` (:func:`silences`; a long cell that
-    prints nothing is one too). A cell that raises fails at once; a kernel that fails to start
-    or dies is retried once in a new kernel, then fails. Each kernel's sockets, connection
-    file and ``TMPDIR`` are in a folder of its own under ``scratch_root`` (default: the
-    system's), removed when it is done."""
+    its seconds, if it failed the traceback, its cells' seconds, the client's silences of over
+    ``stall_seconds`` (:func:`silences`; a long cell that prints nothing is one too) and the
+    missed wake-ups its polls recovered from (:class:`SlicedChannel`). A cell that raises fails
+    at once; a kernel that fails to start or dies is retried once in a new kernel, then fails.
+    Each kernel's sockets, connection file and ``TMPDIR`` are in a folder of its own under
+    ``scratch_root`` (default: the system's), removed when it is done."""
     timeline = Timeline()
     log = logging.getLogger(f"execute_book.{path.stem}")
+    SlicedChannel.missed_wakeups = 0   # a worker runs one chapter at a time
     with client_log(log, timeline):
         for attempt in (1, 2):
             nb = nbformat.read(path, as_version=4)
             with tempfile.TemporaryDirectory(prefix="kernel-", dir=scratch_root) as scratch, \
                     kernel_tmpdir(scratch):
-                ipc = Config({"KernelManager": {
+                config = Config({"KernelManager": {
                     "transport": "ipc", "ip": os.path.join(scratch, "kernel"),
-                    "connection_file": os.path.join(scratch, "kernel.json")}})
+                    "connection_file": os.path.join(scratch, "kernel.json"),
+                    "client_factory": SlicedClient}})
                 timeline.mark(f"attempt {attempt}: starting a kernel")
                 try:
                     result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout,
                                                  allow_errors=False, record_timing=True,
-                                                 config=ipc, log=log)
+                                                 config=config, log=log)
                     break
                 except Exception as err:  # not a cell's error: those come back in result.err
                     if attempt == 2:
                         # The wait that ended in this error is a silence too.
                         timeline.mark(f"attempt 2 failed: {type(err).__name__}")
-                        return (path, nb, 0.0, traceback.format_exc(), [],
-                                silences(timeline.events, stall_seconds))
+                        return Executed(path, nb, 0.0, traceback.format_exc(), [],
+                                        silences(timeline.events, stall_seconds),
+                                        SlicedChannel.missed_wakeups)
                     print(f"retrying {path.name} in a new kernel after {type(err).__name__}: "
                           f"{err}", file=sys.stderr, flush=True)
                 finally:
                     timeline.mark("the client returned (its kernel shut down)")
     error = None if result.err is None else result.exc_string or repr(result.err)
-    return (path, nb, result.time, error, cell_seconds(nb),
-            silences(timeline.events, stall_seconds))
+    return Executed(path, nb, result.time, error, cell_seconds(nb),
+                    silences(timeline.events, stall_seconds), SlicedChannel.missed_wakeups)
 
 
 def cell_seconds(nb: nbformat.NotebookNode) -> list[list]:
@@ -262,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = get_cache(str(cache_dir))
     start, seconds, slowest, outside, quiet, failed = time.perf_counter(), {}, {}, {}, {}, []
+    missed = {}
     # The workers keep SIGTERM's default (die at once), not the handler installed above: a
     # worker that unwound would take execute()'s retry and start a new kernel.
     # The kernels' folders are in one of this process's, which outlives workers that are killed.
@@ -272,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                    for p in paths]
         try:
             for future in as_completed(futures):
-                path, nb, took, error, cells, gaps = future.result()
+                path, nb, took, error, cells, gaps, wakeups = future.result()
                 name = path.relative_to(root).as_posix()
+                if wakeups:
+                    missed[path.stem] = wakeups
                 if gaps:
                     quiet[path.stem] = gaps
                     for gap in gaps:
@@ -295,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"executed {name} in {took:.1f} s"
                       + (f" (slowest cell {cells[0][0]}: {cells[0][1]:.1f} s)" if cells else "")
                       + (f"; {outside[path.stem]:.0f} s outside its cells (kernel start-up, shutdown "
-                         f"or a stalled message)" if outside[path.stem] > STALL_SECONDS else ""),
+                         f"or a stalled message)" if outside[path.stem] > STALL_SECONDS else "")
+                      + (f"; {wakeups} missed wake-up(s) of its client's polls, each recovered "
+                         f"within {POLL_SLICE:g} s" if wakeups else ""),
                       flush=True)
         except BaseException:
             # Interrupted (SIGTERM, Ctrl-C) or broken: the chapters running or queued must not
@@ -312,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         "chapter_execution_seconds": dict(sorted(seconds.items())),
         "slowest_cells": dict(sorted(slowest.items())),
         "outside_cells_seconds": dict(sorted(outside.items())),
-        "silences": dict(sorted(quiet.items()))}, indent=1) + "\n")
+        "silences": dict(sorted(quiet.items())),
+        "missed_wakeups": dict(sorted(missed.items()))}, indent=1) + "\n")
     print(f"{len(seconds)} chapters executed in {wall:.1f} s with {args.jobs} at a time"
           + (f"; FAILED: {', '.join(sorted(failed))}" if failed else ""))
     return 1 if failed else 0

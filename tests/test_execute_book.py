@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -12,12 +13,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from queue import Empty
 from types import SimpleNamespace
 
 import by_path
 import nbformat
 import pytest
 from jupyter_cache import get_cache
+from jupyter_client.channels import AsyncZMQSocketChannel
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "execute_book.py"
 KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
@@ -138,7 +141,69 @@ def test_silences_are_the_gaps_between_log_lines_longer_than_the_threshold():
     assert module.silences(events, 200) == [] and module.silences(events[:1], 0) == []
 
 
-def test_a_silent_wait_is_reported_with_the_log_lines_around_it(tmp_path):
+class _MissesWakeUps:
+    """A socket whose poll misses every wake-up, as pyzmq's asyncio poll now and then does: it
+    answers only when its timeout ends, then says whether a message is waiting."""
+
+    def __init__(self, message_at: float) -> None:
+        self.message_at, self.timeouts_ms = message_at, []
+
+    async def poll(self, timeout_ms: int | None) -> int:
+        self.timeouts_ms.append(timeout_ms)
+        if timeout_ms is None:   # a wait for ever that a missed wake-up never ends
+            await asyncio.sleep(3600)
+        await asyncio.sleep(timeout_ms / 1000)
+        return int(time.monotonic() >= self.message_at)
+
+
+def _channel(module, socket: _MissesWakeUps):
+    channel = module.SlicedChannel.__new__(module.SlicedChannel)   # no real socket needed
+    channel.socket = socket
+
+    async def recv():
+        return {"msg_type": "execute_reply"}
+
+    channel._recv = recv
+    return channel
+
+
+@pytest.mark.fault(cases=3)
+def test_a_missed_wake_up_costs_one_slice_not_the_whole_timeout(monkeypatch):
+    """The chapter-7 stall: the reply was waiting, the poll missed its wake-up and waited out the
+    600 s cell timeout. The sliced poll finds it at the end of its slice."""
+    module = _script()
+    monkeypatch.setattr(module, "POLL_SLICE", 0.05)
+    module.SlicedChannel.missed_wakeups = 0
+
+    async def timed(get, *args):
+        start = time.monotonic()
+        try:
+            return await get(*args), time.monotonic() - start
+        except Empty:
+            return "empty", time.monotonic() - start
+
+    # The base class waits out its whole timeout for a message that is already there ...
+    waiting = _channel(module, _MissesWakeUps(message_at=0.0))
+    got, took = asyncio.run(timed(AsyncZMQSocketChannel.get_msg, waiting, 0.5))
+    assert got["msg_type"] == "execute_reply" and took >= 0.5
+    # ... the sliced one for one slice of it, and counts the missed wake-up.
+    got, took = asyncio.run(timed(waiting.get_msg, 600))
+    assert got["msg_type"] == "execute_reply" and took < 0.5
+    assert waiting.socket.timeouts_ms[-1] == 50 and module.SlicedChannel.missed_wakeups == 1
+    # Without a timeout too (the client's wait for output), where the base class would hang.
+    later = _channel(module, _MissesWakeUps(message_at=time.monotonic() + 0.12))
+    got, took = asyncio.run(timed(later.get_msg, None))
+    assert got["msg_type"] == "execute_reply" and 0.12 <= took < 0.5
+    assert set(later.socket.timeouts_ms) == {50}
+    # No message: Empty once the timeout is over, as the base class says, not a slice early.
+    never = _channel(module, _MissesWakeUps(message_at=float("inf")))
+    got, took = asyncio.run(timed(never.get_msg, 0.2))
+    assert got == "empty" and 0.2 <= took < 0.45
+    got, took = asyncio.run(timed(never.get_msg, 0))
+    assert got == "empty" and never.socket.timeouts_ms[-1] == 0
+
+
+def test_a_silent_wait_is_reported_with_the_log_lines_around_it(tmp_path, monkeypatch):
     """A real kernel: a cell that sleeps without printing is a silence in the client's log,
     between the line that started the cell and the kernel's next message."""
     module = _script()
@@ -148,9 +213,19 @@ def test_a_silent_wait_is_reported_with_the_log_lines_around_it(tmp_path):
     nb.cells = [nbformat.v4.new_code_cell("print('hello')"),
                 nbformat.v4.new_code_cell("import time; time.sleep(5)")]
     nbformat.write(nb, tmp_path / "a.ipynb")
-    _, _, took, error, _, gaps = module.execute(tmp_path / "a.ipynb", timeout=30,
-                                                stall_seconds=4)
+    polls = []
+    sliced = module.SlicedChannel.get_msg
+
+    async def counted(channel, timeout=None):
+        polls.append(timeout)
+        return await sliced(channel, timeout)
+
+    monkeypatch.setattr(module.SlicedChannel, "get_msg", counted)
+    run = module.execute(tmp_path / "a.ipynb", timeout=30, stall_seconds=4)
+    took, error, gaps = run.seconds, run.error, run.silences
     assert error is None and took >= 5
+    # The client waited on the kernel through the sliced polls, the cell timeout among them.
+    assert 30 in polls and run.missed_wakeups >= 0
     [gap] = [g for g in gaps if "time.sleep(5)" in g["after"]]
     # The last line before it is the kernel's echo of the cell it started (execute_input).
     assert gap["after"].startswith("content: {'code': 'import time; time.sleep(5)'")
@@ -265,10 +340,10 @@ def test_a_kernel_that_fails_to_start_is_retried_once_then_reported(tmp_path, mo
         return run
 
     monkeypatch.setattr(module, "single_nb_execution", kernel(fails=1))
-    _, _, took, error, _, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
-    assert error is None and took == 0.5 and calls == [str(tmp_path)] * 2
+    run = module.execute(tmp_path / "a.ipynb", timeout=30)
+    assert run.error is None and run.seconds == 0.5 and calls == [str(tmp_path)] * 2
 
     calls.clear()
     monkeypatch.setattr(module, "single_nb_execution", kernel(fails=2))
-    _, _, _, error, _, _ = module.execute(tmp_path / "a.ipynb", timeout=30)
-    assert len(calls) == 2 and "RuntimeError: Kernel died before replying" in error
+    run = module.execute(tmp_path / "a.ipynb", timeout=30)
+    assert len(calls) == 2 and "RuntimeError: Kernel died before replying" in run.error
