@@ -373,3 +373,55 @@ def test_bad_trades_input_raises(clean: torch.Tensor, adv: torch.Tensor, y: torc
 def test_bad_trades_kl_reduction_raises() -> None:
     with pytest.raises(ValueError, match="reduction"):
         trades_kl(torch.zeros(2, 3), torch.zeros(2, 3), reduction="mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaps a mutation run found (2026-11-27): each test below fails for a changed line of losses.py
+# that every other test let through.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_one_unnormalised_row_among_normalised_ones_is_refused() -> None:
+    """The check looks at the worst row, not a typical one; its tolerance is 1e-3 in float32."""
+    z = random_z(6, 3).clone()
+    z[4] *= 1.0015   # off by 1.5e-3: over the tolerance
+    with pytest.raises(ValueError, match=r"a row is off by 0\.0015"):
+        anchor_loss(z, torch.tensor([0, 0, 1, 1, 2, 2]))
+    z = random_z(6, 3).clone()
+    z[4] *= 1.0005   # off by 5e-4: float32 rounding of a normalised row is far smaller, but passes
+    assert torch.isfinite(anchor_loss(z, torch.tensor([0, 0, 1, 1, 2, 2])))
+
+
+def test_the_functions_defaults_are_the_trainers() -> None:
+    """Called without knobs, the losses compute what TrainConfig trains with (DESIGN §3)."""
+    from anchor_lib.train import TrainConfig
+    cfg = TrainConfig()
+    z, labels = random_z(12, 4, seed=3), torch.arange(12) % 3
+    torch.testing.assert_close(
+        anchor_loss(z, labels), anchor_loss(z, labels, cfg.temperature, beta=cfg.beta))
+    torch.testing.assert_close(hard_positive_weights(z, labels),
+                               hard_positive_weights(z, labels, cfg.temperature, beta=cfg.beta))
+    torch.testing.assert_close(supcon_loss(z, labels), supcon_loss(z, labels, cfg.temperature))
+    g = torch.Generator().manual_seed(0)
+    clean, adv = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
+    y = torch.tensor([0, 3, 9, 1, 1])
+    torch.testing.assert_close(trades_loss(clean, adv, y),
+                               trades_loss(clean, adv, y, beta=cfg.trades_beta))
+    assert cfg.trades_beta == 6.0   # the TRADES paper's CIFAR-10 value (the issue's baseline)
+
+
+def test_trades_kl_validates_by_default() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        trades_kl(torch.full((2, 3), math.nan), torch.zeros(2, 3))
+
+
+def test_a_batch_of_one_is_a_batch() -> None:
+    """N = 1 and C = 1 are shapes like any other (only N = 0 or C = 0 is refused)."""
+    clean, adv = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([[0.0, 1.0, 0.5]])
+    expected = F.cross_entropy(clean, torch.tensor([2])) + 6.0 * F.kl_div(
+        F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="sum")
+    torch.testing.assert_close(trades_loss(clean, adv, torch.tensor([2])), expected)
+    assert trades_kl(torch.zeros(3, 1), torch.ones(3, 1)).item() == 0.0   # one class: no KL
+    for shape in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match=r"N, C >= 1"):
+            trades_kl(torch.zeros(shape), torch.zeros(shape))
