@@ -135,9 +135,11 @@ class SlicedChannel(AsyncZMQSocketChannel):
 
     pyzmq's asyncio poll can miss the wake-up for a message that has arrived: it then waits out
     its whole timeout and finds the message in its final check, without an error. The notebook
-    client polls for a cell's execute reply with the cell timeout (600 s), so one missed wake-up
-    stalled chapter 7 for 599.8 s (the cell timeout less the cell's own 0.2 s) in a build of
-    2026-11-27, its kernel idle and the reply waiting. In slices, a missed wake-up costs at most
+    client polls for a cell's execute reply with the cell timeout (600 s), and a cell with an
+    Output widget (``interactive_output``) makes it send on that same shell socket meanwhile (it
+    syncs the widget's state back after ``clear_output``), which is when the wake-up went
+    missing: chapter 7's explorer cell stalled for 599.8 s, the cell timeout less the cell's own
+    0.2 s, with its kernel idle and the reply waiting. In slices, a missed wake-up costs at most
     one slice. ``missed_wakeups`` counts, in this process, the slices that ended with a message
     waiting (a missed wake-up, or a message that came in the slice's last instant)."""
 
