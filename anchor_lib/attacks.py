@@ -548,8 +548,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     seed = check_number(seed, "seed", integer=True)
     if version not in ("standard", "plus", "rand"):
         raise ValueError(f"version must be 'standard', 'plus' or 'rand', got {version!r}")
-    import torchattacks  # lazily: importing it is slow and only these attacks need it
-
     with attack_mode(model):
         logits, y = _check_batch(model, x, y)
         num_classes = logits.shape[1]
@@ -559,20 +557,30 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         if eps == 0:
             return x.detach().clone()
         with _preserve_rng(x.device):
-            attack = torchattacks.AutoAttack(model, norm=norm, eps=eps, version=version,
-                                             n_classes=num_classes, seed=seed)
-            # torchattacks keeps the sub-attacks in a private MultiAttack; set their budgets.
-            for sub in attack._autoattack.attacks:
-                if isinstance(sub, torchattacks.Square):
-                    sub.n_queries = AUTOATTACK_SQUARE_QUERIES
-                    # The reference AutoAttack runs Square with a fixed schedule of square sizes
-                    # (resc_schedule=False); torchattacks' default rescales it to the budget.
-                    sub.rescale_schedule = False
-                else:  # APGD, APGD-T, FAB
-                    sub.steps = AUTOATTACK_ITERATIONS
+            attack = _configured_autoattack(model, norm, eps, version, num_classes, seed)
             x_adv = torch.cat([attack(x[s].detach(), y[s])
                                for s in _batches(len(x), batch_size or len(x))])
         return project(x_adv.to(x.dtype), x.detach(), eps, norm).detach()
+
+
+def _configured_autoattack(model: nn.Module, norm: str, eps: float, version: str,
+                           num_classes: int, seed: int):
+    """``torchattacks.AutoAttack`` with the reference budgets that :func:`autoattack_config`
+    records (the attack ``autoattack`` runs)."""
+    import torchattacks  # lazily: importing it is slow and only these attacks need it
+
+    attack = torchattacks.AutoAttack(model, norm=norm, eps=eps, version=version,
+                                     n_classes=num_classes, seed=seed)
+    # torchattacks keeps the sub-attacks in a private MultiAttack; set their budgets.
+    for sub in attack._autoattack.attacks:
+        if isinstance(sub, torchattacks.Square):
+            sub.n_queries = AUTOATTACK_SQUARE_QUERIES
+            # The reference AutoAttack runs Square with a fixed schedule of square sizes
+            # (resc_schedule=False); torchattacks' default rescales it to the budget.
+            sub.rescale_schedule = False
+        else:  # APGD, APGD-T, FAB
+            sub.steps = AUTOATTACK_ITERATIONS
+    return attack
 
 
 def autoattack_config() -> dict[str, Any]:

@@ -649,3 +649,130 @@ def test_model_returning_wrong_shape_rejected():
     model = nn.Sequential(nn.Flatten(0))  # returns a 1-D tensor
     with pytest.raises(ValueError, match="logits of shape"):
         fgsm(model, x, y, eps=EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# Gaps a mutation run of attacks.py found (2026-11-27): each test fails for a changed line that
+# every other test let through.
+# --------------------------------------------------------------------------------------------
+
+def test_the_autoattack_record_is_the_attack_that_runs():
+    """metrics.json's autoattack_config says what ran: it is read off the configured attack
+    here, with the reference budgets of the standard version (Croce and Hein, 2020)."""
+    import torchattacks
+
+    config = attacks.autoattack_config()
+    assert (config["iterations"], config["square_queries"]) == (100, 5000)
+    attack = attacks._configured_autoattack(TinyCNN().eval(), "Linf", EPS, "standard", K, 0)
+    subs = attack._autoattack.attacks
+    assert [type(s).__name__ for s in subs] == ["APGD", "APGDT", "FAB", "Square"]
+    assert subs[0].loss == "ce" and subs[2].multi_targeted   # APGD-CE, FAB-T
+    for sub in subs:
+        assert sub.n_restarts == config["restarts"] and sub.eps == EPS and sub.seed == 0
+        if isinstance(sub, torchattacks.Square):
+            assert sub.n_queries == config["square_queries"]
+            assert sub.rescale_schedule == config["square_rescale_schedule"]
+        else:
+            assert sub.steps == config["iterations"]
+    # "every class but the true one" for the targeted attacks, APGD-T and FAB-T
+    assert subs[1].n_target_classes == subs[2].n_target_classes == K - 1
+
+
+def test_the_attacks_defaults_are_their_documented_values(small):
+    """A default is part of the attack's contract: PGD starts at a random point and runs in
+    fp32; CW-L2 uses kappa = 0 and Adam's lr = 0.01; Square 1,000 queries; seeds 0."""
+    model, x, y = small
+    x, y = x[:8], y[:8]
+
+    def same(call, **explicit):
+        torch.manual_seed(1)
+        a = call()
+        torch.manual_seed(1)
+        b = call(**explicit)
+        assert torch.equal(a, b), explicit
+
+    same(lambda **k: pgd_core(model, x, y, EPS, 0.01, 2, **k), random_start=True, amp=False,
+         norm="Linf")
+    same(lambda **k: pgd(model, x, y, eps=EPS, alpha=0.01, steps=2, **k), random_start=True,
+         amp=False, norm="Linf", restarts=1)
+    same(lambda **k: cw_l2(model, x, y, c_init=0.1, steps=3, search_steps=1, **k), kappa=0.0,
+         lr=0.01)
+    same(lambda **k: square(model, x, y, eps=EPS, **k), n_queries=1000, seed=0, norm="Linf")
+    # PGD's default start is random: without it, two seeds give the same attack.
+    torch.manual_seed(2)
+    a = pgd_core(model, x, y, EPS, 0.01, 0)
+    assert not torch.equal(a, x) and linf(a, x).max() <= EPS + 1e-6
+
+
+def test_cw_l2_handles_saturated_pixels(small):
+    """CIFAR-10 images have pixels at exactly 0 and 1: the tanh-space start must stay finite
+    there (atanh(+-1) is infinite), and the attack must still find adversarial examples."""
+    model, x, y = small
+    x = x.clone()
+    x[:, :, :4] = 0.0
+    x[:, :, -4:] = 1.0
+    x_adv = cw_l2(model, x, y, c_init=1.0, steps=20, search_steps=3)
+    assert torch.isfinite(x_adv).all()
+    with torch.no_grad():
+        wrong = model(x_adv).argmax(1) != y
+    assert wrong.float().mean() > 0.5
+
+
+def test_two_class_and_four_class_models_are_attackable():
+    """The smallest models each attack supports: 2 classes for the gradient attacks, 4 for
+    AutoAttack (APGD-T's DLR loss needs 4)."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 16, 16)
+    binary = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2)).eval()
+    y2 = torch.tensor([0, 1, 0, 1, 0, 1])
+    assert pgd(binary, x, y2, eps=EPS, alpha=0.01, steps=2).shape == x.shape
+    four = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()
+    y4 = torch.tensor([0, 1, 2, 3, 0, 1])
+    old = (attacks.AUTOATTACK_ITERATIONS, attacks.AUTOATTACK_SQUARE_QUERIES)
+    try:
+        attacks.AUTOATTACK_ITERATIONS, attacks.AUTOATTACK_SQUARE_QUERIES = 2, 10
+        assert autoattack(four, x, y4, eps=EPS).shape == x.shape
+    finally:
+        attacks.AUTOATTACK_ITERATIONS, attacks.AUTOATTACK_SQUARE_QUERIES = old
+
+
+def test_a_whole_box_budget_breaks_every_image(small):
+    """eps = 1 allows any image: PGD reaches a wrong class for every input (a budget that
+    silently attacked nothing would keep them)."""
+    model, x, y = small
+    torch.manual_seed(0)
+    x_adv = pgd(model, x, y, eps=1.0, alpha=0.1, steps=20)
+    assert acc(model, x_adv, y) == 0.0
+    assert acc(model, fgsm(model, x, y, eps=1.0), y) < acc(model, x, y)
+
+
+def test_pgd_spends_exactly_its_budget(small):
+    """Model calls: one for the checks, steps per restart, and with restarts one scoring pass
+    per restart (the budget the results report, no more and no less)."""
+    model, x, y = small
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for restarts, expected in ((1, 1 + 5), (3, 1 + 3 * 5 + 3)):
+            calls.clear()
+            pgd(model, x, y, eps=EPS, alpha=0.01, steps=5, restarts=restarts)
+            assert len(calls) == expected, (restarts, len(calls))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.bad_input(cases=5)
+def test_budgets_must_be_whole_numbers():
+    model = TinyCNN().eval()
+    x, y = make_task()(4, 3)
+    for call, message in [
+            (lambda: pgd(model, x, y, eps=EPS, alpha=0.01, steps=2, restarts=1.5),
+             "restarts must be an int"),
+            (lambda: cw_l2(model, x, y, c_init=1.0, steps=2.5, search_steps=1), "steps must be an int"),
+            (lambda: cw_l2(model, x, y, c_init=1.0, steps=2, search_steps=1.5),
+             "search_steps must be an int"),
+            (lambda: autoattack(model, x, y, eps=EPS, seed=0.5), "seed must be an int")]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        cw_l2(model, x, y, c_init=1.0, steps=2, search_steps=1, lr=0.0)
