@@ -287,6 +287,9 @@ def test_check_autoattack_gap():
     bad = check_autoattack_gap(0.50, 0.30)
     assert bad["passed"] is False and "gradient masking" in bad["detail"]
     assert check_autoattack_gap(0.50, 0.30, max_gap=0.25)["passed"] is True
+    # The default is issue 5's rule: AutoAttack within 5 points of PGD-20.
+    assert check_autoattack_gap(0.50, 0.46)["passed"] is True
+    assert check_autoattack_gap(0.50, 0.44)["passed"] is False
     # AutoAttack weaker than PGD-20 fails too, beyond one example or half a point of n
     weak = check_autoattack_gap(0.30, 0.60)
     assert weak["passed"] is False and "did not run as configured" in weak["detail"]
