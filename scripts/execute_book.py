@@ -72,6 +72,9 @@ STALL_SECONDS = 60
 POLL_SLICE = 1.0
 # The longest path a Unix socket may have (sun_path: 108 bytes with its terminating NUL).
 SOCKET_PATH_MAX = 107
+# A build's folder in the temporary folder, each kernel's folder in it (tempfile adds 8
+# characters to each), and the kernel's sockets there (kernel-1 to kernel-5).
+BUILD_PREFIX, KERNEL_PREFIX, SOCKET_NAME = "anchor-build-", "kernel-", "kernel"
 # Chapter seconds from the last committed CPU check (relative to the root): the longest chapters
 # start first, so that the last one to finish is not a long one started late.
 TIMINGS = Path("data") / "results" / "cpu-checks" / "ci_run.json"
@@ -245,10 +248,10 @@ def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS,
     with client_log(log, timeline):
         for attempt in (1, 2):
             nb = nbformat.read(path, as_version=4)
-            with tempfile.TemporaryDirectory(prefix="kernel-", dir=scratch_root) as scratch, \
+            with tempfile.TemporaryDirectory(prefix=KERNEL_PREFIX, dir=scratch_root) as scratch, \
                     kernel_tmpdir(scratch):
                 config = Config({"KernelManager": {
-                    "transport": "ipc", "ip": os.path.join(scratch, "kernel"),
+                    "transport": "ipc", "ip": os.path.join(scratch, SOCKET_NAME),
                     "connection_file": os.path.join(scratch, "kernel.json"),
                     "client_factory": SlicedClient}})
                 timeline.mark(f"attempt {attempt}: starting a kernel")
@@ -313,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{root / '_toc.yml'} lists no notebook that exists", file=sys.stderr)
         return 2
 
-    # A kernel's sockets are files, SCRATCH/kernel-XXXXXXXX/kernel-N, and a Unix socket's path
-    # has at most 107 bytes: refuse a TMPDIR too long for them before any chapter starts.
-    longest = len(os.path.join(tempfile.gettempdir(), "anchor-build-12345678", "kernel-12345678",
-                               "kernel-4").encode())
+    # A kernel's sockets are files, TMPDIR/anchor-build-XXXXXXXX/kernel-XXXXXXXX/kernel-N, and a
+    # Unix socket's path has at most 107 bytes: refuse a TMPDIR too long for them up front.
+    longest = len(os.path.join(tempfile.gettempdir(), BUILD_PREFIX + "x" * 8,
+                               KERNEL_PREFIX + "x" * 8, SOCKET_NAME + "-5").encode())
     if longest > SOCKET_PATH_MAX:
         print(f"the temporary folder {tempfile.gettempdir()!r} is too long for the kernels' Unix "
               f"sockets ({longest} bytes, at most {SOCKET_PATH_MAX}): set TMPDIR to a shorter "
@@ -330,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     # The workers keep SIGTERM's default (die at once), not the handler installed above: a
     # worker that unwound would take execute()'s retry and start a new kernel.
     # The kernels' folders are in one of this process's, which outlives workers that are killed.
-    with tempfile.TemporaryDirectory(prefix="anchor-build-", ignore_cleanup_errors=True) as scratch, \
+    with tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, ignore_cleanup_errors=True) as scratch, \
             ProcessPoolExecutor(max_workers=min(args.jobs, len(paths)), initializer=signal.signal,
                                 initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
-        futures = [pool.submit(execute, p, int(config.get("timeout", 30)), STALL_SECONDS, scratch)
+        futures = [pool.submit(execute, p, int(config.get("timeout", 30)), scratch_root=scratch)
                    for p in paths]
         try:
             for future in as_completed(futures):

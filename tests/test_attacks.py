@@ -741,7 +741,7 @@ def test_cw_l2_finds_the_minimal_perturbation_of_a_linear_model():
     assert ratio.min() >= 0.999 and ratio.max() <= 1.05, ratio
 
 
-def test_two_class_and_four_class_models_are_attackable():
+def test_two_class_and_four_class_models_are_attackable(fast_autoattack):
     """The smallest models each attack supports: 2 classes for the gradient attacks, 4 for
     AutoAttack (APGD-T's DLR loss needs 4)."""
     torch.manual_seed(0)
@@ -751,12 +751,7 @@ def test_two_class_and_four_class_models_are_attackable():
     assert pgd(binary, x, y2, eps=EPS, alpha=0.01, steps=2).shape == x.shape
     four = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()
     y4 = torch.tensor([0, 1, 2, 3, 0, 1])
-    old = (attacks.AUTOATTACK_ITERATIONS, attacks.AUTOATTACK_SQUARE_QUERIES)
-    try:
-        attacks.AUTOATTACK_ITERATIONS, attacks.AUTOATTACK_SQUARE_QUERIES = 2, 10
-        assert autoattack(four, x, y4, eps=EPS).shape == x.shape
-    finally:
-        attacks.AUTOATTACK_ITERATIONS, attacks.AUTOATTACK_SQUARE_QUERIES = old
+    assert autoattack(four, x, y4, eps=EPS).shape == x.shape
 
 
 def test_a_whole_box_budget_breaks_every_image(small):
