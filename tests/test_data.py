@@ -99,14 +99,18 @@ def test_tar_archive_read_directly(tmp_path):
     assert torch.equal(d.x_train, from_folder.x_train)
 
 
-def test_pickle_batches(tmp_path):
-    base = tmp_path / "cifar-10-batches-py"
-    base.mkdir()
+def write_pickle_batches(base: Path, per_batch: int = 4) -> None:
+    """torchvision's cifar-10-batches-py layout: five training batches and a test batch."""
+    base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                 "labels": list(rng.integers(0, 10, 4))}
+        entry = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": list(rng.integers(0, 10, per_batch))}
         (base / name).write_bytes(pickle.dumps(entry))
+
+
+def test_pickle_batches(tmp_path):
+    write_pickle_batches(tmp_path / "cifar-10-batches-py")
     d = data.load_cifar10(tmp_path)
     assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
     assert d.label == "CIFAR-10"
@@ -162,6 +166,41 @@ def test_unreachable_network_fails_fast(tmp_path, monkeypatch):
     assert time.perf_counter() - t0 < 5
 
 
+def test_download_is_torchvisions_with_a_socket_timeout(tmp_path, monkeypatch):
+    """The last resort: torchvision's download into the root, read back as pickle batches,
+    with a socket timeout only while it runs."""
+    import socket
+
+    import torchvision
+
+    monkeypatch.delenv("ANCHOR_OFFLINE")
+    seen = []
+
+    def fake_download(root, train, download):
+        seen.append((root, train, download, socket.getdefaulttimeout()))
+        write_pickle_batches(Path(root) / "cifar-10-batches-py")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_download)
+    previous = socket.getdefaulttimeout()
+    d = data.load_cifar10(tmp_path / "new")
+    assert seen == [(str(tmp_path / "new"), True, True, data.DOWNLOAD_TIMEOUT_S)]
+    assert socket.getdefaulttimeout() == previous
+    assert d.label == "CIFAR-10" and d.x_train.shape == (20, 3, 32, 32)
+
+
+def test_download_false_never_reaches_the_network(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.delenv("ANCHOR_OFFLINE")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("download=False tried to download")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", refuse)
+    with pytest.raises(data.DataNotFoundError):
+        data.load_cifar10(tmp_path / "empty", download=False)
+
+
 def test_augment_shapes_range_and_determinism():
     x = data.synthetic(n_train=16, n_test=2).x_train
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -178,6 +217,31 @@ def test_augment_is_a_crop_or_flip_of_the_padded_image():
     for i in range(2):
         crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+
+
+def test_augment_default_is_the_standard_cifar_crop_and_flip():
+    """Default: 4-pixel reflect padding, every one of the 9 x 9 crop offsets, a flip half the
+    time. Each view is exactly one crop (or its mirror) of the padded image."""
+    n, size = 600, 12
+    x = (torch.arange(3 * size * size).reshape(1, 3, size, size) / (3 * size**2)).expand(n, -1, -1, -1)
+    out = data.augment(x.contiguous(), torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x[:1], (4, 4, 4, 4), mode="reflect")[0]
+    crops = torch.stack([padded[:, dy:dy + size, dx:dx + size] for dy in range(9) for dx in range(9)])
+    plain = (out[:, None] == crops[None]).flatten(2).all(2)            # (n, 81)
+    mirrored = (out[:, None] == crops[None].flip(-1)).flatten(2).all(2)
+    assert ((plain | mirrored).sum(1) == 1).all(), "each view is one crop or its mirror"
+    offsets = (plain | mirrored).float().argmax(1)
+    assert set((offsets // 9).tolist()) == set(range(9)) == set((offsets % 9).tolist())
+    assert 0.4 < mirrored.any(1).float().mean() < 0.6
+
+
+def test_batches_shuffle_by_default():
+    x = torch.arange(64).view(64, 1, 1, 1).to(torch.uint8)
+    y = torch.arange(64)
+    order = torch.cat([yb for _, yb in data.batches(x, y, 16, generator=torch.Generator().manual_seed(0))])
+    assert sorted(order.tolist()) == list(range(64)) and not torch.equal(order, y)
+    in_order = torch.cat([yb for _, yb in data.batches(x, y, 16, shuffle=False)])
+    assert torch.equal(in_order, y)
 
 
 def test_batches_cover_the_data_once():
@@ -208,3 +272,18 @@ def test_shared_jpeg_copy(monkeypatch):
     assert torch.equal(d.y_train.bincount(), torch.full((10,), 5000))
     assert d.y_test[:1000].bincount().min() > 50, "the first 1,000 test images mix all classes"
     assert d.label == "CIFAR-10 (JPEG q75 copy)"
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.xz").exists(),
+                    reason="the shared CIFAR-10 JPEG copy is not beside this checkout")
+def test_model_normalisation_is_the_training_split_statistics(monkeypatch):
+    # The model normalises its own input with these constants; a wrong one would still train,
+    # only worse, so no other test notices. JPEG q75 smooths the images a little, which lowers
+    # the standard deviations by about 0.002 against the original CIFAR-10's.
+    from anchor_lib.models import CIFAR10_MEAN, CIFAR10_STD
+
+    monkeypatch.setenv("ANCHOR_CACHE_DIR", CACHE)
+    x = data.load_cifar10(SHARED).x_train
+    channels = x.transpose(0, 1).reshape(3, -1).float() / 255
+    assert torch.allclose(channels.mean(1), torch.tensor(CIFAR10_MEAN), atol=1e-3)
+    assert torch.allclose(channels.std(1), torch.tensor(CIFAR10_STD), atol=3e-3)

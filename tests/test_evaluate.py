@@ -319,6 +319,51 @@ def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
     assert given["black_box_weaker"]["pgd20"] == 0.9
 
 
+def test_sanity_defaults_are_the_protocol_of_the_committed_results():
+    """The checks' defaults define what metrics.json calls "sanity": the committed full run's
+    record holds the step counts, radii and Square budget the code uses now."""
+    import inspect
+    from pathlib import Path
+
+    from anchor_lib.evaluate import eps_sweep
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "data" / "results" / "full-pgd_at"
+                         / "metrics.json").read_text())["sanity"]
+    def default(f, name):
+        return inspect.signature(f).parameters[name].default
+
+    assert list(default(check_more_steps, "steps")) == record["more_steps"]["steps"] == [1, 5, 20, 50]
+    assert default(sanity_checks, "n_queries") == record["black_box_weaker"]["n_queries"] == 1000
+    # The sweep that sanity_checks runs, and check_eps_sweep's own default, are the same radii.
+    np.testing.assert_allclose(eps_sweep(EVAL_EPS), record["eps_sweep"]["eps"], rtol=1e-12)
+    np.testing.assert_allclose(default(check_eps_sweep, "eps_values"), eps_sweep(EVAL_EPS),
+                               rtol=1e-12)
+
+
+def test_square_may_trail_pgd_by_one_example_or_half_a_point(trained, monkeypatch):
+    """Square below PGD-20 by no more than the comparison's slack is noise, not masking."""
+    model, x, y = trained
+    x, y = x[:100], y[:100]
+    for square_acc, passed in ((0.496, True), (0.50, True), (0.485, False)):
+        monkeypatch.setattr(evaluate, "robust_accuracy", lambda *a, v=square_acc, **k: v)
+        result = check_black_box_weaker(model, x, y, EPS, n_queries=1, pgd_acc=0.5)
+        assert result["passed"] is passed, (square_acc, result)
+
+
+def test_suite_seconds_are_each_attacks_wall_time(trained):
+    import time
+
+    model, x, y = trained
+    start = time.perf_counter()
+    result = evaluate_suite(model, x, y, attacks="clean,pgd20", n=64, batch_size=1, eps=EPS)
+    wall = time.perf_counter() - start
+    seconds = [entry["seconds"] for entry in result.values()]
+    assert all(s >= 0 for s in seconds) and sum(seconds) <= wall + 0.02, (seconds, wall)
+    assert result["pgd20"]["seconds"] > result["clean"]["seconds"]  # 20 steps cost more than 1
+    # A batch of one image is a batch like any other.
+    assert result["clean"]["value"] == pytest.approx(accuracy(model, x[:64], y[:64]))
+
+
 def test_module_exports():
     for name in evaluate.__all__:
         assert hasattr(evaluate, name)
