@@ -390,3 +390,103 @@ def test_compiled_passes_train_as_the_eager_trainer(method, small_data, tmp_path
     # config, so this is the same run (nothing left to train), not a refused one.
     resumed = train(dataclasses.replace(cfg, compile=False), resume=True, dataset=small_data)
     assert [r["epoch"] for r in resumed] == [1]
+
+
+# --- each method's step, written out from its definition ------------------------------------------
+
+def _pgd_written_out(model, loss_of, a1, y, start, cfg):
+    """L-inf PGD from ``start``: sign steps of ``alpha``, projected on the eps-ball and [0, 1]."""
+    x = torch.min(torch.max(start, a1 - cfg.eps), a1 + cfg.eps).clamp(0, 1)
+    for _ in range(cfg.attack_steps):
+        x = x.detach().requires_grad_(True)
+        grad, = torch.autograd.grad(loss_of(model(x)), x)
+        x = torch.min(torch.max(x + cfg.alpha * grad.sign(), a1 - cfg.eps), a1 + cfg.eps).clamp(0, 1)
+    return x.detach()
+
+
+def _definition(model, cfg, y, a1, start=None, a2=None):
+    """(loss, ce, con) of one step: DESIGN §3 for supcon_at / anchor, Madry et al. for pgd_at,
+    Zhang et al.'s official TRADES code (KL summed over the batch, divided by its size)."""
+    from torch.nn import functional as f
+
+    from anchor_lib import losses
+
+    zero = torch.zeros(())
+    if cfg.method == "standard":
+        model.train()
+        ce = f.cross_entropy(model(a1), y)
+        return ce, ce, zero
+    model.eval()  # attack_bn="eval": the attack sees running statistics
+    if cfg.method == "trades":
+        with torch.no_grad():
+            p_clean = f.softmax(model(a1), dim=1)
+        x_adv = _pgd_written_out(model, lambda out: f.kl_div(f.log_softmax(out, 1), p_clean,
+                                                             reduction="sum"), a1, y, start, cfg)
+        model.train()
+        out_clean, out_adv = model(a1), model(x_adv)
+        ce = f.cross_entropy(out_clean, y)
+        kl = f.kl_div(f.log_softmax(out_adv, 1), f.softmax(out_clean, 1), reduction="sum") / len(y)
+        return ce + cfg.trades_beta * kl, ce, cfg.trades_beta * kl
+    x_adv = _pgd_written_out(model, lambda out: f.cross_entropy(out, y, reduction="sum"), a1, y,
+                             start, cfg)
+    model.train()
+    if cfg.method == "pgd_at":
+        ce = f.cross_entropy(model(x_adv), y)
+        return ce, ce, zero
+    n = len(y)
+    logits, z = model.forward_all(torch.cat([a1, a2, x_adv]))
+    ce = f.cross_entropy(logits[2 * n:], y)  # the classifier sees the adversarial view only
+    views = 3 if cfg.adv_in_contrastive else 2
+    beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
+    con = losses.anchor_loss(z[:views * n], y.repeat(views), temperature=cfg.temperature,
+                             beta=beta)
+    return ce + cfg.lam * con, ce, con
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("standard", {}), ("pgd_at", {}), ("trades", {}), ("supcon_at", dict(beta=1.0)),
+    ("anchor", dict(beta=0.7, lam=0.4, temperature=0.2)),
+    ("anchor", dict(adv_in_contrastive=False, lam=2.0)),
+])
+def test_each_methods_step_is_its_definition_written_out(method, overrides, small_data):
+    """step_loss against the definitions above, on the same drawn views and random start. Also
+    checks what draw_step_inputs draws: augmented views, and a start inside the eps-ball."""
+    from anchor_lib.train import draw_step_inputs, step_loss
+
+    cfg = tiny(method, **overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x, y = small_data.x_train[:24], small_data.y_train[:24]
+    inputs = draw_step_inputs(cfg, x, torch.Generator().manual_seed(1))
+    assert set(inputs) == {"standard": {"a1"}, "pgd_at": {"a1", "start"},
+                           "trades": {"a1", "start"}}.get(method, {"a1", "start", "a2"})
+    assert not torch.equal(inputs["a1"], data.to_float(x)), "a1 is an augmented view"
+    if "start" in inputs:
+        assert (inputs["start"] - inputs["a1"]).abs().max() <= cfg.eps + 1e-6
+        assert not torch.equal(inputs["start"], inputs["a1"])
+    if "a2" in inputs:
+        assert not torch.equal(inputs["a1"], inputs["a2"])
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, parts = step_loss(model, cfg, False, y, **inputs)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # the same BatchNorm statistics for the written-out step
+    want, want_ce, want_con = _definition(model, cfg, y, **inputs)
+
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["ce"], want_ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["con"], want_con.detach(), rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():  # the same BatchNorm updates, in the same modes
+        torch.testing.assert_close(after[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert model.training, "the step leaves the model in train mode"
+    # The gradients the optimiser will use are the definition's.
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.load_state_dict(state)
+    got = torch.autograd.grad(step_loss(model, cfg, False, y, **inputs)[0], params,
+                              allow_unused=True)
+    model.load_state_dict(state)
+    ref = torch.autograd.grad(_definition(model, cfg, y, **inputs)[0], params, allow_unused=True)
+    for g, r in zip(got, ref, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
