@@ -245,6 +245,36 @@ def test_history_lr_is_the_rate_the_last_step_used(small_data):
     assert [r["lr"] for r in history] == pytest.approx(expected)
 
 
+def test_learning_rate_is_one_cycle_per_stage():
+    """Linear warm-up over ``warmup_fraction`` of the steps to the peak, then linear decay to 0
+    at the end; the two-stage variant's second stage gets a cycle of its own."""
+    from anchor_lib.train import _schedule
+
+    one = _schedule(100, 0.2)
+    assert [one(s) for s in range(20)] == pytest.approx([(s + 1) / 20 for s in range(20)])
+    assert [one(s) for s in range(20, 101)] == pytest.approx([(100 - s) / 80 for s in range(20, 101)])
+    two = _schedule(100, 0.2, restart=40)
+    first, second = _schedule(40, 0.2), _schedule(60, 0.2)
+    assert [two(s) for s in range(40)] == pytest.approx([first(s) for s in range(40)])
+    assert [two(s) for s in range(40, 100)] == pytest.approx([second(s) for s in range(60)])
+    assert two(39) == pytest.approx(1 / 32) and two(40) == pytest.approx(1 / 12)  # warm-up again
+    assert _schedule(10, 0.0)(0) == 1.0  # no warm-up: the peak at the first step
+
+
+def test_optimiser_is_nesterov_sgd_with_the_configs_settings(small_data, monkeypatch):
+    seen = {}
+
+    class Recording(torch.optim.SGD):
+        def __init__(self, params, **kwargs):
+            seen.update(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    train(tiny("standard", lr=0.07, momentum=0.8, weight_decay=1e-3, val_attack_steps=0),
+          dataset=small_data)
+    assert seen == dict(lr=0.07, momentum=0.8, nesterov=True, weight_decay=1e-3)
+
+
 def test_amp_on_a_cpu_is_refused(small_data):
     with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
         train(tiny("pgd_at", amp=True), dataset=small_data)
