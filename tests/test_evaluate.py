@@ -364,6 +364,31 @@ def test_suite_seconds_are_each_attacks_wall_time(trained):
     assert result["clean"]["value"] == pytest.approx(accuracy(model, x[:64], y[:64]))
 
 
+def test_tf32_is_available_from_ampere_on(monkeypatch):
+    """TF32 exists on compute capability 8.0 (A100) and later: a V100 or T4 search in fp32."""
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert evaluate.tf32_available("cuda") is expected, capability
+    assert evaluate.tf32_available("cpu") is False
+
+
+def test_a_zero_radius_keeps_a_positive_step():
+    """eps = 0 (the sweep's first point) still gives valid attacks, which return x itself."""
+    assert standard_attacks(0.0)["pgd20"].keywords["alpha"] == pytest.approx(1 / 255)
+    assert standard_attacks(0.0)["cw"].keywords["alpha"] == pytest.approx(1 / 255)
+
+
+def test_evaluation_inputs_are_checked(trained):
+    model, x, y = trained
+    with pytest.raises(TypeError, match="attack names must be strings"):
+        evaluate_suite(model, x, y, attacks=["clean", 3])
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        accuracy(model, x, y, batch_size=2.5)
+    empty = torch.zeros(0, dtype=torch.bool)
+    with pytest.raises(ValueError, match="two non-empty bool masks"):
+        evaluate.check_search_precision(empty, empty)
+
+
 def test_module_exports():
     for name in evaluate.__all__:
         assert hasattr(evaluate, name)
