@@ -97,6 +97,33 @@ def test_tar_archive_read_directly(tmp_path):
     d = data.load_cifar10(root)
     from_folder = data.load_cifar10(folder)
     assert torch.equal(d.x_train, from_folder.x_train)
+    # Only a copy named as the JPEG one is labelled as it: results must not claim the wrong data.
+    assert d.label == "CIFAR-10 (ImageFolder copy)"
+    jpeg_root = tmp_path / "jpeg-root"
+    jpeg_root.mkdir()
+    make_tar(folder, jpeg_root / "cifar10-jpeg.tar.xz")
+    assert data.load_cifar10(jpeg_root).label == data.JPEG_COPY_LABEL
+
+
+def test_a_half_copied_folder_is_named_not_skipped(tmp_path):
+    """train/ without test/ is a damaged copy: say so, rather than report no data at all."""
+    root = make_image_folder(tmp_path / "f", per_class=1)
+    for f in (root / "test").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    for d in sorted((root / "test").rglob("*"), reverse=True):
+        d.rmdir()
+    (root / "test").rmdir()
+    with pytest.raises(ValueError, match="missing folder test/"):
+        data.load_cifar10(root)
+
+
+def test_the_dataset_is_immutable():
+    d = data.synthetic(n_train=10, n_test=10)
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.label = "CIFAR-10"
 
 
 def write_pickle_batches(base: Path, per_batch: int = 4) -> None:
@@ -182,10 +209,12 @@ def test_download_is_torchvisions_with_a_socket_timeout(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_download)
     previous = socket.getdefaulttimeout()
-    d = data.load_cifar10(tmp_path / "new")
-    assert seen == [(str(tmp_path / "new"), True, True, data.DOWNLOAD_TIMEOUT_S)]
+    d = data.load_cifar10(tmp_path / "new" / "cifar")  # folders made as needed
+    assert seen == [(str(tmp_path / "new" / "cifar"), True, True, data.DOWNLOAD_TIMEOUT_S)]
     assert socket.getdefaulttimeout() == previous
     assert d.label == "CIFAR-10" and d.x_train.shape == (20, 3, 32, 32)
+    (tmp_path / "empty").mkdir()  # an existing, empty folder is fine too
+    assert data.load_cifar10(tmp_path / "empty").label == "CIFAR-10"
 
 
 def test_download_false_never_reaches_the_network(tmp_path, monkeypatch):
@@ -235,6 +264,22 @@ def test_augment_default_is_the_standard_cifar_crop_and_flip():
     assert 0.4 < mirrored.any(1).float().mean() < 0.6
 
 
+def test_to_float_maps_0_255_onto_0_1():
+    x = torch.tensor([0, 1, 128, 255], dtype=torch.uint8).view(1, 1, 2, 2)
+    out = data.to_float(x)
+    assert out.dtype == torch.float32 and out.device == x.device
+    torch.testing.assert_close(out.flatten(), torch.tensor([0, 1, 128, 255]) / 255.0)
+
+
+def test_synthetic_labels_are_balanced_classes():
+    d = data.synthetic(n_train=100, n_test=30, num_classes=5, size=8)
+    assert torch.equal(d.y_train.bincount(), torch.full((5,), 20))
+    assert torch.equal(d.y_test.bincount(), torch.full((5,), 6))
+    assert d.x_train.shape == (100, 3, 8, 8) and d.x_train.dtype == torch.uint8
+    assert data.synthetic().x_train.shape == (1000, 3, 32, 32)  # CIFAR-shaped by default
+    assert data.synthetic().x_test.shape == (200, 3, 32, 32)
+
+
 def test_batches_shuffle_by_default():
     x = torch.arange(64).view(64, 1, 1, 1).to(torch.uint8)
     y = torch.arange(64)
@@ -250,6 +295,7 @@ def test_batches_cover_the_data_once():
     seen = torch.cat([yb for _, yb in data.batches(x, y, 3, drop_last=False)])
     assert sorted(seen.tolist()) == list(range(10))
     assert sum(1 for _ in data.batches(x, y, 3)) == 3  # drop_last keeps shapes equal
+    assert [len(yb) for _, yb in data.batches(x, y, 1)] == [1] * 10
     with pytest.raises(ValueError, match="same length"):
         next(data.batches(x, y[:5], 3))
 
