@@ -83,10 +83,11 @@ def test_read_only_source_caches_elsewhere(tmp_path, monkeypatch):
     # CI runs as root, for whom chmod cannot make a folder unwritable: simulate it instead.
     monkeypatch.setattr(data.os, "access", lambda p, mode: False if Path(p) == root
                         else real_access(p, mode))
+    monkeypatch.setenv("ANCHOR_CACHE_DIR", str(tmp_path / "cache" / "new"))  # made as needed
     d = data.load_cifar10(root)
     assert d.x_test.shape[0] == 20
     assert not list(root.glob(".anchor-cache-*")), "nothing is written into a read-only source"
-    assert list((tmp_path / "cache").glob(".anchor-cache-*.npz"))
+    assert list((tmp_path / "cache" / "new").glob(".anchor-cache-*.npz"))
 
 
 def test_tar_archive_read_directly(tmp_path):
@@ -157,6 +158,15 @@ def test_corrupt_jpeg_names_the_file(tmp_path):
     bad.write_bytes(b"not a jpeg at all")
     with pytest.raises(ValueError, match=r"corrupt image .*cat/0000\.jpg"):
         data.load_cifar10(root)
+
+
+def test_corrupt_jpeg_in_an_archive_names_the_member(tmp_path):
+    root = make_image_folder(tmp_path / "f", per_class=1)
+    (root / "train" / "dog" / "0000.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "a").mkdir()
+    make_tar(root, tmp_path / "a" / "c.tar.xz")
+    with pytest.raises(ValueError, match=r"corrupt image .*dog/0000\.jpg"):
+        data.load_cifar10(tmp_path / "a")
 
 
 def test_missing_class_folder_is_named(tmp_path):
@@ -277,6 +287,7 @@ def test_synthetic_labels_are_balanced_classes():
     assert torch.equal(d.y_test.bincount(), torch.full((5,), 6))
     assert d.x_train.shape == (100, 3, 8, 8) and d.x_train.dtype == torch.uint8
     assert data.synthetic().x_train.shape == (1000, 3, 32, 32)  # CIFAR-shaped by default
+    assert d.x_train.min() == 0 and d.x_train.max() == 255, "pixels span the uint8 range"
     assert data.synthetic().x_test.shape == (200, 3, 32, 32)
 
 
@@ -296,6 +307,8 @@ def test_batches_cover_the_data_once():
     assert sorted(seen.tolist()) == list(range(10))
     assert sum(1 for _ in data.batches(x, y, 3)) == 3  # drop_last keeps shapes equal
     assert [len(yb) for _, yb in data.batches(x, y, 1)] == [1] * 10
+    x100, y100 = torch.zeros(100, 1, 1, 1), torch.arange(100)
+    assert [len(yb) for _, yb in data.batches(x100, y100, 3)] == [3] * 33
     with pytest.raises(ValueError, match="same length"):
         next(data.batches(x, y[:5], 3))
 

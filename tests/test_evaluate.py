@@ -244,6 +244,12 @@ def test_check_more_steps_passes_on_trained_model(trained):
     assert isinstance(result["detail"], str) and result["detail"]
 
 
+def test_check_more_steps_needs_a_positive_radius(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="eps must be"):
+        check_more_steps(model, x[:8], y[:8], 0.0, steps=(1, 2))
+
+
 def test_check_eps_sweep(trained):
     model, x, y = trained
     result = check_eps_sweep(model, x, y, (0, 2 / 255, 4 / 255, 16 / 255), steps=10)
@@ -338,6 +344,7 @@ def test_sanity_defaults_are_the_protocol_of_the_committed_results():
     np.testing.assert_allclose(eps_sweep(EVAL_EPS), record["eps_sweep"]["eps"], rtol=1e-12)
     np.testing.assert_allclose(default(check_eps_sweep, "eps_values"), eps_sweep(EVAL_EPS),
                                rtol=1e-12)
+    assert eps_sweep(0.25) == [0.0, 0.0625, 0.125, 0.25, 0.5, 1.0, 1.0]  # capped at the box
 
 
 def test_square_may_trail_pgd_by_one_example_or_half_a_point(trained, monkeypatch):
