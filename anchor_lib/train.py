@@ -288,8 +288,9 @@ def load_run_data(cfg: TrainConfig, device: torch.device,
     if cfg.train_subset is not None:
         train_idx = train_idx[: cfg.train_subset]
     if len(train_idx) < cfg.batch_size:
-        raise ValueError(f"only {len(train_idx)} training images, fewer than batch_size "
-                         f"{cfg.batch_size}")
+        raise ValueError(f"batch_size {cfg.batch_size} needs at least that many training "
+                         f"images, but the data leave only {len(train_idx)} after the "
+                         f"{cfg.val_size} of val_size (lower batch_size or val_size)")
     d = dataset
     return RunData(d.x_train[train_idx].to(device), d.y_train[train_idx].to(device),
                    d.x_train[val_idx].to(device), d.y_train[val_idx].to(device),

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from anchor_lib import attacks, checkpoint, data, evaluate, losses, models
+from anchor_lib import attacks, checkpoint, data, embeddings, evaluate, losses, models
 from anchor_lib.train import METHODS, PROFILES, TrainConfig, history_csv, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -484,6 +484,51 @@ KNOWN_GAPS = {  # gaps found and closed; name: (call to reject, what the message
         F.normalize(torch.randn(4, 3), dim=1), torch.tensor([0, 0, 1, 1]), temperature=1e-30,
         beta=1e10)), r"temperature|beta"),
 }
+
+
+# Error paths a coverage run of the test suite found unexercised; each is one bad argument.
+_X, _Y = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+_EMB = {"clean": torch.ones(2, 3), "aug": torch.ones(2, 3), "adv": torch.ones(2, 3),
+        "labels": torch.tensor([0, 1])}
+UNCOVERED = {
+    "attack_model_not_a_module": (lambda: attacks.pgd(lambda x: x, _X, _Y, eps=0.03, alpha=0.01,
+                                                      steps=1), r"\bmodel\b"),
+    "pgd_random_start_not_a_flag": (lambda: attacks.pgd(MODEL, _X, _Y, eps=0.03, alpha=0.01,
+                                                        steps=1, random_start="yes"),
+                                    r"random_start"),
+    "robust_accuracy_attack_none": (lambda: evaluate.robust_accuracy(MODEL, _X, _Y, None),
+                                    r"\battack\b"),
+    "suite_attacks_not_a_sequence": (lambda: evaluate.evaluate_suite(MODEL, _X, _Y, attacks=5),
+                                     r"\battacks\b"),
+    "eps_sweep_without_radii": (lambda: evaluate.check_eps_sweep(MODEL, _X, _Y, ()),
+                                r"eps_values"),
+    "trades_logits_not_a_tensor": (lambda: losses.trades_loss([[0.0, 1.0]], torch.zeros(1, 2),
+                                                              torch.tensor([0])), r"logits_clean"),
+    "trades_labels_not_a_tensor": (lambda: losses.trades_loss(torch.zeros(1, 2), torch.zeros(1, 2),
+                                                              [0]), r"\by\b"),
+    "profile_unknown": (lambda: TrainConfig.from_profile("huge"), r"profile"),
+    "batch_larger_than_the_training_split": (lambda: train(
+        TrainConfig(method="standard", data="synthetic", width=1, proj_dim=1, batch_size=64,
+                    val_size=64, progress=False, device="cpu"),
+        dataset=data.synthetic(n_train=100, n_test=10, size=8)), r"batch_size.*val_size"),
+    "balanced_indices_labels_2d": (lambda: embeddings.balanced_indices(torch.zeros(2, 2), 1),
+                                   r"labels"),
+    "embed_views_empty_uint8_batch": (lambda: embeddings.embed_views(
+        models.PreActResNet18(width=1, proj_dim=1), torch.zeros(0, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.long)), r"\bx\b"),
+    "embeddings_without_labels": (lambda: embeddings.cluster_metrics(
+        {**_EMB, "labels": torch.zeros(0, dtype=torch.long)}), r"labels"),
+    "embeddings_prediction_of_the_wrong_length": (lambda: embeddings.save_embeddings(
+        Path(tempfile.gettempdir()) / "never-written.npz", {**_EMB, "pred_adv": [0]}),
+        r"pred_adv"),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name", sorted(UNCOVERED))
+def test_error_paths_found_by_coverage(name):
+    call, names = UNCOVERED[name]
+    expect_rejected(Case(name, call, names))
 
 
 def _finite_or_raise(t: torch.Tensor) -> None:
