@@ -275,6 +275,29 @@ def test_optimiser_is_nesterov_sgd_with_the_configs_settings(small_data, monkeyp
     assert seen == dict(lr=0.07, momentum=0.8, nesterov=True, weight_decay=1e-3)
 
 
+def test_device_auto_is_cuda_where_there_is_one(monkeypatch):
+    from anchor_lib.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")  # a named device is taken as named
+
+
+def test_a_config_names_its_dataset(monkeypatch):
+    """``data="synthetic"`` trains on the synthetic task (with room for the validation split);
+    ``"cifar10"`` loads CIFAR-10 the usual way."""
+    from anchor_lib.train import dataset_for
+
+    d = dataset_for(tiny("standard", val_size=2500))
+    assert d.label == "synthetic" and len(d.y_train) == 5000 and len(d.y_test) == 1000
+    assert len(dataset_for(tiny("standard")).y_train) == 4000
+    monkeypatch.setattr(data, "load_cifar10", lambda: "loaded")
+    assert dataset_for(tiny("standard", data="cifar10")) == "loaded"
+
+
 def test_amp_on_a_cpu_is_refused(small_data):
     with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
         train(tiny("pgd_at", amp=True), dataset=small_data)
