@@ -298,6 +298,22 @@ def test_a_config_names_its_dataset(monkeypatch):
     assert dataset_for(tiny("standard", data="cifar10")) == "loaded"
 
 
+def test_every_epoch_draws_its_own_views_and_starts():
+    """Each (seed, epoch) seeds its own random stream: an epoch that repeated the last one's
+    crops, flips and PGD starts would train on fewer distinct views than it claims."""
+    from anchor_lib.train import _epoch_seed
+
+    seeds = {_epoch_seed(seed, epoch) for seed in range(4) for epoch in range(50)}
+    assert len(seeds) == 200 and all(0 <= s < 2**63 - 1 for s in seeds)
+    assert _epoch_seed(2**62, 10**6) < 2**63 - 1  # any int seed fits torch.manual_seed
+
+
+def test_a_training_split_of_exactly_one_batch_trains():
+    cfg = tiny("standard", train_subset=None, val_size=64, batch_size=64, val_attack_steps=0)
+    history = train(cfg, dataset=data.synthetic(n_train=128, n_test=16, size=8))
+    assert len(history) == 1 and build_model(cfg).num_classes == 10
+
+
 def test_amp_on_a_cpu_is_refused(small_data):
     with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
         train(tiny("pgd_at", amp=True), dataset=small_data)
