@@ -396,6 +396,46 @@ def test_evaluation_inputs_are_checked(trained):
         evaluate.check_search_precision(empty, empty)
 
 
+def test_sanity_checks_attack_with_the_documented_pgd(trained, monkeypatch):
+    """Every PGD of the sanity checks steps eps / 4, and the shared PGD-20 is 20 steps; each
+    check's seconds is its own wall time."""
+    import time
+
+    model, x, y = trained
+    x, y = x[:16], y[:16]
+    calls = []
+
+    def recording_pgd(m, xb, yb, *, eps, alpha, steps):
+        calls.append((eps, alpha, steps))
+        return xb.clone()
+
+    monkeypatch.setattr(evaluate, "pgd", recording_pgd)
+    start = time.perf_counter()
+    result = sanity_checks(model, x, y, eps=EPS, n_queries=2, autoattack=0.5)
+    wall = time.perf_counter() - start
+    assert calls[0] == (EPS, EPS / 4, 20), "the shared PGD-20 comes first"
+    assert all(alpha == pytest.approx(eps / 4) for eps, alpha, _ in calls)
+    assert [steps for _, _, steps in calls[1:5]] == [1, 5, 20, 50]  # the more-steps check
+    assert {steps for _, _, steps in calls[5:]} == {20}               # the eps sweep
+    assert sum(r["seconds"] for r in result.values()) <= wall + 0.05
+
+
+def test_sanity_check_arguments_are_checked(trained):
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    for call, match in (
+            (lambda: check_black_box_weaker(model, x, y, 0.0), "eps must be"),
+            (lambda: sanity_checks(model, x, y, eps=0.0), "eps must be"),
+            (lambda: check_autoattack_gap(0.5, 1.5), "aa_acc must be <= 1"),
+            (lambda: check_autoattack_gap(0.5, 0.4, n=2.5), "n must be an int"),
+            (lambda: check_more_steps(model, x, y, EPS, steps=(1, 2.5)), "steps must be an int"),
+            (lambda: evaluate_suite(model, x, y, attacks="clean", n=2.5), "n must be an int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+    # Zero steps is PGD's random start alone: a valid first point of the curve.
+    assert check_more_steps(model, x, y, EPS, steps=(0, 1))["steps"] == [0, 1]
+
+
 def test_module_exports():
     for name in evaluate.__all__:
         assert hasattr(evaluate, name)
