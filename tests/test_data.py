@@ -289,6 +289,7 @@ def test_synthetic_labels_are_balanced_classes():
     assert data.synthetic().x_train.shape == (1000, 3, 32, 32)  # CIFAR-shaped by default
     assert d.x_train.min() == 0 and d.x_train.max() == 255, "pixels span the uint8 range"
     assert data.synthetic().x_test.shape == (200, 3, 32, 32)
+    assert torch.equal(data.synthetic().y_train.bincount(), torch.full((10,), 100))  # ten classes
 
 
 def test_batches_shuffle_by_default():
