@@ -314,6 +314,16 @@ def test_a_training_split_of_exactly_one_batch_trains():
     assert len(history) == 1 and build_model(cfg).num_classes == 10
 
 
+def test_without_resume_a_run_starts_over(tmp_path, small_data):
+    """Resuming is asked for, never assumed: a second run into the same folder trains again
+    (here it meets the NaN injected at its first step) instead of returning the saved run."""
+    cfg = tiny("standard", out_dir=str(tmp_path), val_attack_steps=0)
+    train(cfg, dataset=small_data)
+    with pytest.raises(NonFiniteLossError):
+        train(cfg, dataset=small_data, fail_at=(0, 0))
+    assert len(train(cfg, dataset=small_data, resume=True, fail_at=(0, 0))) == 1  # all done
+
+
 def test_amp_on_a_cpu_is_refused(small_data):
     with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
         train(tiny("pgd_at", amp=True), dataset=small_data)
