@@ -36,10 +36,11 @@ def make_image_folder(root: Path, per_class: int = 2, classes=data.CLASSES) -> P
     return root
 
 
-def make_tar(folder: Path, archive: Path) -> Path:
+def make_tar(folder: Path, archive: Path, top: str = "") -> Path:
+    """An xz archive of ``folder``'s train/ and test/, under a top-level folder ``top`` if given."""
     with tarfile.open(archive, "w:xz") as tar:
         for split in ("train", "test"):
-            tar.add(folder / split, arcname=split)
+            tar.add(folder / split, arcname=f"{top}/{split}" if top else split)
     return archive
 
 
@@ -104,6 +105,12 @@ def test_tar_archive_read_directly(tmp_path):
     jpeg_root.mkdir()
     make_tar(folder, jpeg_root / "cifar10-jpeg.tar.xz")
     assert data.load_cifar10(jpeg_root).label == data.JPEG_COPY_LABEL
+    # Under one top-level folder, and with a stray file beside the splits, it reads the same.
+    (folder / "train" / "README.txt").write_text("not an image")
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    make_tar(folder, nested / "c.tar.xz", top="cifar10")
+    assert torch.equal(data.load_cifar10(nested).x_train, from_folder.x_train)
 
 
 def test_a_half_copied_folder_is_named_not_skipped(tmp_path):
@@ -165,8 +172,9 @@ def test_corrupt_jpeg_in_an_archive_names_the_member(tmp_path):
     (root / "train" / "dog" / "0000.jpg").write_bytes(b"not a jpeg at all")
     (tmp_path / "a").mkdir()
     make_tar(root, tmp_path / "a" / "c.tar.xz")
-    with pytest.raises(ValueError, match=r"corrupt image .*dog/0000\.jpg"):
+    with pytest.raises(ValueError, match=r"corrupt image .*dog/0000\.jpg") as info:
         data.load_cifar10(tmp_path / "a")
+    assert "truncated" not in str(info.value), "the archive is sound; one image in it is not"
 
 
 def test_missing_class_folder_is_named(tmp_path):
