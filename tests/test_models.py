@@ -203,6 +203,8 @@ def test_defaults_are_the_standard_resnet18_with_a_128_d_head():
     head = sum(p.numel() for p in model.head.parameters())
     assert head == 512 * 512 + 512 + 512 * 128 + 128
     assert count - head == 11_172_170
+    two = PreActResNet18(num_classes=2, width=1, proj_dim=1).eval()
+    assert two(torch.rand(1, 3, 8, 8)).shape == (1, 2)
 
 
 def test_batchnorm_uses_the_custom_backward_only_for_eval_input_gradients():
