@@ -324,6 +324,36 @@ def test_without_resume_a_run_starts_over(tmp_path, small_data):
     assert len(train(cfg, dataset=small_data, resume=True, fail_at=(0, 0))) == 1  # all done
 
 
+def test_every_run_is_selected_on_the_same_validation_images(small_data):
+    """The validation split is seeded apart from the run's seed: runs of different seeds and
+    methods are selected on the same images."""
+    from anchor_lib.train import load_run_data
+
+    _, val_idx = data.train_val_split(len(small_data.y_train), 64, seed=0)
+    for seed in (0, 7):
+        run = load_run_data(tiny("pgd_at", seed=seed), torch.device("cpu"), small_data)
+        assert torch.equal(run.x_val, small_data.x_train[val_idx])
+        assert torch.equal(run.y_val, small_data.y_train[val_idx])
+
+
+def test_standard_training_without_a_validation_attack_reports_no_robust_accuracy(small_data):
+    history = train(tiny("standard", val_attack_steps=0), dataset=small_data)
+    assert history[0]["val_clean"] > 0 and history[0]["val_pgd"] != history[0]["val_pgd"]  # NaN
+
+
+def test_attacks_run_with_the_weights_frozen_and_their_flags_come_back():
+    from anchor_lib.train import CompiledPasses, _frozen
+
+    model = build_model(tiny("standard"))
+    model.linear.weight.requires_grad_(False)  # a flag that was off before stays off after
+    before = [p.requires_grad for p in model.parameters()]
+    with _frozen(model):
+        assert not any(p.requires_grad for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == before
+    with pytest.raises(ValueError, match="compile mode needs the inductor backend"):
+        CompiledPasses(model, "aot_eager", mode="max-autotune")
+
+
 def test_amp_on_a_cpu_is_refused(small_data):
     with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
         train(tiny("pgd_at", amp=True), dataset=small_data)
