@@ -345,6 +345,9 @@ def test_sanity_defaults_are_the_protocol_of_the_committed_results():
     np.testing.assert_allclose(default(check_eps_sweep, "eps_values"), eps_sweep(EVAL_EPS),
                                rtol=1e-12)
     assert eps_sweep(0.25) == [0.0, 0.0625, 0.125, 0.25, 0.5, 1.0, 1.0]  # capped at the box
+    # The sweep is PGD-20 and must end below 10 % accuracy; AutoAttack may trail by 5 points.
+    assert (default(check_eps_sweep, "steps"), default(check_eps_sweep, "max_final")) == (20, 0.10)
+    assert default(check_autoattack_gap, "max_gap") == record["autoattack_gap"]["max_gap"] == 0.05
 
 
 def test_square_may_trail_pgd_by_one_example_or_half_a_point(trained, monkeypatch):

@@ -314,6 +314,14 @@ def test_a_training_split_of_exactly_one_batch_trains():
     assert len(history) == 1 and build_model(cfg).num_classes == 10
 
 
+def test_the_model_has_as_many_logits_as_the_data_have_classes(tmp_path):
+    cfg = tiny("standard", train_subset=None, val_size=16, batch_size=32, val_attack_steps=0,
+               out_dir=str(tmp_path))
+    train(cfg, dataset=data.synthetic(n_train=96, n_test=16, num_classes=4, size=8))
+    model, _ = load_model(tmp_path / "best.pt")
+    assert model.num_classes == 4
+
+
 def test_without_resume_a_run_starts_over(tmp_path, small_data):
     """Resuming is asked for, never assumed: a second run into the same folder trains again
     (here it meets the NaN injected at its first step) instead of returning the saved run."""
