@@ -20,6 +20,8 @@ Usage::
     python scripts/mutate.py anchor_lib/train.py --tests tests/test_train.py --lines 217-577 \\
         --out train.json
     python scripts/mutate.py anchor_lib/data.py --tests tests/test_data.py --out data.json --recheck
+    python scripts/mutate.py anchor_lib/models.py --tests "tests/test_models.py -k normalise" \
+        --out models.json
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import ast
 import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -158,7 +161,8 @@ def _clone(repo: Path, scratch: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="the module to mutate, relative to the repository root")
-    parser.add_argument("--tests", nargs="+", required=True, help="pytest arguments")
+    parser.add_argument("--tests", required=True,
+                        help="pytest arguments, one string (e.g. 'tests/test_data.py -k cache')")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (resumed if present)")
     parser.add_argument("--lines", help="only sites on lines FIRST-LAST")
     parser.add_argument("--recheck", action="store_true", help="run the recorded survivors again")
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             try:
                 done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p",
-                                       "no:cacheprovider", *args.tests], cwd=clone, env=env,
+                                       "no:cacheprovider", *shlex.split(args.tests)],
+                                      cwd=clone, env=env,
                                       capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
                 return "timeout", time.perf_counter() - start
