@@ -445,6 +445,41 @@ def test_sanity_check_arguments_are_checked(trained):
     assert check_more_steps(model, x, y, EPS, steps=(0, 1))["steps"] == [0, 1]
 
 
+def test_a_rise_between_the_first_two_points_fails_the_curves(trained, monkeypatch):
+    """The more-steps and eps-sweep checks compare every point with the ones before it, the
+    second with the first included."""
+    model, x, y = trained
+    x, y = x[:100], y[:100]
+    curve = iter([0.3, 0.5, 0.2, 0.1])
+    monkeypatch.setattr(evaluate, "_pgd_accuracy", lambda *a, **k: next(curve))
+    steps = check_more_steps(model, x, y, EPS, steps=(1, 5, 20, 50))
+    assert steps["passed"] is False and "from 1 to 5 steps" in steps["detail"]
+    curve = iter([0.5, 0.7, 0.3, 0.0])
+    sweep = check_eps_sweep(model, x, y, (0, 1 / 255, 2 / 255, 64 / 255))
+    assert sweep["passed"] is False
+
+
+def test_black_box_check_measures_pgd20_itself_when_not_given(trained, monkeypatch):
+    model, x, y = trained
+    seen = []
+    monkeypatch.setattr(evaluate, "_pgd_accuracy",
+                        lambda m, xb, yb, eps, steps, *a, **k: seen.append(steps) or 0.5)
+    monkeypatch.setattr(evaluate, "robust_accuracy", lambda *a, **k: 0.6)
+    assert check_black_box_weaker(model, x[:8], y[:8], EPS, n_queries=1)["pgd20"] == 0.5
+    assert seen == [20]
+
+
+def test_autoattack_gap_without_a_count_allows_half_a_point():
+    assert check_autoattack_gap(0.50, 0.504)["passed"] is True
+    assert check_autoattack_gap(0.50, 0.507)["passed"] is False
+
+
+def test_precision_check_of_a_single_image():
+    one = torch.tensor([True])
+    result = evaluate.check_search_precision(one, one)
+    assert result["passed"] is True and result["n"] == 1
+
+
 def test_module_exports():
     for name in evaluate.__all__:
         assert hasattr(evaluate, name)
@@ -535,6 +570,16 @@ def test_evaluate_suite_refuses_images_outside_the_threat_model(trained, monkeyp
     monkeypatch.setattr(evaluate, "standard_attacks", lambda eps: table)
     with pytest.raises(ValueError, match=r"attack 'fgsm' returned images 8\.000/255 from the "
                                          r"originals, outside the L-inf ball of 4\.000/255"):
+        evaluate_suite(model, x, y, attacks=("fgsm",), eps=EPS)
+
+    def one_pixel_out(m, xb, yb):  # the largest change counts, however few pixels make it
+        out = xb.clone()
+        out[0, 0, 0, 0] = (out[0, 0, 0, 0] + 2 * EPS) if out[0, 0, 0, 0] < 0.5 else (
+            out[0, 0, 0, 0] - 2 * EPS)
+        return out
+
+    table["fgsm"] = one_pixel_out
+    with pytest.raises(ValueError, match=r"returned images 8\.000/255 from the originals"):
         evaluate_suite(model, x, y, attacks=("fgsm",), eps=EPS)
 
 
