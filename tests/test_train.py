@@ -362,6 +362,40 @@ def test_attacks_run_with_the_weights_frozen_and_their_flags_come_back():
         CompiledPasses(model, "aot_eager", mode="max-autotune")
 
 
+def test_history_rows_are_the_means_of_the_epochs_steps(small_data, monkeypatch):
+    """history.csv's loss, ce and con are means over the epoch's steps, train_acc the share of
+    its training inputs classified correctly (what chapter 8's curves plot)."""
+    import anchor_lib.train as train_module
+
+    steps = []
+    real = train_module.step_loss
+
+    def recording(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        steps.append([loss.item(), parts["ce"].item(), parts["con"].item(),
+                      parts["correct"].item()])
+        return loss, parts
+
+    monkeypatch.setattr(train_module, "step_loss", recording)
+    cfg = tiny("anchor", val_attack_steps=1)
+    row, = train(cfg, dataset=small_data)
+    done = torch.tensor(steps, dtype=torch.float64)
+    assert len(done) == cfg.train_subset // cfg.batch_size
+    for i, name in enumerate(("loss", "ce", "con")):
+        assert row[name] == pytest.approx(done[:, i].mean().item(), rel=1e-5), name
+    assert row["train_acc"] == pytest.approx(done[:, 3].sum().item() / (len(done) * cfg.batch_size))
+
+
+def test_best_is_the_highest_validation_score_so_far(small_data, monkeypatch):
+    import anchor_lib.train as train_module
+
+    scores = iter([0.5, 0.3, 0.6])
+    monkeypatch.setattr(train_module, "validate",
+                        lambda *a: {"val_clean": 0.9, "val_pgd": next(scores)})
+    history = train(tiny("pgd_at", epochs=3), dataset=small_data)
+    assert [row["best"] for row in history] == [True, False, True]
+
+
 def test_amp_on_a_cpu_is_refused(small_data):
     with pytest.raises(ValueError, match=r"amp=True \(bf16 autocast\) needs a CUDA device"):
         train(tiny("pgd_at", amp=True), dataset=small_data)
