@@ -1,4 +1,5 @@
-"""A synthetic classification task shared by the attack and evaluation tests."""
+"""Helpers shared by the tests: a synthetic classification task (attack and evaluation
+tests), and the contrastive methods' loss written out from DESIGN §3 (training tests)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,20 @@ def template_task(seed: int = 0, num_classes: int = 10):
         return x, y
 
     return sample
+
+
+def contrastive_loss_by_definition(model, cfg, y, a1, a2, x_adv):
+    """(loss, ce, con) of a SupCon-AT / ANCHOR step from its three views, as DESIGN §3 defines
+    it: one pass in train mode over ``a1, a2, x_adv``, CE on the adversarial view only, the
+    contrastive term over the first two or three views (β = 0 for SupCon-AT), total CE + λ·con."""
+    from anchor_lib import losses
+
+    model.train()
+    n = len(y)
+    logits, z = model.forward_all(torch.cat([a1, a2, x_adv]))
+    ce = F.cross_entropy(logits[2 * n:], y)  # the classifier sees the adversarial view only
+    views = 3 if cfg.adv_in_contrastive else 2
+    beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
+    con = losses.anchor_loss(z[: views * n], y.repeat(views), temperature=cfg.temperature,
+                             beta=beta)
+    return ce + cfg.lam * con, ce, con

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tasks import contrastive_loss_by_definition
 
 from anchor_lib import attacks, data, losses
 from anchor_lib.train import TrainConfig, build_model, training_loss
@@ -104,15 +105,7 @@ def step_by_hand(model, cfg, x, y, gen_seed, rng_seed):
         ce = F.cross_entropy(model(x_adv), y)
         return ce, ce, torch.zeros(())
     a2 = data.augment(x, gen)
-    model.train()
-    logits, z = model.forward_all(torch.cat([a1, a2, x_adv]))
-    n = len(y)
-    ce = F.cross_entropy(logits[2 * n:], y)
-    views = 3 if cfg.adv_in_contrastive else 2
-    beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
-    con = losses.anchor_loss(z[: views * n], y.repeat(views), temperature=cfg.temperature,
-                             beta=beta)
-    return ce + cfg.lam * con, ce, con
+    return contrastive_loss_by_definition(model, cfg, y, a1, a2, x_adv)
 
 
 @pytest.mark.parametrize("method, overrides", [

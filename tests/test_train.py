@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from tasks import contrastive_loss_by_definition
 
 from anchor_lib import attacks, checkpoint, data, evaluate
 from anchor_lib.train import (
@@ -560,8 +561,6 @@ def _definition(model, cfg, y, a1, start=None, a2=None):
     Zhang et al.'s official TRADES code (KL summed over the batch, divided by its size)."""
     from torch.nn import functional as f
 
-    from anchor_lib import losses
-
     zero = torch.zeros(())
     if cfg.method == "standard":
         model.train()
@@ -580,18 +579,11 @@ def _definition(model, cfg, y, a1, start=None, a2=None):
         return ce + cfg.trades_beta * kl, ce, cfg.trades_beta * kl
     x_adv = _pgd_written_out(model, lambda out: f.cross_entropy(out, y, reduction="sum"), a1, y,
                              start, cfg)
-    model.train()
     if cfg.method == "pgd_at":
+        model.train()
         ce = f.cross_entropy(model(x_adv), y)
         return ce, ce, zero
-    n = len(y)
-    logits, z = model.forward_all(torch.cat([a1, a2, x_adv]))
-    ce = f.cross_entropy(logits[2 * n:], y)  # the classifier sees the adversarial view only
-    views = 3 if cfg.adv_in_contrastive else 2
-    beta = 0.0 if cfg.method == "supcon_at" else cfg.beta
-    con = losses.anchor_loss(z[:views * n], y.repeat(views), temperature=cfg.temperature,
-                             beta=beta)
-    return ce + cfg.lam * con, ce, con
+    return contrastive_loss_by_definition(model, cfg, y, a1, a2, x_adv)
 
 
 @pytest.mark.parametrize("method, overrides", [
