@@ -115,13 +115,10 @@ def test_tar_archive_read_directly(tmp_path):
 
 def test_a_half_copied_folder_is_named_not_skipped(tmp_path):
     """train/ without test/ is a damaged copy: say so, rather than report no data at all."""
+    import shutil
+
     root = make_image_folder(tmp_path / "f", per_class=1)
-    for f in (root / "test").rglob("*"):
-        if f.is_file():
-            f.unlink()
-    for d in sorted((root / "test").rglob("*"), reverse=True):
-        d.rmdir()
-    (root / "test").rmdir()
+    shutil.rmtree(root / "test")
     with pytest.raises(ValueError, match="missing folder test/"):
         data.load_cifar10(root)
 

@@ -333,8 +333,10 @@ def test_sanity_defaults_are_the_protocol_of_the_committed_results():
 
     from anchor_lib.evaluate import eps_sweep
 
-    record = json.loads((Path(__file__).resolve().parents[1] / "data" / "results" / "full-pgd_at"
-                         / "metrics.json").read_text())["sanity"]
+    metrics = json.loads((Path(__file__).resolve().parents[1] / "data" / "results"
+                          / "full-pgd_at" / "metrics.json").read_text())
+    record = metrics["sanity"]
+
     def default(f, name):
         return inspect.signature(f).parameters[name].default
 
@@ -349,9 +351,7 @@ def test_sanity_defaults_are_the_protocol_of_the_committed_results():
     assert (default(check_eps_sweep, "steps"), default(check_eps_sweep, "max_final")) == (20, 0.10)
     assert default(check_autoattack_gap, "max_gap") == record["autoattack_gap"]["max_gap"] == 0.05
     # The suite: every attack in fp32 on all images, AutoAttack on the first 1,000.
-    accuracy_record = json.loads((Path(__file__).resolve().parents[1] / "data" / "results"
-                                  / "full-pgd_at" / "metrics.json").read_text())["accuracy"]
-    assert default(evaluate_suite, "autoattack_n") == accuracy_record["autoattack"]["n"] == 1000
+    assert default(evaluate_suite, "autoattack_n") == metrics["accuracy"]["autoattack"]["n"] == 1000
     assert (default(evaluate_suite, "n"), default(evaluate_suite, "search"),
             default(evaluate_suite, "per_image")) == (None, "fp32", False)
 
