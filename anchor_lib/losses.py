@@ -11,8 +11,9 @@ SupCon (Khosla et al., 2020, "Supervised Contrastive Learning", the L_out form) 
 
     w_ip = |P(i)| * softmax_{p in P(i)}( -beta * s_ip / tau ),   detached,
 
-so the least similar positives weigh most, each row's weights sum to ``|P(i)|`` (mean weight 1, so the
-loss keeps SupCon's scale for every beta) and ``beta = 0`` gives ``w_ip = 1``, i.e. SupCon exactly.
+so the least similar positives weigh most, each row's weights sum to ``|P(i)|`` (mean weight 1;
+the loss value still grows with beta, so values at different beta do not compare, see chapter 4)
+and ``beta = 0`` gives ``w_ip = 1``, i.e. SupCon exactly.
 
 TRADES (Zhang et al., 2019) is here too because it is the other loss the trainer composes:
 ``CE(clean) + beta * KL(softmax(clean) || softmax(adv))``.

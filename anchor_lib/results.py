@@ -519,8 +519,9 @@ def attack_gap(run: RunResult, weak: str = "pgd20", strong: str = "autoattack",
     """Where ``strong`` beats ``weak`` on ``run``'s own test images, from its ``per_image.npz``.
 
     The sanity check "AutoAttack within 5 points of PGD-20" fails either because the model masks
-    its gradients (then gradient attacks with any loss stall, and only black-box or adaptive
-    attacks get through) or because PGD-20's cross-entropy loss is simply a weaker objective than
+    its gradients in a way every loss meets (non-differentiable or randomised components: then
+    gradient attacks with any loss stall, and only black-box or adaptive attacks get through) or
+    because PGD-20's cross-entropy loss is simply a weaker objective than
     AutoAttack's margin-based ones. Per image this tells the two apart: the images ``strong``
     breaks and ``weak`` does not, and how many of those another white-box attack (CW's margin
     loss by default) breaks too. Masks are compared on the first ``n`` images, where ``n`` is
