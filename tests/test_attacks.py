@@ -22,6 +22,7 @@ from anchor_lib import attacks
 from anchor_lib.attacks import (
     attack_mode,
     autoattack,
+    cross_entropy_per_example,
     cw_l2,
     cw_linf,
     fgsm,
@@ -797,3 +798,53 @@ def test_budgets_must_be_whole_numbers():
             call()
     with pytest.raises(ValueError, match="lr must be > 0"):
         cw_l2(model, x, y, c_init=1.0, steps=2, search_steps=1, lr=0.0)
+
+
+def test_restarts_keep_the_worst_case_of_the_callers_loss(trained):
+    """With a per-example ``loss_fn``, restarts compare examples by *that* loss, not by the
+    cross-entropy: here the loss is minus the cross-entropy (an attack that helps the model), so
+    among the examples still correct the kept restart has the lowest cross-entropy."""
+    model, x, y = trained
+    helpful = lambda logits, labels: -cross_entropy_per_example(logits, labels)  # noqa: E731
+    kwargs = dict(eps=0.3, alpha=0.02, steps=1, loss_fn=helpful)
+    torch.manual_seed(0)
+    one = pgd(model, x, y, **kwargs)
+    torch.manual_seed(0)
+    five = pgd(model, x, y, **kwargs, restarts=5)
+    with torch.no_grad():
+        ce_one = F.cross_entropy(model(one), y, reduction="none")
+        ce_five = F.cross_entropy(model(five), y, reduction="none")
+        correct = (model(one).argmax(1) == y) & (model(five).argmax(1) == y)
+    assert correct.sum() >= 20, "the test needs examples that stay correct"
+    assert bool((ce_five[correct] <= ce_one[correct] + 1e-6).all())
+    assert bool((ce_five[correct] < ce_one[correct] - 1e-4).any()), "restarts changed nothing"
+
+
+def test_a_whole_box_budget_breaks_every_image_black_box_and_autoattack(small, fast_autoattack):
+    """eps = 1 allows any image, for Square and AutoAttack too: a shortcut that returned ``x``
+    for a budget other than 0 would leave the images correct."""
+    model, x, y = small
+    x, y = x[:16], y[:16]
+    assert acc(model, square(model, x, y, eps=1.0, n_queries=50), y) < 0.5 * acc(model, x, y)
+    assert acc(model, autoattack(model, x, y, eps=1.0), y) == 0.0
+
+
+def test_the_smallest_budgets_are_accepted(small):
+    """The documented lower bounds are inclusive: CW-L2 with 0 Adam steps or 0 search rounds
+    returns ``x`` (nothing was tried), and Square runs with a single query."""
+    model, x, y = small
+    x, y = x[:8], y[:8]
+    assert torch.equal(cw_l2(model, x, y, c_init=1.0, steps=0, search_steps=2), x)
+    assert torch.equal(cw_l2(model, x, y, c_init=1.0, steps=5, search_steps=0), x)
+    x_adv = square(model, x, y, eps=EPS, n_queries=1)
+    assert x_adv.shape == x.shape and linf(x_adv, x).max() <= EPS + 1e-6
+
+
+def test_autoattacks_default_seed_is_zero(small, fast_autoattack):
+    """The record in metrics.json says seed 0; the default must be it (another seed draws other
+    APGD starts and gives another result on these images)."""
+    model, x, y = small
+    x, y = x[:16], y[:16]
+    default = autoattack(model, x, y, eps=EPS)
+    assert torch.equal(default, autoattack(model, x, y, eps=EPS, seed=0))
+    assert not torch.equal(default, autoattack(model, x, y, eps=EPS, seed=1))
