@@ -307,6 +307,8 @@ def cluster_metrics(emb: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
           are present), ``n``, ``dim``, ``k``.
     """
     n = _check_emb(emb)
+    # k = 0 would vote with no neighbours and elect the first class for every query.
+    k = check_number(k, "k", low=1, integer=True)
     labels = np.asarray(emb["labels"], dtype=np.int64)
     clean, aug, adv = (_unit(emb[v]) for v in VIEWS)
 
@@ -382,6 +384,16 @@ def umap_2d(points: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1,
     # umap-learn's dependencies reset the OpenMP thread count that torch shares; a library call
     # must not change the caller's settings (a second thread made later tiny models 10x slower).
     torch_threads = torch.get_num_threads()
+    try:
+        coords = _fit_umap(points, n_neighbors, min_dist, metric, seed)
+    finally:  # also when the fit fails
+        torch.set_num_threads(torch_threads)
+    return np.asarray(coords, dtype=np.float32)
+
+
+def _fit_umap(points: np.ndarray, n_neighbors: int, min_dist: float, metric: str,
+              seed: int) -> np.ndarray:
+    """umap-learn's 2-D layout of ``points`` (checked by :func:`umap_2d`)."""
     with warnings.catch_warnings():
         # umap-learn / numba / pynndescent emit import-time and small-data warnings (e.g. about
         # n_jobs with random_state, or spectral initialisation on tiny graphs) that would show up
@@ -393,6 +405,4 @@ def umap_2d(points: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1,
         reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, points.shape[0] - 1),
                             min_dist=min_dist, metric=metric, random_state=seed, n_jobs=1,
                             low_memory=True, verbose=False)
-        coords = reducer.fit_transform(points)
-    torch.set_num_threads(torch_threads)
-    return np.asarray(coords, dtype=np.float32)
+        return reducer.fit_transform(points)

@@ -292,7 +292,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
 # The evaluation protocol
 # --------------------------------------------------------------------------------------------
 
-def standard_attacks(eps: float = EVAL_EPS) -> dict[str, Attack]:
+def standard_attacks(eps: float = EVAL_EPS, seed: int = 0) -> dict[str, Attack]:
     """The attacks of DESIGN section 4 at L-inf radius ``eps``, as ``attack(model, x, y)``.
 
     - ``"fgsm"``: one step of size eps.
@@ -300,16 +300,19 @@ def standard_attacks(eps: float = EVAL_EPS) -> dict[str, Attack]:
       cross-entropy. 20 steps of eps/4 travel 5 eps, enough to reach any corner of the ball.
     - ``"cw"``: CW-inf, 30 steps of ``eps / 4`` on the margin loss from a random start. The
       same step as PGD-20 keeps the two comparable; the margin loss is the only change.
-    - ``"autoattack"``: standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square).
+    - ``"autoattack"``: standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square), seeded with
+      ``seed`` (torchattacks reseeds the global RNG inside each of its attacks, so the caller's
+      seeding does not reach it; the others draw from the caller's RNG).
     """
     eps = check_number(eps, "eps", low=0.0)
+    seed = check_number(seed, "seed", integer=True)
     # alpha must be > 0 even when eps == 0 (then the attacks return x unchanged).
     alpha = eps / 4 if eps > 0 else 1 / 255
     return {
         "fgsm": partial(fgsm, eps=eps),
         "pgd20": partial(pgd, eps=eps, alpha=alpha, steps=20, random_start=True),
         "cw": partial(cw_linf, eps=eps, alpha=alpha, steps=30),
-        "autoattack": partial(autoattack_attack, eps=eps),
+        "autoattack": partial(autoattack_attack, eps=eps, seed=seed),
     }
 
 
@@ -393,7 +396,7 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         if progress:
             print(f"[evaluate] TF32 search asked for, but {x.device} has no TF32: fp32 throughout",
                   flush=True)
-    table = standard_attacks(eps)
+    table = standard_attacks(eps, seed)
 
     def measure(name: str, precision: str) -> tuple[dict[str, Any], torch.Tensor]:
         start = time.perf_counter()
@@ -541,6 +544,11 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     steps = [check_number(s, "steps", low=0, integer=True) for s in steps]
+    # Fewer than two counts compare nothing (an empty list would "pass"); out of order, the
+    # check would compare the wrong pairs.
+    if len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"steps must hold at least two step counts in increasing order, got "
+                         f"{steps}")
     accs = [_pgd_accuracy(model, x, y, eps, s, batch_size, seed, alpha) for s in steps]
     tol = _tolerance(len(x))
     # Against the lowest accuracy so far, not just the previous one: small rises that each stay
@@ -578,6 +586,9 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     eps_values = [check_number(e, "eps", low=0.0) for e in eps_values]
     if not eps_values:
         raise ValueError("eps_values must hold at least one eps")
+    if any(b <= a for a, b in zip(eps_values, eps_values[1:])):
+        # The verdict reads the last value as the largest budget.
+        raise ValueError(f"eps_values must be in increasing order, got {eps_values}")
     accs = [_pgd_accuracy(model, x, y, e, steps, batch_size, seed) for e in eps_values]
     tol = _tolerance(len(x))
     monotone = all(accs[j] <= min(accs[:j]) + tol for j in range(1, len(accs)))

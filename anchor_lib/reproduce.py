@@ -167,6 +167,22 @@ def _check_same_run(metrics_path: Path, cfg: TrainConfig,
                          f"){why}; move its folder away to run this config there")
 
 
+def _check_same_evaluation(metrics_path: Path, attacks: tuple[str, ...] | None,
+                           sanity: bool) -> None:
+    """A finished run counts only if it was evaluated with everything this call asks for: a
+    run finished with fewer attacks (a GPU slot's ``--attacks``) or without the sanity checks
+    must not pass as a complete one."""
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    missing = [a for a in (attacks or evaluate.ATTACKS) if a not in metrics.get("accuracy", {})]
+    if sanity and not metrics.get("sanity"):
+        missing.append("the sanity checks")
+    if missing:
+        raise ValueError(f"{metrics_path} is a finished run evaluated without {', '.join(missing)}; "
+                         f"evaluate its best.pt with `python -m anchor_lib evaluate`, or move its "
+                         f"folder away to run it again")
+
+
 def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
             dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None,
             knobs: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -180,6 +196,7 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
             pass  # a damaged metrics.json is redone, never trusted
         else:
             _check_same_run(metrics_path, cfg, knobs)
+            _check_same_evaluation(metrics_path, attacks, settings["sanity"])
             return {"run": run_dir.name, "status": "skipped (finished)"}
     cfg.out_dir = str(run_dir)
     t0 = time.perf_counter()
@@ -276,8 +293,8 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     def config(method: str) -> TrainConfig:
         cfg = TrainConfig.from_profile(profile, method=method, **{
             **overrides, **{k: v["value"] for k, v in knobs_of[method].items()}})
-        if method == "trades":
-            cfg.trades_beta = 6.0
+        if method == "trades" and "trades_beta" not in overrides:
+            cfg.trades_beta = 6.0  # issue 5's TRADES, whatever TrainConfig's default becomes
         return cfg
 
     def start(method: str, cfg: TrainConfig) -> None:
@@ -331,8 +348,8 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
 
     A choice applies only to the configuration it was made for: the summary records the base
     config of its runs (:func:`ablation`), and any difference from this run's, apart from the
-    knobs themselves and the seed (replicates share the choice), means the choice is not used: a
-    summary of another profile, schedule, data or code default. A damaged summary is an error
+    knobs themselves, the seed (replicates share the choice) and the device, means the choice
+    is not used: a summary of another profile, schedule, data or code default. A damaged summary is an error
     (``checkpoint.CheckpointError``), never ignored.
     """
     names = CHOSEN_KNOBS.get(method, ())
@@ -345,8 +362,10 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
         summary = json.loads(summary_path.read_text())
         mine = TrainConfig.from_profile(profile, method="anchor", **{
             k: v for k, v in overrides.items() if k not in names})
+        # Neither the seed (replicates share the choice) nor the device's name ("auto" and
+        # "cuda" are the same GPU) makes it another configuration.
         diff = [k for k in config_differences(summary.get("base_config") or {}, mine)
-                if k != "seed" and k not in names]
+                if k not in ("seed", "device") and k not in names]
         if summary.get("profile") != profile:
             note = f"{summary_path.name} was chosen at the {summary.get('profile')} profile"
         elif "base_config" not in summary or diff:

@@ -313,3 +313,24 @@ def test_cli_default_knobs_flag(monkeypatch):
     assert calls[-1]["default_knobs"] is True
     assert cli.main(["reproduce", "--profile", "full", "--methods", "anchor"]) == 0
     assert calls[-1]["default_knobs"] is False
+
+
+def test_a_device_override_keeps_the_ablations_choice(tmp_path):
+    """The device is no part of the configuration a choice was made for: a Python caller that
+    passes ``device="cuda"`` (or "cpu") gets the ablation's values, not the defaults (which
+    made ``reproduce("full", device=...)`` rerun the ablation and then fail)."""
+    _summary(tmp_path, beta=0.5, overrides={"device": "cpu"})
+    for device in ("cpu", "auto", "cuda"):
+        knobs = reproduce.chosen_knobs(tmp_path, "full", "anchor", {"device": device})
+        assert (knobs["beta"]["value"], knobs["beta"]["source"]) == (0.5, "validation"), device
+
+
+def test_overrides_reach_every_run_trades_beta_included(tmp_path, monkeypatch):
+    """``overrides`` apply to every run: TRADES' beta is 6 unless the caller overrides it."""
+    seen = {}
+    monkeypatch.setattr(reproduce, "run_one", lambda cfg, run_dir, *a, **k: (
+        seen.__setitem__(cfg.method, cfg.trades_beta), {"run": run_dir.name, "status": "done"})[1])
+    reproduce.reproduce("smoke", ("trades",), tmp_path, log=lambda *a: None)
+    assert seen == {"trades": 6.0}
+    reproduce.reproduce("smoke", ("trades",), tmp_path, log=lambda *a: None, trades_beta=3.0)
+    assert seen == {"trades": 3.0}

@@ -328,3 +328,29 @@ def test_umap_2d_leaves_torch_threads_alone():
     before = torch.get_num_threads()
     umap_2d(np.random.default_rng(0).random((30, 4)).astype("float32"), n_neighbors=5)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.bad_input(cases=2)
+def test_cluster_metrics_refuses_k_below_one():
+    """k = 0 would vote with no neighbours and elect the first class for every query."""
+    e = separated()
+    assert embeddings.cluster_metrics(e, k=1)["k"] == 1
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="k must be >= 1"):
+            embeddings.cluster_metrics(e, k=k)
+
+
+@pytest.mark.fault
+def test_umap_2d_restores_torch_threads_when_the_fit_fails(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+
+    def failing_fit(*args):
+        torch.set_num_threads(before + 1)  # what umap-learn's imports do, then a failure
+        raise RuntimeError("the fit failed")
+
+    monkeypatch.setattr(embeddings, "_fit_umap", failing_fit)
+    with pytest.raises(RuntimeError, match="the fit failed"):
+        embeddings.umap_2d(np.random.default_rng(0).random((30, 4)).astype("float32"))
+    assert torch.get_num_threads() == before

@@ -567,7 +567,7 @@ def test_evaluate_suite_refuses_images_outside_the_threat_model(trained, monkeyp
     model, x, y = trained
     table = evaluate.standard_attacks(EPS)
     table["fgsm"] = lambda m, xb, yb: (xb + 2 * EPS).clamp(0, 1)
-    monkeypatch.setattr(evaluate, "standard_attacks", lambda eps: table)
+    monkeypatch.setattr(evaluate, "standard_attacks", lambda eps, seed: table)
     with pytest.raises(ValueError, match=r"attack 'fgsm' returned images 8\.000/255 from the "
                                          r"originals, outside the L-inf ball of 4\.000/255"):
         evaluate_suite(model, x, y, attacks=("fgsm",), eps=EPS)
@@ -840,3 +840,28 @@ def test_the_record_says_which_attacks_searched_in_tf32():
     mixed = {**fp32, "autoattack": {"search": "tf32"}}
     text = evaluate.describe_precision(mixed)
     assert "search of AutoAttack in TF32" in text and "CW" not in text and "fp32" in text
+
+
+def test_the_suites_seed_reaches_autoattack(trained, monkeypatch):
+    """``evaluate_suite(seed=...)`` seeds every attack, AutoAttack too: torchattacks reseeds the
+    global RNG inside each of its attacks, so the seed must be passed to it, not set around it."""
+    model, x, y = trained
+    seeds = []
+    monkeypatch.setattr(evaluate, "autoattack_attack",
+                        lambda model, x, y, *, eps, seed: seeds.append(seed) or x.clone())
+    for seed in (0, 5):
+        evaluate.evaluate_suite(model, x[:20], y[:20], attacks="autoattack", seed=seed)
+    assert seeds == [0, 5]
+    assert evaluate.standard_attacks(seed=7)["autoattack"].keywords["seed"] == 7
+
+
+@pytest.mark.bad_input(cases=4)
+def test_sanity_checks_refuse_step_and_eps_lists_they_cannot_judge(trained):
+    """An empty or one-element step list compares nothing (it used to pass), and an unsorted
+    list compares the wrong pairs; the eps sweep reads its last value as the largest budget."""
+    model, x, y = trained
+    for steps in ((), (5,), (5, 1)):
+        with pytest.raises(ValueError, match="at least two step counts in increasing order"):
+            check_more_steps(model, x[:8], y[:8], EPS, steps=steps)
+    with pytest.raises(ValueError, match="eps_values must be in increasing order"):
+        check_eps_sweep(model, x[:8], y[:8], (0, 64 / 255, 2 / 255))
