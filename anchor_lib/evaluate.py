@@ -546,7 +546,7 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     steps = [check_number(s, "steps", low=0, integer=True) for s in steps]
     # Fewer than two counts compare nothing (an empty list would "pass"); out of order, the
     # check would compare the wrong pairs.
-    if len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:])):
+    if len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         raise ValueError(f"steps must hold at least two step counts in increasing order, got "
                          f"{steps}")
     accs = [_pgd_accuracy(model, x, y, eps, s, batch_size, seed, alpha) for s in steps]
@@ -586,7 +586,7 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     eps_values = [check_number(e, "eps", low=0.0) for e in eps_values]
     if not eps_values:
         raise ValueError("eps_values must hold at least one eps")
-    if any(b <= a for a, b in zip(eps_values, eps_values[1:])):
+    if any(b <= a for a, b in zip(eps_values, eps_values[1:], strict=False)):
         # The verdict reads the last value as the largest budget.
         raise ValueError(f"eps_values must be in increasing order, got {eps_values}")
     accs = [_pgd_accuracy(model, x, y, e, steps, batch_size, seed) for e in eps_values]
