@@ -104,6 +104,9 @@ Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _check_data(x: object, y: object, batch_size: object) -> tuple[torch.Tensor, torch.Tensor]:
     x = check_images(x)
+    if isinstance(y, torch.Tensor) and y.device != x.device:
+        # else a raw device-mismatch error deep inside the comparison of predictions and labels
+        raise ValueError(f"y is on {y.device} but x is on {x.device}; expected the same device")
     y = check_labels(y, x.shape[0])
     check_number(batch_size, "batch_size", low=1, integer=True)
     return x, y

@@ -865,3 +865,17 @@ def test_sanity_checks_refuse_step_and_eps_lists_they_cannot_judge(trained):
             check_more_steps(model, x[:8], y[:8], EPS, steps=steps)
     with pytest.raises(ValueError, match="eps_values must be in increasing order"):
         check_eps_sweep(model, x[:8], y[:8], (0, 64 / 255, 2 / 255))
+
+
+@pytest.mark.bad_input(cases=3)
+def test_labels_on_another_device_are_named(trained):
+    """Labels on another device than the images (a GPU batch with CPU labels) get a clear error
+    before any attack runs; the meta device stands in for a second device on a CPU."""
+    model, x, y = trained
+    y_elsewhere = torch.zeros(len(x[:4]), dtype=torch.long, device="meta")
+    for call in (lambda: evaluate.accuracy(model, x[:4], y_elsewhere),
+                 lambda: evaluate.robust_accuracy(model, x[:4], y_elsewhere,
+                                                  evaluate.standard_attacks()["fgsm"]),
+                 lambda: evaluate.evaluate_suite(model, x[:4], y_elsewhere, attacks="clean")):
+        with pytest.raises(ValueError, match="y is on meta but x is on cpu"):
+            call()
