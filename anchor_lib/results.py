@@ -577,8 +577,9 @@ def _paired_masks(mine: list, theirs: list, attack: str, loaded: dict[Path, dict
 
 
 def ablation_param(name: str, runs: Sequence[RunResult | dict[str, Any]]) -> str | None:
-    """The TrainConfig field an ablation varies: ``ablation_<field>`` if that is a config key
-    whose value differs between runs, else the single config key that differs (None if unclear)."""
+    """The TrainConfig field an ablation varies: ``ablation_<field>`` if every run's config has
+    that key (also while only one of its values has run), else the single config key whose value
+    differs between the runs (None if unclear)."""
     configs = [m["config"] for _, m in _runs(runs)]
     field = name.removeprefix("ablation_")
     if configs and all(field in c for c in configs):
