@@ -85,6 +85,9 @@ def test_nan_stops_with_epoch_and_step_and_keeps_last_good(tmp_path, small_data)
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
+    # Without an output folder there is no checkpoint to point to, and the message says none.
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2\. Lower the learning rate"):
+        train(tiny("pgd_at"), dataset=small_data, fail_at=(0, 1))
 
 
 def test_resume_refuses_a_different_config(tmp_path, small_data):
@@ -321,6 +324,11 @@ def test_the_model_has_as_many_logits_as_the_data_have_classes(tmp_path):
     train(cfg, dataset=data.synthetic(n_train=96, n_test=16, num_classes=4, size=8))
     model, _ = load_model(tmp_path / "best.pt")
     assert model.num_classes == 4
+    # A class that only one split holds counts too: the classes are those of either split.
+    few = data.synthetic(n_train=96, n_test=16, num_classes=4, size=8)
+    few = dataclasses.replace(few, y_test=few.y_test % 2)
+    train(dataclasses.replace(cfg, out_dir=str(tmp_path / "few")), dataset=few)
+    assert load_model(tmp_path / "few" / "best.pt")[0].num_classes == 4
 
 
 def test_without_resume_a_run_starts_over(tmp_path, small_data):
@@ -390,11 +398,13 @@ def test_history_rows_are_the_means_of_the_epochs_steps(small_data, monkeypatch)
 def test_best_is_the_highest_validation_score_so_far(small_data, monkeypatch):
     import anchor_lib.train as train_module
 
-    scores = iter([0.5, 0.3, 0.6])
+    scores = iter([0.5, 0.3, 0.6, 0.6])
     monkeypatch.setattr(train_module, "validate",
                         lambda *a: {"val_clean": 0.9, "val_pgd": next(scores)})
-    history = train(tiny("pgd_at", epochs=3), dataset=small_data)
-    assert [row["best"] for row in history] == [True, False, True]
+    history = train(tiny("pgd_at", epochs=4), dataset=small_data)
+    # A later epoch that only matches the best does not replace it (the README's full PGD-AT
+    # run kept epoch 25, which epoch 30 matched).
+    assert [row["best"] for row in history] == [True, False, True, False]
 
 
 def test_amp_on_a_cpu_is_refused(small_data):
@@ -611,7 +621,15 @@ def test_each_methods_step_is_its_definition_written_out(method, overrides, smal
         assert not torch.equal(inputs["a1"], inputs["a2"])
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, parts = step_loss(model, cfg, False, y, **inputs)
+    # The classifier's last output is the one the step scores (a1 for standard, the adversarial
+    # view otherwise; its last rows after forward_all): "correct" counts its right answers.
+    scored = []
+    hook = model.linear.register_forward_hook(lambda mod, inp, out: scored.append(out.detach()))
+    try:
+        loss, parts = step_loss(model, cfg, False, y, **inputs)
+    finally:
+        hook.remove()
+    assert int(parts["correct"]) == int((scored[-1][-len(y):].argmax(1) == y).sum())
     after = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(state)  # the same BatchNorm statistics for the written-out step
     want, want_ce, want_con = _definition(model, cfg, y, **inputs)
