@@ -354,3 +354,92 @@ def test_umap_2d_restores_torch_threads_when_the_fit_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="the fit failed"):
         embeddings.umap_2d(np.random.default_rng(0).random((30, 4)).astype("float32"))
     assert torch.get_num_threads() == before
+
+
+def test_metrics_against_brute_force_on_random_embeddings():
+    """Every metric written out the slow way on random (unstructured) embeddings, where no
+    shortcut of the library's could agree by accident: distances as means of 1 - cos, kNN by a
+    full sort with the documented tie rule, silhouette and class similarities by loops."""
+    rng = np.random.default_rng(3)
+    n, d, k = 40, 6, 5
+    labels = rng.integers(0, 4, n)
+    emb = {v: rng.standard_normal((n, d)) * (1 + rng.random((n, 1))) for v in embeddings.VIEWS}
+    emb["labels"] = labels
+    m = embeddings.cluster_metrics(emb, k=k)
+    unit = {v: emb[v] / np.linalg.norm(emb[v], axis=1, keepdims=True) for v in embeddings.VIEWS}
+    c = unit["clean"]
+    for view, key in (("adv", "clean_adv_distance"), ("aug", "clean_aug_distance")):
+        want = sum(1 - c[i] @ unit[view][i] for i in range(n)) / n
+        assert m[key] == pytest.approx(want, abs=1e-9), key
+
+    def knn(queries):
+        hits = 0
+        for i in range(n):
+            others = sorted((j for j in range(n) if j != i), key=lambda j: -(queries[i] @ c[j]))
+            near = others[:k]
+            votes = {cl: sum(labels[j] == cl for j in near) for cl in set(labels[near])}
+            best = max(votes.values())
+            tied = [cl for cl, v in votes.items() if v == best]
+            # ties go to the class whose neighbours are more similar in total
+            winner = max(tied, key=lambda cl: sum(queries[i] @ c[j] for j in near if labels[j] == cl))
+            hits += winner == labels[i]
+        return hits / n
+
+    assert m["knn_clean"] == pytest.approx(knn(c))
+    assert m["knn_adv_agreement"] == pytest.approx(knn(unit["adv"]))
+    same = labels[:, None] == labels[None, :]
+    pairs_in = [c[i] @ c[j] for i in range(n) for j in range(n) if i != j and same[i, j]]
+    pairs_out = [c[i] @ c[j] for i in range(n) for j in range(n) if not same[i, j]]
+    assert m["intra_class_cos"] == pytest.approx(np.mean(pairs_in))
+    assert m["inter_class_cos"] == pytest.approx(np.mean(pairs_out))
+    # k beyond the sample is capped at the N - 1 other images
+    assert embeddings.cluster_metrics(emb, k=500)["knn_clean"] == \
+        embeddings.cluster_metrics(emb, k=n - 1)["knn_clean"]
+
+
+def test_metrics_that_a_sample_cannot_define_are_none():
+    """One class, or as many classes as images: no silhouette; one image: no neighbours."""
+    rng = np.random.default_rng(0)
+    emb = {v: rng.standard_normal((6, 4)) for v in embeddings.VIEWS}
+    m = embeddings.cluster_metrics({**emb, "labels": np.zeros(6, dtype=np.int64)})
+    assert m["silhouette_clean"] is None and m["silhouette_all"] is None
+    m = embeddings.cluster_metrics({**emb, "labels": np.arange(6)})
+    assert m["silhouette_clean"] is None
+    one = embeddings.cluster_metrics({**{v: e[:1] for v, e in emb.items()}, "labels": np.zeros(1)})
+    assert one["knn_clean"] is None and one["knn_adv_agreement"] is None
+
+
+def test_embed_views_defaults_are_the_books_budget(model, images):
+    """The defaults are DESIGN §4's attack (8/255, 2/255, 10 steps) with seed 0; the smallest
+    budgets are accepted (0 steps: adv is clean; batches of one give the batched answer's
+    augmented views)."""
+    x, y = images[0][:6], images[1][:6]
+    default = embeddings.embed_views(model, x, y)
+    explicit = embeddings.embed_views(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, seed=0,
+                                      batch_size=500, space="features")
+    for view in embeddings.VIEWS:
+        np.testing.assert_array_equal(default[view], explicit[view])
+    zero = embeddings.embed_views(model, x, y, steps=0)
+    np.testing.assert_allclose(zero["adv"], zero["clean"], atol=1e-6)
+    ones = embeddings.embed_views(model, x, y, steps=0, batch_size=1)
+    np.testing.assert_allclose(ones["aug"], zero["aug"], atol=1e-5)
+
+
+@pytest.mark.bad_input(cases=4)
+def test_embed_views_and_loading_refuse_what_they_cannot_use(model, images, tmp_path):
+    x, y = images
+    for bad in (x[0], x[:0]):  # uint8 without the batch dimension, and an empty batch
+        with pytest.raises(ValueError, match="x must be a non-empty batch"):
+            embeddings.embed_views(model, bad, y[: len(bad)] if bad.dim() == 4 else y[:1])
+    with pytest.raises(ValueError, match="alpha must be"):
+        embeddings.embed_views(model, x[:2], y[:2], alpha=0.0)
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        embeddings.load_embeddings(tmp_path / "missing.npz", verify_hash=False)
+
+
+def test_the_smallest_accepted_sizes(images):
+    """The documented lower bounds are inclusive: one balanced index, UMAP of 4 points with 2
+    neighbours."""
+    assert len(embeddings.balanced_indices(images[1], 1)) == 1
+    coords = embeddings.umap_2d(np.random.default_rng(0).random((4, 3)), n_neighbors=2)
+    assert coords.shape == (4, 2)
