@@ -848,3 +848,21 @@ def test_autoattacks_default_seed_is_zero(small, fast_autoattack):
     default = autoattack(model, x, y, eps=EPS)
     assert torch.equal(default, autoattack(model, x, y, eps=EPS, seed=0))
     assert not torch.equal(default, autoattack(model, x, y, eps=EPS, seed=1))
+
+
+def test_cw_l2_reaches_the_confidence_margin_kappa():
+    """With kappa > 0 an example counts as broken only with a margin above kappa, and the loss
+    keeps pushing until it gets there (the clamp is at -kappa, not +kappa)."""
+    torch.manual_seed(0)
+    d = 3 * 4 * 4
+    head = nn.Linear(d, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[1] = torch.randn(d)
+        head.bias.zero_()
+    model = nn.Sequential(nn.Flatten(), head).eval()
+    x = 0.5 + 0.02 * torch.randn(16, 3, 4, 4)
+    y = (model(x).argmax(1)).detach()
+    x_adv = cw_l2(model, x, y, c_init=1.0, steps=50, search_steps=6, kappa=1.0)
+    with torch.no_grad():
+        assert bool((margin_loss(model(x_adv), y) > 1.0).all())
