@@ -167,20 +167,20 @@ def _check_same_run(metrics_path: Path, cfg: TrainConfig,
                          f"){why}; move its folder away to run this config there")
 
 
-def _check_same_evaluation(metrics_path: Path, attacks: tuple[str, ...] | None,
-                           sanity: bool) -> None:
-    """A finished run counts only if it was evaluated with everything this call asks for: a
-    run finished with fewer attacks (a GPU slot's ``--attacks``) or without the sanity checks
-    must not pass as a complete one."""
+def _missing_evaluation(metrics_path: Path, attacks: tuple[str, ...] | None,
+                        sanity: bool) -> str:
+    """What this call asks for that a finished run's evaluation lacks ("" if nothing): a run
+    finished with fewer attacks (a GPU slot's ``--attacks``) or without the sanity checks is
+    still skipped, but its status says so, so that it never passes as a complete one."""
     with open(metrics_path) as f:
         metrics = json.load(f)
     missing = [a for a in (attacks or evaluate.ATTACKS) if a not in metrics.get("accuracy", {})]
     if sanity and not metrics.get("sanity"):
         missing.append("the sanity checks")
-    if missing:
-        raise ValueError(f"{metrics_path} is a finished run evaluated without {', '.join(missing)}; "
-                         f"evaluate its best.pt with `python -m anchor_lib evaluate`, or move its "
-                         f"folder away to run it again")
+    if not missing:
+        return ""
+    return (f" but evaluated without {', '.join(missing)} (evaluate its best.pt with `python -m "
+            f"anchor_lib evaluate`, or move its folder away to run it again)")
 
 
 def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
@@ -196,8 +196,8 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
             pass  # a damaged metrics.json is redone, never trusted
         else:
             _check_same_run(metrics_path, cfg, knobs)
-            _check_same_evaluation(metrics_path, attacks, settings["sanity"])
-            return {"run": run_dir.name, "status": "skipped (finished)"}
+            return {"run": run_dir.name, "status": "skipped (finished)" + _missing_evaluation(
+                metrics_path, attacks, settings["sanity"])}
     cfg.out_dir = str(run_dir)
     t0 = time.perf_counter()
     dataset = dataset if dataset is not None else dataset_for(cfg)  # loaded once, used thrice
