@@ -312,13 +312,11 @@ def _check_batch(model: nn.Module, x: object, y: object) -> tuple[torch.Tensor, 
     ``num_classes`` attribute, checked against it.
     """
     x = check_images(x)
-    y = check_labels(y, x.shape[0])
+    y = check_labels(y, x.shape[0], device=x.device)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if param is not None and param.dtype != x.dtype:
         raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; "
                          f"expected x in the model's dtype (x.to({param.dtype}))")
-    if y.device != x.device:
-        raise ValueError(f"y is on {y.device} but x is on {x.device}; expected the same device")
     with torch.no_grad():
         out = model(x)
     expected = getattr(model, "num_classes", None)

@@ -32,14 +32,19 @@ def check_images(x: object, name: str = "x") -> torch.Tensor:
     return x
 
 
-def check_labels(y: object, n: int, num_classes: int | None = None, name: str = "y") -> torch.Tensor:
-    """Check integer class labels of shape ``(n,)`` in ``[0, num_classes)``."""
+def check_labels(y: object, n: int, num_classes: int | None = None, name: str = "y", *,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Check integer class labels of shape ``(n,)`` in ``[0, num_classes)``, on ``device`` (the
+    images' device) when it is given."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
     if y.dim() != 1 or y.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match the batch, got {tuple(y.shape)}")
+    if device is not None and y.device != device:
+        # else a raw device-mismatch error deep inside an attack or a comparison with predictions
+        raise ValueError(f"{name} is on {y.device} but x is on {device}; expected the same device")
     if n and y.min().item() < 0:
         raise ValueError(f"{name} holds a negative label ({y.min().item()}); expected >= 0")
     if n and num_classes is not None and y.max().item() >= num_classes:

@@ -104,10 +104,7 @@ Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _check_data(x: object, y: object, batch_size: object) -> tuple[torch.Tensor, torch.Tensor]:
     x = check_images(x)
-    if isinstance(y, torch.Tensor) and y.device != x.device:
-        # else a raw device-mismatch error deep inside the comparison of predictions and labels
-        raise ValueError(f"y is on {y.device} but x is on {x.device}; expected the same device")
-    y = check_labels(y, x.shape[0])
+    y = check_labels(y, x.shape[0], device=x.device)
     check_number(batch_size, "batch_size", low=1, integer=True)
     return x, y
 
@@ -529,6 +526,10 @@ def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         return robust_accuracy(model, x, y, attack, batch_size)
 
 
+def _increasing(values: Sequence[float]) -> bool:
+    return all(a < b for a, b in zip(values, values[1:], strict=False))
+
+
 def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                      steps: Sequence[int] = (1, 5, 20, 50), *, alpha: float | None = None,
                      batch_size: int = 500, seed: int = 0) -> dict:
@@ -549,7 +550,7 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     steps = [check_number(s, "steps", low=0, integer=True) for s in steps]
     # Fewer than two counts compare nothing (an empty list would "pass"); out of order, the
     # check would compare the wrong pairs.
-    if len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+    if len(steps) < 2 or not _increasing(steps):
         raise ValueError(f"steps must hold at least two step counts in increasing order, got "
                          f"{steps}")
     accs = [_pgd_accuracy(model, x, y, eps, s, batch_size, seed, alpha) for s in steps]
@@ -589,7 +590,7 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     eps_values = [check_number(e, "eps", low=0.0) for e in eps_values]
     if not eps_values:
         raise ValueError("eps_values must hold at least one eps")
-    if any(b <= a for a, b in zip(eps_values, eps_values[1:], strict=False)):
+    if not _increasing(eps_values):
         # The verdict reads the last value as the largest budget.
         raise ValueError(f"eps_values must be in increasing order, got {eps_values}")
     accs = [_pgd_accuracy(model, x, y, e, steps, batch_size, seed) for e in eps_values]

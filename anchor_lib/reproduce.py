@@ -153,12 +153,12 @@ def _check_search(search: object, attacks: tuple[str, ...] | None) -> str:
     return str(search)
 
 
-def _check_same_run(metrics_path: Path, cfg: TrainConfig,
+def _check_same_run(metrics_path: Path, metrics: dict[str, Any], cfg: TrainConfig,
                     knobs: dict[str, dict[str, Any]] | None = None) -> None:
-    """A finished run counts only for the config that made it: anything else is an error, never
-    a silent skip (the folder is named by profile and method alone)."""
-    with open(metrics_path) as f:
-        diff = config_differences(json.load(f).get("config") or {}, cfg)
+    """A finished run (``metrics``, read from ``metrics_path``) counts only for the config that
+    made it: anything else is an error, never a silent skip (the folder is named by profile and
+    method alone)."""
+    diff = config_differences(metrics.get("config") or {}, cfg)
     if diff:
         chosen = [k for k in diff if (knobs or {}).get(k, {}).get("source") == "validation"]
         why = (f" ({', '.join(f'{k} = {getattr(cfg, k)}' for k in chosen)} now chosen on "
@@ -167,13 +167,12 @@ def _check_same_run(metrics_path: Path, cfg: TrainConfig,
                          f"){why}; move its folder away to run this config there")
 
 
-def _missing_evaluation(metrics_path: Path, attacks: tuple[str, ...] | None,
+def _missing_evaluation(metrics: dict[str, Any], attacks: tuple[str, ...] | None,
                         sanity: bool) -> str:
-    """What this call asks for that a finished run's evaluation lacks ("" if nothing): a run
-    finished with fewer attacks (a GPU slot's ``--attacks``) or without the sanity checks is
-    still skipped, but its status says so, so that it never passes as a complete one."""
-    with open(metrics_path) as f:
-        metrics = json.load(f)
+    """What this call asks for that a finished run's evaluation (its ``metrics``) lacks ("" if
+    nothing): a run finished with fewer attacks (a GPU slot's ``--attacks``) or without the
+    sanity checks is still skipped, but its status says so, so that it never passes as a
+    complete one."""
     missing = [a for a in (attacks or evaluate.ATTACKS) if a not in metrics.get("accuracy", {})]
     if sanity and not metrics.get("sanity"):
         missing.append("the sanity checks")
@@ -195,9 +194,10 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
         except checkpoint.CheckpointError:
             pass  # a damaged metrics.json is redone, never trusted
         else:
-            _check_same_run(metrics_path, cfg, knobs)
+            metrics = json.loads(metrics_path.read_text())
+            _check_same_run(metrics_path, metrics, cfg, knobs)
             return {"run": run_dir.name, "status": "skipped (finished)" + _missing_evaluation(
-                metrics_path, attacks, settings["sanity"])}
+                metrics, attacks, settings["sanity"])}
     cfg.out_dir = str(run_dir)
     t0 = time.perf_counter()
     dataset = dataset if dataset is not None else dataset_for(cfg)  # loaded once, used thrice
@@ -290,12 +290,11 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
                 statuses.append({"run": f"{profile}-{method}",
                                  "status": f"not started (waits for {', '.join(knobs)})"})
         methods = tuple(m for m in methods if not waiting[m])
+
     def config(method: str) -> TrainConfig:
-        cfg = TrainConfig.from_profile(profile, method=method, **{
+        # TRADES takes TrainConfig's trades_beta (issue 5's 6) unless the overrides set one.
+        return TrainConfig.from_profile(profile, method=method, **{
             **overrides, **{k: v["value"] for k, v in knobs_of[method].items()}})
-        if method == "trades" and "trades_beta" not in overrides:
-            cfg.trades_beta = 6.0  # issue 5's TRADES, whatever TrainConfig's default becomes
-        return cfg
 
     def start(method: str, cfg: TrainConfig) -> None:
         knobs = knobs_of[method]
@@ -349,8 +348,8 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
     A choice applies only to the configuration it was made for: the summary records the base
     config of its runs (:func:`ablation`), and any difference from this run's, apart from the
     knobs themselves, the seed (replicates share the choice) and the device, means the choice
-    is not used: a summary of another profile, schedule, data or code default. A damaged summary is an error
-    (``checkpoint.CheckpointError``), never ignored.
+    is not used: a summary of another profile, schedule, data or code default. A damaged
+    summary is an error (``checkpoint.CheckpointError``), never ignored.
     """
     names = CHOSEN_KNOBS.get(method, ())
     overrides = {k: v for k, v in (overrides or {}).items() if k not in ("progress", "device")}

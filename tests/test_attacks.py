@@ -719,10 +719,9 @@ def test_cw_l2_handles_saturated_pixels(small):
     assert wrong.float().mean() > 0.5
 
 
-def test_cw_l2_finds_the_minimal_perturbation_of_a_linear_model():
-    """Ground truth: for logits (0, w.x) the smallest L2 change of class is |w.x| / |w|. CW-L2's
-    binary search over c must bring it within 5 % of that (it reaches 0.6 to 2 % here; a search
-    that only grew c stopped 10 to 14 % above it), and never below it."""
+def linear_two_class_task() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(model, w, x, y): logits (0, w.x) on 16 images of 3x4x4 near 0.5, far from the box's
+    faces (so they do not bind), labelled with the model's own prediction."""
     torch.manual_seed(0)
     d = 3 * 4 * 4
     head = nn.Linear(d, 2)
@@ -732,9 +731,16 @@ def test_cw_l2_finds_the_minimal_perturbation_of_a_linear_model():
         head.weight[1] = w
         head.bias.zero_()
     model = nn.Sequential(nn.Flatten(), head).eval()
-    x = 0.5 + 0.02 * torch.randn(16, 3, 4, 4)   # far from the box's faces: they do not bind
+    x = 0.5 + 0.02 * torch.randn(16, 3, 4, 4)
+    return model, w, x, (x.flatten(1) @ w > 0).long()
+
+
+def test_cw_l2_finds_the_minimal_perturbation_of_a_linear_model():
+    """Ground truth: for logits (0, w.x) the smallest L2 change of class is |w.x| / |w|. CW-L2's
+    binary search over c must bring it within 5 % of that (it reaches 0.6 to 2 % here; a search
+    that only grew c stopped 10 to 14 % above it), and never below it."""
+    model, w, x, y = linear_two_class_task()
     margin = x.flatten(1) @ w
-    y = (margin > 0).long()
     x_adv = cw_l2(model, x, y, c_init=1.0, steps=50, search_steps=6)
     with torch.no_grad():
         assert bool((model(x_adv).argmax(1) != y).all())
@@ -853,16 +859,7 @@ def test_autoattacks_default_seed_is_zero(small, fast_autoattack):
 def test_cw_l2_reaches_the_confidence_margin_kappa():
     """With kappa > 0 an example counts as broken only with a margin above kappa, and the loss
     keeps pushing until it gets there (the clamp is at -kappa, not +kappa)."""
-    torch.manual_seed(0)
-    d = 3 * 4 * 4
-    head = nn.Linear(d, 2)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.weight[1] = torch.randn(d)
-        head.bias.zero_()
-    model = nn.Sequential(nn.Flatten(), head).eval()
-    x = 0.5 + 0.02 * torch.randn(16, 3, 4, 4)
-    y = (model(x).argmax(1)).detach()
+    model, _, x, y = linear_two_class_task()
     x_adv = cw_l2(model, x, y, c_init=1.0, steps=50, search_steps=6, kappa=1.0)
     with torch.no_grad():
         assert bool((margin_loss(model(x_adv), y) > 1.0).all())
