@@ -204,6 +204,24 @@ def test_save_rejects_inconsistent_shapes(tmp_path, emb):
         embeddings.save_embeddings(tmp_path / "e.npz", {"clean": emb["clean"]}, {})
 
 
+@pytest.mark.bad_input(cases=1)
+def test_save_refuses_empty_labels(tmp_path):
+    empty = {**{v: np.zeros((0, 4), np.float32) for v in embeddings.VIEWS},
+             "labels": np.zeros(0, np.int64)}
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\) with N >= 1"):
+        embeddings.save_embeddings(tmp_path / "e.npz", empty, {})
+    assert not (tmp_path / "e.npz").exists()
+
+
+@pytest.mark.bad_input(cases=3)
+def test_embed_views_refuses_fractional_counts(model, images):
+    """Steps, batch size and seed are counts: 2.5 steps is refused, not rounded or run."""
+    x, y = images[0][:4], images[1][:4]
+    for name, value in (("steps", 2.5), ("batch_size", 1.5), ("seed", 0.5)):
+        with pytest.raises(TypeError, match=f"{name} must be an int, got {value}"):
+            embeddings.embed_views(model, x, y, **{name: value})
+
+
 # --- cluster metrics --------------------------------------------------------------------------
 
 
@@ -338,6 +356,29 @@ def test_cluster_metrics_refuses_k_below_one():
     for k in (0, -3):
         with pytest.raises(ValueError, match="k must be >= 1"):
             embeddings.cluster_metrics(e, k=k)
+
+
+def test_umap_2d_passes_its_documented_defaults(monkeypatch):
+    """15 neighbours (capped at N - 1), min_dist 0.1, cosine metric, seed 0 reach umap-learn."""
+    seen = []
+
+    def fake_fit(points, n_neighbors, min_dist, metric, seed):
+        seen.append((points.shape, n_neighbors, min_dist, metric, seed))
+        return np.zeros((points.shape[0], 2))
+
+    monkeypatch.setattr(embeddings, "_fit_umap", fake_fit)
+    out = embeddings.umap_2d(np.ones((30, 3)))
+    assert out.shape == (30, 2) and out.dtype == np.float32
+    assert seen == [((30, 3), 15, 0.1, "cosine", 0)]
+
+
+@pytest.mark.bad_input(cases=2)
+def test_umap_2d_refuses_bad_knobs():
+    points = np.random.default_rng(0).random((10, 3))
+    with pytest.raises(TypeError, match="n_neighbors must be an int, got 7.5"):
+        embeddings.umap_2d(points, n_neighbors=7.5)
+    with pytest.raises(ValueError, match="min_dist must be >= 0.0, got -0.1"):
+        embeddings.umap_2d(points, min_dist=-0.1)
 
 
 @pytest.mark.fault
