@@ -487,7 +487,11 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             same = _finished_twin(Path(out), cfg) if fresh else None
             if same is not None:
                 _copy_artifacts(same, run_dir)
-                status = {"status": f"same config as {same.parent.name}/{same.name}, copied"}
+                # Copied as evaluated: like a skipped run, its status names what it lacks.
+                lacks = _missing_evaluation(json.loads((run_dir / "metrics.json").read_text()),
+                                            attacks, settings["sanity"])
+                status = {"status": f"same config as {same.parent.name}/{same.name}, copied"
+                                    + lacks}
             elif not budget.admits(cfg, run_dir, attacks or evaluate.ATTACKS, settings["sanity"],
                                    search):
                 out_of_time.append(str(value))

@@ -100,6 +100,17 @@ def test_values_that_name_the_same_run_train_it_once(tmp_path, monkeypatch):
     trained.clear()
     reproduce.ablation("smoke", ("beta", "lam"), **kw)
     assert len(trained) == 4 and log[-1].endswith("skipped (finished)")
+    # A copy made for a call that asks for more than its twin was evaluated with says so.
+    for name in ("metrics.json", "history.csv", "embeddings.npz", "per_image.npz"):
+        for f in (copy / name, copy / f"{name}.sha256"):
+            f.unlink()
+    log.clear()
+    reproduce.ablation("smoke", ("lam",), **{**kw, "attacks": ("clean", "pgd20")})
+    assert trained[4:] == ["lam-2.0"]  # lam-1.0 is copied again, not trained
+    assert (
+        "ablation_lam/lam-1.0: same config as ablation_beta/beta-1.0, copied but evaluated "
+        "without pgd20 (evaluate its best.pt with `python -m anchor_lib evaluate`, or move its "
+        "folder away to run it again)") in log
 
 
 def test_only_a_schedule_too_short_for_two_stages_is_skipped(monkeypatch):
