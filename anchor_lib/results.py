@@ -51,7 +51,7 @@ __all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "abla
            "default_root", "describe_difference", "find_embeddings", "format_results_table",
            "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
            "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint",
-           "provenance_table", "results_table", "sanity_table", "save_per_image",
+           "provenance_table", "results_table", "sanity_table", "save_per_image", "split_shared",
            "validate_metrics", "RunResult"]
 
 
@@ -308,7 +308,12 @@ def results_table(metrics_list: Iterable[RunResult | dict[str, Any]],
 
 
 def format_results_table(df, attacks: Sequence[str] = ATTACKS):
-    """A display copy of :func:`anchor_lib.results.results_table`: ``"xx.x % (n=1,000)"`` cells."""
+    """A display copy of :func:`anchor_lib.results.results_table`: ``"xx.x %"`` cells.
+
+    An attack's sample size goes in its header (``"PGD-20 (n=10,000)"``) when every row that ran
+    it shares it, and in each cell (``"xx.x % (n=1,000)"``) when not; a run without the attack
+    shows ``"—"``.
+    """
     import pandas as pd
 
     attacks = [a for a in attacks if a in df.columns]
@@ -317,10 +322,29 @@ def format_results_table(df, attacks: Sequence[str] = ATTACKS):
     for col in ("profile", "data"):
         out[col] = df[col]
     for a in attacks:
-        out[ATTACK_LABELS.get(a, a)] = [
-            "—" if pd.isna(v) else f"{100 * v:.1f} % (n={int(n):,})"
-            for v, n in zip(df[a], df[f"n_{a}"], strict=True)]
+        cells = [(v, n) for v, n in zip(df[a], df[f"n_{a}"], strict=True)]
+        sizes = {int(n) for v, n in cells if not pd.isna(v)}
+        shared = len(sizes) == 1
+        label = ATTACK_LABELS.get(a, a) + (f" (n={min(sizes):,})" if shared else "")
+        out[label] = ["—" if pd.isna(v) else f"{100 * v:.1f} %"
+                      + ("" if shared else f" (n={int(n):,})") for v, n in cells]
     return out
+
+
+def split_shared(df, columns: Sequence[str] = ("method", "profile", "data")):
+    """Move the ``columns`` on which every row of ``df`` agrees out of the table, so that a
+    display can name them once above it (one data copy, one profile) instead of in every row.
+
+    Returns:
+        ``(table, shared)``: a copy of ``df`` without those columns, and ``{column: value}`` for
+        each of them, in the order of ``columns``. An empty ``df`` shares nothing.
+    """
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"split_shared: no column(s) {', '.join(map(repr, missing))} in the "
+                         f"table; it has {', '.join(map(repr, df.columns))}")
+    shared = {c: df[c].iloc[0] for c in columns if len(df) and df[c].nunique(dropna=False) == 1}
+    return df.drop(columns=list(shared)), shared
 
 
 def provenance_table(runs: Iterable[RunResult | dict[str, Any]]):

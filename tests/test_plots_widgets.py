@@ -198,7 +198,14 @@ def test_load_results_and_tables(results_root):
     assert df.loc["full-anchor", "pgd20"] == pytest.approx(0.55)
     assert df.loc["full-anchor", "n_autoattack"] == 1000
     shown = results.format_results_table(df)
-    assert shown.loc["full-anchor", "PGD-20"] == "55.0 % (n=10,000)"
+    # A sample size every row shares is in the header; one that differs is in each cell.
+    assert shown.loc["full-anchor", "PGD-20 (n=10,000)"] == "55.0 %"
+    mixed = df.copy()
+    mixed.loc["full-standard", "n_pgd20"] = 1000
+    mixed.loc["full-pgd_at", "pgd20"] = np.nan
+    shown_mixed = results.format_results_table(mixed)
+    assert list(shown_mixed["PGD-20"]) == ["{:.1f} % (n=1,000)".format(
+        100 * df.loc["full-standard", "pgd20"]), "—", "55.0 % (n=10,000)"]
     assert shown.loc["full-anchor", "method"] == "ANCHOR"
     prov = results.provenance_table(runs)
     assert set(prov.columns) >= {"data", "hardware", "commit", "seed", "epochs", "train_seconds",
@@ -218,6 +225,26 @@ def test_load_results_and_tables(results_root):
     m = fake_metrics("trades", {"clean": (0.8, 100)}, profile="demo")
     df2 = results.results_table([m])
     assert df2.index[0] == "demo-trades" and np.isnan(df2.loc["demo-trades", "cw"])
+
+
+@pytest.mark.bad_input(cases=1)
+def test_split_shared_names_once_what_every_row_shares():
+    import pandas as pd
+
+    df = pd.DataFrame({"method": ["PGD-AT", "ANCHOR"], "profile": ["full", "full"],
+                       "data": ["CIFAR-10 (JPEG q75 copy)"] * 2, "Clean": ["75.8 %", "77.0 %"]},
+                      index=["full-pgd_at", "full-anchor"])
+    table, shared = results.split_shared(df)
+    assert shared == {"profile": "full", "data": "CIFAR-10 (JPEG q75 copy)"}
+    assert list(table.columns) == ["method", "Clean"] and list(table.index) == list(df.index)
+    assert list(df.columns) == ["method", "profile", "data", "Clean"]  # the input is kept
+    one, shared_one = results.split_shared(df.iloc[:1], ("method", "profile"))
+    assert shared_one == {"method": "PGD-AT", "profile": "full"}
+    assert list(one.columns) == ["data", "Clean"]
+    empty, nothing = results.split_shared(df.iloc[:0])
+    assert nothing == {} and list(empty.columns) == list(df.columns)
+    with pytest.raises(ValueError, match="no column\\(s\\) 'epochs' in the table"):
+        results.split_shared(df, ("method", "epochs"))
 
 
 def test_compare_states_the_winner_from_the_files(results_root):
