@@ -530,3 +530,63 @@ def test_compare_refuses_to_average_different_experiments():
     with pytest.raises(ValueError, match="one profile, width and data copy.*profile="):
         results.compare([full, small, base], profile=None)
     assert not results.compare([full, small, base], profile="full").empty
+
+
+@pytest.mark.bad_input(cases=8)
+def test_validate_metrics_names_each_malformed_accuracy_entry():
+    """Each way an accuracy entry can be malformed is refused on its own, with what came."""
+    good = fake_metrics("anchor", {"clean": (0.5, 10)})
+    assert results.validate_metrics(good) is good
+    cases = [({}, "'accuracy' must be a non-empty object"),
+             ([["clean", 0.5]], "'accuracy' must be a non-empty object"),
+             ({"clean": 0.5}, r"accuracy\['clean'\] must be \{'value': v, 'n': n\}, got 0.5"),
+             ({"clean": {"value": 0.5}}, r"accuracy\['clean'\] must be .*got \{'value': 0.5\}"),
+             ({"clean": {"n": 10}}, r"accuracy\['clean'\] must be .*got \{'n': 10\}"),
+             ({"clean": {"value": 0.5, "n": True}}, r"\.n must be an int >= 1, got True"),
+             ({"clean": {"value": 0.5, "n": 0}}, r"\.n must be an int >= 1, got 0"),
+             ({"clean": {"value": 0.5, "n": "10"}}, r"\.n must be an int >= 1, got '10'")]
+    for accuracy, message in cases:
+        with pytest.raises(ValueError, match=message):
+            results.validate_metrics({**good, "accuracy": accuracy})
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test():
+    """Against scipy's exact binomial test at p = 1/2, where the two-sided p-value is twice the
+    smaller tail, capped at 1; no disagreements at all is no evidence (p = 1)."""
+    from scipy.stats import binomtest
+
+    assert results._mcnemar_p(0, 0) == 1.0
+    for b, c in [(3, 3), (0, 5), (5, 0), (7, 2), (1, 1), (0, 1), (40, 20), (120, 95)]:
+        want = binomtest(b, b + c, 0.5).pvalue
+        assert results._mcnemar_p(b, c) == pytest.approx(want, rel=1e-9), (b, c)
+        assert 0 < results._mcnemar_p(b, c) <= 1.0
+
+
+def test_tables_read_an_older_runs_profile_from_its_config():
+    """Runs written before metrics.json had a top-level profile name it in their config."""
+    m = fake_metrics("pgd_at", {"clean": (0.8, 100)}, profile="demo")
+    del m["profile"]
+    assert results.results_table([m]).loc["demo-pgd_at", "profile"] == "demo"
+    assert results.provenance_table([m]).loc["demo-pgd_at", "profile"] == "demo"
+    assert results.results_table([{**m, "profile": "full"}]).iloc[0]["profile"] == "full"
+
+
+def test_default_root_outside_a_clone(tmp_path, monkeypatch):
+    """$ANCHOR_RESULTS_DIR first; then the repository's data/results; a pip-installed package
+    (none beside it) looks in ../data/results, then data/results, under the working directory
+    (a notebook in a clone's book/ folder), and otherwise names a folder that does not exist."""
+    monkeypatch.delenv("ANCHOR_RESULTS_DIR", raising=False)
+    assert results.default_root() == results._REPO_RESULTS
+    monkeypatch.setenv("ANCHOR_RESULTS_DIR", str(tmp_path / "mine"))
+    assert results.default_root() == tmp_path / "mine"
+    monkeypatch.delenv("ANCHOR_RESULTS_DIR")
+    missing = tmp_path / "site-packages" / "data" / "results"
+    monkeypatch.setattr(results, "_REPO_RESULTS", missing)
+    book = tmp_path / "clone" / "book"
+    (book / "data" / "results").mkdir(parents=True)  # data/results under book/: the second try
+    monkeypatch.chdir(book)
+    assert results.default_root() == book / "data" / "results"
+    (tmp_path / "clone" / "data" / "results").mkdir(parents=True)
+    assert results.default_root() == tmp_path / "clone" / "data" / "results"  # ../ comes first
+    monkeypatch.chdir(tmp_path)
+    assert results.default_root() == missing and not missing.exists()
