@@ -5,8 +5,9 @@ multi-panel helpers, the Figure); none calls ``plt.show()`` or changes global se
 functions work the same in a notebook, in a headless book build (Agg) and in tests. The chapters
 call ``plt.show()`` themselves.
 
-Conventions: colour = class (matplotlib's ``tab10``, CIFAR-10 class names in the legend);
-marker = view (clean ``o``, augmented ``^``, adversarial ``x``); eps is shown in units of 1/255.
+Conventions: in embedding plots colour = class (matplotlib's ``tab10``, CIFAR-10 class names in
+the legend) and marker = view (clean ``o``, augmented ``^``, adversarial ``x``); in plots that
+compare methods colour = method (``METHOD_COLORS``); eps is shown in units of 1/255.
 """
 
 from __future__ import annotations
@@ -32,14 +33,20 @@ from .results import (
     results_table,
 )
 
+# One colour per method in every figure that compares methods, so that PGD-AT is the same blue
+# in the results bars, the training curves and the chapters' own comparisons.
+METHOD_COLORS = {"standard": "tab:gray", "pgd_at": "tab:blue", "trades": "tab:green",
+                 "supcon_at": "tab:orange", "anchor": "tab:red"}
+# The book's symbols for ANCHOR's knobs (chapter 5), for axis labels.
+PARAM_LABELS = {"beta": "β", "lam": "λ", "temperature": "τ"}
 VIEW_MARKERS = {"clean": "o", "aug": "^", "adv": "x"}
 VIEW_LABELS = {"clean": "clean", "aug": "augmented", "adv": "adversarial (PGD)"}
 HISTORY_LABELS = {"train_acc": "train accuracy", "val_clean": "validation clean",
                   "val_pgd": "validation PGD", "loss": "loss", "ce": "cross-entropy",
                   "con": "contrastive term", "lr": "learning rate"}
 
-__all__ = ["VIEW_MARKERS", "class_colors", "format_results_table", "plot_ablation",
-           "plot_accuracy_vs_eps", "plot_history", "plot_results", "plot_umap",
+__all__ = ["METHOD_COLORS", "PARAM_LABELS", "VIEW_MARKERS", "class_colors", "format_results_table",
+           "plot_ablation", "plot_accuracy_vs_eps", "plot_history", "plot_results", "plot_umap",
            "plot_umap_panels", "provenance_table", "results_table", "show_images"]
 
 
@@ -74,7 +81,8 @@ def plot_history(history: Any, ax=None, *, columns: Sequence[str] | None = None,
         ax: Axes to draw on (default: a new figure).
         columns: which columns to plot; default the accuracies present
             (``train_acc``, ``val_clean``, ``val_pgd``; all-NaN columns skipped).
-        label: prefix for the legend entries (e.g. the method, when overlaying runs).
+        label: prefix for the legend entries (e.g. the method, when overlaying runs); with a
+            single column the entry is the label alone (the panel names the column).
         title: Axes title.
 
     Returns:
@@ -94,8 +102,8 @@ def plot_history(history: Any, ax=None, *, columns: Sequence[str] | None = None,
     marker = "o" if len(df) <= 12 else None
     for c in columns:
         name = HISTORY_LABELS.get(c, c)
-        ax.plot(df["epoch"], df[c], marker=marker, label=f"{label}: {name}" if label else name,
-                **line_kw)
+        entry = name if not label else label if len(columns) == 1 else f"{label}: {name}"
+        ax.plot(df["epoch"], df[c], marker=marker, label=entry, **line_kw)
     ax.set_xlabel("epoch")
     if columns and all(c in ("train_acc", "val_clean", "val_pgd") for c in columns):
         ax.set_ylabel("accuracy")
@@ -162,14 +170,14 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
         handles = [Line2D([], [], ls="", marker="o", color=colors[k],
                           label=class_names[k] if k < len(class_names) else str(k))
                    for k in classes]
-        first = ax.legend(handles=handles, fontsize="x-small", loc="upper left",
+        first = ax.legend(handles=handles, fontsize="small", loc="upper left",
                           bbox_to_anchor=(1.0, 1.0), frameon=False, title="class",
-                          title_fontsize="x-small")
+                          title_fontsize="small")
         ax.add_artist(first)
         vh = [Line2D([], [], ls="", marker=VIEW_MARKERS[v], color="0.3", label=VIEW_LABELS[v])
               for v in drawn]
-        ax.legend(handles=vh, fontsize="x-small", loc="lower left", bbox_to_anchor=(1.0, 0.0),
-                  frameon=False, title="view", title_fontsize="x-small")
+        ax.legend(handles=vh, fontsize="small", loc="lower left", bbox_to_anchor=(1.0, 0.0),
+                  frameon=False, title="view", title_fontsize="small")
     return ax
 
 
@@ -297,8 +305,12 @@ def plot_ablation(runs: Sequence[Any], param: str, ax=None, *,
             ax.plot(df[param], df[a], marker="o", label=f"test {ATTACK_LABELS.get(a, a)}")
     # The validation accuracy the knob is chosen on, dashed: the test lines are the report.
     if df["val_pgd"].notna().any():
-        ax.plot(df[param], df["val_pgd"], marker="s", linestyle="--", label="validation PGD")
-    ax.set_xlabel(param)
+        steps = {(r.metrics if hasattr(r, "metrics") else r)["config"].get("val_attack_steps")
+                 for r in runs}
+        ax.plot(df[param], df["val_pgd"], marker="s", linestyle="--",
+                label="validation PGD" + (f"-{steps.pop()}" if len(steps) == 1 and None not in
+                                          steps else ""))
+    ax.set_xlabel(PARAM_LABELS.get(param, param))
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -332,13 +344,17 @@ def plot_results(runs: Sequence[Any], ax=None, *, attacks: Sequence[str] = ATTAC
     acc = df[shown].to_numpy(dtype=float)
     n = df[[f"n_{a}" for a in shown]].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
     err = 2 * np.sqrt(acc * (1 - acc) / n)
-    # Method names when they tell the runs apart, else the run names (several profiles, seeds).
+    # Method names (and colours) when they tell the runs apart, else the run names (several
+    # profiles, seeds) in the default colour cycle.
     unique = df["method"].nunique() == len(df)
     labels = [METHOD_LABELS.get(m, m) for m in df["method"]] if unique else list(df.index)
+    colors = [METHOD_COLORS.get(m) for m in df["method"]] if unique else [None] * len(df)
     width = 0.8 / len(df)
     for i, label in enumerate(labels):
         x = np.arange(len(shown)) + (i - (len(df) - 1) / 2) * width
-        ax.bar(x, acc[i], width, yerr=err[i], capsize=2, label=label)
+        bars = ax.bar(x, acc[i], width, yerr=err[i], capsize=2, label=label, color=colors[i])
+        # A bar of height 0 is invisible: say "0" where it stands, so it does not read as missing.
+        ax.bar_label(bars, labels=["0" if v == 0 else "" for v in acc[i]], fontsize=7)
     ax.set_xticks(np.arange(len(shown)), [ATTACK_LABELS.get(a, a) for a in shown])
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)

@@ -130,7 +130,7 @@ def eps_frames(model, x: torch.Tensor, y: int | torch.Tensor, eps_values: Sequen
 
 
 def plot_eps_frame(frame: Mapping[str, Any], *, class_names: Sequence[str] = CLASSES,
-                   figsize=(10.0, 2.8)):
+                   figsize=(10.0, 3.2)):
     """Image, adversarial image, amplified perturbation and class probabilities for one eps.
 
     The perturbation ``delta = x_adv - x`` is shown as ``0.5 + delta / (2 eps)`` (grey = 0), so
@@ -156,11 +156,11 @@ def plot_eps_frame(frame: Mapping[str, Any], *, class_names: Sequence[str] = CLA
     k = np.arange(len(pc))
     axes[3].bar(k - 0.2, pc, width=0.4, label="clean", color="0.6")
     axes[3].bar(k + 0.2, pa, width=0.4, label="adversarial", color="tab:red")
-    axes[3].set_xticks(k, [name(i) for i in k], rotation=60, fontsize="x-small")
+    axes[3].set_xticks(k, [name(i) for i in k], rotation=45, ha="right", fontsize="small")
     axes[3].get_xticklabels()[y].set_fontweight("bold")
     axes[3].set_ylim(0, 1)
     axes[3].set_ylabel("probability")
-    axes[3].legend(fontsize="x-small")
+    axes[3].legend(fontsize="small")
     return fig
 
 

@@ -52,6 +52,10 @@ def test_plot_history_from_list_frame_and_csv(tmp_path):
         "train accuracy", "validation clean", "validation PGD"]
     assert ax.get_ylim() == (0.0, 1.0)
     plots.plot_history(pd.DataFrame(HISTORY), ax=ax, columns=["val_pgd"], label="anchor")
+    assert ax.get_lines()[-1].get_label() == "anchor"  # one column: the panel names it
+    two = plots.plot_history(HISTORY, columns=["val_clean", "val_pgd"], label="anchor")
+    assert [t.get_text() for t in two.get_legend().get_texts()] == [
+        "anchor: validation clean", "anchor: validation PGD"]
     csv = tmp_path / "history.csv"
     pd.DataFrame(HISTORY).to_csv(csv, index=False)
     # The epoch ticks span every history on the axes, not only the last one drawn.
@@ -390,6 +394,11 @@ def test_plot_results_bars_and_their_noise(results_root):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Standard", "PGD-AT", "ANCHOR"]
     anchor_bars = groups[2]
     assert [b.get_height() for b in anchor_bars.patches] == pytest.approx([0.8, 0.55, 0.47])
+    # Each method has its colour in every figure that compares methods.
+    from matplotlib.colors import to_rgba
+
+    assert [g.patches[0].get_facecolor() for g in groups] == [
+        to_rgba(plots.METHOD_COLORS[m]) for m in ("standard", "pgd_at", "anchor")]
     # Whiskers are two standard errors of each accuracy: wider on 1,000 images than on 10,000.
     lines = anchor_bars.errorbar.lines[2][0].get_segments()
     half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in lines]
@@ -399,6 +408,10 @@ def test_plot_results_bars_and_their_noise(results_root):
     twice = [*runs, results.load_run(results_root / "ablation_beta" / "beta-2.0")]
     labels = [t.get_text() for t in plots.plot_results(twice).get_legend().get_texts()]
     assert labels[-1] == "beta-2.0" and labels[0] == "full-standard"
+    # A bar of height 0 says so; the others carry no label.
+    zero = fake_metrics("standard", {"clean": (0.9, 100), "pgd20": (0.0, 100)})
+    ax = plots.plot_results([zero], attacks=("clean", "pgd20"))
+    assert [t.get_text() for t in ax.texts] == ["", "0"]
     with pytest.raises(ValueError, match="plot_results needs runs"):
         plots.plot_results([])
 
@@ -417,10 +430,15 @@ def test_history_and_ablation_plots(results_root):
     assert list(table["val_pgd"]) == pytest.approx([0.475, 0.48, 0.465])
     assert list(table["pgd20"]) == pytest.approx([0.5, 0.505, 0.52])
     ax = plots.plot_ablation(abl["ablation_beta"], param)
-    assert ax.get_xlabel() == "beta" and len(ax.get_lines()) == 4
+    assert ax.get_xlabel() == "β" and len(ax.get_lines()) == 4  # the book's symbol
     # test lines for the report, and the validation line the knob is chosen on, dashed
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "test Clean", "test PGD-20", "test AutoAttack", "validation PGD"]
+    # with the runs' validation attack recorded, the legend names its steps
+    with_steps = [dict(r.metrics, config={**r.metrics["config"], "val_attack_steps": 10})
+                  for r in abl["ablation_beta"]]
+    texts = [t.get_text() for t in plots.plot_ablation(with_steps, param).get_legend().get_texts()]
+    assert texts[-1] == "validation PGD-10"
     assert ax.get_lines()[-1].get_linestyle() == "--"
     assert list(ax.get_lines()[-1].get_ydata()) == pytest.approx([0.475, 0.48, 0.465])
     # the varied field is found even when the folder name is not a config key
