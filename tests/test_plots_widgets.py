@@ -608,3 +608,102 @@ def test_default_root_outside_a_clone(tmp_path, monkeypatch):
     assert results.default_root() == tmp_path / "clone" / "data" / "results"  # ../ comes first
     monkeypatch.chdir(tmp_path)
     assert results.default_root() == missing and not missing.exists()
+
+
+def test_compare_pairs_only_single_runs_with_matching_masks(tmp_path):
+    """Each condition of a paired comparison on its own: one run a side, both loaded from files,
+    the same data copy and n, and both masks present; otherwise the unpaired test, whose two
+    standard errors are those of two independent accuracies."""
+    root = _paired_root(tmp_path, b=20, c=0)
+    anchor, pgd_at = results.load_run(root / "full-anchor-0"), results.load_run(root / "full-pgd_at-0")
+    paired = results.compare_runs(anchor, pgd_at, attacks=("pgd20",)).loc["PGD-20"]
+    assert paired["test"] == "paired"
+
+    def unpaired_noise(p1, n1, p2, n2):
+        return 200 * np.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+
+    # one side a parsed dict (no masks to read)
+    row = results.compare([anchor, pgd_at.metrics], "anchor", "pgd_at", attacks=("pgd20",))
+    assert row.loc["PGD-20", "test"] == "unpaired"
+    assert row.loc["PGD-20", "noise_2se"] == pytest.approx(unpaired_noise(0.52, 1000, 0.5, 1000))
+    # two seeds of one method against one run of the other: averaged, so unpaired
+    extra = tmp_path / "seed1"
+    checkpoint.write_json(extra / "metrics.json", {**anchor.metrics, "seed": 1})
+    row = results.compare([anchor, results.load_run(extra), pgd_at], "anchor", "pgd_at",
+                          attacks=("pgd20",)).loc["PGD-20"]
+    assert row["test"] == "unpaired" and row["runs_method"] == 2 and row["runs_baseline"] == 1
+    # another data copy, or another n, is not the same images
+    for change in ({"data": "CIFAR-10 (original)"},
+                   {"accuracy": {**pgd_at.metrics["accuracy"], "pgd20": {"value": 0.5, "n": 800}}}):
+        other = tmp_path / f"other-{len(change)}-{next(iter(change))}"
+        checkpoint.write_json(other / "metrics.json", {**pgd_at.metrics, **change})
+        (other / "per_image.npz").write_bytes((root / "full-pgd_at-0" / "per_image.npz").read_bytes())
+        row = results.compare_runs(anchor, results.load_run(other), attacks=("pgd20",))
+        assert row.loc["PGD-20", "test"] == "unpaired", change
+    # a run whose per_image.npz lacks this attack's mask (but has others)
+    results.save_per_image(root / "full-pgd_at-0" / "per_image.npz",
+                           {"clean": np.arange(1000) < 800})
+    row = results.compare_runs(anchor, results.load_run(root / "full-pgd_at-0"),
+                               attacks=("clean", "pgd20"))
+    assert list(row["test"]) == ["paired", "unpaired"]
+
+
+def test_compare_skips_what_one_side_lacks(results_root):
+    """An attack only one method was evaluated with has no row; a method with no run gives an
+    empty table with the documented columns; an older run without a top-level profile is
+    chosen by its config's."""
+    runs = results.load_results(results_root)
+    anchor = next(r for r in runs if r.method == "anchor").metrics
+    pgd = next(r for r in runs if r.method == "pgd_at").metrics
+    no_aa = {**anchor, "accuracy": {k: v for k, v in anchor["accuracy"].items()
+                                    if k != "autoattack"}}
+    assert "AutoAttack" not in results.compare([no_aa, pgd]).index
+    assert "AutoAttack" in results.compare([anchor, pgd]).index
+    empty = results.compare([pgd], "anchor", "pgd_at")
+    assert empty.empty and list(empty.columns) == results.COMPARE_COLUMNS
+    assert results.compare([anchor], "anchor", "pgd_at").empty
+    older = {k: v for k, v in anchor.items() if k != "profile"}
+    assert len(results.compare([older, pgd], profile="full")) == 5
+    assert len(results.compare([older, pgd], profile=None)) == 5
+
+
+def test_run_profile_ablation_loading_and_tables_edge_cases(tmp_path, results_root):
+    m = fake_metrics("anchor", {"clean": (0.5, 1)})  # n = 1 is a (tiny) sample
+    assert results.validate_metrics(m)["accuracy"]["clean"]["n"] == 1
+    older = {k: v for k, v in m.items() if k != "profile"}
+    assert results.RunResult("r", tmp_path, older, False).profile == "full"  # from the config
+    assert results.RunResult("r", tmp_path, {**older, "config": {}}, False).profile == "?"
+    # An ablation folder holding an unfinished run (a checkpoint, no metrics.json yet) and a
+    # stray file: only finished runs are loaded.
+    (results_root / "ablation_beta" / "beta-1.0").mkdir()
+    (results_root / "ablation_beta" / "beta-1.0" / "checkpoint.pt").write_bytes(b"")
+    (results_root / "ablation_beta" / "notes.txt").write_text("slot 2 stopped here")
+    runs = results.load_ablations(results_root)["ablation_beta"]
+    assert sorted(r.name for r in runs) == ["beta-0.0", "beta-0.5", "beta-2.0"]
+    # The ablation table's columns: the knob, the two validation columns, then the test ones.
+    table = results.ablation_table(runs, "beta", ["clean", "pgd20"])
+    assert list(table.columns)[:6] == ["beta", "val_clean", "val_pgd", "method", "profile", "data"]
+    # The knob named by the folder only when every run's config has it; else the one that varies.
+    with_lam = fake_metrics("anchor", {"clean": (0.5, 10)}, beta=0.0)
+    without_lam = fake_metrics("anchor", {"clean": (0.5, 10)}, beta=2.0)
+    del without_lam["config"]["lam"]
+    assert results.ablation_param("ablation_lam", [with_lam, without_lam]) is None  # two vary
+    assert results.ablation_param("ablation_lam", [with_lam, with_lam]) == "lam"
+    # Sanity entries that are neither a dict with "passed" nor a bool are left out.
+    s = results.sanity_table([{**m, "sanity": {"more_steps": {"passed": False}, "eps_sweep": True,
+                                                "note": "passed by hand", "square": {"n": 3}}}])
+    assert s.to_dict("records") == [{"more_steps": False, "eps_sweep": True}]
+
+
+@pytest.mark.bad_input(cases=2)
+def test_per_image_masks_of_one_image_and_no_pickles(tmp_path):
+    one = tmp_path / "one.npz"
+    results.save_per_image(one, {"clean": np.array([True])})
+    assert results.load_per_image(one)["clean"].tolist() == [True]
+    with pytest.raises(ValueError, match="non-empty 1-d bool array"):
+        results.save_per_image(tmp_path / "none.npz", {"clean": np.zeros(0, dtype=bool)})
+    # A file holding pickled objects is refused, not unpickled (pickles can run code).
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, clean=np.array([{"a": 1}], dtype=object), meta=np.array("{}"))
+    with pytest.raises(ValueError, match="pickle"):
+        results.load_per_image(evil)
