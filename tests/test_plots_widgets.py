@@ -689,6 +689,8 @@ def test_run_profile_ablation_loading_and_tables_edge_cases(tmp_path, results_ro
     del without_lam["config"]["lam"]
     assert results.ablation_param("ablation_lam", [with_lam, without_lam]) is None  # two vary
     assert results.ablation_param("ablation_lam", [with_lam, with_lam]) == "lam"
+    # a folder not named after a key, two runs: the one key that differs
+    assert results.ablation_param("ablation_mining", runs[:2]) == "beta"
     # Sanity entries that are neither a dict with "passed" nor a bool are left out.
     s = results.sanity_table([{**m, "sanity": {"more_steps": {"passed": False}, "eps_sweep": True,
                                                 "note": "passed by hand", "square": {"n": 3}}}])
