@@ -55,6 +55,7 @@ def test_committed_runs_load_and_their_masks_match_their_accuracies():
 
 
 def test_tutorial_checkpoints_are_small_and_come_from_their_runs():
+    assert TUTORIAL_MAX_BYTES <= 2_000_000  # issue 5: at most 2 MB each
     manifest_path = CHECKPOINTS / "manifest.json"
     if not manifest_path.is_file():
         pytest.skip("no tutorial checkpoints are committed")

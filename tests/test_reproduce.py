@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from anchor_lib import checkpoint, embeddings, evaluate, provenance, results
+from anchor_lib import checkpoint, data, embeddings, evaluate, provenance, results
 from anchor_lib import reproduce as rep
 from anchor_lib.train import TrainConfig
 
@@ -227,7 +227,7 @@ def test_export_refuses_unfinished_runs_and_oversized_checkpoints(tmp_path, monk
         rep.export_tutorial_checkpoints(tmp_path, tmp_path / "c", ("anchor",), "smoke", check_n=8)
     _reproduce(tmp_path)
     monkeypatch.setattr(rep, "TUTORIAL_MAX_BYTES", 1000)
-    with pytest.raises(ValueError, match="over the 0 MB limit"):
+    with pytest.raises(ValueError, match=r"bytes, over the 1,000-byte limit"):
         rep.export_tutorial_checkpoints(tmp_path, tmp_path / "c", ("anchor",), "smoke", check_n=8)
     assert not list((tmp_path / "c").glob("*.pt")), "an oversized file is not left behind"
 
@@ -283,3 +283,44 @@ def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, 
     assert metrics["eval_precision"] == evaluate.describe_precision(metrics["accuracy"])
     assert ("search of AutoAttack in TF32" in metrics["eval_precision"]) == (used == "tf32")
     assert ("tf32_check" in metrics["accuracy"]["pgd20"]) == (used == "tf32")
+
+
+def test_evaluate_checkpoint_defaults_are_the_documented_ones(tmp_path, monkeypatch):
+    """A bare evaluate_checkpoint(path): every attack, AutoAttack on the first 1,000, no sanity
+    checks, no per-image masks in the result, an fp32 search, the test split of the data its
+    config names, and the device's default batch."""
+    import torch
+
+    from anchor_lib.train import build_model
+
+    cfg = TrainConfig(method="pgd_at", **{k: v for k, v in TINY.items() if k != "device"})
+    model = build_model(cfg, 10)
+    path = tmp_path / "best.pt"
+    checkpoint.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 0},
+                    path)
+    ds = data.synthetic(n_train=64, n_test=20, size=16, seed=0)
+    monkeypatch.setattr(rep, "dataset_for", lambda c: ds if c.data == "synthetic" else None)
+    seen = {}
+
+    def fake_suite(model, x, y, *, attacks, autoattack_n, batch_size, per_image, search):
+        seen.update(n=len(y), attacks=attacks, autoattack_n=autoattack_n, batch_size=batch_size,
+                    search=search)
+        return {a: {"value": 0.5, "n": len(y), "correct": np.ones(len(y), bool)} for a in attacks}
+
+    monkeypatch.setattr(evaluate, "evaluate_suite", fake_suite)
+    monkeypatch.setattr(evaluate, "sanity_checks",
+                        lambda *a, **k: pytest.fail("the sanity checks ran by default"))
+    metrics = rep.evaluate_checkpoint(path)
+    assert seen == {"n": 20, "attacks": evaluate.ATTACKS, "autoattack_n": 1000,
+                    "batch_size": evaluate.default_batch_size(torch.device("cpu")),
+                    "search": "fp32"}
+    assert metrics["sanity"] == {} and metrics["eval_search"] == "fp32"
+    assert all("correct" not in e for e in metrics["accuracy"].values())
+    assert metrics["data"] == ds.label and metrics["selected_epoch"] == 1
+    # evaluate_model, for a model already loaded, has the same defaults.
+    from anchor_lib.train import load_model
+
+    seen.clear()
+    again = rep.evaluate_model(*load_model(path))
+    assert seen["autoattack_n"] == 1000 and seen["search"] == "fp32" and again["sanity"] == {}
+    assert all("correct" not in e for e in again["accuracy"].values())
