@@ -34,9 +34,11 @@ from .results import (
 )
 
 # One colour per method in every figure that compares methods, so that PGD-AT is the same blue
-# in the results bars, the training curves and the chapters' own comparisons.
-METHOD_COLORS = {"standard": "tab:gray", "pgd_at": "tab:blue", "trades": "tab:green",
-                 "supcon_at": "tab:orange", "anchor": "tab:red"}
+# in the results bars, the training curves and the chapters' own comparisons. Okabe and Ito's
+# palette: the five stay distinct with the common forms of colour blindness (tab10's green and
+# red, side by side in a bar chart, do not).
+METHOD_COLORS = {"standard": "#999999", "pgd_at": "#0072B2", "trades": "#009E73",
+                 "supcon_at": "#CC79A7", "anchor": "#D55E00"}
 # The book's symbols for ANCHOR's knobs (chapter 5), for axis labels.
 PARAM_LABELS = {"beta": "β", "lam": "λ", "temperature": "τ"}
 VIEW_MARKERS = {"clean": "o", "aug": "^", "adv": "x"}
