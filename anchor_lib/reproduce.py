@@ -43,8 +43,8 @@ EVAL_SETTINGS: dict[str, dict[str, Any]] = {
     "tutorial": {"n": None, "autoattack_n": 1000, "sanity": True, "embed_n": 1000},
 }
 
-#: Largest committed tutorial checkpoint: issue 5's "2 MB", read as 2,000,000 bytes (the stricter
-#: reading; the repository travels to GPU machines whole).
+#: Largest committed tutorial checkpoint, in bytes. Issue 5 asks for at most 2 MB each, read
+#: here as 2,000,000 bytes, the stricter reading (the repository travels to GPU machines whole).
 TUTORIAL_MAX_BYTES = 2_000_000
 
 
