@@ -345,3 +345,16 @@ def test_overrides_reach_every_run_trades_beta_included(tmp_path, monkeypatch):
     assert seen == {"trades": 6.0}
     reproduce.reproduce("smoke", ("trades",), tmp_path, log=lambda *a: None, trades_beta=3.0)
     assert seen == {"trades": 3.0}
+
+
+def test_the_ablation_grid_is_issue_5s():
+    """β ∈ {0, 0.5, 1, 2} and the adversarial view in or out of the contrastive term (issue 5),
+    besides λ, τ and the two-stage variant; every knob's list holds TrainConfig's default, so the
+    default run is one of each ablation's (trained once, copied)."""
+    from anchor_lib.train import TrainConfig
+
+    assert reproduce.ABLATION["beta"] == (0.0, 0.5, 1.0, 2.0)
+    assert set(reproduce.ABLATION["adv_in_contrastive"]) == {True, False}
+    default = TrainConfig(method="anchor")
+    for param, values in reproduce.ABLATION.items():
+        assert getattr(default, param) in values, param

@@ -113,3 +113,20 @@ def test_readme_quotes_the_committed_results():
                          or lab.lower() == key[1]) for p, lab in rows)]
     assert not missing, f"committed runs the README's results tables leave out: {missing}"
     assert quoted == len(rows)
+
+
+def test_committed_ablation_runs_embed_the_documented_sample():
+    """Chapter 8 says the ablation's runs embed 200 test images each (ABLATION_EMBED_N), and
+    uses their cluster metrics with that sample's noise: the committed files must agree."""
+    from anchor_lib.embeddings import load_embeddings
+    from anchor_lib.reproduce import ABLATION_EMBED_N
+
+    files = sorted(RESULTS.glob("ablation_*/*/embeddings.npz"))
+    if not files:
+        pytest.skip("no ablation runs are committed")
+    assert ABLATION_EMBED_N == 200
+    for path in files:
+        emb = load_embeddings(path)
+        assert len(emb["labels"]) == ABLATION_EMBED_N, path
+        metrics = json.loads((path.parent / "metrics.json").read_text())
+        assert metrics["cluster_metrics"]["n"] == ABLATION_EMBED_N, path
