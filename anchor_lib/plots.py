@@ -26,6 +26,7 @@ from .results import (
     ATTACK_LABELS,
     ATTACKS,
     METHOD_LABELS,
+    _runs,
     ablation_table,
     format_results_table,
     load_history,
@@ -307,11 +308,10 @@ def plot_ablation(runs: Sequence[Any], param: str, ax=None, *,
             ax.plot(df[param], df[a], marker="o", label=f"test {ATTACK_LABELS.get(a, a)}")
     # The validation accuracy the knob is chosen on, dashed: the test lines are the report.
     if df["val_pgd"].notna().any():
-        steps = {(r.metrics if hasattr(r, "metrics") else r)["config"].get("val_attack_steps")
-                 for r in runs}
+        steps = {m["config"].get("val_attack_steps") for _, m in _runs(runs)}
+        suffix = f"-{steps.pop()}" if len(steps) == 1 and None not in steps else ""
         ax.plot(df[param], df["val_pgd"], marker="s", linestyle="--",
-                label="validation PGD" + (f"-{steps.pop()}" if len(steps) == 1 and None not in
-                                          steps else ""))
+                label=f"validation PGD{suffix}")
     ax.set_xlabel(PARAM_LABELS.get(param, param))
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

@@ -322,7 +322,7 @@ def format_results_table(df, attacks: Sequence[str] = ATTACKS):
     for col in ("profile", "data"):
         out[col] = df[col]
     for a in attacks:
-        cells = [(v, n) for v, n in zip(df[a], df[f"n_{a}"], strict=True)]
+        cells = list(zip(df[a], df[f"n_{a}"], strict=True))
         sizes = {int(n) for v, n in cells if not pd.isna(v)}
         shared = len(sizes) == 1
         label = ATTACK_LABELS.get(a, a) + (f" (n={min(sizes):,})" if shared else "")
