@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -85,3 +86,31 @@ def test_rng_state_round_trip_and_weights_only(tmp_path):
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_load_without_hash_check(tmp_path):
+    """``verify_hash=False`` loads a file that has no sidecar, and still names a missing one."""
+    path = tmp_path / "ck.pt"
+    checkpoint.save({"model": {"w": torch.ones(2)}}, path)
+    (tmp_path / "ck.pt.sha256").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no ck.pt.sha256"):
+        checkpoint.load(path)
+    assert torch.equal(checkpoint.load(path, verify_hash=False)["model"]["w"], torch.ones(2))
+    with pytest.raises(checkpoint.CheckpointError, match="gone.pt does not exist"):
+        checkpoint.load(tmp_path / "gone.pt", verify_hash=False)
+
+
+def test_writes_create_missing_folders(tmp_path):
+    """A run's first artifact goes into folders that do not exist yet (data/results/<run>/...)."""
+    path = checkpoint.write_text(tmp_path / "results" / "run" / "history.csv", "epoch\n1\n")
+    assert path.read_text() == "epoch\n1\n"
+    checkpoint.verify(path)
+
+
+def test_write_json_keeps_the_key_order(tmp_path):
+    """metrics.json reads in the order it was built (DESIGN §6), indented, one trailing newline."""
+    obj = {"run": "x", "accuracy": {"pgd20": 0.4, "clean": 0.8}, "epochs": 2}
+    path = checkpoint.write_json(tmp_path / "m.json", obj)
+    text = path.read_text()
+    assert text == json.dumps(obj, indent=2) + "\n"
+    assert list(json.loads(text)["accuracy"]) == ["pgd20", "clean"]
