@@ -688,8 +688,9 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
     Returns:
         ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...}``,
-        each a dict with the measured numbers, ``"passed"``, ``"detail"`` and ``"seconds"``
-        (wall time, so that a GPU run's metrics.json shows where evaluation time goes).
+        each a dict with the measured numbers, ``"passed"``, ``"detail"``, ``"n"`` (the images
+        checked, as in an accuracy entry) and ``"seconds"`` (wall time, so that a GPU run's
+        metrics.json shows where evaluation time goes).
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     x, y = _check_data(x, y, batch_size)
@@ -712,6 +713,6 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         start = time.perf_counter()
         result = check()
         sync(x.device)
-        out[name] = {**result, "seconds": round(time.perf_counter() - start, 2)}
+        out[name] = {**result, "n": len(x), "seconds": round(time.perf_counter() - start, 2)}
     return out
 

@@ -130,3 +130,23 @@ def test_committed_ablation_runs_embed_the_documented_sample():
         assert len(emb["labels"]) == ABLATION_EMBED_N, path
         metrics = json.loads((path.parent / "metrics.json").read_text())
         assert metrics["cluster_metrics"]["n"] == ABLATION_EMBED_N, path
+
+
+def test_committed_ablations_ran_the_grid_of_the_code():
+    """Every committed ablation run's value is one ABLATION lists, and a knob the summary chose
+    was chosen among all of ABLATION's values (chapter 8 reads 'missing' values against it)."""
+    from anchor_lib.reproduce import ABLATION
+
+    folders = sorted(p for p in RESULTS.glob("ablation_*") if p.is_dir())
+    if not folders:
+        pytest.skip("no ablation runs are committed")
+    summary = json.loads((RESULTS / "ablation_summary.json").read_text())
+    for folder in folders:
+        param = folder.name.removeprefix("ablation_")
+        assert param in ABLATION, f"{folder.name}: {param} is not a knob of reproduce.ABLATION"
+        values = {json.loads((m.parent / "metrics.json").read_text())["config"][param]
+                  for m in folder.glob("*/metrics.json")}
+        assert values <= set(ABLATION[param]), (param, values, ABLATION[param])
+        if param in summary["params"]:
+            assert values == set(ABLATION[param]), (param, values, ABLATION[param])
+            assert set(summary["params"][param]["validation"]) == {str(v) for v in values}

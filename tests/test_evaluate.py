@@ -314,6 +314,7 @@ def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
     assert torch.equal(torch.random.get_rng_state(), rng), "sanity checks moved the caller's RNG"
     assert set(result) == {"more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap"}
     assert all(r["seconds"] >= 0 for r in result.values())  # where a GPU run's time goes
+    assert all(r["n"] == 48 for r in result.values())  # how many images each verdict rests on
     for name, check in result.items():
         assert check["passed"] is True, (name, check)
         assert isinstance(check["detail"], str)

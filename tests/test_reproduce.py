@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -82,9 +83,13 @@ def check_artifacts(run_dir, method: str) -> dict:
 
 
 def test_reproduce_writes_verified_artifacts_and_skips_finished_runs(tmp_path):
+    start = time.perf_counter()
     statuses = _reproduce(tmp_path)
+    elapsed = time.perf_counter() - start
     assert statuses[0]["run"] == "smoke-anchor" and statuses[0]["status"].startswith("done")
     first = check_artifacts(tmp_path / "smoke-anchor", "anchor")
+    # The times are spans of this call, nested as the run's stages are.
+    assert 0 < first["eval_seconds"] <= first["run_seconds"] <= elapsed + 0.01
     assert first["config"]["method"] == "anchor" and first["config"]["width"] == 4
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "smoke-anchor").iterdir()}
@@ -276,6 +281,7 @@ def test_sanity_checks_compare_with_the_suites_own_pgd20(tmp_path, monkeypatch, 
     first16 = float(masks["pgd20"][:16].mean())
     assert metrics["sanity"]["autoattack_gap"]["pgd20"] == pytest.approx(first16)
     assert metrics["sanity"]["black_box_weaker"]["pgd20"] == pytest.approx(first16)
+    assert {check["n"] for check in metrics["sanity"].values()} == {16}  # AutoAttack's images
     assert metrics["autoattack_config"]["square_rescale_schedule"] is False
     used = "tf32" if search == "tf32" and gpu else "fp32"  # no TF32 hardware: plain fp32
     assert metrics["eval_search"] == search
@@ -296,8 +302,8 @@ def test_evaluate_checkpoint_defaults_are_the_documented_ones(tmp_path, monkeypa
     cfg = TrainConfig(method="pgd_at", **{k: v for k, v in TINY.items() if k != "device"})
     model = build_model(cfg, 10)
     path = tmp_path / "best.pt"
-    checkpoint.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 0},
-                    path)
+    checkpoint.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": 0,
+                     "history": [{"seconds": 1.25}, {"seconds": 2.5}]}, path)
     ds = data.synthetic(n_train=64, n_test=20, size=16, seed=0)
     monkeypatch.setattr(rep, "dataset_for", lambda c: ds if c.data == "synthetic" else None)
     seen = {}
@@ -310,7 +316,10 @@ def test_evaluate_checkpoint_defaults_are_the_documented_ones(tmp_path, monkeypa
     monkeypatch.setattr(evaluate, "evaluate_suite", fake_suite)
     monkeypatch.setattr(evaluate, "sanity_checks",
                         lambda *a, **k: pytest.fail("the sanity checks ran by default"))
+    start = time.perf_counter()
     metrics = rep.evaluate_checkpoint(path)
+    assert 0 <= metrics["eval_seconds"] <= time.perf_counter() - start + 0.01
+    assert metrics["train_seconds"] == 3.75  # the epochs' times the checkpoint carries
     assert seen == {"n": 20, "attacks": evaluate.ATTACKS, "autoattack_n": 1000,
                     "batch_size": evaluate.default_batch_size(torch.device("cpu")),
                     "search": "fp32"}
