@@ -1,7 +1,7 @@
 """Carrying ``torch.compile``'s work from one GPU machine to the next.
 
 A full-profile run compiles the model's passes (inductor) before its first step: 35 to 55 s on the
-H100 machine's 16 cores, in every process on every fresh machine (the first epoch of the ablation
+H100 machine, in every process on every fresh machine (the first epoch of the ablation
 runs of 2026-11-27 took 43 to 63 s, the later ones 6.5 s). GPU time here comes in slots of about
 fifteen minutes on a machine that starts bare, so that is paid at every slot. PyTorch can
 serialise what a process compiled (``torch.compiler.save_cache_artifacts``: the generated kernels

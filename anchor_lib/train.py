@@ -197,7 +197,7 @@ class TrainConfig:
         """A config for ``smoke`` (CPU, seconds), ``demo`` (a Colab GPU), ``full`` or ``tutorial``.
 
         ``tutorial`` is ``full`` at width 16 and 15 epochs: the protocol of the reproduction, small
-        enough that its fp16 checkpoints (about 1.4 MB) can be committed for CPU readers.
+        enough that its fp16 checkpoints (about 1.5 MB) can be committed for CPU readers.
 
         ``profile=None`` reads ``ANCHOR_PROFILE`` (default: ``demo`` with a GPU, else ``smoke``).
         """
