@@ -129,6 +129,13 @@ def test_estimate_is_not_thrown_by_odd_runs(results):
                           {**metrics, "train_seconds": 30.7, "run_seconds": 400.0})
     guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
     assert guess.seconds == pytest.approx((500 + 29 * LATER + 339 + 30.3) * budget.MARGIN)
+    # Of several runs' extra times, the largest counts (a run cut short is lost whole).
+    run = results / "ablation_beta" / "beta-2.0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    checkpoint.write_json(run / "metrics.json",
+                          {**metrics, "train_seconds": 19.3, "run_seconds": 71.3})
+    guess = budget.estimate(results, full("anchor"), attacks=ALL, sanity=True, hardware=CPU)
+    assert guess.seconds == pytest.approx((500 + 29 * LATER + 339 + 30.3) * budget.MARGIN)
     for d in results.glob("ablation_*/*"):
         metrics = json.loads((d / "metrics.json").read_text())
         checkpoint.write_json(d / "metrics.json", {**metrics, "compiled": True})
@@ -174,6 +181,10 @@ def test_a_damaged_run_is_not_a_precedent_nor_finished(results):
     # run_one trains a damaged run again, so it is timed like any other, not waved through.
     tight = budget.Budget(1, results, lambda _: None)
     assert tight.judge(full("pgd_at"), results / "full-pgd_at", ALL, True) == "unknown"
+    # Intact files (their hashes match) that are not a run's metrics are no run either.
+    for not_metrics in ({"method": "pgd_at"}, {"config": "full"}, ["config"]):
+        checkpoint.write_json(results / "full-pgd_at" / "metrics.json", not_metrics)
+        assert [d.name for d, _ in budget.finished_runs(results)] == ["beta-1.0", "beta-2.0"]
 
 
 def test_budget_admits_what_fits_and_says_why_not(results):
