@@ -24,7 +24,6 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -64,11 +63,10 @@ def finished_runs(out: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     found = []
     for path in sorted([*out.glob("*/metrics.json"), *out.glob("ablation_*/*/metrics.json")]):
         try:
-            checkpoint.verify(path)
-            metrics = json.loads(path.read_text())
-        except (ValueError, OSError):
+            metrics = checkpoint.read_json(path)
+        except (ValueError, OSError):  # CheckpointError is a ValueError
             continue
-        if isinstance(metrics, dict) and isinstance(metrics.get("config"), dict):
+        if isinstance(metrics.get("config"), dict):
             found.append((path.parent, metrics))
     return found
 

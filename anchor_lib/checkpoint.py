@@ -91,6 +91,23 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def read_json(path: str | Path, *, verify_hash: bool = True) -> dict[str, Any]:
+    """Verify ``path`` against its sidecar (unless ``verify_hash`` is False) and parse it as the
+    JSON object every results artifact is; anything else raises :class:`CheckpointError`."""
+    path = Path(path)
+    if verify_hash:
+        verify(path)
+    elif not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} should hold a JSON object, not a {type(obj).__name__}")
+    return obj
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Atomically write a text artifact (e.g. history.csv) with a sha256 sidecar."""
     return atomic_write_bytes(path, text.encode())

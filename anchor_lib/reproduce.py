@@ -191,11 +191,10 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         try:
-            checkpoint.verify(metrics_path)
+            metrics = checkpoint.read_json(metrics_path)
         except checkpoint.CheckpointError:
-            pass  # a damaged metrics.json is redone, never trusted
+            pass  # a damaged metrics.json (or one that is no JSON object) is redone, never trusted
         else:
-            metrics = json.loads(metrics_path.read_text())
             _check_same_run(metrics_path, metrics, cfg, knobs)
             return {"run": run_dir.name, "status": "skipped (finished)" + _missing_evaluation(
                 metrics, attacks, settings["sanity"])}
@@ -358,8 +357,7 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
     params: dict[str, Any] = {}
     note = f"no {summary_path.name} yet"
     if names and summary_path.exists():
-        checkpoint.verify(summary_path)
-        summary = json.loads(summary_path.read_text())
+        summary = checkpoint.read_json(summary_path)
         mine = TrainConfig.from_profile(profile, method="anchor", **{
             k: v for k, v in overrides.items() if k not in names})
         # Neither the seed (replicates share the choice) nor the device's name ("auto" and
@@ -458,8 +456,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                                "selection": "best validation PGD accuracy", "params": {}}
     summary_path = Path(out) / "ablation_summary.json"
     if summary_path.exists():
-        checkpoint.verify(summary_path)
-        earlier = json.loads(summary_path.read_text())
+        earlier = checkpoint.read_json(summary_path)
         same = all(earlier.get(k) == summary[k] for k in ("profile", "epoch_fraction", "overrides")
                    ) and not config_differences(earlier.get("base_config") or {}, base)
         if same:
@@ -489,7 +486,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             if same is not None:
                 _copy_artifacts(same, run_dir)
                 # Copied as evaluated: like a skipped run, its status names what it lacks.
-                lacks = _missing_evaluation(json.loads((run_dir / "metrics.json").read_text()),
+                lacks = _missing_evaluation(checkpoint.read_json(run_dir / "metrics.json"),
                                             attacks, settings["sanity"])
                 status = {"status": f"same config as {same.parent.name}/{same.name}, copied"
                                     + lacks}
@@ -500,8 +497,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             else:
                 status = run_one(cfg, run_dir, settings, dataset, attacks)
             log(f"ablation_{param}/{run_dir.name}: {status['status']}")
-            with open(run_dir / "metrics.json") as f:
-                values[str(value)] = json.load(f)["validation"]
+            values[str(value)] = checkpoint.read_json(run_dir / "metrics.json")["validation"]
         if out_of_time:  # a choice among some of the values would not be the ablation's
             log(f"ablation_{param}: not chosen in this call ({', '.join(out_of_time)} did not "
                 f"fit in the time budget)")
@@ -560,10 +556,9 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
     for method in methods:
         run_dir = results / f"{profile}-{method}"
         try:
-            checkpoint.verify(run_dir / "metrics.json")
+            metrics = checkpoint.read_json(run_dir / "metrics.json")
         except checkpoint.CheckpointError as err:
             raise ValueError(f"cannot export {method}: {run_dir} is not a finished run ({err})") from None
-        metrics = json.loads((run_dir / "metrics.json").read_text())
         state = checkpoint.load(run_dir / "best.pt")
         half = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
         cfg = config_from_dict(state["config"])

@@ -210,6 +210,10 @@ def test_chosen_knobs_name_their_source(tmp_path):
     (tmp_path / "ablation_summary.json").write_text('{"params": {}}')
     with pytest.raises(checkpoint.CheckpointError):
         reproduce.chosen_knobs(tmp_path, "full", "anchor")
+    # Verified but of the wrong kind: named, not an AttributeError from deep inside.
+    checkpoint.write_json(tmp_path / "ablation_summary.json", [saved])
+    with pytest.raises(checkpoint.CheckpointError, match="should hold a JSON object, not a list"):
+        reproduce.chosen_knobs(tmp_path, "full", "anchor")
 
 
 def test_reproduction_trains_anchor_with_the_knob_chosen_on_validation(tmp_path, monkeypatch):

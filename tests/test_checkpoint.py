@@ -114,3 +114,30 @@ def test_write_json_keeps_the_key_order(tmp_path):
     text = path.read_text()
     assert text == json.dumps(obj, indent=2) + "\n"
     assert list(json.loads(text)["accuracy"]) == ["pgd20", "clean"]
+
+
+def test_read_json_verifies_and_wants_an_object(tmp_path):
+    path = checkpoint.write_json(tmp_path / "m.json", {"a": [1, 2]})
+    assert checkpoint.read_json(path) == {"a": [1, 2]}
+    path.write_text('{"a": [1, 3]}')  # edited after its hash was written
+    with pytest.raises(checkpoint.CheckpointError, match="m.json is corrupted"):
+        checkpoint.read_json(path)
+    assert checkpoint.read_json(path, verify_hash=False) == {"a": [1, 3]}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("content,match", [
+    (b"[1, 2]", "should hold a JSON object, not a list"),
+    (b'"text"', "should hold a JSON object, not a str"),
+    (b"null", "should hold a JSON object, not a NoneType"),
+    (b'{"a": ', "is not valid JSON"),
+    (b"\xff\xfe{}", "is not valid JSON"),
+    (None, "does not exist"),
+])
+@pytest.mark.parametrize("verify_hash", [True, False])
+def test_read_json_refuses_what_is_no_json_object(tmp_path, content, match, verify_hash):
+    path = tmp_path / "m.json"
+    if content is not None:
+        checkpoint.atomic_write_bytes(path, content)  # its hash matches: only the kind is wrong
+    with pytest.raises(checkpoint.CheckpointError, match=match):
+        checkpoint.read_json(path, verify_hash=verify_hash)

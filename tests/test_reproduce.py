@@ -127,11 +127,15 @@ def test_interrupted_reproduce_leaves_no_finished_metrics_then_completes(tmp_pat
 
 
 @pytest.mark.fault
-def test_damaged_metrics_json_is_redone_not_trusted(tmp_path):
+@pytest.mark.parametrize("damage", ["cut short", "not an object"])
+def test_damaged_metrics_json_is_redone_not_trusted(tmp_path, damage):
     run_dir = tmp_path / "smoke-standard"
     _reproduce(tmp_path, methods=("standard",))
     metrics = run_dir / "metrics.json"
-    metrics.write_text(metrics.read_text()[:40])  # e.g. a copy cut short
+    if damage == "cut short":  # e.g. a copy cut short
+        metrics.write_text(metrics.read_text()[:40])
+    else:  # valid JSON whose hash matches, but no run's metrics
+        checkpoint.write_json(metrics, [json.loads(metrics.read_text())])
     statuses = _reproduce(tmp_path, methods=("standard",))
     assert statuses[0]["status"].startswith("done")
     check_artifacts(run_dir, "standard")
