@@ -636,9 +636,7 @@ def load_ablation_summary(root: str | Path | None = None) -> dict[str, Any] | No
     path = (Path(root) if root is not None else default_root()) / "ablation_summary.json"
     if not path.is_file():
         return None
-    if path.with_name(path.name + ".sha256").is_file():
-        checkpoint.verify(path)
-    return json.loads(path.read_text())
+    return checkpoint.read_json(path, verify_hash=path.with_name(path.name + ".sha256").is_file())
 
 
 def ablation_choice(runs: Sequence[RunResult | dict[str, Any]], param: str,

@@ -461,6 +461,10 @@ def test_ablation_choice_reads_validation_and_the_summary(results_root):
     (results_root / "ablation_summary.json").write_text(json.dumps({"params": {}}))
     with pytest.raises(checkpoint.CheckpointError, match="ablation_summary"):
         results.load_ablation_summary(results_root)  # edited after its sidecar was written
+    (results_root / "ablation_summary.json.sha256").unlink()  # unverified, but no summary
+    (results_root / "ablation_summary.json").write_text("[]")
+    with pytest.raises(checkpoint.CheckpointError, match="should hold a JSON object, not a list"):
+        results.load_ablation_summary(results_root)
 
 
 def test_malformed_or_damaged_results_are_refused(results_root, tmp_path):
