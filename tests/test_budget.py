@@ -144,6 +144,14 @@ def test_estimate_is_not_thrown_by_odd_runs(results):
                            hardware=CPU) is None
 
 
+def test_a_two_epoch_runs_second_epoch_times_the_later_epochs(tmp_path):
+    """The one run that trains alike has two epochs: its second (not its compiling first) times
+    each further epoch."""
+    fake_run(tmp_path / "full-pgd_at", full("pgd_at"), [10.0, 4.0], 300.0)
+    guess = budget.estimate(tmp_path, full("pgd_at"), attacks=ALL, sanity=True, hardware=CPU)
+    assert guess.seconds == pytest.approx((10.0 + 29 * 4.0 + 300.0) * budget.MARGIN)
+
+
 def test_an_older_runs_missing_fields_are_the_defaults_it_trained_with(results):
     """A run written before a config field existed trained with that field's default, whatever
     the run being timed asks for."""
@@ -159,13 +167,16 @@ def test_an_older_runs_missing_fields_are_the_defaults_it_trained_with(results):
     assert "beta-2.0" in guess.basis
 
 
-@pytest.mark.parametrize("case", ["other hardware", "other width", "other method", "other attacks"])
+@pytest.mark.parametrize("case", ["other hardware", "other width", "other method",
+                                  "other attacks", "other data"])
 def test_no_estimate_without_a_like_run(results, case):
     cfg, kwargs = full("anchor"), {"attacks": ALL, "sanity": True, "hardware": CPU}
     if case == "other hardware":
         kwargs["hardware"] = "NVIDIA H100 80GB HBM3"
     elif case == "other width":
         cfg = full("anchor", width=32)
+    elif case == "other data":  # the first of the cost keys after the method
+        cfg = full("anchor", data="synthetic")
     elif case == "other method":
         cfg = full("trades")  # TRADES' epochs cost more than PGD-AT's: no precedent
     else:
