@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import by_path
 import pytest
 
 from anchor_lib import attacks, data
-from anchor_lib.bench import run_benchmark, same_answers
+from anchor_lib.bench import FULL, TINY, run_benchmark, same_answers
 from anchor_lib.train import TrainConfig
 
 
@@ -28,12 +29,44 @@ def test_tiny_benchmark_writes_design_json(tmp_path):
     assert {results[m]["train_step"] for m in ("standard", "pgd_at", "anchor")} == {"eager"}
     assert "pgd_at_eager" not in results
     assert results["eval_pgd20_10k"]["seconds"] > 0 and "autoattack_1k" not in results
+    assert "same_answers" not in report, "answers_steps = 0 skips the same-answers stage"
     # Standard training does no attack, so it must be faster than PGD-AT in the same run.
     assert results["standard"]["epoch_seconds"] < results["pgd_at"]["epoch_seconds"]
     # Every timed training row gets its ratio to the reference of the same run.
     ref = results["reference_pgd_at"]["epoch_seconds"]
     assert report["speedup_vs_reference"] == {
         m: round(ref / results[m]["epoch_seconds"], 2) for m in ("standard", "pgd_at", "anchor")}
+
+
+def test_benchmark_defaults_on_a_cpu(tmp_path, monkeypatch):
+    """Without a GPU the benchmark picks the CPU and the tiny configuration by itself, and writes
+    data/results/bench/tiny-<device>.json, a file name without spaces or brackets."""
+    monkeypatch.chdir(tmp_path)
+    path = run_benchmark(settings={"n_images": 64, "batch_size": 32, "width": 4, "windows": 1,
+                                   "window_steps": 1, "warmup_steps": 0, "eval_n": 16,
+                                   "autoattack_n": 0}, methods=("standard",))
+    report = json.loads(path.read_text())
+    assert report["configuration"].startswith("tiny") and report["device"].startswith("CPU")
+    assert report["n_images"] == 64 and report["answers_steps"] == 0  # settings over TINY
+    assert path.parent == Path("data/results/bench") and path.name.startswith("tiny-")
+    assert path.suffix == ".json" and not set(path.name) & set(" ()"), path.name
+
+
+def test_full_configuration_is_the_issues():
+    """What the GPU benchmark times is fixed by the speed issue (issue 4): epochs of 50,000
+    CIFAR-sized images at batch 512 on a width-64 PreAct ResNet-18, PGD-20 over 10,000 images,
+    AutoAttack on 1,000; each a median over several timed windows after a warm-up. The CPU's
+    tiny configuration is smaller in every size."""
+    assert {k: FULL[k] for k in ("n_images", "batch_size", "width", "eval_n", "autoattack_n")} \
+        == {"n_images": 50_000, "batch_size": 512, "width": 64, "eval_n": 10_000,
+            "autoattack_n": 1_000}
+    # An odd number of windows: the median is one window's own time, not a mean of two.
+    assert FULL["windows"] >= 3 and FULL["windows"] % 2 == 1
+    assert FULL["warmup_steps"] >= 1 and FULL["window_steps"] >= 1 and FULL["compile"] is True
+    for k in ("n_images", "batch_size", "width", "eval_n", "autoattack_n", "answers_width"):
+        assert TINY[k] < FULL[k], k
+    assert TINY["answers_steps"] == 0 < FULL["answers_steps"]  # CIFAR training: too slow on a CPU
+    assert TINY["workers"] == 0 < FULL["workers"]
 
 
 def test_fast_path_matches_reference_accuracy():
