@@ -7,9 +7,10 @@ from pathlib import Path
 
 import by_path
 import pytest
+import torch
 
 from anchor_lib import attacks, data
-from anchor_lib.bench import FULL, TINY, run_benchmark, same_answers
+from anchor_lib.bench import FULL, TINY, reference_pgd, run_benchmark, same_answers
 from anchor_lib.train import TrainConfig
 
 
@@ -30,6 +31,14 @@ def test_tiny_benchmark_writes_design_json(tmp_path):
     assert "pgd_at_eager" not in results
     assert results["eval_pgd20_10k"]["seconds"] > 0 and "autoattack_1k" not in results
     assert "same_answers" not in report, "answers_steps = 0 skips the same-answers stage"
+    # The layout and bf16 comparisons of the evaluation need a GPU.
+    assert not {"eval_pgd20_10k_channels_last", "eval_pgd20_10k_bf16"} & set(results)
+    # An epoch is steps_per_epoch (n_images // batch_size) times the median step.
+    assert report["steps_per_epoch"] == 256 // 32
+    for name in ("reference_pgd_at", "standard", "pgd_at", "anchor"):
+        r = results[name]
+        assert r["epoch_seconds"] == pytest.approx(r["step_seconds"] * 8, abs=1e-3), name
+        assert r["images_per_second"] == pytest.approx(32 / r["step_seconds"], rel=1e-3), name
     # Standard training does no attack, so it must be faster than PGD-AT in the same run.
     assert results["standard"]["epoch_seconds"] < results["pgd_at"]["epoch_seconds"]
     # Every timed training row gets its ratio to the reference of the same run.
@@ -67,6 +76,22 @@ def test_full_configuration_is_the_issues():
         assert TINY[k] < FULL[k], k
     assert TINY["answers_steps"] == 0 < FULL["answers_steps"]  # CIFAR training: too slow on a CPU
     assert TINY["workers"] == 0 < FULL["workers"]
+
+
+def test_reference_pgd_starts_anywhere_in_the_ball_and_returns_a_plain_tensor():
+    """The reference attack's random start is uniform in [-eps, eps] (both signs), clipped to
+    valid images; what it returns carries no autograd history into the training step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(64, 3, 8, 8) * 0.5 + 0.25  # away from 0 and 1: no clipping here
+    y = torch.randint(0, 10, (64,))
+    eps = 8 / 255
+    start = reference_pgd(model, x, y, eps, 2 / 255, steps=0) - x
+    assert start.abs().max() <= eps + 1e-6
+    assert (start < -eps / 2).float().mean() > 0.2 and (start > eps / 2).float().mean() > 0.2
+    x_adv = reference_pgd(model, x, y, eps, 2 / 255, steps=3)
+    assert not x_adv.requires_grad and x_adv.grad_fn is None
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
 
 
 def test_fast_path_matches_reference_accuracy():
