@@ -6,15 +6,24 @@ import json
 from pathlib import Path
 
 import by_path
+import numpy as np
 import pytest
 import torch
 
-from anchor_lib import attacks, data
+from anchor_lib import attacks, bench, data
 from anchor_lib.bench import FULL, TINY, reference_pgd, run_benchmark, same_answers
 from anchor_lib.train import TrainConfig
 
 
-def test_tiny_benchmark_writes_design_json(tmp_path):
+def test_tiny_benchmark_writes_design_json(tmp_path, monkeypatch):
+    calls = []
+    real_pgd = attacks.pgd
+
+    def recording_pgd(model, x, y, **kwargs):  # what the evaluation timing attacks with
+        calls.append((len(y), kwargs))
+        return real_pgd(model, x, y, **kwargs)
+
+    monkeypatch.setattr(attacks, "pgd", recording_pgd)
     path = run_benchmark(tmp_path / "bench.json", tiny=True, device="cpu",
                          settings={"n_images": 256, "batch_size": 32, "width": 4, "windows": 2,
                                    "window_steps": 1, "warmup_steps": 1, "eval_n": 32,
@@ -31,6 +40,10 @@ def test_tiny_benchmark_writes_design_json(tmp_path):
     assert "pgd_at_eager" not in results
     assert results["eval_pgd20_10k"]["seconds"] > 0 and "autoattack_1k" not in results
     assert "same_answers" not in report, "answers_steps = 0 skips the same-answers stage"
+    assert report["peak_memory_gb"] is None  # CUDA's allocator statistics only
+    # PGD-20 of the protocol (eps 8/255, step 2/255) over the 32 images: a warm-up call, then
+    # batches of up to 1,000.
+    assert calls == [(32, {"eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "amp": False})] * 2
     # The layout and bf16 comparisons of the evaluation need a GPU.
     assert not {"eval_pgd20_10k_channels_last", "eval_pgd20_10k_bf16"} & set(results)
     # An epoch is steps_per_epoch (n_images // batch_size) times the median step.
@@ -94,6 +107,72 @@ def test_reference_pgd_starts_anywhere_in_the_ball_and_returns_a_plain_tensor():
     assert (x_adv - x).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
 
 
+def test_reference_pgd_is_the_librarys_pgd_from_the_same_start():
+    """The reference loop's attack is PGD as the library computes it (only the plumbing differs:
+    backward() and the mean loss against autograd.grad of the summed loss), so the comparison of
+    the two loops is one of speed, not of a weaker attack."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    eps, alpha = 8 / 255, 2 / 255
+    torch.manual_seed(3)
+    ref = reference_pgd(model, x, y, eps, alpha, steps=5)
+    torch.manual_seed(3)  # the same draw as the reference's random start
+    start = x + torch.empty_like(x).uniform_(-eps, eps)
+    lib = attacks.pgd_core(model, x, y, eps, alpha, 5, start=start)
+    assert torch.allclose(ref, lib, atol=1e-6), (ref - lib).abs().max()
+    loss = torch.nn.functional.cross_entropy
+    assert loss(model(ref), y) > loss(model(start.clamp(0, 1)), y) > 0
+
+
+def test_median_step_seconds_times_windows_after_the_warm_up(monkeypatch):
+    """Each window's mean step time (its seconds over its steps), the median of the windows;
+    the warm-up steps are run but not timed. A fake clock makes the times exact."""
+    clock = {"now": 0.0, "calls": 0}
+    per_call = [9.0, 9.0, 1.0, 1.0, 2.0, 2.0, 3.0, 5.0]  # two warm-up steps, then 3 windows of 2
+
+    def step():
+        clock["now"] += per_call[clock["calls"]]
+        clock["calls"] += 1
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    seconds = bench.median_step_seconds(step, torch.device("cpu"), windows=3, window_steps=2,
+                                        warmup_steps=2)
+    assert clock["calls"] == 8
+    assert seconds == 2.0  # the windows' means are 1.0, 2.0 and 4.0
+
+
+def test_reference_loader_shuffles_and_drops_the_last_partial_batch():
+    x = np.zeros((10, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(10)  # each image's label is its index
+    loader = bench.reference_loader(x, y, batch_size=4, workers=0, seed=0)
+    batches = [yb.tolist() for _, yb in loader]
+    assert [len(b) for b in batches] == [4, 4], "10 images: two full batches, the rest dropped"
+    orders = [sum(batches, [])] + [sum((yb.tolist() for _, yb in loader), []) for _ in range(3)]
+    assert any(o != sorted(o) for o in orders), "shuffled"
+    xb, _ = next(iter(loader))
+    assert xb.shape == (4, 3, 8, 8) and xb.dtype == torch.float32 and 0 <= xb.min() <= xb.max() <= 1
+
+
+def test_autoattack_timing_attacks_every_image(monkeypatch):
+    """The AutoAttack timing labels each image with the model's own prediction, so that no
+    image is skipped as already misclassified."""
+    seen = {}
+
+    def fake_autoattack(model, x, y, **kwargs):
+        seen.update(model=model, x=x, y=y, **kwargs)
+        return {}
+
+    monkeypatch.setattr(attacks, "autoattack", fake_autoattack)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(16, 3, 8, 8)
+    results = {}
+    bench._time_autoattack(model, x, torch.device("cpu"), results)
+    assert torch.equal(seen["y"], model(x).argmax(1)) and seen["eps"] == 8 / 255
+    assert results["autoattack_1k"]["n"] == 16 and results["autoattack_1k"]["seconds"] >= 0
+
+
 def test_fast_path_matches_reference_accuracy():
     """Same init and schedule: the fast pipeline learns as well as the plain reference loop.
 
@@ -107,6 +186,9 @@ def test_fast_path_matches_reference_accuracy():
     result = same_answers(dataset, cfg, steps=64)
     for path in ("reference", "fast"):
         assert result[path]["clean"] > 0.5, result  # both actually learned something
+    assert result["steps"] == 64 and result["batch_size"] == 64
+    assert result["difference"] == {k: round(result["fast"][k] - result["reference"][k], 4)
+                                    for k in ("clean", "pgd10")}
     assert result["difference"]["clean"] >= -0.1, result
     assert result["difference"]["pgd10"] >= -0.1, result
 
