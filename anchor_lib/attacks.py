@@ -2,8 +2,10 @@
 
 Every public attack has the shape ``attack(model, x, y, **hyper_parameters) -> x_adv``:
 
-- ``x`` is a float tensor ``(N, C, H, W)`` with values in [0, 1] (the model normalises inside);
-  ``y`` holds integer class labels ``(N,)`` in ``[0, num_classes)``.
+- ``x`` is a float tensor ``(N, C, H, W)`` with values in [0, 1] (the model normalises inside),
+  N >= 1, in the dtype of the model's parameters; ``y`` holds integer class labels ``(N,)`` in
+  ``[0, num_classes)``, on ``x``'s device. Hyper-parameters are Python numbers (a numpy or
+  tensor scalar is refused) and flags are bools.
 - ``x_adv`` has the shape and dtype of ``x``, is detached, lies in [0, 1] and in the eps-ball
   around ``x`` (up to float rounding of ``x +- eps``, i.e. about 1e-7).
 - During the attack the model is in eval mode with parameter gradients switched off
@@ -370,8 +372,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float) -> t
 
     Args:
         model: ``nn.Module`` mapping ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
-        x: float ``(N, C, H, W)`` in [0, 1].
-        y: integer labels ``(N,)`` in ``[0, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], N >= 1, in the dtype of the model's parameters.
+        y: integer labels ``(N,)`` in ``[0, K)``, on x's device.
         eps: L-inf radius, >= 0 (8/255 for CIFAR-10).
 
     Returns:
@@ -392,8 +394,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
     Args:
         model: ``nn.Module`` mapping ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
-        x: float ``(N, C, H, W)`` in [0, 1].
-        y: integer labels ``(N,)`` in ``[0, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], N >= 1, in the dtype of the model's parameters.
+        y: integer labels ``(N,)`` in ``[0, K)``, on x's device.
         eps: radius of the ball, >= 0 (L-inf: 8/255 for CIFAR-10; L2: e.g. 0.5).
         alpha: step size, > 0 (L-inf: 2/255; L2: about eps / 4).
         steps: number of steps, int >= 0 (0 returns ``x``, or the random start).
@@ -476,8 +478,8 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c_init: float, 
 
     Args:
         model: ``nn.Module`` mapping ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
-        x: float ``(N, C, H, W)`` in [0, 1].
-        y: integer labels ``(N,)`` in ``[0, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], N >= 1, in the dtype of the model's parameters.
+        y: integer labels ``(N,)`` in ``[0, K)``, on x's device.
         c_init: initial trade-off constant, > 0 (1e-2 to 1 are common).
         steps: Adam steps per search round, int >= 0.
         search_steps: binary-search rounds, int >= 0 (0 returns ``x``).
@@ -527,8 +529,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     Args:
         model: ``nn.Module`` mapping ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``,
             with at least one parameter (torchattacks reads the device from it).
-        x: float ``(N, C, H, W)`` in [0, 1].
-        y: integer labels ``(N,)`` in ``[0, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], N >= 1, in the dtype of the model's parameters.
+        y: integer labels ``(N,)`` in ``[0, K)``, on x's device.
         eps: radius, >= 0.
         norm: ``"Linf"`` or ``"L2"``.
         batch_size: images per torchattacks call, int >= 1; None (the default) attacks all of
@@ -602,8 +604,8 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
     Args:
         model: ``nn.Module`` mapping ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
-        x: float ``(N, C, H, W)`` in [0, 1].
-        y: integer labels ``(N,)`` in ``[0, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], N >= 1, in the dtype of the model's parameters.
+        y: integer labels ``(N,)`` in ``[0, K)``, on x's device.
         eps: radius, >= 0.
         norm: ``"Linf"`` or ``"L2"``.
         n_queries: model queries per example, int >= 1 (AutoAttack uses 5,000).

@@ -48,8 +48,11 @@ class CIFAR10:
     """CIFAR-10 as uint8 tensors.
 
     Attributes:
-        x_train: uint8 ``(50000, 3, 32, 32)``; y_train: int64 ``(50000,)`` in [0, 9].
-        x_test: uint8 ``(10000, 3, 32, 32)``; y_test: int64 ``(10000,)``.
+        x_train: uint8 ``(N_train, 3, H, W)``; y_train: int64 ``(N_train,)`` in
+            ``[0, num_classes)``; likewise x_test and y_test. CIFAR-10 itself has 50,000 and
+            10,000 images of 32 x 32 and labels in [0, 9] (``CLASSES``);
+            :func:`anchor_lib.data.synthetic` returns the same class with its own sizes and
+            number of classes.
         label: how results on this copy are labelled, e.g. ``"CIFAR-10 (JPEG q75 copy)"``.
         source: where the data was read from.
     """
@@ -302,7 +305,9 @@ def synthetic(n_train: int = 1000, n_test: int = 200, *, num_classes: int = 10, 
 
 
 def train_val_split(n: int, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, seeded split of ``range(n)`` into (train indices, validation indices).
+    """A fixed, seeded split of ``range(n)`` into ``(train_idx, val_idx)``: int64 CPU tensors of
+    shapes ``(n - val_size,)`` and ``(val_size,)``, disjoint, together a permutation of
+    ``range(n)``. Raises ValueError unless ``0 <= val_size < n``.
 
     Both come in the permutation's (random) order, so their first k entries are a random,
     class-balanced-in-expectation subset even when the source is sorted by class.
@@ -322,8 +327,12 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, pad: int 
     """Random crop with ``pad``-pixel reflect padding and horizontal flip, as tensor ops.
 
     Args:
-        x: uint8 or float images ``(N, C, H, W)``; the result is float32 in [0, 1] on x's device.
+        x: uint8 images ``(N, C, H, W)`` in [0, 255], or float in [0, 1] (not checked).
         generator: a ``torch.Generator`` on x's device, for reproducible views.
+        pad: the padding (and largest shift) in pixels, ``0 <= pad < min(H, W)``.
+
+    Returns:
+        float32 ``(N, C, H, W)`` on x's device, in [0, 1] for input in range.
     """
     xf = to_float(x) if x.dtype == torch.uint8 else x.float()
     n, c, h, w = xf.shape
@@ -342,8 +351,13 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool 
             drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x[idx], y[idx])`` batches from device-resident tensors (no copies to the host).
 
-    ``drop_last=True`` keeps every training step the same shape (what CUDA graphs and compiled
-    kernels like); evaluation passes ``drop_last=False``.
+    ``x`` is ``(N, ...)`` of any dtype (e.g. uint8 images ``(N, 3, 32, 32)``), ``y`` ``(N,)`` on
+    its device; each batch is ``batch_size`` rows of both (``shuffle``: in a random order drawn
+    from ``generator``, else ``0..N-1``), same dtypes and device. ``drop_last=True`` drops the
+    final partial batch, so that every training step has the same shape (what CUDA graphs and
+    compiled kernels like); when ``N < batch_size`` the one batch of all N rows is still yielded.
+    Evaluation passes ``drop_last=False``. Raises ValueError when x and y differ in length or
+    ``batch_size < 1``.
     """
     n = x.shape[0]
     if y.shape[0] != n:

@@ -96,10 +96,10 @@ def embed_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         model: a ``PreActResNet18`` (or any module with ``project`` / ``features`` and logits
             from ``forward``). It is used in eval mode; its training flags come back unchanged.
         x: images ``(N, 3, H, W)``: uint8 in [0, 255] or float in [0, 1], on the model's device.
-        y: integer labels ``(N,)``.
+        y: integer labels ``(N,)`` in ``[0, num_classes)``, on x's device.
         eps, alpha, steps: the L-inf PGD attack that makes the adversarial view (DESIGN §4:
             8/255, 2/255; ``steps=0`` or ``eps=0`` makes ``adv`` equal ``clean``).
-        seed: seeds the augmentation (crop + flip) and PGD's random start. Results are
+        seed: an int >= 0; seeds the augmentation (crop + flip) and PGD's random start. Results are
             deterministic for a given ``seed`` and ``batch_size`` (the augmented views do not
             depend on ``batch_size``; PGD's random start is drawn per batch). The caller's
             global RNG streams are left as they were.
@@ -109,7 +109,8 @@ def embed_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
             only by ``supcon_at`` and ``anchor``; see ``SPACES``).
 
     Returns:
-        dict of numpy arrays: ``clean``, ``aug``, ``adv`` float32 ``(N, d)`` with unit rows;
+        dict of numpy arrays: ``clean``, ``aug``, ``adv`` float32 ``(N, d)`` with unit rows
+        (d = ``8 * width`` for ``"features"``, ``proj_dim`` for ``"projection"``);
         ``labels`` int64 ``(N,)``; ``pred_clean``, ``pred_aug``, ``pred_adv`` int64 ``(N,)``
         (the classifier's predictions on each view).
     """
@@ -182,9 +183,10 @@ def save_embeddings(path: str | Path, emb: dict[str, Any], meta: dict[str, Any] 
                     ) -> Path:
     """Write DESIGN §6 ``embeddings.npz`` atomically, with a ``.sha256`` sidecar.
 
-    Stored: ``clean``, ``aug``, ``adv`` as float16 ``(N, d)``; ``labels`` (and any ``pred_*``)
-    as int64 ``(N,)``; ``meta``, a JSON string (``meta`` plus ``format``, ``n``, ``dim``).
-    Returns the path.
+    Stored: ``clean``, ``aug``, ``adv`` as float16 ``(N, d)``; ``labels`` and any ``pred_*`` or
+    ``index`` array as int64 ``(N,)``; ``meta``, a JSON string (``meta`` plus ``format``, ``n``,
+    ``dim``). Returns the path. Raises ValueError when ``emb`` lacks a view or the labels, or an
+    array's shape disagrees with ``clean``'s.
     """
     n = _check_emb(emb)
     arrays: dict[str, np.ndarray] = {k: np.asarray(emb[k], dtype=np.float16) for k in VIEWS}

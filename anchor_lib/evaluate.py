@@ -365,9 +365,11 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     Returns:
         ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
         time, "search": "fp32" or "tf32"}}`` in the order asked. An attack searched in TF32
-        also has ``"retried_in_fp32"`` (images attacked again in fp32, :func:`correct`), and
-        with ``search="tf32"`` the PGD-20 entry has ``"tf32_check"``
-        (:func:`check_search_precision`). With ``per_image``, each entry also has
+        also has ``"retried_in_fp32"`` (images broken in TF32 but not in fp32, attacked again
+        in fp32) and ``"broken_on_retry"`` (how many of those the fp32 retry broke; see
+        :func:`correct`), and with ``search="tf32"`` the PGD-20 entry has ``"tf32_check"``
+        (:func:`check_search_precision`, with the TF32 run's ``seconds``, ``retried_in_fp32``
+        and ``broken_on_retry``). With ``per_image``, each entry also has
         ``"correct"``, a bool numpy array ``(n,)``: entry i for the i-th evaluated image.
     """
     if not isinstance(attacks, (str, list, tuple)):

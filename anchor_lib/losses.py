@@ -19,7 +19,8 @@ TRADES (Zhang et al., 2019) is here too because it is the other loss the trainer
 ``CE(clean) + beta * KL(softmax(clean) || softmax(adv))``.
 
 Conventions (DESIGN.md §2): ``z`` is ``(N, d)`` and already L2-normalised (several views of one
-image are rows with the same label); bad input raises ``ValueError`` saying what was expected.
+image are rows with the same label); bad input raises ``ValueError`` saying what was expected
+(``TypeError`` when an argument is not a tensor or not a number).
 Similarities are computed in float32 (float64 stays float64) with autocast switched off, so the
 losses behave the same in fp32 and under bf16 autocast, on CPU and CUDA.
 """
@@ -250,7 +251,7 @@ def anchor_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
                         hint=" (a negative beta would up-weight easy positives)")
     _check_embeddings(z, labels, validate=validate)
     if z.shape[0] == 1:  # a single row has no positive and no denominator
-        return z.sum() * 0.0
+        return z.sum().to(torch.promote_types(z.dtype, torch.float32)) * 0.0
     with torch.autocast(device_type=z.device.type, enabled=False):
         logits, pos_mask = _logits_and_positives(z, labels, temperature)
         weights = _mining_weights(logits, pos_mask, beta)

@@ -175,6 +175,7 @@ class PreActResNet18(nn.Module):
         return F.normalize(self.head(self.features(x)), dim=1)
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and ``z`` from one backbone pass (what the contrastive trainers need)."""
+        """``(logits (N, num_classes), z (N, proj_dim) with unit rows)`` from one backbone pass
+        over images ``(N, 3, H, W)`` in [0, 1] (what the contrastive trainers need)."""
         feats = self.features(x)
         return self.linear(feats), F.normalize(self.head(feats), dim=1)

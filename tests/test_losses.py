@@ -171,6 +171,18 @@ def test_all_singletons_give_zero_with_a_graph(n: int) -> None:
     assert torch.equal(hard_positive_weights(z, labels), torch.zeros(n, n))
 
 
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("dtype,expected", [(torch.float16, torch.float32),
+                                            (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.float32),
+                                            (torch.float64, torch.float64)])
+def test_the_loss_is_float32_or_float64_for_every_batch_size(n, dtype, expected) -> None:
+    """A half-precision z gives a float32 loss, a single row included (its zero too)."""
+    z, labels = random_z(n, 4, seed=6).to(dtype), torch.tensor([0, 0, 1][:n])
+    assert supcon_loss(z, labels).dtype == expected
+    assert anchor_loss(z, labels, beta=1.0).dtype == expected
+
+
 def test_least_similar_positive_gets_largest_weight() -> None:
     z, labels = random_z(30, 6, seed=5), torch.arange(30) % 3
     w = hard_positive_weights(z, labels, temperature=0.1, beta=1.0)
