@@ -54,8 +54,10 @@ def balanced_indices(labels: torch.Tensor | np.ndarray, n: int):
     Takes the first ``n // C`` items of each of the ``C`` classes present (one more for the first
     ``n % C`` classes), in dataset order, and interleaves them (class 0's first item, class 1's
     first item, ...). Some copies of CIFAR-10 store the test set sorted by class, where "the first
-    n test images" would be one class only. Returns int64 indices of the same kind as ``labels``
-    (a torch tensor or a numpy array).
+    n test images" would be one class only. ``labels``: integer ``(N,)``, a torch tensor or a
+    numpy array; ``n``: an int in ``[1, N]``. Returns int64 indices ``(n,)`` of the same kind (and
+    device) as ``labels``. Raises ValueError when labels are not 1-D, n is out of range, or a
+    class has too few items for its share.
     """
     y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if y.ndim != 1:
@@ -248,7 +250,9 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 def stack_views(emb: dict[str, Any], views: tuple[str, ...] = VIEWS
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of several views stacked: ``(points (V*N, d), labels (V*N,), view names (V*N,))``."""
+    """Rows of several views stacked: ``(points (V*N, d), labels (V*N,), view names (V*N,))``,
+    float32, int64 and str arrays (V = ``len(views)``); ValueError when ``emb`` lacks a view or
+    the labels, or their shapes disagree."""
     n = _check_emb(emb)
     points = np.concatenate([np.asarray(emb[v], dtype=np.float32) for v in views])
     labels = np.tile(np.asarray(emb["labels"], dtype=np.int64), len(views))
@@ -288,7 +292,7 @@ def cluster_metrics(emb: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
         emb: ``clean``, ``aug``, ``adv`` ``(N, d)`` embeddings (rows are renormalised here, so
             float16 copies are fine) and ``labels`` ``(N,)``; optional ``pred_clean`` /
             ``pred_adv`` give the sample's accuracies.
-        k: neighbours for the kNN agreement.
+        k: neighbours for the kNN agreement, an int >= 1 (capped at N - 1).
 
     Returns:
         A JSON-ready dict (``None`` where a quantity is undefined, e.g. one class only):
@@ -374,7 +378,8 @@ def umap_2d(points: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1,
     Deterministic for a given ``seed`` (``random_state`` makes umap-learn run single-threaded).
     The first call in a process compiles umap-learn's numba kernels (tens of seconds on a CPU);
     later calls take about a second per thousand points, so fit once per figure panel.
-    ``n_neighbors`` is capped at ``N - 1``; N must be at least 4.
+    ``n_neighbors`` is capped at ``N - 1``; N must be at least 4. Raises ValueError when points
+    are not a finite ``(N, d)`` array with N >= 4, ``n_neighbors < 2`` or ``min_dist < 0``.
     """
     points = np.asarray(points, dtype=np.float32)
     if points.ndim != 2 or points.shape[0] < 4:

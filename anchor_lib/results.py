@@ -197,7 +197,8 @@ def save_per_image(path: str | Path, masks: dict[str, Any], meta: dict[str, Any]
     ``masks`` maps attack names to bool ``(n,)`` arrays: entry i says whether the model got the
     i-th evaluated test image right under that attack (the first ``n`` test images, as
     ``evaluate.evaluate_suite`` takes them). ``meta`` (method, data copy, commit) is stored as
-    a JSON string. Returns the path.
+    a JSON string. Returns the path. Raises ValueError when a mask is not a non-empty 1-d bool
+    array.
     """
     arrays: dict[str, np.ndarray] = {}
     for name, mask in masks.items():
@@ -215,7 +216,9 @@ def save_per_image(path: str | Path, masks: dict[str, Any], meta: dict[str, Any]
 
 def load_per_image(path: str | Path) -> dict[str, Any]:
     """Read a :func:`save_per_image` file (verifying its sidecar when present): attack names to
-    bool ``(n,)`` arrays, and ``meta`` (a dict)."""
+    bool ``(n,)`` arrays, and ``meta`` (a dict). Raises ``CheckpointError`` (a ValueError) when
+    the file does not match its sidecar, ValueError when it is not an ``anchor-per-image-v1``
+    file."""
     path = Path(path)
     if path.with_name(path.name + ".sha256").is_file():
         checkpoint.verify(path)
