@@ -208,6 +208,14 @@ def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack |
             the images the attack broke in TF32 that fp32 still classifies correctly are
             attacked again in fp32 (the verdict is fp32's either way), with random draws of
             their own, so the other images' random starts are those of an fp32 search.
+
+    Raises:
+        ValueError: x is not a finite float ``(N, C, H, W)`` batch in [0, 1] with N >= 1; y is
+            not integer ``(N,)`` on x's device with labels in ``[0, K)``; batch_size < 1;
+            ``search`` is neither ``"fp32"`` nor ``"tf32"``; the model's logits are not
+            ``(N, K)`` or not finite; the attack returns images of another shape or outside
+            [0, 1].
+        TypeError: ``attack`` is neither callable nor None.
     """
     return _correct(model, x, y, attack, batch_size, search)[0]
 
@@ -265,6 +273,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
         y: integer labels ``(N,)`` in ``[0, K)``.
         batch_size: images per forward pass.
+
+    Raises what :func:`correct` raises.
     """
     return correct(model, x, y, None, batch_size).sum().item() / len(x)
 
@@ -281,6 +291,9 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
         attack: ``attack(model, xb, yb) -> x_adv`` with ``x_adv`` shaped like ``xb``.
         batch_size: images per attack call.
         search: the precision the attack runs in, ``"fp32"`` or ``"tf32"`` (:func:`correct`).
+
+    Raises what :func:`correct` raises, and TypeError for ``attack=None`` (clean accuracy is
+    :func:`accuracy`).
     """
     if attack is None:  # correct() checks the rest; None there means "no attack"
         raise TypeError("attack must be callable as attack(model, x, y) -> x_adv, got None "
