@@ -558,6 +558,14 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     saturated softmax) leaves the attack where it started, so accuracy stays flat and this check
     passes: :func:`check_eps_sweep` and :func:`check_black_box_weaker` are the ones that catch it.
 
+    Args:
+        model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
+            and integer labels ``(N,)`` on the model's device).
+        eps: the L-inf radius, > 0.
+        steps: at least two step counts (ints >= 0), strictly increasing.
+        alpha: the step size (default eps / 4).
+        seed: every run starts from this seed (the same random start).
+
     Returns:
         ``{"steps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
     """
@@ -599,6 +607,14 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     largest eps is below ``max_final``. An attack that cannot push accuracy to ~0 with a huge
     budget (64/255 lets it paint over the image) is not finding the model's weaknesses.
 
+    Args:
+        model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
+            and integer labels ``(N,)`` on the model's device).
+        eps_values: radii >= 0, strictly increasing; the last is the huge budget.
+        steps: PGD steps at each radius, an int >= 0.
+        max_final: the accuracy the largest radius must stay below, in [0, 1].
+        seed: every run starts from this seed.
+
     Returns:
         ``{"eps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
     """
@@ -633,7 +649,12 @@ def check_black_box_weaker(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
     Passes when ``square >= pgd20 - tolerance`` (one example or half a point).
 
     Args:
+        model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
+            and integer labels ``(N,)`` on the model's device).
+        eps: the L-inf radius, > 0.
+        n_queries: Square's queries per image, an int >= 1.
         pgd_acc: PGD-20 accuracy on the same ``x`` if already measured (else it is measured).
+        seed: seeds PGD's random start and Square's random search.
 
     Returns:
         ``{"square": float, "pgd20": float, "n_queries": int, "passed": bool, "detail": str}``.
