@@ -282,7 +282,8 @@ def synthetic(n_train: int = 1000, n_test: int = 200, *, num_classes: int = 10, 
               noise: float = 0.15, seed: int = 0) -> CIFAR10:
     """A learnable CIFAR-shaped stand-in: each class is a smooth random template plus noise.
 
-    Returns uint8 ``(N, 3, size, size)`` images labelled ``"synthetic"``; used by tests and when
+    Returns uint8 ``(N, 3, size, size)`` images (N = ``n_train`` or ``n_test``) and int64 labels
+    in ``[0, num_classes)``, balanced, labelled ``"synthetic"``; used by tests and when
     a chapter runs with no data at all. Templates are low-frequency so crops and flips keep them
     recognisable.
     """

@@ -130,7 +130,9 @@ class PreActResNet18(nn.Module):
             standard ResNet-18; 8 or 16 give tiny CPU-friendly models for tests and tutorials.
         proj_dim: dimension of the contrastive embedding ``z``.
 
-    Inputs are float tensors of shape ``(N, 3, H, W)`` with values in [0, 1].
+    Inputs are float tensors of shape ``(N, 3, H, W)`` with values in [0, 1] (the range is not
+    checked; another shape raises ValueError). The constructor raises ValueError when
+    ``num_classes`` (>= 2), ``width`` or ``proj_dim`` (>= 1) is not an int in range.
     """
 
     def __init__(self, num_classes: int = 10, width: int = 64, proj_dim: int = 128) -> None:
