@@ -95,10 +95,7 @@ def read_json(path: str | Path, *, verify_hash: bool = True) -> dict[str, Any]:
     """Verify ``path`` against its sidecar (unless ``verify_hash`` is False) and parse it as the
     JSON object every results artifact is; anything else raises :class:`CheckpointError`."""
     path = Path(path)
-    if verify_hash:
-        verify(path)
-    elif not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
+    _check_readable(path, verify_hash)
     try:
         obj = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -146,6 +143,14 @@ def verify(path: str | Path) -> None:
                               f"match {side.name} ({expected[:12]}...)")
 
 
+def _check_readable(path: Path, verify_hash: bool) -> None:
+    """:func:`verify` ``path``, or when ``verify_hash`` is False only that it exists."""
+    if verify_hash:
+        verify(path)
+    elif not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+
+
 def write_sidecar(path: str | Path) -> Path:
     """Write ``path.sha256`` for an existing file (e.g. one copied in from elsewhere)."""
     path = Path(path)
@@ -157,10 +162,7 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu",
          verify_hash: bool = True) -> dict[str, Any]:
     """Verify and load a checkpoint written by :func:`save` (``weights_only=True``)."""
     path = Path(path)
-    if verify_hash:
-        verify(path)
-    elif not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_readable(path, verify_hash)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for damaged pickles/zips
