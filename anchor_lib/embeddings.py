@@ -125,7 +125,7 @@ def embed_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     else:
         xf_all = check_images(x, "x")
     n = xf_all.shape[0]
-    y = check_labels(y, n, getattr(model, "num_classes", None))
+    y = check_labels(y, n, getattr(model, "num_classes", None), device=xf_all.device)
     eps = check_number(eps, "eps", low=0.0)
     alpha = check_number(alpha, "alpha", low=0.0, low_inclusive=False)
     steps = check_number(steps, "steps", low=0, integer=True)

@@ -139,6 +139,16 @@ def test_embed_views_rejects_bad_images_and_labels(model, images):
         embeddings.embed_views(model, x[:3], y[:2])
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("steps", [0, 2])
+def test_embed_views_wants_the_labels_on_the_images_device(model, images, steps):
+    """Refused up front, with or without an attack (the meta device stands in for a second
+    device on a CPU)."""
+    x, y = images
+    with pytest.raises(ValueError, match="y is on meta but x is on cpu"):
+        embeddings.embed_views(model, x[:3], y[:3].to("meta"), steps=steps)
+
+
 def test_balanced_indices_on_class_sorted_labels():
     y = torch.arange(4).repeat_interleave(5)  # sorted by class, like some CIFAR-10 copies
     idx = embeddings.balanced_indices(y, 6)
