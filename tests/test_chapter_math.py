@@ -78,6 +78,24 @@ def test_chapter3_supcon_matches_library(tau):
     torch.testing.assert_close(za.grad, zb.grad)
 
 
+def test_chapter3_overflow_threshold_and_the_unused_diagonal():
+    """Chapter 3, step 3: a float32 sum of N - 1 = 7 raw exponentials of similarity 1 overflows
+    below tau ~ 0.0115 and not above; exp(log_prob)'s diagonal is not a probability (above 1 here),
+    while the rows without it sum to 1."""
+    def raw_sum(tau):
+        return torch.exp(torch.full((7,), 1 / tau, dtype=torch.float32)).sum()
+
+    assert math.isfinite(raw_sum(0.0116)) and math.isinf(raw_sum(0.0114))
+    assert abs(1 / (math.log(torch.finfo(torch.float32).max) - math.log(7)) - 0.0115) < 5e-5
+    z, labels = batch(n=8, d=2)
+    self_mask = torch.eye(8, dtype=torch.bool)
+    logits = z @ z.T / 0.1
+    log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, -math.inf), 1, keepdim=True)
+    assert (log_prob.exp().diagonal() > 1).any()
+    torch.testing.assert_close(log_prob.exp().masked_fill(self_mask, 0).sum(1),
+                               torch.ones(8, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 2.0])
 def test_chapter4_weights_and_loss_match_library(beta):
     z, labels = batch(seed=1)
