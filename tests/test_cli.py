@@ -497,3 +497,124 @@ def test_the_readme_names_every_option_of_every_command():
     assert set(commands) == {"train", "evaluate", "embed", "reproduce", "bench"}
     assert not any(missing.values()), missing
 
+
+
+# --------------------------------------------------------------------------------------------
+# What each command hands the library (the library calls replaced by recorders: no work done)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--profile", "smoke"], "--method"),
+    (["evaluate"], "--checkpoint"),
+    (["embed", "--out", "e.npz"], "--checkpoint"),
+    (["embed", "--checkpoint", "x.pt"], "--out"),
+])
+def test_a_missing_required_option_is_named_before_any_work(argv, named, capsys):
+    code, out, err = run_cli(*argv, capsys=capsys)
+    assert code == 2 and out == ""
+    assert "the following arguments are required" in err and named in err.splitlines()[-1]
+
+
+def test_documented_defaults_of_the_parser():
+    parse = cli.build_parser().parse_args
+    ev = parse(["evaluate", "--checkpoint", "x.pt"])
+    assert (ev.attacks, ev.n, ev.autoattack_n, ev.sanity, ev.batch_size, ev.out, ev.search,
+            ev.per_image) == (None, None, 1000, False, None, None, "fp32", None)
+    em = parse(["embed", "--checkpoint", "x.pt", "--out", "e.npz"])
+    assert (em.n, em.space) == (1000, "features")
+    tr = parse(["train", "--method", "anchor"])
+    assert (tr.profile, tr.cuda_graphs, tr.compile, tr.resume, tr.quiet) == (None, None, None,
+                                                                             False, False)
+    assert parse(["train", "--method", "anchor", "--no-cuda-graphs"]).cuda_graphs is False
+    rp = parse(["reproduce"])
+    assert (rp.profile, rp.methods, rp.out, rp.search, rp.sanity, rp.params, rp.attacks,
+            rp.export_checkpoints, rp.ablation, rp.default_knobs) == (
+        "full", list(cli.METHODS), Path("data/results"), "fp32", None, None, None, None, False,
+        False)
+    assert parse(["reproduce", "--ablation", "--no-sanity"]).sanity is False
+    assert parse(["bench"]).tiny is False and parse(["bench"]).out is None
+
+
+def test_train_prints_its_last_epoch_and_leaves_the_process_group(monkeypatch, capsys):
+    from anchor_lib import distributed
+    from anchor_lib import train as train_module
+
+    teardowns, histories = [], [[{"epoch": 1, "val_clean": 0.1}, {"epoch": 2, "val_clean": 0.2}], []]
+    monkeypatch.setattr(distributed, "teardown", lambda **kw: teardowns.append(kw))
+    monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: histories.pop(0))
+    for epochs, last in ((2, {"epoch": 2, "val_clean": 0.2}), (0, {})):
+        code, out, _ = run_cli("train", "--method", "pgd_at", "--profile", "smoke", "--quiet",
+                               capsys=capsys)
+        assert code == 0 and json.loads(out) == {"epochs": epochs, "last": last}
+    assert teardowns == [{}, {}]  # with the barrier after a finished run
+
+    def crash(cfg, resume=False):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train_module, "train", crash)
+    code, _, err = run_cli("train", "--method", "pgd_at", "--profile", "smoke", "--quiet",
+                           capsys=capsys)
+    assert_one_line_error(code, err, "simulated crash")
+    assert teardowns[-1] == {"wait": False}  # a crashed process must not wait for the others
+
+
+def test_export_checkpoints_gets_the_exportable_methods_and_refuses_none(monkeypatch, tmp_path,
+                                                                          capsys):
+    from anchor_lib import reproduce
+
+    calls = []
+    monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.append(("reproduce", a)))
+    monkeypatch.setattr(reproduce, "ablation", lambda *a, **k: calls.append(("ablation", a)))
+    monkeypatch.setattr(reproduce, "export_tutorial_checkpoints",
+                        lambda *a: calls.append(("export", a)) or tmp_path / "manifest.json")
+    code, out, _ = run_cli("reproduce", "--profile", "tutorial", "--methods", "trades", "anchor",
+                           "standard", "--out", tmp_path, "--export-checkpoints", tmp_path / "ck",
+                           capsys=capsys)
+    assert code == 0 and f"wrote {tmp_path / 'manifest.json'}" in out
+    assert calls == [("reproduce", ("tutorial", ("trades", "anchor", "standard"), tmp_path)),
+                     ("export", (tmp_path, tmp_path / "ck", ("standard", "anchor"), "tutorial"))]
+    calls.clear()
+    assert run_cli("reproduce", "--profile", "tutorial", "--methods", "pgd_at", "--out", tmp_path,
+                   capsys=capsys)[0] == 0
+    assert [name for name, _ in calls] == ["reproduce"]  # no export unless asked
+    for argv in (["--methods", "trades", "supcon_at"], ["--ablation"]):
+        calls.clear()
+        code, out, err = run_cli("reproduce", "--profile", "tutorial", *argv,
+                                 "--export-checkpoints", tmp_path / "ck", capsys=capsys)
+        assert code == 2 and "--export-checkpoints needs a run of standard, pgd_at or anchor" in err
+        assert calls == []  # refused before any training
+
+
+@pytest.mark.parametrize("flag", [["--params", "beta"], ["--attacks", "clean"], ["--no-sanity"]])
+def test_ablation_only_options_are_refused_without_ablation(flag, monkeypatch, capsys):
+    from anchor_lib import reproduce
+
+    calls = []
+    monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.append(a))
+    code, _, err = run_cli("reproduce", "--profile", "smoke", *flag, capsys=capsys)
+    assert code == 2 and f"{flag[0]} only apply with --ablation" in err and calls == []
+    # The other two ablation-only options are not named when only this one was given.
+    assert not any(other in err.split("reproduce: ")[-1].split(" only apply")[0]
+                   for other in ("--params", "--attacks", "--no-sanity") if other != flag[0])
+
+
+def test_bench_passes_its_options_on(monkeypatch, tmp_path, capsys):
+    from anchor_lib import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda **kw: calls.append(kw) or tmp_path / "b.json")
+    code, out, _ = run_cli("bench", "--tiny", "--out", tmp_path / "b.json", capsys=capsys)
+    assert code == 0 and out == f"wrote {tmp_path / 'b.json'}\n"
+    assert run_cli("bench", capsys=capsys)[0] == 0
+    # Without --tiny the benchmark picks by itself (tiny on a CPU, the full sizes on a GPU).
+    assert calls == [{"out": tmp_path / "b.json", "tiny": True}, {"out": None, "tiny": None}]
+
+
+def test_one_line_joins_a_list_with_semicolons_and_keeps_its_punctuation():
+    err = FileNotFoundError("no CIFAR-10 found; looked in:\n- /a/cifar\n  - /b/cifar.\n- /c/x:\n"
+                            "\n- /d/last")
+    assert cli.one_line(err) == "no CIFAR-10 found; looked in: /a/cifar; /b/cifar. /c/x: /d/last"
+    # A line that merely starts with a dash (not "- ") is text, not a list item: no ";" added.
+    assert cli.one_line(ValueError("first\n-5 is negative\nlast")) == "first -5 is negative last"
+    assert cli.one_line(ValueError("")) == "ValueError"
+    assert cli.one_line(ValueError("one line")) == "one line"
