@@ -116,6 +116,100 @@ def test_plot_accuracy_vs_eps_and_show_images():
         plots.show_images(x, ["a"])
 
 
+def test_class_colours_are_tab10_then_tab20_and_all_different():
+    from matplotlib.colors import to_rgba
+
+    ten = plots.class_colors(10)
+    assert ten.shape == (10, 4)
+    assert [tuple(c) for c in ten] == [to_rgba(plt.get_cmap("tab10")(i)) for i in range(10)]
+    twelve = plots.class_colors(12)
+    assert [tuple(c) for c in twelve] == [to_rgba(plt.get_cmap("tab20")(i)) for i in range(12)]
+    for colours in (plots.class_colors(3), ten, twelve):
+        assert len({tuple(c) for c in colours}) == len(colours)
+
+
+def test_plot_umap_highlight_greys_the_rest_and_draws_the_class_on_top():
+    coords, labels, views = umap_like()
+    ax = plots.plot_umap(coords, labels, views, show_views=["clean"], highlight=2, legend=False)
+    (points,) = ax.collections
+    assert ax.get_legend() is None and not ax.get_xticks().size and not ax.get_yticks().size
+    colours = points.get_facecolors()
+    clean = views == "clean"
+    on_top = np.sort(labels[clean] == 2)  # drawn in this order: the highlighted class last
+    grey = np.all(np.isclose(colours[:, :3], 0.8), axis=1)
+    assert list(grey) == list(~on_top)
+    assert np.allclose(colours[on_top][:, :3], plots.class_colors(10)[2][:3])
+    # The offsets follow the same order: the last points drawn are the highlighted class's.
+    assert set(map(tuple, points.get_offsets()[on_top])) == set(map(tuple, coords[clean][labels[
+        clean] == 2]))
+
+
+def test_plot_umap_legends_name_the_classes_present_and_the_views_drawn():
+    coords, labels, views = umap_like()
+    labels = labels.copy()
+    labels[0] = 11  # beyond the class names: shown by its number, in a colour of its own
+    ax = plots.plot_umap(coords, labels, views, show_views=["clean", "adv"])
+    legends = [c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
+    classes, shown = ([t.get_text() for t in leg.get_texts()] for leg in legends)
+    assert classes == [CLASSES[0], CLASSES[1], CLASSES[2], CLASSES[3], "11"]
+    assert shown == ["clean", "adversarial (PGD)"]
+    assert len(ax.collections) == 2
+    assert np.allclose(ax.collections[0].get_facecolors()[0][:3], plots.class_colors(12)[11][:3])
+
+
+def test_show_images_scales_orients_and_lays_out_its_grid():
+    x = torch.zeros(10, 3, 4, 6, dtype=torch.uint8)
+    x[:, 0] = 255  # red
+    fig = plots.show_images(x, ncols=4)
+    axes = fig.axes
+    assert len(axes) == 12 and not any(ax.axison for ax in axes)  # 3 rows of 4, no frames
+    shown = [ax.images[0].get_array() for ax in axes if ax.images]
+    assert len(shown) == 10 and shown[0].shape == (4, 6, 3)  # height x width x channel
+    assert np.allclose(shown[0][..., 0], 1.0) and np.allclose(shown[0][..., 1:], 0.0)
+    # numpy uint8 in NHWC is scaled too; floats outside [0, 1] are clipped, not wrapped.
+    nhwc = plots.show_images(np.full((2, 4, 6, 3), 51, dtype=np.uint8)).axes[0].images[0]
+    assert np.allclose(nhwc.get_array(), 0.2)
+    clipped = plots.show_images(torch.full((1, 3, 4, 4), 1.7)).axes[0].images[0].get_array()
+    assert np.allclose(clipped, 1.0)
+    grey = plots.show_images(torch.rand(2, 1, 5, 5), ncols=8)
+    assert len(grey.axes) == 2  # no more columns than images
+    assert grey.axes[0].images[0].get_cmap().name == "gray"
+    assert grey.axes[0].images[0].get_array().shape == (5, 5)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        plots.show_images(np.zeros((2, 2)))
+
+
+def test_history_markers_and_axis_follow_what_is_drawn():
+    short = plots.plot_history(HISTORY, columns=["val_pgd"])
+    assert short.get_lines()[0].get_marker() == "o"
+    long = [dict(HISTORY[0], epoch=e) for e in range(1, 14)]
+    assert plots.plot_history(long, columns=["val_pgd"]).get_lines()[0].get_marker() == "None"
+    losses = plots.plot_history(HISTORY, columns=["loss", "val_pgd"])
+    assert losses.get_ylabel() == "" and losses.get_ylim() != (0.0, 1.0)  # a loss can exceed 1
+    assert plots.plot_history(HISTORY, columns=["val_pgd"]).get_ylabel() == "accuracy"
+
+
+def test_eps_curve_legend_only_for_named_curves():
+    eps = [0, 4 / 255, 8 / 255]
+    assert plots.plot_accuracy_vs_eps(eps, [1.0, 0.5, 0.2]).get_legend() is None
+    named = plots.plot_accuracy_vs_eps(eps, [1.0, 0.5, 0.2], label="pgd_at")
+    assert [t.get_text() for t in named.get_legend().get_texts()] == ["pgd_at"]
+    assert named.get_ylim() == (0.0, 1.0) and named.get_ylabel() == "accuracy"
+
+
+def test_plot_results_places_each_runs_bar_in_its_own_slot():
+    runs = [fake_metrics(m, {"clean": (0.9 - i / 10, 1000), "pgd20": (0.4, 1000)})
+            for i, m in enumerate(("standard", "pgd_at", "anchor"))]
+    ax = plots.plot_results(runs, attacks=("clean", "pgd20"))
+    from matplotlib.container import BarContainer
+
+    groups = [c for c in ax.containers if isinstance(c, BarContainer)]
+    centres = [[b.get_x() + b.get_width() / 2 for b in g.patches] for g in groups]
+    width = 0.8 / 3
+    assert np.allclose(centres, [[a + (i - 1) * width for a in (0, 1)] for i in range(3)])
+    assert all(b.get_width() == pytest.approx(width) for g in groups for b in g.patches)
+
+
 # --- widgets (no frontend) --------------------------------------------------------------------
 
 
