@@ -194,3 +194,13 @@ def test_notebook_ends_with_exercises(page):
 @pytest.mark.parametrize("page", toc_files())
 def test_citations_resolve(page):
     check_citations(page)
+
+
+@pytest.mark.parametrize("page", toc_files())
+def test_pages_send_readers_only_where_they_can_go(page):
+    """The design document lives beside the repository, not in it: a reader of the website or of
+    a Colab copy cannot open it, so a page names the chapter, the README or the file instead."""
+    path = source_of(page)
+    text = path.read_text(encoding="utf-8")
+    assert not re.search(r"\bDESIGN\b", text), \
+        f"{path.name} refers the reader to DESIGN.md, which is not part of the book or the repository"
