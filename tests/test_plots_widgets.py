@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from anchor_lib import checkpoint, plots, results, widgets  # noqa: E402
+from anchor_lib import attacks, checkpoint, plots, results, widgets  # noqa: E402
 from anchor_lib.data import CLASSES  # noqa: E402
 from anchor_lib.models import PreActResNet18  # noqa: E402
 
@@ -246,6 +247,90 @@ def test_eps_explorer_headless():
     slider.value = 2  # redraw, must not raise
     with pytest.raises(ValueError, match="attack"):
         widgets.eps_frames(model, x, 3, eps, attack="cw")
+
+
+def test_embedding_explorer_redraws_what_the_controls_say(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(widgets, "plot_umap", lambda *a, **kw: drawn.append((a, kw)))
+    monkeypatch.setattr(widgets, "_show", lambda fig: plt.close(fig))
+    data = {"pgd_at": umap_like(), "anchor": umap_like(seed=1)}
+    box = widgets.embedding_explorer(data, class_names=CLASSES[:4])
+    method, view, cls = box.children[0].children
+    assert [label for label, _ in view.options] == ["all views", "clean", "aug", "adv"]
+    assert cls.options[0] == ("all classes", -1) and [v for _, v in cls.options[1:]] == [0, 1, 2, 3]
+    (coords, *_), kw = drawn[-1]  # the first figure: the first method, every view and class
+    assert coords is data["pgd_at"][0]
+    assert (kw["show_views"], kw["highlight"], kw["title"]) == (None, None, "PGD-AT: all views")
+    method.value, view.value, cls.value = "anchor", "adv", 0
+    (coords, *_), kw = drawn[-1]
+    assert coords is data["anchor"][0]
+    assert (kw["show_views"], kw["highlight"], kw["title"]) == (["adv"], 0, "ANCHOR: adv")
+    assert list(kw["class_names"]) == list(CLASSES[:4])
+
+
+def test_eps_frames_are_the_library_attacks_from_the_seeded_start():
+    torch.manual_seed(0)
+    model = PreActResNet18(width=2, proj_dim=8).eval()
+    x8 = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8)
+    x = x8.float() / 255
+    eps = [0.0, 4 / 255, 8 / 255]
+    frames = widgets.eps_frames(model, x8, torch.tensor([5]), eps, steps=3, seed=7)
+    assert all(torch.equal(f["x"], x[0]) and f["y"] == 5 for f in frames)  # uint8 read as /255
+    for f in frames[1:]:
+        torch.manual_seed(7)
+        expected = attacks.pgd(model, x, torch.tensor([5]), eps=f["eps"], alpha=f["eps"] / 4,
+                               steps=3)
+        assert torch.equal(f["x_adv"], expected[0])
+        assert (f["x_adv"] - f["x"]).abs().max() > f["eps"] / 2  # it moved
+    with torch.no_grad():
+        clean = F.softmax(model(x), dim=1)[0].numpy()
+    assert np.allclose(frames[0]["probs_clean"], clean, atol=1e-6)
+    assert np.allclose(frames[0]["probs_adv"], clean, atol=1e-6)  # eps 0: the clean image
+    fgsm = widgets.eps_frames(model, x, 5, [8 / 255], attack="fgsm")[0]
+    assert torch.equal(fgsm["x_adv"], attacks.fgsm(model, x, torch.tensor([5]), eps=8 / 255)[0])
+    for bad in (torch.rand(2, 3, 32, 32), torch.rand(32, 32)):
+        with pytest.raises(ValueError, match="one image"):
+            widgets.eps_frames(model, bad, 5, eps)
+
+
+def test_eps_frame_panels_show_the_scaled_perturbation_and_name_the_classes():
+    delta = torch.zeros(3, 4, 4)
+    delta[0, 0, 0], delta[1, 1, 1] = 8 / 255, -8 / 255
+    x = torch.full((3, 4, 4), 0.5)
+    probs_clean, probs_adv = np.eye(3)[1], np.eye(3)[2]
+    frame = {"eps": 8 / 255, "x": x, "x_adv": x + delta, "probs_clean": probs_clean,
+             "probs_adv": probs_adv, "y": 1}
+    fig = widgets.plot_eps_frame(frame, class_names=["ant", "bee"])
+    img, adv, amp = (ax.images[0].get_array() for ax in fig.axes[:3])
+    # 0.5 + delta / (2 eps): +eps is white, -eps black, no change grey.
+    assert amp[0, 0, 0] == pytest.approx(1.0, abs=1e-5) and amp[1, 1, 1] == pytest.approx(0, abs=1e-5)
+    assert amp[2, 2, 2] == pytest.approx(0.5) and amp.shape == (4, 4, 3)
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["clean: bee", "eps=8/255: 2",
+                                                       "perturbation (amplified)"]
+    ticks = fig.axes[3].get_xticklabels()
+    assert [t.get_text() for t in ticks] == ["ant", "bee", "2"]
+    assert [t.get_fontweight() for t in ticks] == ["normal", "bold", "normal"]  # the true class
+    bars = [p.get_height() for p in fig.axes[3].patches]
+    assert bars == [0, 1, 0, 0, 0, 1]  # clean probabilities, then adversarial
+    still = widgets.plot_eps_frame(dict(frame, eps=0.0, x_adv=x))
+    assert np.allclose(still.axes[2].images[0].get_array(), 0.5)
+
+
+def test_eps_explorer_slider_starts_at_the_first_radius(monkeypatch):
+    shown = []
+    monkeypatch.setattr(widgets, "_show", lambda fig: shown.append(fig.axes[1].get_title())
+                        or plt.close(fig))
+    torch.manual_seed(0)
+    model = PreActResNet18(width=2, proj_dim=8).eval()
+    box = widgets.eps_explorer(model, torch.rand(3, 32, 32), 3, [0.0, 2 / 255, 8 / 255],
+                               steps=1)
+    slider, out = box.children
+    assert [label for label, _ in slider.options] == ["0/255", "2/255", "8/255"]
+    assert slider.value == 0 and shown[-1].startswith("eps=0/255")
+    slider.value = 2
+    assert shown[-1].startswith("eps=8/255")
+    with pytest.raises(ValueError, match="empty"):
+        widgets.eps_explorer(model, torch.rand(3, 32, 32), 3, [])
 
 
 # --- results (chapter 8's code path) ----------------------------------------------------------
