@@ -539,10 +539,10 @@ def test_train_prints_its_last_epoch_and_leaves_the_process_group(monkeypatch, c
     from anchor_lib import distributed
     from anchor_lib import train as train_module
 
-    teardowns, histories = [], [[{"epoch": 1, "val_clean": 0.1}, {"epoch": 2, "val_clean": 0.2}], []]
+    teardowns, histories = [], [[{"epoch": e, "val_clean": e / 10} for e in (1, 2, 3)], []]
     monkeypatch.setattr(distributed, "teardown", lambda **kw: teardowns.append(kw))
     monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: histories.pop(0))
-    for epochs, last in ((2, {"epoch": 2, "val_clean": 0.2}), (0, {})):
+    for epochs, last in ((3, {"epoch": 3, "val_clean": 0.3}), (0, {})):
         code, out, _ = run_cli("train", "--method", "pgd_at", "--profile", "smoke", "--quiet",
                                capsys=capsys)
         assert code == 0 and json.loads(out) == {"epochs": epochs, "last": last}
@@ -616,5 +616,6 @@ def test_one_line_joins_a_list_with_semicolons_and_keeps_its_punctuation():
     assert cli.one_line(err) == "no CIFAR-10 found; looked in: /a/cifar; /b/cifar. /c/x: /d/last"
     # A line that merely starts with a dash (not "- ") is text, not a list item: no ";" added.
     assert cli.one_line(ValueError("first\n-5 is negative\nlast")) == "first -5 is negative last"
+    assert cli.one_line(ValueError("tried:\n- a\n- b\n- c")) == "tried: a; b; c"
     assert cli.one_line(ValueError("")) == "ValueError"
     assert cli.one_line(ValueError("one line")) == "one line"
