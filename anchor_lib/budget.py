@@ -7,8 +7,8 @@ the budget, and goes on to the next run that fits. The expectation comes from th
 finished under the same results folder, on the same hardware:
 
 - training: of the finished runs with the same training cost (method, data, width, batch size,
-  attack steps, views), the slowest first epoch (which compiles) plus the slowest median later
-  epoch for each further epoch, from their ``history.csv``;
+  attack steps, views), the slowest first epoch (which compiles) plus, for each further epoch,
+  the median over those runs of their median later epoch, from their ``history.csv``;
 - evaluation: the longest ``eval_seconds`` of the finished runs evaluated alike (profile, width,
   attacks, sanity checks), the same method's when there is one (AutoAttack on a robust model
   takes far longer than on a standard one), searched as this run will be (fp32 or TF32) where

@@ -150,3 +150,26 @@ def test_committed_ablations_ran_the_grid_of_the_code():
         if param in summary["params"]:
             assert values == set(ABLATION[param]), (param, values, ABLATION[param])
             assert set(summary["params"][param]["validation"]) == {str(v) for v in values}
+
+
+def test_readme_quotes_the_budget_estimates_of_the_committed_runs():
+    """The README's "GPU slots" paragraph quotes what ``budget.estimate`` expects from the committed
+    H100 runs, for a full ``anchor`` run and for an ablation run: the same seconds, rounded."""
+    from anchor_lib import budget, evaluate
+    from anchor_lib.reproduce import ABLATION_ATTACKS
+    from anchor_lib.train import TrainConfig
+
+    hardware = "NVIDIA H100 80GB HBM3"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    cases = {"the full `anchor` run": (TrainConfig.from_profile("full", method="anchor",
+                                                                device="cuda"),
+                                       tuple(evaluate.ATTACKS), True),
+             "an ablation run": (TrainConfig.from_profile("full", method="anchor", epochs=15,
+                                                          device="cuda"),
+                                 tuple(ABLATION_ATTACKS), False)}
+    for what, (cfg, attacks, sanity) in cases.items():
+        guess = budget.estimate(REPO / "data" / "results", cfg, attacks=attacks, sanity=sanity,
+                                hardware=hardware)
+        assert guess is not None, f"no committed run times {what} on the {hardware}"
+        quoted = f"{round(guess.seconds)} s for {what}"
+        assert quoted in readme, f"the README should say {quoted!r} (budget.estimate)"
