@@ -286,6 +286,12 @@ def test_eps_frames_are_the_library_attacks_from_the_seeded_start():
         clean = F.softmax(model(x), dim=1)[0].numpy()
     assert np.allclose(frames[0]["probs_clean"], clean, atol=1e-6)
     assert np.allclose(frames[0]["probs_adv"], clean, atol=1e-6)  # eps 0: the clean image
+    # The documented defaults: PGD-10 from the start seeded with 0.
+    default, = widgets.eps_frames(model, x, 5, [8 / 255])
+    explicit, = widgets.eps_frames(model, x, 5, [8 / 255], attack="pgd", steps=10, seed=0)
+    assert torch.equal(default["x_adv"], explicit["x_adv"])
+    assert not torch.equal(default["x_adv"], widgets.eps_frames(model, x, 5, [8 / 255],
+                                                                seed=1)[0]["x_adv"])
     fgsm = widgets.eps_frames(model, x, 5, [8 / 255], attack="fgsm")[0]
     assert torch.equal(fgsm["x_adv"], attacks.fgsm(model, x, torch.tensor([5]), eps=8 / 255)[0])
     for bad in (torch.rand(2, 3, 32, 32), torch.rand(32, 32)):
