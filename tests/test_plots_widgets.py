@@ -98,6 +98,10 @@ def test_plot_umap_panels():
                                   enumerate(["standard", "pgd_at", "anchor"])})
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["Standard", "PGD-AT", "ANCHOR"]
+    # One shared legend (classes and views), beside the last panel only.
+    legends = [[c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
+               for ax in fig.axes]
+    assert [len(found) for found in legends] == [0, 0, 2]
 
 
 def test_plot_accuracy_vs_eps_and_show_images():
@@ -148,14 +152,14 @@ def test_plot_umap_highlight_greys_the_rest_and_draws_the_class_on_top():
 def test_plot_umap_legends_name_the_classes_present_and_the_views_drawn():
     coords, labels, views = umap_like()
     labels = labels.copy()
-    labels[0] = 11  # beyond the class names: shown by its number, in a colour of its own
+    labels[0] = 10  # beyond the ten class names: shown by its number, in a colour of its own
     ax = plots.plot_umap(coords, labels, views, show_views=["clean", "adv"])
     legends = [c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
     classes, shown = ([t.get_text() for t in leg.get_texts()] for leg in legends)
-    assert classes == [CLASSES[0], CLASSES[1], CLASSES[2], CLASSES[3], "11"]
+    assert classes == [CLASSES[0], CLASSES[1], CLASSES[2], CLASSES[3], "10"]
     assert shown == ["clean", "adversarial (PGD)"]
     assert len(ax.collections) == 2
-    assert np.allclose(ax.collections[0].get_facecolors()[0][:3], plots.class_colors(12)[11][:3])
+    assert np.allclose(ax.collections[0].get_facecolors()[0][:3], plots.class_colors(11)[10][:3])
 
 
 def test_show_images_scales_orients_and_lays_out_its_grid():
@@ -176,13 +180,18 @@ def test_show_images_scales_orients_and_lays_out_its_grid():
     assert len(grey.axes) == 2  # no more columns than images
     assert grey.axes[0].images[0].get_cmap().name == "gray"
     assert grey.axes[0].images[0].get_array().shape == (5, 5)
+    assert grey.axes[0].images[0].get_clim() == (0, 1)  # black is 0 and white 1, not the range
+    mid = plots.show_images(torch.full((1, 3, 2, 2), 51, dtype=torch.uint8))
+    assert len(mid.axes) == 1 and np.allclose(mid.axes[0].images[0].get_array(), 0.2)
+    # Channels last wins when both ends could be channels (an image 3 pixels high).
+    assert plots.show_images(np.zeros((2, 3, 5, 3))).axes[0].images[0].get_array().shape == (3, 5, 3)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         plots.show_images(np.zeros((2, 2)))
 
 
 def test_history_markers_and_axis_follow_what_is_drawn():
-    short = plots.plot_history(HISTORY, columns=["val_pgd"])
-    assert short.get_lines()[0].get_marker() == "o"
+    twelve = [dict(HISTORY[0], epoch=e) for e in range(1, 13)]
+    assert plots.plot_history(twelve, columns=["val_pgd"]).get_lines()[0].get_marker() == "o"
     long = [dict(HISTORY[0], epoch=e) for e in range(1, 14)]
     assert plots.plot_history(long, columns=["val_pgd"]).get_lines()[0].get_marker() == "None"
     losses = plots.plot_history(HISTORY, columns=["loss", "val_pgd"])
