@@ -609,6 +609,20 @@ def test_plot_results_bars_and_their_noise(results_root):
     with pytest.raises(ValueError, match="plot_results needs runs"):
         plots.plot_results([])
 
+def test_plots_leave_out_attacks_no_run_was_evaluated_with():
+    runs = [fake_metrics(m, {"clean": (0.8, 100), "pgd20": (0.4, 100)}, beta=b)
+            for m, b in (("anchor", 0.5), ("anchor", 1.0))]
+    for r, v in zip(runs, (0.3, 0.35), strict=True):
+        r["validation"] = {"val_clean": 0.7, "val_pgd": v}
+    ax = plots.plot_results(runs[:1])  # every attack asked for, two evaluated
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Clean", "PGD-20"]
+    with pytest.raises(ValueError, match="plot_results needs runs"):
+        plots.plot_results(runs[:1], attacks=("autoattack",))
+    ax = plots.plot_ablation(runs, "beta")  # its default attacks include AutoAttack
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "test Clean", "test PGD-20", "validation PGD"]
+
+
 def test_history_and_ablation_plots(results_root):
     runs = results.load_results(results_root)
     hist = results.load_history(runs[-1].history_path)  # verified against its sidecar
