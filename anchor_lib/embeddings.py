@@ -42,7 +42,7 @@ SPACES = ("features", "projection")
 FORMAT = "anchor_lib.embeddings/1"
 
 __all__ = ["FORMAT", "SPACES", "VIEWS", "balanced_indices", "cluster_metrics", "embed_views",
-           "load_embeddings", "save_embeddings", "stack_views", "umap_2d"]
+           "knn_hits", "load_embeddings", "save_embeddings", "stack_views", "umap_2d"]
 
 
 # --- computing embeddings -----------------------------------------------------------------------
@@ -269,8 +269,8 @@ def _silhouette(points: np.ndarray, labels: np.ndarray) -> float | None:
     return float(silhouette_score(points, labels, metric="cosine"))
 
 
-def _knn_agreement(queries: np.ndarray, refs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of queries i whose k nearest refs (cosine, ref i excluded) elect labels[i] by
+def _knn_hits(queries: np.ndarray, refs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per query i: whether its k nearest refs (cosine, ref i excluded) elect labels[i] by
     majority vote (a win by 3 of 5 votes counts as fully as 5 of 5)."""
     n = len(labels)
     k = min(k, n - 1)
@@ -282,7 +282,39 @@ def _knn_agreement(queries: np.ndarray, refs: np.ndarray, labels: np.ndarray, k:
     near_sims = np.take_along_axis(sims, nearest, axis=1)
     # Majority vote; ties go to the class whose neighbours are more similar in total.
     score = votes.sum(1) + 1e-3 * (votes * near_sims[:, :, None]).sum(1)
-    return float((classes[score.argmax(1)] == labels).mean())
+    return classes[score.argmax(1)] == labels
+
+
+def knn_hits(emb: dict[str, Any], view: str = "adv", *, k: int = 5) -> np.ndarray:
+    """Which images' ``view`` embedding finds its class among the clean embeddings: the
+    per-image outcomes behind :func:`cluster_metrics`' ``knn_clean`` (``view="clean"``) and
+    ``knn_adv_agreement`` (``view="adv"``), which are their means.
+
+    Two models embedded on the same images are compared best image by image: the noise of a
+    difference of two shares is then that of the per-image differences (a paired comparison).
+
+    Args:
+        emb: as for :func:`cluster_metrics` (``clean``, ``aug``, ``adv`` ``(N, d)``, ``labels``
+            ``(N,)``), N >= 2.
+        view: ``"clean"``, ``"aug"`` or ``"adv"``: the embeddings that look for neighbours among
+            the clean ones (each image's own clean embedding excluded).
+        k: neighbours that vote, an int >= 1 (capped at N - 1).
+
+    Returns:
+        ``(N,)`` bool numpy array.
+
+    Raises:
+        ValueError: an unknown view, fewer than 2 images, k < 1, or views and labels that
+            disagree in shape.
+    """
+    n = _check_emb(emb)
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    if n < 2:
+        raise ValueError(f"kNN needs at least 2 images (one to look among), got {n}")
+    k = check_number(k, "k", low=1, integer=True)
+    labels = np.asarray(emb["labels"], dtype=np.int64)
+    return _knn_hits(_unit(emb[view]), _unit(emb["clean"]), labels, k)
 
 
 def cluster_metrics(emb: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
@@ -338,8 +370,8 @@ def cluster_metrics(emb: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
         "intra_class_cos": intra,
         "inter_class_cos": inter,
         "class_cos_gap": (intra - inter) if intra is not None and inter is not None else None,
-        "knn_clean": _knn_agreement(clean, clean, labels, k) if n > 1 else None,
-        "knn_adv_agreement": _knn_agreement(adv, clean, labels, k) if n > 1 else None,
+        "knn_clean": float(_knn_hits(clean, clean, labels, k).mean()) if n > 1 else None,
+        "knn_adv_agreement": float(_knn_hits(adv, clean, labels, k).mean()) if n > 1 else None,
     }
     for view in ("clean", "adv"):
         if f"pred_{view}" in emb:

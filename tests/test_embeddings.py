@@ -358,6 +358,22 @@ def test_umap_2d_leaves_torch_threads_alone():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.bad_input(cases=5)
+def test_knn_hits_refuses_what_it_cannot_vote_on():
+    e = separated()
+    assert embeddings.knn_hits(e).all() and embeddings.knn_hits(e, "clean", k=1).all()
+    with pytest.raises(ValueError, match="view must be one of"):
+        embeddings.knn_hits(e, "noisy")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        embeddings.knn_hits(e, k=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        embeddings.knn_hits(e, k=2.5)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        embeddings.knn_hits({**{v: e[v][:1] for v in embeddings.VIEWS}, "labels": e["labels"][:1]})
+    with pytest.raises(ValueError):
+        embeddings.knn_hits({**e, "labels": e["labels"][:-1]})
+
+
 @pytest.mark.bad_input(cases=2)
 def test_cluster_metrics_refuses_k_below_one():
     """k = 0 would vote with no neighbours and elect the first class for every query."""
@@ -424,7 +440,10 @@ def test_metrics_against_brute_force_on_random_embeddings():
         assert m[key] == pytest.approx(want, abs=1e-9), key
 
     def knn(queries):
-        hits = 0
+        return np.mean(knn_per_image(queries))
+
+    def knn_per_image(queries):
+        hits = []
         for i in range(n):
             others = sorted((j for j in range(n) if j != i), key=lambda j: -(queries[i] @ c[j]))
             near = others[:k]
@@ -433,11 +452,17 @@ def test_metrics_against_brute_force_on_random_embeddings():
             tied = [cl for cl, v in votes.items() if v == best]
             # ties go to the class whose neighbours are more similar in total
             winner = max(tied, key=lambda cl: sum(queries[i] @ c[j] for j in near if labels[j] == cl))
-            hits += winner == labels[i]
-        return hits / n
+            hits.append(winner == labels[i])
+        return hits
 
     assert m["knn_clean"] == pytest.approx(knn(c))
     assert m["knn_adv_agreement"] == pytest.approx(knn(unit["adv"]))
+    # The per-image outcomes behind both, for paired comparisons of models on the same images.
+    for view in embeddings.VIEWS:
+        hits = embeddings.knn_hits(emb, view, k=k)
+        assert hits.dtype == bool and hits.shape == (n,)
+        assert hits.tolist() == knn_per_image(unit[view])
+    assert embeddings.knn_hits(emb, "clean", k=k).mean() == m["knn_clean"]
     same = labels[:, None] == labels[None, :]
     pairs_in = [c[i] @ c[j] for i in range(n) for j in range(n) if i != j and same[i, j]]
     pairs_out = [c[i] @ c[j] for i in range(n) for j in range(n) if not same[i, j]]
