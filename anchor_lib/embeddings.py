@@ -306,6 +306,7 @@ def knn_hits(emb: dict[str, Any], view: str = "adv", *, k: int = 5) -> np.ndarra
     Raises:
         ValueError: an unknown view, fewer than 2 images, k < 1, or views and labels that
             disagree in shape.
+        TypeError: k is not an int.
     """
     n = _check_emb(emb)
     if view not in VIEWS:
