@@ -442,7 +442,7 @@ def test_metrics_against_brute_force_on_random_embeddings():
     def knn(queries):
         return np.mean(knn_per_image(queries))
 
-    def knn_per_image(queries):
+    def knn_per_image(queries, k=k):
         hits = []
         for i in range(n):
             others = sorted((j for j in range(n) if j != i), key=lambda j: -(queries[i] @ c[j]))
@@ -463,6 +463,13 @@ def test_metrics_against_brute_force_on_random_embeddings():
         assert hits.dtype == bool and hits.shape == (n,)
         assert hits.tolist() == knn_per_image(unit[view])
     assert embeddings.knn_hits(emb, "clean", k=k).mean() == m["knn_clean"]
+    assert embeddings.knn_hits(emb).tolist() == knn_per_image(unit["adv"], k=5)  # the defaults
+    # Every other image votes at k = N - 1, and a k beyond that is capped there.
+    everyone = knn_per_image(c, k=n - 1)
+    assert embeddings.knn_hits(emb, "clean", k=n - 1).tolist() == everyone
+    assert embeddings.knn_hits(emb, "clean", k=10 * n).tolist() == everyone
+    two = {v: e[:2] for v, e in emb.items()}  # the smallest sample: each image's one neighbour
+    assert embeddings.knn_hits(two, "clean").tolist() == [labels[0] == labels[1]] * 2
     same = labels[:, None] == labels[None, :]
     pairs_in = [c[i] @ c[j] for i in range(n) for j in range(n) if i != j and same[i, j]]
     pairs_out = [c[i] @ c[j] for i in range(n) for j in range(n) if not same[i, j]]
