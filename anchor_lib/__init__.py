@@ -1,7 +1,7 @@
 """anchor_lib: a thin, tested PyTorch library for the ANCHOR Book.
 
 ANCHOR (arXiv 2510.27599) joins PGD adversarial training with supervised contrastive learning
-that mines hard positives. Modules, one idea each (DESIGN §1): ``data``, ``models``, ``attacks``,
+that mines hard positives. Modules, one idea each: ``data``, ``models``, ``attacks``,
 ``losses``, ``train``, ``graphs``, ``evaluate``, ``embeddings``, ``plots``, ``widgets``,
 ``checkpoint``, ``reproduce``, ``bench``, ``cli``. Submodules are imported on use, so
 ``import anchor_lib`` is cheap.

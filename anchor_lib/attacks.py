@@ -412,7 +412,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
             on the batch size; a scalar loss is used as given (and restarts then compare
             examples by cross-entropy).
         amp: bf16 autocast for the forward passes on CUDA (ignored on CPU). Report results in
-            fp32 unless shown to agree (DESIGN section 4).
+            fp32 unless shown to agree (the evaluation protocol, chapter 6).
 
     Returns:
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1] and in the eps-ball.
@@ -457,7 +457,7 @@ def cw_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, a
             steps: int) -> torch.Tensor:
     """CW-inf: L-inf PGD with a random start on the margin loss ``max_{j != y} z_j - z_y``.
 
-    The evaluation protocol (DESIGN section 4) runs it with 30 steps at eps = 8/255. Arguments,
+    The evaluation protocol (chapter 6) runs it with 30 steps at eps = 8/255. Arguments,
     return value and guarantees as for ``pgd`` with ``norm="Linf"``.
     """
     return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=True, norm="Linf",

@@ -1,6 +1,6 @@
 """Training and evaluation speed, measured against a plain reference loop in the same run.
 
-``run_benchmark()`` times (DESIGN §6 ``data/results/bench/<device>.json``):
+``run_benchmark()`` times (written to ``data/results/bench/<device>.json``):
 
 - ``reference_pgd_at``: the way most public code trains — a ``torchvision.transforms`` pipeline in
   a ``DataLoader``, fp32, and ``loss.backward()`` inside every attack step (which also computes
@@ -300,7 +300,7 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
         results[name]["train_step"] = modes[-1]
         save()
 
-    # Evaluation: PGD-20 (fp32, as DESIGN §4 requires) over eval_n images, and AutoAttack.
+    # Evaluation: PGD-20 (fp32, as the evaluation protocol requires) over eval_n images, and AutoAttack.
     model = build_model(TrainConfig(width=s["width"])).to(dev).eval()
     xe, ye = data.to_float(x_dev[: s["eval_n"]]), y_dev[: s["eval_n"]]
     pgd20 = partial(attacks.pgd, eps=8 / 255, alpha=2 / 255, steps=20)
@@ -324,7 +324,7 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
             "seconds": pgd20_seconds(model.to(memory_format=torch.channels_last)), "n": len(ye),
             "precision": EVAL_PRECISION, "memory_format": "channels_last"}
         # The trainer's arithmetic. It counts for a model only where it agrees with fp32 there
-        # within 0.2 points (DESIGN §4): benchmarks/eval_precision.py checks that per model.
+        # within 0.2 points (the evaluation protocol): benchmarks/eval_precision.py checks that per model.
         results["eval_pgd20_10k_bf16"] = {
             "seconds": pgd20_seconds(model, amp=True), "n": len(ye),
             "precision": "bf16 autocast (the attack's passes)", "memory_format": "channels_last"}

@@ -1,4 +1,4 @@
-"""``python -m anchor_lib {train,evaluate,embed,reproduce,bench}`` (DESIGN §2).
+"""``python -m anchor_lib {train,evaluate,embed,reproduce,bench}`` (the README's "Command line" section).
 
 Exit codes: 0 success, 2 usage error (argparse, or arguments that make no valid run), 1 any other
 error, reported as one line on stderr with no traceback unless ``--debug`` is given (before or after
@@ -94,14 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     small.add_argument("--val-attack-steps", type=int, help="PGD steps of the validation attack")
     small.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule")
 
-    p = add("evaluate", help="evaluate a checkpoint by the DESIGN §4 protocol")
+    p = add("evaluate", help="evaluate a checkpoint by the book's evaluation protocol")
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--attacks", type=_attack_list, default=None,
                    help="comma-separated subset of clean,fgsm,pgd20,cw,autoattack")
     p.add_argument("--n", type=_positive_int, help="first N test images (default: all)")
     p.add_argument("--autoattack-n", type=_positive_int, default=1000)
     p.add_argument("--sanity", action="store_true",
-                   help="also run the DESIGN §4 sanity checks (on the AutoAttack images)")
+                   help="also run the sanity checks of chapter 6 (on the AutoAttack images)")
     p.add_argument("--batch-size", type=_positive_int,
                    help="images per attack call (default: 1000 on a GPU, 500 on a CPU)")
     p.add_argument("--out", type=Path, help="write metrics.json here (default: print)")
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         if ablation_only and not args.ablation:
             raise UsageError(f"{', '.join(ablation_only)} only apply with --ablation: the "
                              "reproduction's runs get every attack and the sanity checks "
-                             "(DESIGN §4)")
+                             "(the evaluation protocol)")
         _check_search(args)
         if args.ablation:
             ablation(args.profile, tuple(args.params or ABLATION), out=args.out,

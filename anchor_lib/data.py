@@ -1,6 +1,7 @@
 """CIFAR-10 on the device: find it, decode it once, and serve augmented batches as tensor ops.
 
-Resolution order (DESIGN §5), inside ``ANCHOR_DATA_DIR`` if set, else the repository's ``data/``:
+Resolution order (the README's "Data" section), inside ``ANCHOR_DATA_DIR`` if set, else the
+repository's ``data/``:
 
 1. torchvision's ``cifar-10-batches-py`` folder;
 2. an ImageFolder copy, ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``, as a folder (directly

@@ -6,7 +6,7 @@ cluster is robust *in representation*, not only at the classifier's output.
 
 - :func:`embed_views` computes, for a fixed sample of images, the L2-normalised backbone features
   (or the contrastive projection ``z``) of three views per image.
-- :func:`save_embeddings` / :func:`load_embeddings` write and read DESIGN §6 ``embeddings.npz``
+- :func:`save_embeddings` / :func:`load_embeddings` write and read ``embeddings.npz``
   (float16, with a sha256 sidecar, refused when damaged).
 - :func:`cluster_metrics` summarises the geometry in a few numbers (silhouette, clean-adversarial
   distance, intra- vs inter-class similarity, adversarial kNN agreement).
@@ -99,7 +99,7 @@ def embed_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
             from ``forward``). It is used in eval mode; its training flags come back unchanged.
         x: images ``(N, 3, H, W)``: uint8 in [0, 255] or float in [0, 1], on the model's device.
         y: integer labels ``(N,)`` in ``[0, num_classes)``, on x's device.
-        eps, alpha, steps: the L-inf PGD attack that makes the adversarial view (DESIGN §4:
+        eps, alpha, steps: the L-inf PGD attack that makes the adversarial view (the protocol's
             8/255, 2/255; ``steps=0`` or ``eps=0`` makes ``adv`` equal ``clean``).
         seed: an int >= 0; seeds the augmentation (crop + flip) and PGD's random start. Results are
             deterministic for a given ``seed`` and ``batch_size`` (the augmented views do not
@@ -183,7 +183,7 @@ def _check_emb(emb: dict[str, Any], where: str = "emb") -> int:
 
 def save_embeddings(path: str | Path, emb: dict[str, Any], meta: dict[str, Any] | None = None
                     ) -> Path:
-    """Write DESIGN §6 ``embeddings.npz`` atomically, with a ``.sha256`` sidecar.
+    """Write ``embeddings.npz`` atomically, with a ``.sha256`` sidecar.
 
     Stored: ``clean``, ``aug``, ``adv`` as float16 ``(N, d)``; ``labels`` and any ``pred_*`` or
     ``index`` array as int64 ``(N,)``; ``meta``, a JSON string (``meta`` plus ``format``, ``n``,

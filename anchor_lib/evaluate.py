@@ -1,6 +1,6 @@
 """Measuring robustness honestly: accuracies under attack and the gradient-masking sanity checks.
 
-``evaluate_suite`` runs the protocol of DESIGN section 4 (clean, FGSM, PGD-20, CW-inf,
+``evaluate_suite`` runs the evaluation protocol of chapter 6 (clean, FGSM, PGD-20, CW-inf,
 AutoAttack at L-inf eps = 8/255) and returns the ``accuracy`` section of ``metrics.json``;
 ``sanity_checks`` returns its ``sanity`` section. Every accuracy is a Python float in [0, 1].
 
@@ -10,7 +10,7 @@ attacked: attacking the others could not change the result and would only cost t
 
 Every verdict (is this image classified correctly?) is taken in IEEE fp32. The *search* of CW-inf
 and AutoAttack may run in TF32 instead (``search="tf32"``; PGD-20 ran 3.3 times faster in TF32
-on an H100), under the rule of DESIGN section 4 applied to PGD-20 on the model at hand: searched
+on an H100), under the protocol's rule applied to PGD-20 on the model at hand: searched
 both ways from the same random starts, PGD-20 must agree within 0.2 points, and TF32 may miss at
 most 0.2 points' worth of the images fp32 breaks. An image the TF32 search broke but the fp32
 model still classifies correctly is attacked again in fp32, so a verdict only TF32 reaches never
@@ -82,7 +82,7 @@ SEARCH_PRECISIONS = ("fp32", "tf32")
 TF32_SEARCH_ATTACKS = ("cw", "autoattack")
 
 #: How many points a reduced-precision result may lie from fp32 on the same model and still
-#: count (the rule of DESIGN section 4).
+#: count (the evaluation protocol's rule).
 PRECISION_RULE_POINTS = 0.2
 
 #: Images per attack call: one batch of 1,000 on a GPU (the protocol's whole AutoAttack subset),
@@ -129,7 +129,7 @@ def default_batch_size(device: torch.device | str) -> int:
 
 @contextmanager
 def full_precision() -> Iterator[None]:
-    """Run the block in IEEE fp32 on CUDA, as the protocol requires (DESIGN §4).
+    """Run the block in IEEE fp32 on CUDA, as the evaluation protocol requires.
 
     PyTorch lets cuDNN run fp32 convolutions in TF32 (a 10-bit mantissa) on Ampere and later
     GPUs by default; inside the block both cuDNN and matmul TF32 are off. The flags are
@@ -306,7 +306,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
 # --------------------------------------------------------------------------------------------
 
 def standard_attacks(eps: float = EVAL_EPS, seed: int = 0) -> dict[str, Attack]:
-    """The attacks of DESIGN section 4 at L-inf radius ``eps``, as ``attack(model, x, y)``.
+    """The attacks of the evaluation protocol (chapter 6) at L-inf radius ``eps``, as ``attack(model, x, y)``.
 
     - ``"fgsm"``: one step of size eps.
     - ``"pgd20"``: 20 steps of ``eps / 4`` (2/255 at 8/255) from a uniform random start,
@@ -402,7 +402,7 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     search = _check_search(search)
     if search == "tf32" and "pgd20" not in names:
         raise ValueError(f"search='tf32' needs 'pgd20' among the attacks (PGD-20 searched in fp32 "
-                         f"and in TF32 is the check that allows TF32, DESIGN §4), got {names}")
+                         f"and in TF32 is the check that allows TF32), got {names}")
     x, y = _check_data(x, y, batch_size)
     if n is not None:
         x, y = x[:n], y[:n]
@@ -450,10 +450,11 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def check_search_precision(fp32: torch.Tensor, tf32: torch.Tensor) -> dict[str, Any]:
-    """Whether an attack searched in TF32 is as strong as in fp32 on the same images (DESIGN §4).
+    """Whether an attack searched in TF32 is as strong as in fp32 on the same images (the
+    evaluation protocol's rule).
 
-    Two conditions, each at :data:`PRECISION_RULE_POINTS`: the accuracies agree (DESIGN §4's
-    rule), and the images fp32 breaks that TF32 does not, counted on their own, stay within the
+    Two conditions, each at :data:`PRECISION_RULE_POINTS`: the accuracies agree (the
+    protocol's rule), and the images fp32 breaks that TF32 does not, counted on their own, stay within the
     same share of the images. The second keeps images TF32 breaks and fp32 does not from
     cancelling out images TF32 misses: a search that misses is what would flatter the model.
 
@@ -488,7 +489,7 @@ def check_search_precision(fp32: torch.Tensor, tf32: torch.Tensor) -> dict[str, 
             "points": round(points, 3), "images_changed": missed_by_tf32 + missed_by_fp32,
             "missed_by_tf32": missed_by_tf32, "missed_by_fp32": missed_by_fp32,
             "rule": f"|TF32 - fp32| <= {PRECISION_RULE_POINTS} points, and at most "
-                    f"{PRECISION_RULE_POINTS} points of images broken by fp32 only (DESIGN §4)",
+                    f"{PRECISION_RULE_POINTS} points of images broken by fp32 only",
             "passed": passed, "detail": detail}
 
 
@@ -512,7 +513,7 @@ def describe_precision(accuracy: dict[str, dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Sanity checks against gradient masking (DESIGN section 4)
+# Sanity checks against gradient masking (chapter 6)
 # --------------------------------------------------------------------------------------------
 
 def _tolerance(n: int) -> float:
@@ -706,7 +707,8 @@ def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EVAL_EPS, *,
                   pgd20: float | None = None, autoattack: float | None = None,
                   n_queries: int = 1000, batch_size: int = 500, seed: int = 0) -> dict[str, dict]:
-    """All four checks of DESIGN section 4 on ``(x, y)``; the ``sanity`` part of metrics.json.
+    """All four sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the ``sanity``
+    part of metrics.json.
 
     The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1.
     PGD-20 is measured once and shared by the black-box and AutoAttack checks.

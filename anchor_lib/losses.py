@@ -7,7 +7,7 @@ One idea, top to bottom: every contrastive loss here is the same sum over an anc
 averaged over the anchors i that have at least one positive. ``s_ip = z_i . z_p`` is the cosine
 similarity of L2-normalised embeddings and ``P(i)`` is every *other* row with the same label.
 SupCon (Khosla et al., 2020, "Supervised Contrastive Learning", the L_out form) is the special case
-``w_ip = 1``; ANCHOR (arXiv 2510.27599, as read in DESIGN.md §3) mines hard positives with::
+``w_ip = 1``; ANCHOR (arXiv 2510.27599, as this book reads it, chapter 4) mines hard positives with::
 
     w_ip = |P(i)| * softmax_{p in P(i)}( -beta * s_ip / tau ),   detached,
 
@@ -18,7 +18,7 @@ and ``beta = 0`` gives ``w_ip = 1``, i.e. SupCon exactly.
 TRADES (Zhang et al., 2019) is here too because it is the other loss the trainer composes:
 ``CE(clean) + beta * KL(softmax(clean) || softmax(adv))``.
 
-Conventions (DESIGN.md §2): ``z`` is ``(N, d)`` and already L2-normalised (several views of one
+Conventions: ``z`` is ``(N, d)`` and already L2-normalised (several views of one
 image are rows with the same label); bad input raises ``ValueError`` saying what was expected
 (``TypeError`` when an argument is not a tensor or not a number).
 Similarities are computed in float32 (float64 stays float64) with autocast switched off, so the
@@ -149,7 +149,7 @@ def _logits_and_positives(z: torch.Tensor, labels: torch.Tensor,
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     logits = z @ z.T / temperature
     self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    # P(i): every other row with i's label (its own other views included, DESIGN §3).
+    # P(i): every other row with i's label (its own other views included).
     pos_mask = (labels[:, None] == labels[None, :]) & ~self_mask
     return logits, pos_mask
 
@@ -174,7 +174,7 @@ def _mining_weights(logits: torch.Tensor, pos_mask: torch.Tensor, beta: float) -
 
 def _weighted_supcon(logits: torch.Tensor, pos_mask: torch.Tensor,
                      weights: torch.Tensor) -> torch.Tensor:
-    """mean_{i: |P(i)|>0} -(1/|P(i)|) sum_p w_ip log softmax_{a != i}(logits_i)_p (DESIGN §3)."""
+    """mean_{i: |P(i)|>0} -(1/|P(i)|) sum_p w_ip log softmax_{a != i}(logits_i)_p."""
     n = logits.shape[0]
     self_mask = torch.eye(n, dtype=torch.bool, device=logits.device)
     # Denominator over all a != i: drop the diagonal with -inf (exact in any dtype, unlike a
@@ -191,7 +191,7 @@ def _weighted_supcon(logits: torch.Tensor, pos_mask: torch.Tensor,
 
 def hard_positive_weights(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
                           beta: float = 1.0, *, validate: bool = True) -> torch.Tensor:
-    """ANCHOR's hard-positive weights (DESIGN §3), detached.
+    """ANCHOR's hard-positive weights (chapter 4), detached.
 
     ``w_ip = |P(i)| * softmax_{p in P(i)}(-beta * s_ip / tau)`` for ``p in P(i)``, else 0, where
     ``s_ip = z_i . z_p`` and ``P(i) = {p != i : labels[p] == labels[i]}``.
@@ -227,7 +227,7 @@ def hard_positive_weights(z: torch.Tensor, labels: torch.Tensor, temperature: fl
 
 def anchor_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
                 beta: float = 1.0, *, validate: bool = True) -> torch.Tensor:
-    """ANCHOR's hard-positive-weighted supervised contrastive loss (DESIGN §3).
+    """ANCHOR's hard-positive-weighted supervised contrastive loss (chapter 4).
 
     ``loss_i = -(1/|P(i)|) sum_{p in P(i)} w_ip * log(exp(s_ip/tau) / sum_{a != i} exp(s_ia/tau))``
     with ``w`` from :func:`hard_positive_weights` (detached: gradients treat the weights as

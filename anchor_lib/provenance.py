@@ -1,4 +1,4 @@
-"""Where a number was measured: hardware, library versions, git commit (DESIGN §4, §6)."""
+"""Where a number was measured: hardware, library versions, git commit (recorded with every result)."""
 
 from __future__ import annotations
 

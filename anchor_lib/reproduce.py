@@ -1,4 +1,4 @@
-"""The reproduction: train each method, evaluate it by DESIGN §4, write its artifacts.
+"""The reproduction: train each method, evaluate it by the protocol of chapter 6, write its artifacts.
 
 ``reproduce(profile)`` is restartable by design, because GPU time comes in short slots: a run whose
 ``metrics.json`` exists (and verifies) is skipped, an unfinished run resumes from its checkpoint,
@@ -7,7 +7,7 @@ leaves a file that looks finished.
 
 Per run, under ``<out>/<profile>-<method>/``: ``checkpoint.pt`` and ``best.pt`` (git-ignored),
 ``history.csv``, ``embeddings.npz``, ``per_image.npz`` (which test images each attack left
-correct, for paired comparisons) and ``metrics.json`` (DESIGN §6).
+correct, for paired comparisons) and ``metrics.json`` (chapter 8 reads them).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def evaluate_checkpoint(path: str | Path, *, attacks: tuple[str, ...] | None = N
                         dataset: data.CIFAR10 | None = None, device: str = "auto",
                         batch_size: int | None = None, per_image: bool = False,
                         search: str = "fp32") -> dict[str, Any]:
-    """Evaluate a verified checkpoint on the test set; return a DESIGN §6 ``metrics.json`` dict.
+    """Evaluate a verified checkpoint on the test set; return a ``metrics.json`` dict.
 
     Args:
         path: ``best.pt`` or ``checkpoint.pt``.
@@ -330,7 +330,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     return statuses
 
 
-#: ANCHOR's knobs that the reproduction takes from the ablation's validation choice (DESIGN §3:
+#: ANCHOR's knobs that the reproduction takes from the ablation's validation choice (the design:
 #: "τ, β, λ are chosen on a validation split"); the adversarial view and the two-stage variant
 #: are ablated, not chosen. supcon_at is ANCHOR with β = 0, so it takes τ and λ only.
 CHOSEN_KNOBS: dict[str, tuple[str, ...]] = {"anchor": ("temperature", "beta", "lam"),
@@ -399,7 +399,7 @@ ABLATION_ATTACKS = ("clean", "fgsm", "pgd20", "cw")
 #: whole to the GPU machines (64 MB in all), and the ablation chooses knobs by validation accuracy.
 ABLATION_EMBED_N = 200
 
-# The ablation of DESIGN §3: ANCHOR with one TrainConfig field varied at a time.
+# The ablation: ANCHOR with one TrainConfig field varied at a time.
 ABLATION: dict[str, tuple[Any, ...]] = {
     "beta": (0.0, 0.5, 1.0, 2.0),
     "adv_in_contrastive": (True, False),
@@ -541,7 +541,7 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
     weights are stored as a float16 state_dict in ``<dest>/<method>-w<width>.pt`` (at most
     ``TUTORIAL_MAX_BYTES``), and the manifest entry records the file's sha256, where and how it
     was trained and evaluated, the clean accuracy on the first ``check_n`` test images and the
-    PGD-20 accuracy (DESIGN §4; the same random start per image) on the first ``robust_check_n``
+    PGD-20 accuracy (the protocol's; the same random start per image) on the first ``robust_check_n``
     (default: the profile's AutoAttack subset, 1,000 images for ``tutorial``), each
     with the fp32 and with the fp16-rounded weights: the chapters attack the rounded weights, so
     the rounding's cost is measured, not assumed. Entries of methods not exported now are kept.
@@ -605,7 +605,8 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
             f"{robust['fp32_weights']:.4f} / {robust['fp16_weights']:.4f} on {k}")
     manifest = {"note": "PreAct ResNet-18 tutorial checkpoints (float16 state_dicts), made by "
                         "`python -m anchor_lib reproduce --profile tutorial --export-checkpoints`; "
-                        "accuracies are from each run's metrics.json (fp32 weights, DESIGN §4).",
+                        "accuracies are from each run's metrics.json (fp32 weights, the book's "
+                        "evaluation protocol).",
                 "checkpoints": [entries[m] for m in METHODS if m in entries]}
     checkpoint.write_json(manifest_path, manifest)
     return manifest_path

@@ -1,9 +1,9 @@
-"""Reading committed results artifacts (DESIGN §6) into tables, for chapter 8.
+"""Reading committed results artifacts into tables, for chapter 8.
 
 Layout under the results root (default: the repository's ``data/results/``, or
 ``$ANCHOR_RESULTS_DIR``)::
 
-    <run>/metrics.json            one training run, evaluated by DESIGN §4 (e.g. full-anchor/)
+    <run>/metrics.json            one training run, evaluated by the protocol (e.g. full-anchor/)
     <run>/history.csv             its per-epoch history
     <run>/embeddings.npz          its clean / aug / adv embeddings (chapter 7)
     <run>/per_image.npz           which test images each attack left correct (paired comparisons)
@@ -38,7 +38,7 @@ ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW�
 METHOD_LABELS = {"standard": "Standard", "pgd_at": "PGD-AT", "trades": "TRADES",
                  "supcon_at": "SupCon-AT", "anchor": "ANCHOR"}
 METHOD_ORDER = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
-# DESIGN §6; "sanity" may be empty (an evaluation run without --sanity), "train_seconds" null.
+# "sanity" may be empty (an evaluation run without --sanity), "train_seconds" null.
 REQUIRED = ("method", "data", "hardware", "torch", "commit", "seed", "epochs", "train_seconds",
             "config", "accuracy", "sanity")
 PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed", "epochs",
@@ -105,7 +105,7 @@ class RunResult:
 
 
 def validate_metrics(d: Any, where: str = "metrics") -> dict[str, Any]:
-    """Check a parsed ``metrics.json`` has the DESIGN §6 fields; raise ``ValueError`` if not.
+    """Check a parsed ``metrics.json`` has the required fields; raise ``ValueError`` if not.
 
     Each ``accuracy`` entry must be ``{"value": float in [0, 1], "n": int >= 1}``.
     """
@@ -113,7 +113,7 @@ def validate_metrics(d: Any, where: str = "metrics") -> dict[str, Any]:
         raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
     missing = [k for k in REQUIRED if k not in d]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (DESIGN §6 metrics.json)")
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (a run's metrics.json)")
     if not isinstance(d["config"], dict):
         raise ValueError(f"{where}: 'config' must be an object of TrainConfig fields")
     acc = d["accuracy"]
@@ -414,7 +414,7 @@ def knobs_table(runs: Iterable[RunResult | dict[str, Any]]):
 
 
 def sanity_table(runs: Iterable[RunResult | dict[str, Any]]):
-    """The DESIGN §4 sanity checks per run: ``passed`` flags as True / False (None if absent)."""
+    """The sanity checks of chapter 6 per run: ``passed`` flags as True / False (None if absent)."""
     import pandas as pd
 
     rows = []

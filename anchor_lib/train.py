@@ -11,10 +11,10 @@ standard    CE(f(a1), y)
 pgd_at      CE(f(x_adv), y),  x_adv = PGD-10 on a1 (Madry et al.)
 trades      CE(f(a1), y) + β_trades · KL(f(a1) ‖ f(x_adv)),  x_adv maximises the KL
 supcon_at   CE(f(x_adv), y) + λ · SupCon(z[a1, a2, x_adv])  (ANCHOR with β = 0)
-anchor      CE(f(x_adv), y) + λ · ANCHOR(z[a1, a2, x_adv]; τ, β)  (DESIGN §3)
+anchor      CE(f(x_adv), y) + λ · ANCHOR(z[a1, a2, x_adv]; τ, β)  (chapter 4)
 =========== ==========================================================================
 
-Speed without cleverness (DESIGN §7, airbench): the data stays on the device as uint8, augmentation
+Speed without cleverness (after airbench): the data stays on the device as uint8, augmentation
 is tensor ops, attack steps ask autograd for the input gradient only, there is no host sync inside
 an epoch except the progress bar's every ``log_every`` steps, and on CUDA the model runs in bf16
 autocast with channels_last and each step's attack, forward and backward are replayed from one
@@ -54,13 +54,13 @@ CONTRASTIVE_METHODS = ("supcon_at", "anchor")
 #: Profiles a run can use. ``tutorial`` (width 16, the full protocol otherwise) makes the small
 #: committed checkpoints that chapters load; it is never a reading profile (``ANCHOR_PROFILE``).
 PROFILES = ("smoke", "demo", "full", "tutorial")
-#: Profiles a reader picks with ``ANCHOR_PROFILE`` (DESIGN §5).
+#: Profiles a reader picks with ``ANCHOR_PROFILE``.
 BOOK_PROFILES = ("smoke", "demo", "full")
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run (DESIGN §3, §5). Defaults are the ``full`` profile."""
+    """Every knob of a training run (loss, schedule, profile). Defaults are the ``full`` profile."""
 
     method: str = "anchor"
     # data
@@ -86,7 +86,7 @@ class TrainConfig:
     beta: float = 1.0                # hard-positive mining strength; 0 = SupCon
     lam: float = 1.0                 # weight of the contrastive term
     adv_in_contrastive: bool = True  # include the adversarial view among the contrastive views
-    # The two-stage variant (DESIGN §3): this share of the epochs trains the encoder on the
+    # The two-stage variant: this share of the epochs trains the encoder on the
     # contrastive term alone, the rest a classifier on the frozen encoder; 0 = joint training.
     pretrain_fraction: float = 0.0
     trades_beta: float = 6.0
@@ -567,7 +567,7 @@ HISTORY_FIELDS = ("epoch", "loss", "ce", "con", "train_acc", "val_clean", "val_p
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:
-    """The history as CSV text, one row per epoch (DESIGN §6 ``history.csv``)."""
+    """The history as CSV text, one row per epoch (``history.csv``)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore",
                             lineterminator="\n")

@@ -204,3 +204,22 @@ def test_pages_send_readers_only_where_they_can_go(page):
     text = path.read_text(encoding="utf-8")
     assert not re.search(r"\bDESIGN\b", text), \
         f"{path.name} refers the reader to DESIGN.md, which is not part of the book or the repository"
+
+
+def test_api_page_docstrings_send_readers_only_where_they_can_go():
+    """The API page renders the library's docstrings: they must not point at DESIGN.md either."""
+    import importlib
+    import inspect
+
+    api = (BOOK / "api.md").read_text(encoding="utf-8")
+    modules = re.findall(r"automodule:: (anchor_lib\.\w+)", api)
+    assert modules, "api.md renders no module"
+    found = []
+    for name in modules:
+        module = importlib.import_module(name)
+        members = [module, *(getattr(module, n) for n in getattr(module, "__all__", ()))]
+        members += [m for obj in members if inspect.isclass(obj)
+                    for m in vars(obj).values() if inspect.isfunction(m)]
+        found += [f"{name}: {getattr(m, '__name__', m)}" for m in members
+                  if re.search(r"\bDESIGN\b", inspect.getdoc(m) or "")]
+    assert not found, f"docstrings the API page shows refer to DESIGN.md: {found}"
