@@ -51,8 +51,8 @@ __all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "abla
            "default_root", "describe_difference", "find_embeddings", "format_results_table",
            "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
            "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint",
-           "provenance_table", "results_table", "sanity_table", "save_per_image", "split_shared",
-           "validate_metrics", "RunResult"]
+           "paired_difference", "provenance_table", "results_table", "sanity_table",
+           "save_per_image", "split_shared", "validate_metrics", "RunResult"]
 
 
 def default_root() -> Path:
@@ -513,6 +513,24 @@ def describe_difference(row) -> str:
             f"{row['verdict']}")
 
 
+def paired_difference(right: np.ndarray, right_other: np.ndarray) -> dict[str, Any]:
+    """Two outcomes on the same images compared image by image: ``right`` and ``right_other``
+    are ``(N,)`` bool arrays (which images each model got right, under an attack or by kNN).
+
+    Only the images the two disagree on carry information: ``only_method`` = b (right only in
+    ``right``), ``only_baseline`` = c. Returns those, ``difference`` = 100 (b - c) / N in points,
+    ``noise_2se`` = 200 sqrt(b + c) / N, and ``p_value``, McNemar's exact two-sided test; a
+    p-value of 0.05 or more is within noise (with few disagreements the normal approximation
+    would call too much a win)."""
+    if right.shape != right_other.shape or right.ndim != 1 or right.size == 0:
+        raise ValueError(f"expected two (N,) outcome arrays of one length N >= 1, got "
+                         f"{right.shape} and {right_other.shape}")
+    b, c = int((right & ~right_other).sum()), int((~right & right_other).sum())
+    n = right.size
+    return {"difference": 100 * (b - c) / n, "noise_2se": 200 * math.sqrt(b + c) / n,
+            "only_method": b, "only_baseline": c, "p_value": _mcnemar_p(b, c)}
+
+
 def _difference(mine: list, theirs: list, attack: str, loaded: dict[Path, dict[str, Any]],
                 labels: tuple[str, str]) -> dict[str, Any]:
     """One row of :func:`compare`: ``mine`` against ``theirs`` (lists of (run, metrics), several
@@ -526,13 +544,11 @@ def _difference(mine: list, theirs: list, attack: str, loaded: dict[Path, dict[s
            "only_baseline": math.nan, "p_value": math.nan}
     masks = _paired_masks(mine, theirs, attack, loaded)
     if masks is not None:
-        right, right_other = masks
-        b, c = int((right & ~right_other).sum()), int((~right & right_other).sum())
-        size = right.size
-        diff, noise = 100 * (b - c) / size, 200 * math.sqrt(b + c) / size
-        row.update(test="paired", only_method=b, only_baseline=c, p_value=_mcnemar_p(b, c))
-        # Exact test: with few disagreements the normal approximation calls too much a win.
-        tie = row["p_value"] >= 0.05
+        paired = paired_difference(*masks)
+        diff, noise = paired["difference"], paired["noise_2se"]
+        row.update(test="paired", only_method=paired["only_method"],
+                   only_baseline=paired["only_baseline"], p_value=paired["p_value"])
+        tie = paired["p_value"] >= 0.05
     else:
         diff = 100 * (p[0] - p[1])
         noise = 200 * math.sqrt(sum(q * (1 - q) / k for q, k in zip(p, n, strict=True)))

@@ -792,6 +792,20 @@ def test_mcnemar_p_is_the_exact_two_sided_binomial_test():
         assert 0 < results._mcnemar_p(b, c) <= 1.0
 
 
+@pytest.mark.bad_input(cases=2)
+def test_paired_difference_counts_the_images_the_two_disagree_on():
+    right = np.array([True, True, True, False, False, True, True, True])
+    other = np.array([True, False, False, False, True, True, True, True])
+    d = results.paired_difference(right, other)
+    assert (d["only_method"], d["only_baseline"]) == (2, 1)
+    assert d["difference"] == pytest.approx(100 / 8) and d["noise_2se"] == pytest.approx(
+        200 * np.sqrt(3) / 8)
+    assert d["p_value"] == results._mcnemar_p(2, 1)
+    for bad in (other[:-1], np.zeros((2, 4), dtype=bool)):
+        with pytest.raises(ValueError, match=r"two \(N,\) outcome arrays"):
+            results.paired_difference(right, bad)
+
+
 def test_tables_read_an_older_runs_profile_from_its_config():
     """Runs written before metrics.json had a top-level profile name it in their config."""
     m = fake_metrics("pgd_at", {"clean": (0.8, 100)}, profile="demo")
