@@ -155,3 +155,79 @@ def test_cuda_graphs_on_a_cpu_is_refused():
 def test_cuda_graphs_must_be_a_bool_or_none(bad):
     with pytest.raises(ValueError, match="cuda_graphs must be True or False or None"):
         tiny("standard", cuda_graphs=bad)
+
+
+def _params(*grads):
+    """Parameters whose ``.grad`` are ``grads`` (None: no gradient)."""
+    out = []
+    for g in grads:
+        p = torch.zeros(1 if g is None else g.shape, requires_grad=True)
+        p.grad = None if g is None else g.clone()
+        out.append(p)
+    return out
+
+
+def test_compare_accepts_the_same_step_and_small_relative_differences():
+    g = [torch.tensor([3.0, -4.0]), torch.tensor([12.0])]  # one vector of norm 13
+    same = graphs._compare(torch.tensor(-2.5), _params(*g), torch.tensor(-2.5), g)
+    assert same is None
+    # A loss of 100 off by 0.5, and a gradient off by 0.05 in norm 13: both relative, both inside.
+    near = [torch.tensor([3.05, -4.0]), torch.tensor([12.0])]
+    assert graphs._compare(torch.tensor(100.5), _params(*near), torch.tensor(100.0), g) is None
+    assert graphs._compare(torch.tensor(99.5), _params(*g), torch.tensor(100.0), g) is None
+    assert graphs._compare(torch.tensor(-100.5), _params(*g), torch.tensor(-100.0), g) is None
+    # A small tensor far off relative to itself is not another step when the whole vector agrees
+    # (an attack's sign step flipping a pixel moves one BatchNorm bias).
+    big = [torch.full((1000,), 1.0), torch.tensor([1e-3])]
+    tiny_off = [big[0], torch.tensor([2e-3])]
+    assert graphs._compare(torch.tensor(1.0), _params(*tiny_off), torch.tensor(1.0), big) is None
+
+
+@pytest.mark.parametrize("loss, ref", [(1.02, 1.0), (-1.02, -1.0), (0.5, 0.52), (1e-3, 2e-3)])
+def test_compare_refuses_a_loss_off_by_more_than_the_tolerance(loss, ref):
+    g = [torch.ones(3)]
+    problem = graphs._compare(torch.tensor(loss), _params(*g), torch.tensor(ref), g)
+    assert problem is not None and "differs from the eager step" in problem
+    assert f"tolerance {graphs.TOLERANCE}" in problem
+
+
+def test_compare_refuses_gradients_off_when_the_loss_agrees():
+    want = [torch.tensor([3.0, 4.0]), torch.tensor([0.0])]
+    got = [torch.tensor([3.0, 4.2]), torch.tensor([0.0])]  # 0.2 / 5 = 4 % off
+    problem = graphs._compare(torch.tensor(1.0), _params(*got), torch.tensor(1.0), want)
+    assert problem is not None and problem.startswith("the first replay differs from the eager "
+                                                      "step by 0.04 ")
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+def test_compare_refuses_a_non_finite_replay(loss):
+    g = [torch.ones(2)]
+    assert graphs._compare(torch.tensor(loss), _params(*g), torch.tensor(1.0), g) is not None
+    nan_grad = [torch.tensor([1.0, float("nan")])]
+    assert graphs._compare(torch.tensor(1.0), _params(*nan_grad), torch.tensor(1.0), g) is not None
+
+
+def test_compare_refuses_a_replay_that_leaves_other_parameters_without_gradients():
+    g = [torch.ones(2), torch.ones(2), torch.ones(2)]
+    for missing in ([None, g[1], g[2]], [g[0], g[1], None]):  # one of several is enough
+        problem = graphs._compare(torch.tensor(1.0), _params(*missing), torch.tensor(1.0), g)
+        assert problem == "the replay left different parameters without a gradient than the eager step"
+    extra = graphs._compare(torch.tensor(1.0), _params(*g), torch.tensor(1.0), [None, g[1], g[2]])
+    assert extra is not None and "without a gradient" in extra
+    # Parameters without a gradient in both runs (a frozen stage) are simply left out.
+    assert graphs._compare(torch.tensor(1.0), _params(None, g[1]), torch.tensor(1.0),
+                           [None, g[1]]) is None
+
+
+def test_warmup_runs_the_body_that_many_times_before_the_rehearsal():
+    model = torch.nn.Linear(4, 2)
+    calls = []
+
+    def body(x):
+        calls.append(1)
+        return model(x).sum(), {}
+
+    for warmup, expected in ((2, 3), (5, 6), (0, 2)):  # at least one warm-up run, then the step
+        calls.clear()
+        graphs.StepGraph(model, body, graph=True, warmup=warmup)(x=torch.ones(2, 4))
+        assert len(calls) == expected
