@@ -173,3 +173,32 @@ def test_readme_quotes_the_budget_estimates_of_the_committed_runs():
         assert guess is not None, f"no committed run times {what} on the {hardware}"
         quoted = f"{round(guess.seconds)} s for {what}"
         assert quoted in readme, f"the README should say {quoted!r} (budget.estimate)"
+
+
+def test_committed_runs_trained_what_their_profile_trains_today():
+    """A run's numbers describe today's code only while today's profile still gives its config: a
+    changed default (the validation split, the schedule, eps, the width) would leave the book
+    quoting runs of another protocol. A reproduction run may differ only in the knobs its
+    ``metrics.json`` says were chosen (``knobs``); an ablation run in its own knob and the
+    shortened schedule its summary records."""
+    from anchor_lib.train import TrainConfig, config_differences
+
+    paths = sorted(RESULTS.glob("*/metrics.json")) + sorted(RESULTS.glob("ablation_*/*/metrics.json"))
+    if not paths:
+        pytest.skip("no runs are committed under data/results/")
+    summary_path = RESULTS / "ablation_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    for path in paths:
+        metrics = json.loads(path.read_text())
+        saved = metrics["config"]
+        knobs = {"method": saved["method"],
+                 **{k: v["value"] for k, v in (metrics.get("knobs") or {}).items()}}
+        group = path.parent.parent.name
+        if group.startswith("ablation_"):
+            assert summary is not None, f"{path}: an ablation run without ablation_summary.json"
+            param = group.removeprefix("ablation_")
+            base = TrainConfig.from_profile(summary["profile"], method="anchor", **summary["overrides"])
+            knobs |= {**summary["overrides"], param: saved[param],
+                      "epochs": max(1, round(base.epochs * summary["epoch_fraction"]))}
+        today = TrainConfig.from_profile(saved["profile"], **knobs)
+        assert config_differences(saved, today) == [], path.relative_to(REPO)
