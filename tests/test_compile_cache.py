@@ -10,6 +10,7 @@ is nothing to save.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -83,6 +84,34 @@ def test_the_oldest_files_go_beyond_the_size_cap(tmp_path, monkeypatch):
     fake.blob = b"d" * 40  # larger than the cap alone: kept, everything older goes
     newest = compile_cache.save()
     assert list(tmp_path.iterdir()) == [newest]
+
+
+def test_nothing_to_save_is_neither_a_file_nor_a_warning(tmp_path, monkeypatch):
+    """A CPU run compiles no kernels: PyTorch then gives None or an empty blob."""
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+    fake = FakeCompiler(monkeypatch)
+    for blob in (None, b""):
+        fake.blob = blob
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert compile_cache.save() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_of_exactly_the_cap_keeps_every_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+    monkeypatch.setattr(compile_cache, "MAX_BYTES", 20)
+    fake = FakeCompiler(monkeypatch)
+    for i, blob in enumerate((b"a" * 10, b"b" * 10)):
+        fake.blob = blob
+        os.utime(compile_cache.save(), (1000 + i, 1000 + i))
+    assert sorted(p.read_bytes() for p in tmp_path.iterdir()) == [b"a" * 10, b"b" * 10]
+
+
+def test_the_cap_fits_what_a_device_machine_sends_back():
+    # Files of at most 16 MB come back from a GPU slot, and the working tree that travels there
+    # is limited to 64 MB in all.
+    assert 0 < compile_cache.MAX_BYTES <= 16_000_000
 
 
 def test_a_broken_cache_is_reported_and_skipped(tmp_path, monkeypatch):
