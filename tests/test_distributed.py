@@ -139,3 +139,33 @@ def test_two_process_anchor_sees_the_global_batchs_contrastive_term(tmp_path):
           "--out", str(tmp_path / "two")], cwd=tmp_path)
     one, two = _history(tmp_path / "one")[0], _history(tmp_path / "two")[0]
     assert two["con"] == pytest.approx(one["con"], rel=0.01), (one, two)
+
+
+def test_shards_are_disjoint_equal_and_trimmed():
+    """Every rank takes every world-th example and the same count (DDP's all-reduces need equal
+    step counts), so an indivisible remainder is left out."""
+    x, y = torch.arange(10).reshape(5, 2), torch.arange(5)
+    parts = [distributed.shard(x, y, distributed.Context(r, 2, torch.device("cpu"))) for r in (0, 1)]
+    assert [p[1].tolist() for p in parts] == [[0, 2], [1, 3]]
+    assert torch.equal(parts[1][0], x[[1, 3]])
+    three = [distributed.shard(x, y, distributed.Context(r, 3, torch.device("cpu")))[1].tolist()
+             for r in range(3)]
+    assert three == [[0], [1], [2]]
+    one = distributed.shard(x, y, distributed.Context(0, 1, torch.device("cpu")))
+    assert torch.equal(one[0], x) and torch.equal(one[1], y)
+
+
+def test_teardown_waits_for_the_others_unless_told_not_to(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.teardown()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.teardown(wait=False)  # after an error the others may never arrive
+    assert calls == ["destroy"]
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    calls.clear()
+    distributed.teardown()
+    assert calls == []
