@@ -169,3 +169,30 @@ def test_teardown_waits_for_the_others_unless_told_not_to(monkeypatch):
     calls.clear()
     distributed.teardown()
     assert calls == []
+
+
+def test_context_is_frozen():
+    ctx = distributed.Context(1, 2, torch.device("cpu"))
+    assert not ctx.main and distributed.Context(0, 2, torch.device("cpu")).main
+    with pytest.raises(AttributeError):
+        ctx.rank = 0  # a rank that changed mid-run would write rank 0's files twice
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_collectives_reach_the_group_exactly_when_there_is_one(world, monkeypatch):
+    """With one process every helper is a no-op (no group exists to call); with two or more each
+    is one collective: a NaN on one rank must stop every rank (all_max), and every rank must wait
+    for rank 0's checkpoint (barrier)."""
+    calls = []
+    monkeypatch.setattr(distributed.dist, "all_reduce",
+                        lambda t, op=distributed.dist.ReduceOp.SUM: calls.append(("all_reduce", op)))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append(("barrier", None)))
+    ctx = distributed.Context(0, world, torch.device("cpu"))
+    t = torch.tensor([3.0])
+    assert distributed.all_sum(t, ctx) is t and distributed.all_max(t, ctx) is t
+    distributed.barrier(ctx)
+    if world == 1:
+        assert calls == []
+    else:
+        assert calls == [("all_reduce", distributed.dist.ReduceOp.SUM),
+                         ("all_reduce", distributed.dist.ReduceOp.MAX), ("barrier", None)]
