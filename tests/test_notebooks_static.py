@@ -223,3 +223,21 @@ def test_api_page_docstrings_send_readers_only_where_they_can_go():
         found += [f"{name}: {getattr(m, '__name__', m)}" for m in members
                   if re.search(r"\bDESIGN\b", inspect.getdoc(m) or "")]
     assert not found, f"docstrings the API page shows refer to DESIGN.md: {found}"
+
+
+def test_index_describes_the_profiles_the_code_defines():
+    """The landing page's profile table quotes each profile's default training run; it must be
+    ``TrainConfig.from_profile``'s (a reader sizes a Colab session by it)."""
+    from anchor_lib.train import TrainConfig
+
+    text = " ".join((BOOK / "index.md").read_text(encoding="utf-8").split())
+    row = {name: re.search(rf"\| `{name}` \|[^\n]*?\|([^|]*)\|", text).group(1)
+           for name in ("smoke", "demo", "full")}
+    smoke, demo, full = (TrainConfig.from_profile(p) for p in ("smoke", "demo", "full"))
+    assert (f"width-{smoke.width} ResNet, {smoke.train_subset:,} training images, "
+            f"{smoke.epochs} epoch{'s' * (smoke.epochs != 1)}, PGD-{smoke.attack_steps}") in row["smoke"]
+    assert (f"width-{demo.width} ResNet, {demo.train_subset:,} images, {demo.epochs} epochs"
+            in row["demo"])
+    assert full.width == 64 and "full-width ResNet-18" in row["full"]  # PreAct ResNet-18's width
+    assert full.train_subset is None
+    assert f"{full.epochs} epochs, PGD-{full.attack_steps}," in row["full"]

@@ -125,10 +125,24 @@ def test_training_loss_parts_are_consistent(small_data):
     (dict(data="imagenet"), "data must be"),
     (dict(attack_bn="Train"), "attack_bn must be 'eval' or 'train'"),
     (dict(warmup_fraction=1.5), r"warmup_fraction must be in \[0, 1\]"),
+    (dict(lr=0), "temperature and lr must be > 0"),
+    (dict(train_subset=64.0), "train_subset must be None or an int, got 64.0"),
+    (dict(train_subset=True), "train_subset must be None or an int, got True"),
 ])
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny(**{"method": "standard", **bad})
+
+
+@pytest.mark.parametrize("edge", [
+    dict(val_size=0), dict(attack_steps=0), dict(val_attack_steps=0),  # no validation, no attack
+    dict(warmup_fraction=1.0), dict(warmup_fraction=0.0),  # the ends of [0, 1]
+    dict(batch_size=32, train_subset=32),  # exactly one step per epoch
+    dict(eps=0.0, alpha=0.0, beta=0.0, lam=0.0, momentum=0.0, weight_decay=0.0, trades_beta=0),
+])
+def test_config_accepts_the_edges_of_each_range(edge):
+    cfg = tiny(**{"method": "standard", **edge})
+    assert all(getattr(cfg, k) == v for k, v in edge.items())
 
 
 def test_profiles(monkeypatch):
