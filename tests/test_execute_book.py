@@ -87,7 +87,9 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path, shor
                      for name in ("a", "b")})
     stale = tmp_path / "_build" / ".jupyter_cache" / "stale"
     stale.mkdir(parents=True)   # an earlier build's cache is emptied, not reused
+    started = time.monotonic()
     done = _run(tmp_path, "--jobs", "2", tmp=short_tmp)
+    took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     assert not stale.exists()
 
@@ -107,6 +109,8 @@ def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path, shor
 
     report = json.loads((tmp_path / "_build" / "execution.json").read_text())
     assert report["jobs"] == 2 and report["failed"] == []
+    # Side by side, the build's wall time is about the longer chapter's, not their sum.
+    assert max(report["chapter_execution_seconds"].values()) <= report["wall_seconds"] <= took
     assert set(report["chapter_execution_seconds"]) == {"a", "b"}
     assert all(s >= 2 for s in report["chapter_execution_seconds"].values())
     # Where a chapter's time went: its one code cell, which slept 2 s.
@@ -139,6 +143,7 @@ def test_silences_are_the_gaps_between_log_lines_longer_than_the_threshold():
         {"seconds": 69.5, "after": "Executing cell: x = 1", "before": "msg_type: status"},
         {"seconds": 129.0, "after": "kernel shut down", "before": "next"}]
     assert module.silences(events, 200) == [] and module.silences(events[:1], 0) == []
+    assert module.silences([(0.0, "a"), (60.0, "b")], 60) == []  # "over", not "at least"
 
 
 class _MissesWakeUps:
@@ -345,6 +350,9 @@ def test_chapters_run_side_by_side_only_at_the_smoke_profile(monkeypatch):
         assert module.default_jobs() == 1
     monkeypatch.delenv("ANCHOR_PROFILE")
     assert module.default_jobs() == 1
+    monkeypatch.setenv("ANCHOR_PROFILE", "smoke")
+    monkeypatch.setattr(module.os, "cpu_count", lambda: None)  # a count Python cannot tell
+    assert module.default_jobs() == 1
 
 
 @pytest.mark.fault(cases=2)
@@ -370,3 +378,111 @@ def test_a_kernel_that_fails_to_start_is_retried_once_then_reported(tmp_path, mo
     monkeypatch.setattr(module, "single_nb_execution", kernel(fails=2))
     run = module.execute(tmp_path / "a.ipynb", timeout=30)
     assert len(calls) == 2 and "RuntimeError: Kernel died before replying" in run.error
+
+
+def test_chapters_are_the_tocs_notebooks_in_its_order(tmp_path):
+    module = _script()
+    (tmp_path / "book").mkdir()
+    for name in ("intro", "one", "two", "three"):
+        nbformat.write(nbformat.v4.new_notebook(metadata=KERNEL), tmp_path / "book" / f"{name}.ipynb")
+    (tmp_path / "book" / "page.md").write_text("# a page, not a notebook\n")
+    (tmp_path / "_toc.yml").write_text(
+        "root: book/intro\nparts:\n  - chapters:\n      - file: book/two\n"
+        "        sections:\n          - file: book/one\n      - file: book/page\n"
+        "      - file: book/missing\n  - chapters:\n      - file: book/three\n"
+        "      - file: book/two\n")
+    names = [p.stem for p in module.chapters(tmp_path)]
+    assert names == ["intro", "two", "one", "three"]  # root first, each once, notebooks only
+    (tmp_path / "_toc.yml").write_text("chapters:\n  - file: book/three\n  - file: book/one\n")
+    assert [p.stem for p in module.chapters(tmp_path)] == ["three", "one"]  # no root: fine
+
+
+def test_cell_seconds_are_read_from_both_timestamps_and_removed():
+    module = _script()
+    nb = nbformat.v4.new_notebook()
+    stamps = {"iopub.execute_input": "2026-11-27T10:00:00.000000Z",
+              "shell.execute_reply": "2026-11-27T10:00:02.500000Z"}
+    nb.cells = [nbformat.v4.new_code_cell("a", metadata={"execution": dict(stamps)}),
+                nbformat.v4.new_code_cell("b", metadata={"execution": {
+                    "iopub.execute_input": stamps["iopub.execute_input"]}}),  # never replied
+                nbformat.v4.new_code_cell("c", metadata={"execution": {
+                    "shell.execute_reply": stamps["shell.execute_reply"]}}),
+                nbformat.v4.new_markdown_cell("text")]
+    assert module.cell_seconds(nb) == [[nb.cells[0].id, 2.5]]
+    assert all("execution" not in cell.metadata for cell in nb.cells)
+
+
+def test_a_failed_cells_error_is_its_traceback(tmp_path, monkeypatch):
+    """nbclient's traceback text (``exc_string``) when there is one, else the exception's repr."""
+    module = _script()
+    nbformat.write(nbformat.v4.new_notebook(metadata=KERNEL), tmp_path / "a.ipynb")
+    for exc_string in ("Traceback ...\nValueError: chapter broke", None):
+        err = ValueError("chapter broke")
+        monkeypatch.setattr(module, "single_nb_execution", lambda nb, _e=err, _s=exc_string, **kw:
+                            SimpleNamespace(time=0.1, err=_e, exc_string=_s))
+        run = module.execute(tmp_path / "a.ipynb", timeout=30)
+        assert run.error == (exc_string or repr(err))
+
+
+def test_client_log_keeps_the_clients_records_out_of_other_logs():
+    module = _script()
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    root = logging.getLogger()
+    catch = Catch(logging.DEBUG)
+    root.addHandler(catch)
+    timeline = module.Timeline()
+    log = logging.getLogger("execute_book.test")
+    try:
+        with module.client_log(log, timeline):
+            log.debug("a cell started")
+            logging.getLogger("traitlets").info("a kernel started")
+    finally:
+        root.removeHandler(catch)
+    assert [text for _, text in timeline.events] == ["a cell started", "a kernel started"]
+    assert seen == []  # not propagated to the root logger (the console, pytest's capture)
+
+
+def test_the_socket_path_limit_is_the_systems(tmp_path, monkeypatch):
+    """SOCKET_PATH_MAX is the longest path a Unix socket binds to here, and a temporary folder
+    that gives exactly that much is accepted."""
+    import socket
+
+    module = _script()
+    if not hasattr(socket, "AF_UNIX") or sys.platform != "linux":
+        pytest.skip("the 107-byte limit is Linux's sun_path")
+    base = Path(tempfile.mkdtemp(prefix="sp-"))
+    try:
+        fill = module.SOCKET_PATH_MAX - len(str(base)) - 1
+        for extra, fits in ((0, True), (1, False)):
+            path = str(base / ("s" * (fill + extra)))
+            with socket.socket(socket.AF_UNIX) as sock:
+                if fits:
+                    sock.bind(path)
+                else:
+                    with pytest.raises(OSError):
+                        sock.bind(path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    _book(tmp_path, {"a": "1"})
+    suffix = os.path.join(module.BUILD_PREFIX + "x" * 8, module.KERNEL_PREFIX + "x" * 8,
+                          module.SOCKET_NAME + "-5")
+    exact = "/" + "t" * (module.SOCKET_PATH_MAX - len(suffix) - 2)
+    assert len(os.path.join(exact, suffix)) == module.SOCKET_PATH_MAX
+    monkeypatch.setattr(module.tempfile, "gettempdir", lambda: exact)
+
+    class Reached(Exception):
+        pass
+
+    def get_cache(path):
+        raise Reached  # past the check: nothing more needs to run
+
+    monkeypatch.setattr(module, "get_cache", get_cache)
+    monkeypatch.setattr(module.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
+    with pytest.raises(Reached):
+        module.main(["--root", str(tmp_path)])
