@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -267,11 +268,11 @@ def test_a_chapter_that_raises_fails_the_run_with_its_traceback(tmp_path):
     _book(tmp_path, {"good": _STAMP.format(sleep=0, name="good", extra=""),
                      "bad": _STAMP.format(sleep=0, name="bad",
                                           extra="raise ValueError('chapter broke')")})
-    done = _run(tmp_path)
+    report = tmp_path / "reports" / "of" / "today.json"  # --report makes its folders
+    done = _run(tmp_path, "--report", str(report))
     assert done.returncode == 1
     assert "FAILED book/bad.ipynb" in done.stderr and "chapter broke" in done.stderr
-    assert json.loads((tmp_path / "_build" / "execution.json").read_text())["failed"] == [
-        "book/bad.ipynb"]
+    assert json.loads(report.read_text())["failed"] == ["book/bad.ipynb"]
     cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
     bad = nbformat.read(tmp_path / "book" / "bad.ipynb", as_version=4)
     with pytest.raises(KeyError):   # not cached, so a build would not render it as executed
@@ -296,7 +297,7 @@ def test_a_terminated_build_leaves_nothing_running(tmp_path, short_tmp):
     time.sleep(0.5)   # the pid is written before the file is closed
     kernel = int(pid_file.read_text())
     build.terminate()
-    assert build.wait(timeout=30) != 0
+    assert build.wait(timeout=30) == 128 + signal.SIGTERM  # the shell's code for "terminated"
 
     def alive(pid: int) -> bool:
         try:
@@ -408,7 +409,9 @@ def test_cell_seconds_are_read_from_both_timestamps_and_removed():
                 nbformat.v4.new_code_cell("c", metadata={"execution": {
                     "shell.execute_reply": stamps["shell.execute_reply"]}}),
                 nbformat.v4.new_markdown_cell("text")]
-    assert module.cell_seconds(nb) == [[nb.cells[0].id, 2.5]]
+    nb.cells.insert(0, nbformat.v4.new_code_cell("z", metadata={"execution": {
+        **stamps, "shell.execute_reply": "2026-11-27T10:00:01.000000Z"}}))
+    assert module.cell_seconds(nb) == [[nb.cells[1].id, 2.5], [nb.cells[0].id, 1.0]]  # longest first
     assert all("execution" not in cell.metadata for cell in nb.cells)
 
 
@@ -486,3 +489,28 @@ def test_the_socket_path_limit_is_the_systems(tmp_path, monkeypatch):
     monkeypatch.setattr(module.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
     with pytest.raises(Reached):
         module.main(["--root", str(tmp_path)])
+
+
+def test_longest_chapters_start_first(tmp_path):
+    module = _script()
+    paths = [tmp_path / f"{name}.ipynb" for name in ("short", "new", "long", "mid")]
+    assert module.longest_first(tmp_path, paths) == paths  # no timings: the toc's order
+    timings = tmp_path / module.TIMINGS
+    timings.parent.mkdir(parents=True)
+    timings.write_text(json.dumps({"ci": {"chapter_execution_seconds": {
+        "short": 5.0, "long": 60.0, "mid": 20.0}}}))
+    # A chapter without a timing first (it may be long), then the longest.
+    assert [p.stem for p in module.longest_first(tmp_path, paths)] == ["new", "long", "mid", "short"]
+
+
+def test_a_prompt_message_is_no_missed_wake_up(monkeypatch):
+    module = _script()
+    monkeypatch.setattr(module, "POLL_SLICE", 0.05)
+    module.SlicedChannel.missed_wakeups = 0
+
+    class Prompt:
+        async def poll(self, timeout_ms):
+            return 1  # the message is there and the poll says so at once
+
+    got = asyncio.run(_channel(module, Prompt()).get_msg(600))
+    assert got["msg_type"] == "execute_reply" and module.SlicedChannel.missed_wakeups == 0
