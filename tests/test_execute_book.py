@@ -444,9 +444,10 @@ def test_client_log_keeps_the_clients_records_out_of_other_logs():
         with module.client_log(log, timeline):
             log.debug("a cell started")
             logging.getLogger("traitlets").info("a kernel started")
+            log.debug("x" * 300 + "\n  y")  # one line, its first 120 characters
     finally:
         root.removeHandler(catch)
-    assert [text for _, text in timeline.events] == ["a cell started", "a kernel started"]
+    assert [text for _, text in timeline.events] == ["a cell started", "a kernel started", "x" * 120]
     assert seen == []  # not propagated to the root logger (the console, pytest's capture)
 
 
@@ -512,5 +513,6 @@ def test_a_prompt_message_is_no_missed_wake_up(monkeypatch):
         async def poll(self, timeout_ms):
             return 1  # the message is there and the poll says so at once
 
-    got = asyncio.run(_channel(module, Prompt()).get_msg(600))
-    assert got["msg_type"] == "execute_reply" and module.SlicedChannel.missed_wakeups == 0
+    for timeout in (600, None, 0):  # a zero-second poll that finds the message missed nothing
+        got = asyncio.run(_channel(module, Prompt()).get_msg(timeout))
+        assert got["msg_type"] == "execute_reply" and module.SlicedChannel.missed_wakeups == 0
