@@ -101,3 +101,26 @@ def test_the_command_writes_the_chosen_chapters(tmp_path, capsys):
     nb = nbformat.read(tmp_path / "out" / "03_supervised_contrastive.ipynb", as_version=4)
     assert "{admonition} Solution" not in "\n".join(c.source for c in nb.cells)
     assert "solutions removed" in capsys.readouterr().out
+
+
+def test_the_badge_line_goes_with_its_blank_line_and_other_cells_keep_their_spacing():
+    badge = ("[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+             "(https://colab.research.google.com/github/anchor-book/anchor-book/blob/main/book/x.ipynb)")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# Title\n\n{badge}\n\nThe chapter."),
+                nbformat.v4.new_markdown_cell("\n\nA cell that starts blank.\n\n\n\nKept as written."),
+                nbformat.v4.new_markdown_cell("**1.** An exercise.\n\n:::{admonition} Solution\n"
+                                              ":class: dropdown\nThe answer.\n:::")]
+    out, exercises, solutions = handout.handout(nb, "x.ipynb")
+    assert (exercises, solutions) == (1, 1)
+    assert out.cells[0].source == "# Title\n\nThe chapter."
+    assert out.cells[1].source == nb.cells[1].source  # no badge, no solution: untouched
+    assert out.cells[2].source == "**1.** An exercise."
+
+
+def test_the_command_writes_into_new_nested_and_existing_folders(tmp_path):
+    out = tmp_path / "term" / "week 3"
+    assert handout.main([str(out), "3"]) == 0
+    assert handout.main([str(out), "1"]) == 0  # the folder exists now: written beside
+    assert sorted(p.name for p in out.iterdir()) == ["01_adversarial_examples.ipynb",
+                                                     "03_supervised_contrastive.ipynb"]
