@@ -73,6 +73,14 @@ def test_cpu_hardware_names_the_processor_and_core_count():
         assert provenance.hardware() == name
 
 
+def test_cpu_hardware_prefers_the_processors_name_to_the_architecture(monkeypatch):
+    monkeypatch.setattr(provenance.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(provenance.platform, "processor", lambda: "Intel Xeon")
+    assert provenance.hardware("cpu").startswith("CPU (Intel Xeon, ")
+    monkeypatch.setattr(provenance.platform, "processor", lambda: "")  # Linux often says nothing
+    assert provenance.hardware("cpu").startswith("CPU (x86_64, ")
+
+
 def test_describe_records_hardware_torch_and_commit(monkeypatch):
     monkeypatch.setenv("ANCHOR_COMMIT", "f00d")
     assert provenance.describe("cpu") == {"hardware": provenance.hardware("cpu"),
