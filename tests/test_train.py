@@ -129,6 +129,7 @@ def test_training_loss_parts_are_consistent(small_data):
     (dict(train_subset=64.0), "train_subset must be None or an int, got 64.0"),
     (dict(train_subset=True), "train_subset must be None or an int, got True"),
 ])
+@pytest.mark.bad_input
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny(**{"method": "standard", **bad})
