@@ -469,9 +469,8 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
         values, skipped, out_of_time = {}, {}, []
         for value in ABLATION[param]:
             run_dir = Path(out) / f"ablation_{param}" / f"{param}-{value}"
-            try:  # replace() validates the combination (setattr would not)
-                cfg = dataclasses.replace(base, epochs=max(1, round(base.epochs * epoch_fraction)),
-                                          **{param: value})
+            try:
+                cfg = ablation_config(base, param, value, epoch_fraction)
             except ValueError as err:
                 if param != "pretrain_fraction" or "each stage needs" not in str(err):
                     raise
@@ -509,6 +508,14 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
         # After every knob: a slot that ends during the next knob keeps this one's choice.
         checkpoint.write_json(summary_path, summary)
     return {**summary, "out_of_time": left_out}
+
+
+def ablation_config(base: TrainConfig, param: str, value: Any, epoch_fraction: float) -> TrainConfig:
+    """The ablation run of ``param = value``: ``base`` at ``epoch_fraction`` of its epochs (at
+    least one). ``ValueError`` when the combination is invalid (``replace`` validates it;
+    ``setattr`` would not)."""
+    return dataclasses.replace(base, epochs=max(1, round(base.epochs * epoch_fraction)),
+                               **{param: value})
 
 
 def _finished_twin(out: Path, cfg: TrainConfig) -> Path | None:

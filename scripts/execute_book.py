@@ -106,6 +106,14 @@ def longest_first(root: Path, paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: -seconds.get(p.stem, float("inf")))
 
 
+def longest_socket_path(tmpdir: str) -> int:
+    """Bytes in the longest path of a kernel's socket under ``tmpdir``: sockets are files,
+    ``TMPDIR/anchor-build-XXXXXXXX/kernel-XXXXXXXX/kernel-N`` (N up to 5), and a Unix socket's
+    path has at most :data:`SOCKET_PATH_MAX` bytes."""
+    return len(os.path.join(tmpdir, BUILD_PREFIX + "x" * 8, KERNEL_PREFIX + "x" * 8,
+                            SOCKET_NAME + "-5").encode())
+
+
 def default_jobs() -> int:
     """One chapter per core at ``ANCHOR_PROFILE=smoke`` (what ``make book`` sets: tiny CPU models,
     one thread each); one at a time at any other profile, or none set, where chapters may train
@@ -316,10 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{root / '_toc.yml'} lists no notebook that exists", file=sys.stderr)
         return 2
 
-    # A kernel's sockets are files, TMPDIR/anchor-build-XXXXXXXX/kernel-XXXXXXXX/kernel-N, and a
-    # Unix socket's path has at most 107 bytes: refuse a TMPDIR too long for them up front.
-    longest = len(os.path.join(tempfile.gettempdir(), BUILD_PREFIX + "x" * 8,
-                               KERNEL_PREFIX + "x" * 8, SOCKET_NAME + "-5").encode())
+    # Refuse a TMPDIR too long for the kernels' sockets up front.
+    longest = longest_socket_path(tempfile.gettempdir())
     if longest > SOCKET_PATH_MAX:
         print(f"the temporary folder {tempfile.gettempdir()!r} is too long for the kernels' Unix "
               f"sockets ({longest} bytes, at most {SOCKET_PATH_MAX}): set TMPDIR to a shorter "

@@ -181,6 +181,7 @@ def test_committed_runs_trained_what_their_profile_trains_today():
     quoting runs of another protocol. A reproduction run may differ only in the knobs its
     ``metrics.json`` says were chosen (``knobs``); an ablation run in its own knob and the
     shortened schedule its summary records."""
+    from anchor_lib.reproduce import ablation_config
     from anchor_lib.train import TrainConfig, config_differences
 
     paths = sorted(RESULTS.glob("*/metrics.json")) + sorted(RESULTS.glob("ablation_*/*/metrics.json"))
@@ -191,14 +192,13 @@ def test_committed_runs_trained_what_their_profile_trains_today():
     for path in paths:
         metrics = json.loads(path.read_text())
         saved = metrics["config"]
-        knobs = {"method": saved["method"],
-                 **{k: v["value"] for k, v in (metrics.get("knobs") or {}).items()}}
         group = path.parent.parent.name
         if group.startswith("ablation_"):
             assert summary is not None, f"{path}: an ablation run without ablation_summary.json"
             param = group.removeprefix("ablation_")
             base = TrainConfig.from_profile(summary["profile"], method="anchor", **summary["overrides"])
-            knobs |= {**summary["overrides"], param: saved[param],
-                      "epochs": max(1, round(base.epochs * summary["epoch_fraction"]))}
-        today = TrainConfig.from_profile(saved["profile"], **knobs)
+            today = ablation_config(base, param, saved[param], summary["epoch_fraction"])
+        else:
+            today = TrainConfig.from_profile(saved["profile"], method=saved["method"], **{
+                k: v["value"] for k, v in (metrics.get("knobs") or {}).items()})
         assert config_differences(saved, today) == [], path.relative_to(REPO)
