@@ -228,11 +228,12 @@ def test_api_page_docstrings_send_readers_only_where_they_can_go():
 def test_index_describes_the_profiles_the_code_defines():
     """The landing page's profile table quotes each profile's default training run; it must be
     ``TrainConfig.from_profile``'s (a reader sizes a Colab session by it)."""
+    from test_notation import rows
+
     from anchor_lib.train import TrainConfig
 
-    text = " ".join((BOOK / "index.md").read_text(encoding="utf-8").split())
-    row = {name: re.search(rf"\| `{name}` \|[^\n]*?\|([^|]*)\|", text).group(1)
-           for name in ("smoke", "demo", "full")}
+    row = {r["Profile"].strip("`"): r["What the training cells do"]
+           for r in rows((BOOK / "index.md").read_text(encoding="utf-8")) if "Profile" in r}
     smoke, demo, full = (TrainConfig.from_profile(p) for p in ("smoke", "demo", "full"))
     assert (f"width-{smoke.width} ResNet, {smoke.train_subset:,} training images, "
             f"{smoke.epochs} epoch{'s' * (smoke.epochs != 1)}, PGD-{smoke.attack_steps}") in row["smoke"]
