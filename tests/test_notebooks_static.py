@@ -242,3 +242,29 @@ def test_index_describes_the_profiles_the_code_defines():
     assert full.width == 64 and "full-width ResNet-18" in row["full"]  # PreAct ResNet-18's width
     assert full.train_subset is None
     assert f"{full.epochs} epochs, PGD-{full.attack_steps}," in row["full"]
+
+
+def test_index_settings_table_is_each_profiles_config():
+    """The landing page's settings table: every cell is ``TrainConfig.from_profile``'s value, and
+    every profile a reader can choose (and ``tutorial``) has a column."""
+    from test_notation import rows
+
+    from anchor_lib.train import PROFILES, TrainConfig
+
+    table = {r["Setting"]: r for r in rows((BOOK / "index.md").read_text(encoding="utf-8"))
+             if "Setting" in r}
+    cifar10_train = 50_000
+    for profile in PROFILES:
+        cfg, column = TrainConfig.from_profile(profile), f"`{profile}`"
+        train_images = cfg.train_subset or cifar10_train - cfg.val_size
+        expected = {
+            "ResNet width": f"{cfg.width}",
+            "Training images": f"{train_images:,}",
+            "Validation images": f"{cfg.val_size:,}",
+            "Epochs": f"{cfg.epochs}",
+            "Batch size": f"{cfg.batch_size}",
+            "Peak learning rate": f"{cfg.lr:g}",
+            "Training attack": f"PGD-{cfg.attack_steps}",
+            "Validation attack": f"PGD-{cfg.val_attack_steps}",
+        }
+        assert {k: table[k][column] for k in expected} == expected, profile
