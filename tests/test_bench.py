@@ -288,6 +288,7 @@ def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):
     report = precision.main(str(tmp_path / "precision.json"), str(ckpt), "40")
     assert json.loads((tmp_path / "precision.json").read_text()) == report
     assert report["n"] == 40 and report["model"]["width"] == 4
+    assert report["model"]["selected_epoch"] == 1   # the checkpoint's epoch 0, counted from 1
     variants = report["variants"]
     assert set(variants) == {"fp32", "tf32", "bf16"}
     assert all(v["seconds"] > 0 and 0 <= v["accuracy"] <= 1 for v in variants.values())
@@ -296,6 +297,8 @@ def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):
         assert variants[name]["vs_fp32"]["within_rule"] is True
     with pytest.raises(ValueError, match="between 1 and 48 test images, got 49"):
         precision.main(str(tmp_path / "x.json"), str(ckpt), "49")
+    with pytest.raises(ValueError, match="between 1 and 48 test images, got 0"):
+        precision.main(str(tmp_path / "x.json"), str(ckpt), "0")
     # AutoAttack both ways (a CPU's TF32 is fp32: the same answers, image for image).
     monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 2)
     monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 5)
@@ -304,6 +307,54 @@ def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):
     assert aa["tf32"]["vs_fp32"]["images_changed"] == 0 and aa["tf32"]["vs_fp32"]["within_rule"]
     with pytest.raises(ValueError, match="--autoattack must be between 1 and N = 40, got 41"):
         precision.main(str(tmp_path / "x.json"), str(ckpt), "40", 41)
+    with pytest.raises(ValueError, match="--autoattack must be between 1 and N = 40, got 0"):
+        precision.main(str(tmp_path / "x.json"), str(ckpt), "40", 0)
+
+
+def test_eval_precision_reports_each_variant_as_the_evaluation_runs_it(monkeypatch):
+    """eval_precision.measure and autoattack_both_ways, with the attacks replaced by prescribed
+    verdicts and seconds: the arithmetic a GPU's report rests on (on a CPU every variant agrees,
+    so only a stand-in can tell a sign or a ratio apart). Also: each variant's search and
+    autocast, a warm-up batch from another seed, and the timed run from the caller's seed."""
+    import types
+
+    precision = _load_benchmark_script("eval_precision")
+    n, batch = 500, 100
+    x, y = torch.rand(n, 3, 4, 4), torch.zeros(n, dtype=torch.long)
+    robust = {("fp32", False): 250, ("tf32", False): 251, ("fp32", True): 248}  # images kept
+    seconds = {("fp32", False): 4.0, ("tf32", False): 1.0, ("fp32", True): 2.0}
+    clock, calls = [0.0], []
+
+    def correct(net, xs, ys, attack, batch_size, search):
+        amp = attack.keywords.get("amp", False)
+        calls.append((len(xs), search, amp, torch.initial_seed(), batch_size))
+        if len(xs) < n:                         # the warm-up batch: untimed, its verdicts unused
+            return torch.ones(len(xs), dtype=torch.bool)
+        clock[0] += seconds[search, amp]
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[:robust[search, amp]] = True
+        return mask
+
+    monkeypatch.setattr(precision.evaluate, "correct", correct)
+    monkeypatch.setattr(precision, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    variants = precision.measure(torch.nn.Identity(), x, y, batch_size=batch, seed=7)
+    assert calls == [(batch, "fp32", False, 8, batch), (n, "fp32", False, 7, batch),
+                     (batch, "tf32", False, 8, batch), (n, "tf32", False, 7, batch),
+                     (batch, "fp32", True, 8, batch), (n, "fp32", True, 7, batch)]
+    assert variants["fp32"] == {"accuracy": 0.5, "seconds": 4.0}
+    # +1 image of 500 is exactly the rule's 0.2 points (within it); -2 images are 0.4 (outside).
+    assert variants["tf32"]["vs_fp32"] == {"points": 0.2, "images_changed": 1, "within_rule": True,
+                                           "speedup": 4.0}
+    assert variants["bf16"]["vs_fp32"] == {"points": -0.4, "images_changed": 2,
+                                           "within_rule": False, "speedup": 2.0}
+
+    calls.clear()
+    robust[("tf32", False)] = 249                   # TF32's search breaks one image more
+    aa = precision.autoattack_both_ways(torch.nn.Identity(), x, y, batch_size=batch, seed=7)
+    assert [c[1:4] for c in calls] == [("fp32", False, 7), ("tf32", False, 7)]
+    assert aa["n"] == n and aa["fp32"] == {"accuracy": 0.5, "seconds": 4.0}
+    assert aa["tf32"]["vs_fp32"] == {"points": -0.2, "images_changed": 1, "missed_by_tf32": 0,
+                                     "missed_by_fp32": 1, "within_rule": True, "speedup": 4.0}
 
 
 def test_compiled_step_computes_the_trainers_step():
