@@ -309,6 +309,8 @@ def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):
         precision.main(str(tmp_path / "x.json"), str(ckpt), "40", 41)
     with pytest.raises(ValueError, match="--autoattack must be between 1 and N = 40, got 0"):
         precision.main(str(tmp_path / "x.json"), str(ckpt), "40", 0)
+    edge = precision.main(str(tmp_path / "edge.json"), str(ckpt), "1", 1)   # both lower bounds
+    assert edge["n"] == 1 and edge["autoattack"]["n"] == 1
 
 
 def test_eval_precision_reports_each_variant_as_the_evaluation_runs_it(monkeypatch):
@@ -322,7 +324,7 @@ def test_eval_precision_reports_each_variant_as_the_evaluation_runs_it(monkeypat
     n, batch = 500, 100
     x, y = torch.rand(n, 3, 4, 4), torch.zeros(n, dtype=torch.long)
     robust = {("fp32", False): 250, ("tf32", False): 251, ("fp32", True): 248}  # images kept
-    seconds = {("fp32", False): 4.0, ("tf32", False): 1.0, ("fp32", True): 2.0}
+    seconds = {("fp32", False): 4.0, ("tf32", False): 0.5, ("fp32", True): 2.0}
     clock, calls = [0.0], []
 
     def correct(net, xs, ys, attack, batch_size, search):
@@ -344,7 +346,7 @@ def test_eval_precision_reports_each_variant_as_the_evaluation_runs_it(monkeypat
     assert variants["fp32"] == {"accuracy": 0.5, "seconds": 4.0}
     # +1 image of 500 is exactly the rule's 0.2 points (within it); -2 images are 0.4 (outside).
     assert variants["tf32"]["vs_fp32"] == {"points": 0.2, "images_changed": 1, "within_rule": True,
-                                           "speedup": 4.0}
+                                           "speedup": 8.0}
     assert variants["bf16"]["vs_fp32"] == {"points": -0.4, "images_changed": 2,
                                            "within_rule": False, "speedup": 2.0}
 
@@ -354,7 +356,7 @@ def test_eval_precision_reports_each_variant_as_the_evaluation_runs_it(monkeypat
     assert [c[1:4] for c in calls] == [("fp32", False, 7), ("tf32", False, 7)]
     assert aa["n"] == n and aa["fp32"] == {"accuracy": 0.5, "seconds": 4.0}
     assert aa["tf32"]["vs_fp32"] == {"points": -0.2, "images_changed": 1, "missed_by_tf32": 0,
-                                     "missed_by_fp32": 1, "within_rule": True, "speedup": 4.0}
+                                     "missed_by_fp32": 1, "within_rule": True, "speedup": 8.0}
 
 
 def test_compiled_step_computes_the_trainers_step():
