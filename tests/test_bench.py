@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import by_path
@@ -268,6 +269,33 @@ def test_autoattack_calls_counts_the_protocol_by_stage(tmp_path, monkeypatch):
 
 def _load_benchmark_script(name: str):
     return by_path.load(f"benchmarks/{name}.py")
+
+
+def test_autoattack_calls_models_are_what_its_docstring_says(tmp_path, monkeypatch):
+    """The two linear models of benchmarks/autoattack_calls.py, checked by their weights rather
+    than by an attack: ``unbreakable`` predicts class 0 on *every* image in [0, 1]^3072 (its
+    worst-case margin, bias gap plus the most negative pixel sum, stays positive), so no attack
+    of any radius can flip it; ``fragile``'s weights are 100 times as large; both have 10
+    classes. And each count's cpu_seconds lies within the wall time of the whole measurement."""
+    counter = by_path.load("benchmarks/autoattack_calls.py")
+    robust, fragile = counter.linear_model("unbreakable"), counter.linear_model("fragile")
+    assert not robust.training and robust(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    w, b = robust[1].weight.detach(), robust[1].bias.detach()
+    assert w.abs().max() <= 0.05 / 3072 ** 0.5
+    worst_margin = (b[0] - b[1:]) + (w[0] - w[1:]).clamp(max=0).sum(dim=1)
+    assert worst_margin.min() > 0, worst_margin
+    torch.testing.assert_close(fragile[1].weight.detach(), 100 * w)
+    with pytest.raises(ValueError, match="'unbreakable' or 'fragile', got 'robust'"):
+        counter.linear_model("robust")
+
+    monkeypatch.setattr(attacks, "AUTOATTACK_ITERATIONS", 2)
+    monkeypatch.setattr(attacks, "AUTOATTACK_SQUARE_QUERIES", 5)
+    start = time.perf_counter()
+    report = counter.measure(n=2)
+    wall = time.perf_counter() - start
+    seconds = [r["cpu_seconds"] for kind in report["results"].values()
+               for batches in kind.values() for r in batches.values()]
+    assert all(s >= 0 for s in seconds) and sum(seconds) <= wall + 0.01 * len(seconds)
 
 
 def test_eval_precision_compares_each_variant_with_fp32(tmp_path, monkeypatch):
