@@ -126,11 +126,33 @@ def _sidecar_hashes(side: Path) -> list[str]:
     return [line.split()[0] for line in text.splitlines() if line.split()]
 
 
+def _not_a_file(path: Path) -> CheckpointError:
+    """The error for a ``path`` (a checkpoint or another artifact) that is no file: a folder is
+    said to be one, rather than "does not exist"."""
+    if path.is_dir():
+        return CheckpointError(f"{path} is a folder; expected a file")
+    return CheckpointError(f"checkpoint {path} does not exist")
+
+
+def _folder_given_for_checkpoint(path: Path) -> CheckpointError:
+    """The error for a folder passed as a checkpoint (a run's ``--out``, say): the checkpoint in
+    it that was probably meant, or what was expected and what the folder holds."""
+    for name in ("best.pt", "checkpoint.pt"):  # a run's folder: its best, else its latest
+        if (path / name).is_file():
+            return CheckpointError(f"{path} is a folder, not a checkpoint file; did you mean "
+                                   f"{path / name}?")
+    found = sorted(p.name for p in path.glob("*.pt"))
+    return CheckpointError(f"{path} is a folder, not a checkpoint file: expected the path of a .pt "
+                           f"file such as a run's best.pt or checkpoint.pt, and the folder holds "
+                           + (f"no best.pt or checkpoint.pt but {', '.join(found)}" if found
+                              else "no .pt file"))
+
+
 def verify(path: str | Path) -> None:
     """Raise :class:`CheckpointError` unless ``path`` exists and matches its sha256 sidecar."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise _not_a_file(path)
     side = path.with_name(path.name + ".sha256")
     if not side.is_file():
         raise CheckpointError(f"{path} has no {side.name} beside it; cannot verify it (re-create "
@@ -148,7 +170,7 @@ def _check_readable(path: Path, verify_hash: bool) -> None:
     if verify_hash:
         verify(path)
     elif not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise _not_a_file(path)
 
 
 def write_sidecar(path: str | Path) -> Path:
@@ -158,11 +180,36 @@ def write_sidecar(path: str | Path) -> Path:
                               f"{sha256_file(path)}  {path.name}\n".encode(), sidecar=False)
 
 
+# How the files torch.save writes begin: a zip archive (the default since PyTorch 1.6), or a
+# pickle (protocol 2 or later; _use_new_zipfile_serialization=False).
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+
+
+def _check_torch_format(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` begins as a file of ``torch.save`` does.
+
+    A file of another kind that verifies against its sidecar (a run's ``history.csv``, passed by
+    mistake) would otherwise reach the unpickler, whose error says nothing useful ("IndexError:
+    pop from empty list" for CSV text).
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+        return
+    came = f"it starts with {head!r}" if head else "it is empty"
+    raise CheckpointError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint "
+                          f"(expected a file of torch.save, a zip archive starting with "
+                          f"{_ZIP_MAGIC!r}; {came}); pass a run's best.pt or checkpoint.pt")
+
+
 def load(path: str | Path, *, map_location: str | torch.device = "cpu",
          verify_hash: bool = True) -> dict[str, Any]:
     """Verify and load a checkpoint written by :func:`save` (``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir():
+        raise _folder_given_for_checkpoint(path)
     _check_readable(path, verify_hash)
+    _check_torch_format(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for damaged pickles/zips

@@ -24,7 +24,9 @@ a second (``SlicedChannel``): a wake-up that pyzmq's asyncio poll misses then co
 the 600 s cell timeout it cost chapter 7 now and then; ``missed_wakeups`` in the report counts
 them. A build stopped by SIGTERM or Ctrl-C stops its chapters too, and leaves nothing in the
 temporary folder: the workers are killed, their kernels exit with them, and the kernels' folders
-are removed.
+are removed. The library's path variables (:data:`PATH_VARIABLES`) are made absolute first, relative
+to the folder the script was started from: a kernel's working directory is its chapter's folder, where
+``ANCHOR_DATA_DIR=../shared/data/cifar10-jpeg`` given at the repository root would name another one.
 
 Usage (what ``make book`` runs, from the repository root)::
 
@@ -78,6 +80,8 @@ BUILD_PREFIX, KERNEL_PREFIX, SOCKET_NAME = "anchor-build-", "kernel-", "kernel"
 # Chapter seconds from the last committed CPU check (relative to the root): the longest chapters
 # start first, so that the last one to finish is not a long one started late.
 TIMINGS = Path("data") / "results" / "cpu-checks" / "ci_run.json"
+# The environment variables anchor_lib reads as paths (data.py, results.py, compile_cache.py).
+PATH_VARIABLES = ("ANCHOR_DATA_DIR", "ANCHOR_CACHE_DIR", "ANCHOR_RESULTS_DIR", "ANCHOR_COMPILE_CACHE")
 
 
 def chapters(root: Path) -> list[Path]:
@@ -119,6 +123,30 @@ def default_jobs() -> int:
     one thread each); one at a time at any other profile, or none set, where chapters may train
     on a GPU for minutes and would share its memory."""
     return (os.cpu_count() or 1) if os.environ.get("ANCHOR_PROFILE") == "smoke" else 1
+
+
+def absolute_path_variables(start: Path | None = None) -> dict[str, str]:
+    """Make each relative :data:`PATH_VARIABLES` value in ``os.environ`` absolute, relative to
+    ``start`` (default: the working directory, the folder this script was started from); returns
+    ``{name: new value}`` for those changed.
+
+    The kernels inherit this environment but run in their chapter's folder, so a relative value
+    would name a folder under ``book/`` there and a chapter would not find CIFAR-10. A leading
+    ``~`` is expanded too (``compile_cache`` does not expand it); empty values mean "unset" to the
+    library and are left alone."""
+    start = Path.cwd() if start is None else start
+    changed = {}
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            # resolve(): ".." is followed as the shell would from ``start``, symlinks included.
+            path = (start / path).resolve()
+        if str(path) != value:
+            changed[name] = os.environ[name] = str(path)
+    return changed
 
 
 @contextmanager
@@ -331,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
               f"sockets ({longest} bytes, at most {SOCKET_PATH_MAX}): set TMPDIR to a shorter "
               f"folder", file=sys.stderr)
         return 2
+    # Before any kernel starts (they inherit this environment, in their chapter's folder).
+    changed = absolute_path_variables()
+    if changed:
+        print(f"relative paths made absolute from {Path.cwd()} for the chapters' kernels: "
+              + ", ".join(f"{name}={value}" for name, value in changed.items()), flush=True)
     cache_dir = root / config["cache"]
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = get_cache(str(cache_dir))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from anchor_lib import checkpoint
+from anchor_lib import checkpoint, cli
 
 
 def test_save_load_round_trip_with_sidecar(tmp_path):
@@ -141,3 +143,68 @@ def test_read_json_refuses_what_is_no_json_object(tmp_path, content, match, veri
         checkpoint.atomic_write_bytes(path, content)  # its hash matches: only the kind is wrong
     with pytest.raises(checkpoint.CheckpointError, match=match):
         checkpoint.read_json(path, verify_hash=verify_hash)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("holds,says", [
+    (("best.pt", "checkpoint.pt"), "is a folder, not a checkpoint file; did you mean {run}/best.pt?"),
+    (("checkpoint.pt",), "is a folder, not a checkpoint file; did you mean {run}/checkpoint.pt?"),
+    (("other.pt", "history.csv"), "expected the path of a .pt file such as a run's best.pt or "
+                                  "checkpoint.pt, and the folder holds no best.pt or checkpoint.pt "
+                                  "but other.pt"),
+    ((), "expected the path of a .pt file such as a run's best.pt or checkpoint.pt, and the folder "
+         "holds no .pt file"),
+])
+def test_a_folder_given_as_checkpoint_is_called_one(tmp_path, capsys, holds, says):
+    """``evaluate --checkpoint RUN`` (the run's folder, not a file in it) says so and names the
+    checkpoint probably meant, rather than that RUN "does not exist"."""
+    from anchor_lib.train import load_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in holds:
+        checkpoint.save({"model": {}}, run / name)
+    for load in (checkpoint.load, load_model, partial(checkpoint.load, verify_hash=False)):
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            load(run)
+        assert str(err.value).startswith(f"{run} is a folder") and says.format(run=run) in str(err.value)
+        assert "does not exist" not in str(err.value)
+    # The command line: one line, exit status 1.
+    assert cli.main(["evaluate", "--checkpoint", str(run)]) == 1
+    assert says.format(run=run) in capsys.readouterr().err
+    # Another artifact's reader says it is a folder too, without checkpoint advice.
+    folder = f"^{re.escape(str(run))} is a folder; expected a file$"
+    with pytest.raises(checkpoint.CheckpointError, match=folder):
+        checkpoint.read_json(run)
+
+
+@pytest.mark.bad_input(cases=2)
+def test_a_file_of_another_kind_with_a_valid_sidecar_is_no_checkpoint(tmp_path, capsys):
+    """A run's history.csv verifies against its sidecar; loading it as a checkpoint used to end in
+    the unpickler's "IndexError: pop from empty list"."""
+    from anchor_lib.train import load_model
+
+    history = checkpoint.write_text(tmp_path / "history.csv", "epoch,loss\n1,0.5\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    checkpoint.write_sidecar(empty)
+    for path, came in ((history, "it starts with b'epoch,loss\\n1,0.5'"), (empty, "it is empty")):
+        for load in (checkpoint.load, load_model):
+            with pytest.raises(checkpoint.CheckpointError) as err:
+                load(path)
+            message = str(err.value)
+            assert message.startswith(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint")
+            assert "expected a file of torch.save" in message and came in message, message
+            assert "IndexError" not in message and "pop from empty list" not in message
+    assert cli.main(["evaluate", "--checkpoint", str(history)]) == 1
+    said = capsys.readouterr().err
+    assert f"error: cannot read checkpoint {history}: it is not a PyTorch checkpoint" in said
+
+
+def test_both_formats_of_torch_save_still_load(tmp_path):
+    """The format check lets through the zip archive (the default) and the older pickle format."""
+    for name, zipped in (("zip.pt", True), ("pickle.pt", False)):
+        torch.save({"model": {"w": torch.ones(2)}}, tmp_path / name,
+                   _use_new_zipfile_serialization=zipped)
+        checkpoint.write_sidecar(tmp_path / name)
+        assert torch.equal(checkpoint.load(tmp_path / name)["model"]["w"], torch.ones(2))

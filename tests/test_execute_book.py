@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,6 +340,46 @@ def test_bad_setup_is_refused_with_what_was_expected(tmp_path):
     done = _run(tmp_path / "long", tmp=long_tmp)
     assert done.returncode == 2 and "too long for the kernels' Unix sockets" in done.stderr
     assert str(long_tmp) in done.stderr and _left_in(long_tmp) == []
+
+
+def test_relative_path_variables_are_made_absolute_from_the_starting_folder(tmp_path, monkeypatch):
+    """Only relative, non-empty values change, each against the folder the script started in."""
+    module = _script()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ANCHOR_DATA_DIR", "../shared/data/cifar10-jpeg")   # as the README says
+    monkeypatch.setenv("ANCHOR_CACHE_DIR", "data/cache")
+    monkeypatch.setenv("ANCHOR_RESULTS_DIR", "/already/absolute")
+    monkeypatch.setenv("ANCHOR_COMPILE_CACHE", "")                          # unset, to the library
+    changed = module.absolute_path_variables()
+    expected = {"ANCHOR_DATA_DIR": str(tmp_path.parent / "shared" / "data" / "cifar10-jpeg"),
+                "ANCHOR_CACHE_DIR": str(tmp_path / "data" / "cache")}
+    assert changed == expected
+    assert {name: os.environ[name] for name in expected} == expected
+    assert os.environ["ANCHOR_RESULTS_DIR"] == "/already/absolute"
+    assert os.environ["ANCHOR_COMPILE_CACHE"] == ""
+    monkeypatch.setenv("ANCHOR_COMPILE_CACHE", "~/cc")   # compile_cache.py would not expand it
+    assert module.absolute_path_variables() == {"ANCHOR_COMPILE_CACHE": str(tmp_path / "home" / "cc")}
+    # Every path the library reads from the environment is among them.
+    library = Path(__file__).resolve().parent.parent / "anchor_lib"
+    read = {name for f in library.glob("*.py")
+            for name in re.findall(r"environ\.get\(\"(ANCHOR_\w+_DIR)\"", f.read_text())}
+    assert read and read <= set(module.PATH_VARIABLES)
+
+
+def test_a_relative_data_dir_reaches_the_chapters_as_an_absolute_path(tmp_path):
+    """A real kernel runs in book/; ANCHOR_DATA_DIR=data/cifar given from the root still names the
+    root's data/cifar there, and the build says it made the path absolute."""
+    (tmp_path / "data" / "cifar").mkdir(parents=True)
+    _book(tmp_path, {"a": "import json, os\nvalue = os.environ['ANCHOR_DATA_DIR']\n"
+                          "json.dump([value, os.path.isdir(value)], open('a.env.json', 'w'))"})
+    done = subprocess.run([sys.executable, str(SCRIPT), "--root", ".", "--jobs", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**_env(None), "ANCHOR_DATA_DIR": "data/cifar"})
+    assert done.returncode == 0, done.stderr
+    value, found = json.loads((tmp_path / "book" / "a.env.json").read_text())
+    assert (value, found) == (str(tmp_path / "data" / "cifar"), True)
+    assert f"ANCHOR_DATA_DIR={tmp_path / 'data' / 'cifar'}" in done.stdout
 
 
 def test_chapters_run_side_by_side_only_at_the_smoke_profile(monkeypatch):
