@@ -130,8 +130,9 @@ class PreActResNet18(nn.Module):
             standard ResNet-18; 8 or 16 give tiny CPU-friendly models for tests and tutorials.
         proj_dim: dimension of the contrastive embedding ``z``.
 
-    Inputs are float tensors of shape ``(N, 3, H, W)`` with values in [0, 1] (the range is not
-    checked; another shape raises ValueError). The constructor raises ValueError when
+    Inputs are float tensors of shape ``(N, 3, H, W)`` with values in [0, 1], in the parameters'
+    dtype unless autocast is on (the range is not checked; another shape raises ValueError, an
+    integer or other dtype TypeError). The constructor raises ValueError when
     ``num_classes`` (>= 2), ``width`` or ``proj_dim`` (>= 1) is not an int in range.
     """
 
@@ -163,6 +164,15 @@ class PreActResNet18(nn.Module):
             # Normalize would silently broadcast a 1-channel batch to 3 channels.
             raise ValueError(f"expected RGB images of shape (N, 3, H, W), got {tuple(x.shape)} "
                              "(wrong number of channels or dimensions)")
+        if not x.is_floating_point():
+            # uint8 images would be normalised as if in [0, 1] and give confident nonsense.
+            raise TypeError(f"expected float images in [0, 1], got dtype {x.dtype} "
+                            "(anchor_lib.data.to_float converts uint8 images)")
+        weight = self.conv1.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # PyTorch's own error here names neither the model nor the fix.
+            raise TypeError(f"expected images in the model's dtype {weight.dtype}, got {x.dtype} "
+                            f"(convert with x.to({weight.dtype}), or the model with .to(x.dtype))")
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.relu(self.bn(out))

@@ -466,6 +466,12 @@ KNOWN_GAPS = {  # gaps found and closed; name: (call to reject, what the message
     "model_grayscale_images": (lambda: attacks.fgsm(
         models.PreActResNet18(width=1, proj_dim=1).eval(), torch.rand(2, 1, 8, 8),
         torch.tensor([0, 1]), eps=0.03), r"channel"),
+    # models.py: uint8 images were normalised as if in [0, 1]: confident logits, no error.
+    "model_uint8_images": (lambda: models.PreActResNet18(width=1, proj_dim=1).eval()(
+        torch.zeros(2, 3, 8, 8, dtype=torch.uint8)), r"float.*to_float"),
+    # models.py: float64 images for a float32 model ended in torch's "expected scalar type".
+    "model_float64_images": (lambda: models.PreActResNet18(width=1, proj_dim=1).eval()(
+        torch.rand(2, 3, 8, 8, dtype=torch.float64)), r"dtype torch.float32, got torch.float64"),
     # models.py: True passes isinstance(int); torch then fails inside nn.Conv2d.
     "model_width_true": (lambda: models.PreActResNet18(width=True), r"\bwidth\b"),
     # evaluate.py: an attack name that is not a string gives AttributeError.
