@@ -214,8 +214,11 @@ class Budget:
         if verdict != "unknown":
             return verdict != "too long"
         left = self.left()
+        hardware = provenance.hardware(resolve_device(cfg.device))
         if left > 0:
-            self.log(f"{_name(self.out, run_dir)}: no finished run on "
-                     f"{provenance.hardware(resolve_device(cfg.device))} to time it by; starting "
-                     f"it with {left:.0f} s of the time budget left")
+            self.log(f"{_name(self.out, run_dir)}: no finished run on {hardware} to time it by; "
+                     f"starting it with {left:.0f} s of the time budget left")
+        else:
+            self.log(f"{_name(self.out, run_dir)}: not started: the time budget is spent (and no "
+                     f"finished run on {hardware} times it)")
         return left > 0

@@ -1,24 +1,27 @@
 """``python -m anchor_lib {train,evaluate,embed,reproduce,bench}`` (the README's "Command line" section).
 
-Exit codes: 0 success, 2 usage error (argparse, or arguments that make no valid run), 1 any other
-error, reported as one line on stderr with no traceback unless ``--debug`` is given (before or after
-the command).
+Exit codes: 0 success, 2 usage error (argparse, or options that make no valid configuration,
+caught before any work), 1 any other error (including options that only the data or an earlier
+checkpoint rule out), reported as one line on stderr with no traceback unless ``--debug`` is given
+(before or after the command).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .embeddings import SPACES
 from .evaluate import SEARCH_PRECISIONS
 from .reproduce import ABLATION
 from .reproduce import _check_search as check_search
-from .train import METHODS, PROFILES
+from .train import CONTRASTIVE_METHODS, METHODS, PROFILES
 
 SEARCH_HELP = ("where CW-inf and AutoAttack search: fp32 (default), or tf32 (PGD-20 ran 3.3x "
                "faster in TF32 on an H100) if PGD-20 searched both ways agrees within 0.2 points "
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", help="train one method")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--profile", choices=PROFILES, default=None,
-                   help="smoke | demo | full (default: $ANCHOR_PROFILE, else demo on GPU / smoke)")
+                   help="smoke | demo | full | tutorial (default: $ANCHOR_PROFILE, else demo on a "
+                        "GPU, smoke on a CPU)")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--out", type=Path, help="folder for checkpoint.pt, best.pt, history.csv")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -120,9 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "contrastive projection z (trained only by supcon_at and anchor)")
 
     p = add("reproduce", help="train and evaluate every method; skips finished runs")
-    p.add_argument("--profile", choices=PROFILES, default="full")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--out", type=Path, default=Path("data/results"))
+    p.add_argument("--profile", choices=PROFILES, default="full",
+                   help="smoke | demo | full | tutorial (default: full; $ANCHOR_PROFILE, which "
+                        "sizes the book's cells, does not apply here)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="default: all five")
+    p.add_argument("--out", type=Path, default=Path("data/results"),
+                   help="results folder, one sub-folder per run (default: data/results, from the "
+                        "current directory)")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--data", choices=("cifar10", "synthetic"))
     p.add_argument("--default-knobs", action="store_true",
@@ -136,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "within SECONDS of the start, else go on to the next (GPU slots)")
     p.add_argument("--ablation", action="store_true",
                    help="instead of the five methods, the ANCHOR ablation (beta, lambda, tau, "
-                        "adversarial view) at half the epochs, each knob chosen on validation")
+                        "adversarial view, two-stage variant) at half the epochs, each knob's "
+                        "best value on validation recorded")
     abl = p.add_argument_group("the ablation's slots (GPU time comes in short slots)")
     abl.add_argument("--params", nargs="+", choices=tuple(ABLATION), metavar="PARAM",
                      help=f"with --ablation: vary only these ({', '.join(ABLATION)}; default all); "
@@ -154,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the book's tutorial checkpoints: use with --profile tutorial)")
 
     p = add("bench", help="training / evaluation speed benchmark")
-    p.add_argument("--out", type=Path, help="JSON file (default data/results/bench/<device>.json)")
+    p.add_argument("--out", type=Path,
+                   help="JSON file (default data/results/bench/<device>.json, or "
+                        "tiny-<device>.json for the tiny configuration, from the current directory)")
     p.add_argument("--tiny", action="store_true", help="tiny configuration (the CPU default)")
     return parser
 
@@ -165,6 +177,18 @@ def _check_search(args: argparse.Namespace) -> None:
         check_search(args.search, tuple(args.attacks) if args.attacks is not None else None)
     except ValueError as err:
         raise UsageError(f"--search-precision: {err}") from err
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as None: strict JSON (a run without validation
+    images has NaN validation accuracies, and ``json.dumps`` would print a bare ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _overrides(args: argparse.Namespace, *names: str) -> dict:
@@ -187,14 +211,18 @@ def run(args: argparse.Namespace) -> int:
                              "cuda_graphs", "pretrain_fraction", "compile"))
         except (ValueError, TypeError) as err:  # the arguments do not make a valid config
             raise UsageError(str(err)) from err
+        if args.resume and not (args.out / "checkpoint.pt").exists():
+            print(f"note: {args.out} holds no checkpoint.pt to resume from; starting a new run",
+                  file=sys.stderr)
         try:
             history = train(cfg, resume=args.resume)
         except BaseException:
             distributed.teardown(wait=False)  # others may be stuck in a collective: no barrier
             raise
+        if distributed.is_main_process():  # under torchrun every rank has the same history
+            last = history[-1] if history else {}
+            print(json.dumps(_json_safe({"epochs": len(history), "last": last}), default=str))
         distributed.teardown()  # under torchrun: leave the process group before exiting
-        last = history[-1] if history else {}
-        print(json.dumps({"epochs": len(history), "last": last}, default=str))
         return 0
 
     if args.command == "evaluate":
@@ -220,13 +248,18 @@ def run(args: argparse.Namespace) -> int:
         from .train import config_from_dict, dataset_for, load_model
 
         model, state = load_model(args.checkpoint)
-        dataset = dataset_for(config_from_dict(state["config"]))
-        emb = embeddings.embed_views(model, dataset.x_test[: args.n], dataset.y_test[: args.n],
+        cfg = config_from_dict(state["config"])
+        if args.space == "projection" and cfg.method not in CONTRASTIVE_METHODS:
+            print(f"note: a {cfg.method} model never trains its projection head; its "
+                  f"'projection' space is an untrained map of the features", file=sys.stderr)
+        dataset = dataset_for(cfg)
+        n = min(args.n, len(dataset.y_test))  # all of a smaller test set, and the record says so
+        emb = embeddings.embed_views(model, dataset.x_test[:n], dataset.y_test[:n],
                                      space=args.space)
         embeddings.save_embeddings(args.out, emb, {"checkpoint": str(args.checkpoint),
-                                                   "data": dataset.label, "n": args.n,
+                                                   "data": dataset.label, "n": n,
                                                    "space": args.space, **provenance.describe()})
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out} ({n} test images)")
         return 0
 
     if args.command == "reproduce":

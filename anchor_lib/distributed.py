@@ -134,6 +134,12 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
+def is_main_process() -> bool:
+    """True unless this process is in a process group at a rank other than 0 (so that what is
+    said once, e.g. the command line's summary, is said by rank 0 only)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def teardown(wait: bool = True) -> None:
     """Leave the process group, if this process joined one: wait for every process (unless
     ``wait`` is False: after an error the others may never arrive), then destroy it. Call it at

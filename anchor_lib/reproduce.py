@@ -610,10 +610,11 @@ def export_tutorial_checkpoints(results: str | Path = "data/results",
         log(f"{path}: {size / 2**20:.2f} MB, clean {clean['fp32_weights']:.4f} (fp32 weights) / "
             f"{clean['fp16_weights']:.4f} (fp16 weights) on {len(y)} test images, PGD-20 "
             f"{robust['fp32_weights']:.4f} / {robust['fp16_weights']:.4f} on {k}")
-    manifest = {"note": "PreAct ResNet-18 tutorial checkpoints (float16 state_dicts), made by "
-                        "`python -m anchor_lib reproduce --profile tutorial --export-checkpoints`; "
+    manifest = {"note": f"PreAct ResNet-18 tutorial checkpoints (float16 state_dicts), made by "
+                        f"`python -m anchor_lib reproduce --profile {profile} --export-checkpoints`; "
                         "accuracies are from each run's metrics.json (fp32 weights, the book's "
                         "evaluation protocol).",
+                "profile": profile,
                 "checkpoints": [entries[m] for m in METHODS if m in entries]}
     checkpoint.write_json(manifest_path, manifest)
     return manifest_path

@@ -286,6 +286,10 @@ def load_run_data(cfg: TrainConfig, device: torch.device,
     # The split does not depend on cfg.seed: every run is selected on the same validation images.
     train_idx, val_idx = data.train_val_split(len(dataset.y_train), cfg.val_size, seed=0)
     if cfg.train_subset is not None:
+        if cfg.train_subset > len(train_idx):
+            raise ValueError(f"train_subset {cfg.train_subset} asks for more training images "
+                             f"than the data leave after the {cfg.val_size} of val_size: "
+                             f"expected at most {len(train_idx)}")
         train_idx = train_idx[: cfg.train_subset]
     if len(train_idx) < cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} needs at least that many training "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -73,6 +74,39 @@ def test_benchmark_defaults_on_a_cpu(tmp_path, monkeypatch):
     assert report["n_images"] == 64 and report["answers_steps"] == 0  # settings over TINY
     assert path.parent == Path("data/results/bench") and path.name.startswith("tiny-")
     assert path.suffix == ".json" and not set(path.name) & set(" ()"), path.name
+
+
+@pytest.mark.bad_input(cases=3)
+def test_an_unwritable_out_is_refused_before_any_timing(tmp_path, monkeypatch, capsys):
+    """Not after the whole benchmark, and naming the path given, not a temporary file's. (Tests
+    run as root, which permission bits do not stop: these cases fail for any user.)"""
+    from anchor_lib import cli
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the benchmark started timing")
+
+    monkeypatch.setattr(bench, "median_step_seconds", timed)
+    a_file = tmp_path / "history.csv"
+    a_file.write_text("epoch\n")
+    (tmp_path / "results").mkdir()
+    cases = [(a_file / "bench.json", f"expected {a_file} to be a folder, got a file"),
+             (a_file / "deeper" / "bench.json", f"expected {a_file} to be a folder, got a file"),
+             (tmp_path / "results", "is a folder; expected the path of a JSON file")]
+    for out, says in cases:
+        with pytest.raises(ValueError, match=f"^bench output {re.escape(str(out))} ") as err:
+            run_benchmark(out, tiny=True, device="cpu")
+        assert says in str(err.value)
+        # The command line: one line naming it, exit status 1.
+        assert cli.main(["bench", "--out", str(out)]) == 1
+        assert f"error: bench output {out} " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv", "results"]  # nothing made
+    assert list((tmp_path / "results").iterdir()) == []
+
+
+def test_the_out_check_leaves_a_new_folder_and_no_temporary_file(tmp_path):
+    out = tmp_path / "new" / "deeper" / "bench.json"
+    bench.check_writable(out)
+    assert out.parent.is_dir() and list(out.parent.iterdir()) == []
 
 
 def test_full_configuration_is_the_issues():

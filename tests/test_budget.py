@@ -211,7 +211,13 @@ def test_budget_admits_what_fits_and_says_why_not(results):
     assert tight.admits(full("pgd_at"), results / "full-pgd_at", ALL, True)
     # No precedent: started while time is left.
     assert tight.admits(full("trades"), results / "full-trades", ALL, True)
-    assert "no finished run on" in logs[-1]
+    assert "no finished run on" in logs[-1] and "starting it with" in logs[-1]
+    # No precedent and no time left: not started, and the log says so (it used to say nothing).
+    spent = budget.Budget(500, results, logs.append)
+    spent.deadline -= 501
+    assert not spent.admits(full("trades"), results / "full-trades", ALL, True)
+    assert logs[-1] == (f"full-trades: not started: the time budget is spent (and no finished "
+                        f"run on {CPU} times it)")
     assert budget.Budget(700, results).admits(cfg, results / "full-anchor", ALL, True)
     with pytest.raises(ValueError, match="time_budget must be a number of seconds > 0, got 0"):
         budget.Budget(0, results)

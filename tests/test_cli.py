@@ -305,9 +305,24 @@ def test_embed_writes_the_space_it_was_asked_for(tiny_checkpoint, tmp_path, caps
                                capsys=capsys)
         assert code == 0, err
         emb = embeddings.load_embeddings(out)
-        assert emb["meta"]["space"] == space and emb["clean"].shape[0] == 8
+        assert emb["meta"]["space"] == space and emb["clean"].shape[0] == emb["meta"]["n"] == 8
         dims[space] = emb["meta"]["dim"]
+        # A PGD-AT model's projection head is untrained: said on stderr, and only for that space.
+        assert ("never trains its projection head" in err) == (space == "projection"), err
     assert dims == {"features": 8 * 4, "projection": 16}  # width 4, proj_dim 16 (TINY_TRAIN)
+
+
+def test_embed_records_how_many_images_it_embedded(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """--n beyond the test set embeds the whole test set, and meta.n says how many that was."""
+    from anchor_lib import embeddings, train
+
+    small = data.synthetic(n_train=64, n_test=12, size=32, seed=0)
+    monkeypatch.setattr(train, "dataset_for", lambda cfg: small)
+    code, out, err = run_cli("embed", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "e.npz",
+                             "--n", "50", capsys=capsys)
+    assert code == 0, err
+    emb = embeddings.load_embeddings(tmp_path / "e.npz")
+    assert emb["clean"].shape[0] == emb["meta"]["n"] == 12 and "(12 test images)" in out
 
 
 @pytest.mark.fault

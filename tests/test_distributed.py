@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -31,17 +32,21 @@ def _history(folder: Path) -> list[dict[str, float]]:
                 for row in csv.DictReader(f)]
 
 
-def _run(*cmds: list[str], cwd: Path) -> None:
-    """Run the commands side by side (each single-threaded) and require that all succeed."""
+def _run(*cmds: list[str], cwd: Path) -> list[str]:
+    """Run the commands side by side (each single-threaded), require that all succeed, and
+    return what each printed on stdout."""
     # torchrun leaves a torchelastic_* folder in TMPDIR each time: keep them in the test's folder.
     scratch = cwd / "tmp"
     scratch.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ANCHOR_OFFLINE": "1", "TMPDIR": str(scratch)}
-    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    outs = []
     for proc in procs:
-        _, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-2000:]
+        outs.append(out)
+    return outs
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python")
@@ -134,11 +139,18 @@ def test_two_process_anchor_sees_the_global_batchs_contrastive_term(tmp_path):
     args = ["train", "--method", "anchor", "--data", "synthetic", "--profile", "smoke",
             "--epochs", "1", "--width", "4", "--proj-dim", "16", "--batch-size", "64",
             "--train-subset", "256", "--val-size", "0", "--lr", "1e-6", "--quiet"]
-    _run([sys.executable, "-m", "anchor_lib", *args, "--out", str(tmp_path / "one")],
-         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "anchor_lib", *args,
-          "--out", str(tmp_path / "two")], cwd=tmp_path)
+    printed = _run([sys.executable, "-m", "anchor_lib", *args, "--out", str(tmp_path / "one")],
+                   [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "anchor_lib", *args,
+                    "--out", str(tmp_path / "two")], cwd=tmp_path)
     one, two = _history(tmp_path / "one")[0], _history(tmp_path / "two")[0]
     assert two["con"] == pytest.approx(one["con"], rel=0.01), (one, two)
+    # The summary: printed once (by rank 0 only, under torchrun), as strict JSON although
+    # --val-size 0 leaves the validation accuracies NaN.
+    for out in printed:
+        [line] = [line for line in out.splitlines() if line.startswith("{")]
+        summary = json.loads(line, parse_constant=lambda name, text=line: pytest.fail(
+            f"{name} in {text}"))
+        assert summary["epochs"] == 1 and summary["last"]["val_clean"] is None
 
 
 def test_shards_are_disjoint_equal_and_trimmed():

@@ -200,6 +200,7 @@ def test_export_tutorial_checkpoints_writes_fp16_files_the_book_can_load(tmp_pat
     checkpoint.verify(manifest_path)
     manifest = json.loads(manifest_path.read_text())
     assert [e["method"] for e in manifest["checkpoints"]] == ["standard", "anchor"]
+    assert manifest["profile"] == "smoke" and "--profile smoke --export" in manifest["note"]
     assert len(log) == 2
     for entry in manifest["checkpoints"]:
         path = dest / entry["file"]
