@@ -146,8 +146,10 @@ class TrainConfig:
                                  "each stage needs at least one")
         if self.attack_bn not in ("eval", "train"):
             raise ValueError(f"attack_bn must be 'eval' or 'train', got {self.attack_bn!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2**63:
+            # torch.manual_seed takes no more than 64 bits, and names no field when it refuses.
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if self.train_subset is not None and (isinstance(self.train_subset, bool)
                                               or not isinstance(self.train_subset, int)):
             raise ValueError(f"train_subset must be None or an int, got {self.train_subset!r}")

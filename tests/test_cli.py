@@ -497,6 +497,23 @@ def test_train_compile_flag_reaches_the_config(monkeypatch):
     assert [cfg.compile for cfg in seen] == [True, False, None]
 
 
+def test_resume_says_when_there_is_nothing_to_resume(monkeypatch, tmp_path, capsys):
+    """--resume on a folder without checkpoint.pt trains from the start (reproduce relies on
+    that), and the command line says so; with a checkpoint there it says nothing."""
+    from anchor_lib import train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: seen.append(resume) or [])
+    argv = ("train", "--method", "pgd_at", "--profile", "smoke", "--quiet", "--resume", "--out",
+            tmp_path)
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 0 and err == (f"note: {tmp_path} holds no checkpoint.pt to resume from; "
+                                 "starting a new run\n")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 0 and err == "" and seen == [True, True]
+
+
 def test_the_readme_names_every_option_of_every_command():
     """The README's "Command line" section is where a reader looks an option up: none missing."""
     import argparse

@@ -16,6 +16,7 @@ from anchor_lib.train import (
     TrainConfig,
     build_model,
     load_model,
+    load_run_data,
     train,
     training_loss,
 )
@@ -128,6 +129,9 @@ def test_training_loss_parts_are_consistent(small_data):
     (dict(lr=0), "temperature and lr must be > 0"),
     (dict(train_subset=64.0), "train_subset must be None or an int, got 64.0"),
     (dict(train_subset=True), "train_subset must be None or an int, got True"),
+    (dict(seed=-1), r"seed must be an int in \[0, 2\*\*63\), got -1"),
+    (dict(seed=2**64), r"seed must be an int in \[0, 2\*\*63\), got 18446744073709551616"),
+    (dict(seed="0"), r"seed must be an int in \[0, 2\*\*63\), got '0'"),
 ])
 @pytest.mark.bad_input
 def test_bad_config(bad, match):
@@ -135,10 +139,22 @@ def test_bad_config(bad, match):
         tiny(**{"method": "standard", **bad})
 
 
+@pytest.mark.bad_input
+def test_train_subset_beyond_the_data_is_refused(small_data):
+    """1,024 synthetic images less 64 for validation leave 960: asking for more is an error,
+    not a silently smaller run."""
+    with pytest.raises(ValueError, match=r"train_subset 961 asks for more training images than "
+                                         r"the data leave after the 64 of val_size: expected "
+                                         r"at most 960"):
+        load_run_data(tiny(train_subset=961), torch.device("cpu"), small_data)
+    assert len(load_run_data(tiny(train_subset=960), torch.device("cpu"), small_data).y_train) == 960
+
+
 @pytest.mark.parametrize("edge", [
     dict(val_size=0), dict(attack_steps=0), dict(val_attack_steps=0),  # no validation, no attack
     dict(warmup_fraction=1.0), dict(warmup_fraction=0.0),  # the ends of [0, 1]
     dict(batch_size=32, train_subset=32),  # exactly one step per epoch
+    dict(seed=0), dict(seed=2**63 - 1),
     dict(eps=0.0, alpha=0.0, beta=0.0, lam=0.0, momentum=0.0, weight_decay=0.0, trades_beta=0),
 ])
 def test_config_accepts_the_edges_of_each_range(edge):
