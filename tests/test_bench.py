@@ -318,7 +318,11 @@ def test_autoattack_calls_models_are_what_its_docstring_says(tmp_path, monkeypat
     assert w.abs().max() <= 0.05 / 3072 ** 0.5
     worst_margin = (b[0] - b[1:]) + (w[0] - w[1:]).clamp(max=0).sum(dim=1)
     assert worst_margin.min() > 0, worst_margin
+    assert b.tolist() == [1.0] + [0.0] * 9   # the margin of 1 is class 0's bias
     torch.testing.assert_close(fragile[1].weight.detach(), 100 * w)
+    # fragile is centred on the mid-grey image: there every class scores 0, no margin at all.
+    torch.testing.assert_close(fragile(torch.full((1, 3, 32, 32), 0.5)).detach(),
+                               torch.zeros(1, 10), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="'unbreakable' or 'fragile', got 'robust'"):
         counter.linear_model("robust")
 
