@@ -28,15 +28,21 @@ are removed. The library's path variables (:data:`PATH_VARIABLES`) are made abso
 to the folder the script was started from: a kernel's working directory is its chapter's folder, where
 ``ANCHOR_DATA_DIR=../shared/data/cifar10-jpeg`` given at the repository root would name another one.
 
+At the smoke profile (``--solutions`` elsewhere) each chapter's exercise solutions run too, after
+its last cell and in its kernel: their code sits in folded markdown blocks that the book shows but
+never executes, so without this a solution could go stale unseen. A solution that raises fails its
+chapter; the cached notebook is the chapter as written.
+
 Usage (what ``make book`` runs, from the repository root)::
 
-    python scripts/execute_book.py [--jobs N] [--root DIR]
+    python scripts/execute_book.py [--jobs N] [--root DIR] [--[no-]solutions]
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -270,20 +276,27 @@ class Executed(NamedTuple):
 
 
 def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS,
-            scratch_root: str | None = None) -> Executed:
+            scratch_root: str | None = None, solutions: bool = False) -> Executed:
     """Run one notebook in a fresh kernel with its folder as working directory: the notebook,
     its seconds, if it failed the traceback, its cells' seconds, the client's silences of over
     ``stall_seconds`` (:func:`silences`; a long cell that prints nothing is one too) and the
     missed wake-ups its polls recovered from (:class:`SlicedChannel`). A cell that raises fails
     at once; a kernel that fails to start or dies is retried once in a new kernel, then fails.
     Each kernel's sockets, connection file and ``TMPDIR`` are in a folder of its own under
-    ``scratch_root`` (default: the system's), removed when it is done."""
+    ``scratch_root`` (default: the system's), removed when it is done.
+
+    With ``solutions``, the code of the chapter's exercise solutions (:func:`solution_cells`) runs
+    after its last cell, in the same kernel, and a solution that raises fails the chapter like any
+    cell; the notebook returned (and cached) is the chapter as written, without them."""
     timeline = Timeline()
     log = logging.getLogger(f"execute_book.{path.stem}")
     SlicedChannel.missed_wakeups = 0   # a worker runs one chapter at a time
     with client_log(log, timeline):
         for attempt in (1, 2):
             nb = nbformat.read(path, as_version=4)
+            written = len(nb.cells)
+            if solutions:
+                nb.cells += solution_cells(nb, path.name)
             with tempfile.TemporaryDirectory(prefix=KERNEL_PREFIX, dir=scratch_root) as scratch, \
                     kernel_tmpdir(scratch):
                 config = Config({"KernelManager": {
@@ -300,6 +313,7 @@ def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS,
                     if attempt == 2:
                         # The wait that ended in this error is a silence too.
                         timeline.mark(f"attempt 2 failed: {type(err).__name__}")
+                        del nb.cells[written:]
                         return Executed(path, nb, 0.0, traceback.format_exc(), [],
                                         silences(timeline.events, stall_seconds),
                                         SlicedChannel.missed_wakeups)
@@ -308,8 +322,34 @@ def execute(path: Path, timeout: int, stall_seconds: float = STALL_SECONDS,
                 finally:
                     timeline.mark("the client returned (its kernel shut down)")
     error = None if result.err is None else result.exc_string or repr(result.err)
-    return Executed(path, nb, result.time, error, cell_seconds(nb),
+    cells = cell_seconds(nb)
+    del nb.cells[written:]
+    return Executed(path, nb, result.time, error, cells,
                     silences(timeline.events, stall_seconds), SlicedChannel.missed_wakeups)
+
+
+def solution_cells(nb: nbformat.NotebookNode, name: str) -> list[nbformat.NotebookNode]:
+    """The Python code of every exercise solution in ``nb`` (``handout.solution_code``: the
+    folded blocks the chapter shows but never runs), as code cells with ids ``solution-<cell
+    index>-<block>``, each opening with a comment that names where its code comes from."""
+    cells = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            continue
+        for block, code in enumerate(_handout().solution_code(cell.source, f"{name}, cell {index}")):
+            new = nbformat.v4.new_code_cell(f"# {name}: solution code {block + 1} of markdown cell "
+                                            f"{index} (run by execute_book.py)\n{code}")
+            new.id = f"solution-{index}-{block}"
+            cells.append(new)
+    return cells
+
+
+def _handout():
+    """scripts/handout.py, which knows where a solution begins and ends (one parser for both)."""
+    spec = importlib.util.spec_from_file_location("handout", Path(__file__).with_name("handout.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cell_seconds(nb: nbformat.NotebookNode) -> list[list]:
@@ -334,11 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the folder with _config.yml and _toc.yml (default: this repository)")
     parser.add_argument("--report", type=Path, help="default: ROOT/_build/execution.json")
+    parser.add_argument("--solutions", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run each chapter's exercise solutions after it (default: at "
+                             "the smoke profile only: elsewhere a solution may train for long)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     root = args.root.resolve()
     report = args.report or root / "_build" / "execution.json"
+    solutions = (os.environ.get("ANCHOR_PROFILE") == "smoke" if args.solutions is None
+                 else args.solutions)
 
     # SIGTERM (a timeout, a cancelled job) unwinds like Ctrl-C, through the clean-up below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -375,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, ignore_cleanup_errors=True) as scratch, \
             ProcessPoolExecutor(max_workers=min(args.jobs, len(paths)), initializer=signal.signal,
                                 initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
-        futures = [pool.submit(execute, p, int(config.get("timeout", 30)), scratch_root=scratch)
+        futures = [pool.submit(execute, p, int(config.get("timeout", 30)), scratch_root=scratch,
+                               solutions=solutions)
                    for p in paths]
         try:
             for future in as_completed(futures):
@@ -420,12 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({
         "jobs": args.jobs, "wall_seconds": round(wall, 2), "failed": sorted(failed),
+        "solutions_run": solutions,
         "chapter_execution_seconds": dict(sorted(seconds.items())),
         "slowest_cells": dict(sorted(slowest.items())),
         "outside_cells_seconds": dict(sorted(outside.items())),
         "silences": dict(sorted(quiet.items())),
         "missed_wakeups": dict(sorted(missed.items()))}, indent=1) + "\n")
-    print(f"{len(seconds)} chapters executed in {wall:.1f} s with {args.jobs} at a time"
+    print(f"{len(seconds)} chapters executed{' with their solutions' if solutions else ''} in "
+          f"{wall:.1f} s with {args.jobs} at a time"
           + (f"; FAILED: {', '.join(sorted(failed))}" if failed else ""))
     return 1 if failed else 0
 

@@ -40,6 +40,31 @@ class HandoutError(ValueError):
     """A chapter whose solutions cannot be removed safely (an unclosed block, say)."""
 
 
+def _split(text: str, where: str) -> tuple[list[str], list[list[str]], str]:
+    """The lines of ``text`` outside solution blocks, the lines inside each block (its fences
+    left out), and the order of exercise prompts and solutions (see :func:`strip_solutions`)."""
+    kept: list[str] = []
+    bodies: list[list[str]] = []
+    order, fence, opened_at = "", None, 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        if fence is None:
+            match = OPENING.match(line.strip())
+            if match:
+                fence, opened_at, order = match.group(1), number, order + "S"
+                bodies.append([])
+            else:
+                kept.append(line)
+                order += "E" if EXERCISE.match(line) else ""
+        elif line.strip() == fence:
+            fence = None
+        else:
+            bodies[-1].append(line)
+    if fence is not None:
+        raise HandoutError(f"{where}: the solution opened on line {opened_at} with {fence!r} "
+                           f"is never closed (expected a line {fence!r})")
+    return kept, bodies, order
+
+
 def strip_solutions(text: str, where: str = "") -> tuple[str, int, str]:
     """``text`` (one markdown cell) without its solution blocks, how many it had, and the order
     in which its exercise prompts (``E``) and solutions (``S``) stand, e.g. ``"ESES"``.
@@ -48,25 +73,22 @@ def strip_solutions(text: str, where: str = "") -> tuple[str, int, str]:
     characters, as many); fences of other kinds inside it (a ``~~~`` or `````` ``` `````` code
     block in a ``:::`` solution) do not close it, and a prompt inside it does not count. An
     unclosed block is an error, not a cell cut short."""
-    kept: list[str] = []
-    order, fence, opened_at = "", None, 0
-    for number, line in enumerate(text.split("\n"), start=1):
-        if fence is None:
-            match = OPENING.match(line.strip())
-            if match:
-                fence, opened_at, order = match.group(1), number, order + "S"
-            else:
-                kept.append(line)
-                order += "E" if EXERCISE.match(line) else ""
-        elif line.strip() == fence:
-            fence = None
-    if fence is not None:
-        raise HandoutError(f"{where}: the solution opened on line {opened_at} with {fence!r} "
-                           f"is never closed (expected a line {fence!r})")
-    removed = order.count("S")
-    if not removed:
+    kept, bodies, order = _split(text, where)
+    if not bodies:
         return text, 0, order
-    return _tidy("\n".join(kept)).strip("\n"), removed, order
+    return _tidy("\n".join(kept)).strip("\n"), len(bodies), order
+
+
+# A fenced Python code block inside a solution (``~~~python`` or `````` ```python ``````).
+PYTHON_BLOCK = re.compile(r"^(`{3,}|~{3,})python[ \t]*\n(.*?)\n\1[ \t]*$", re.S | re.M)
+
+
+def solution_code(text: str, where: str = "") -> list[str]:
+    """The Python code of the solutions in ``text`` (one markdown cell): each fenced ``python``
+    block inside a solution block, in order (what ``execute_book.py`` runs after the chapter)."""
+    _, bodies, _ = _split(text, where)
+    return [match.group(2) for body in bodies
+            for match in PYTHON_BLOCK.finditer("\n".join(body))]
 
 
 def handout(nb: nbformat.NotebookNode, name: str = "") -> tuple[nbformat.NotebookNode, int, int]:

@@ -80,6 +80,81 @@ def _left_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+_SOLUTIONS = """**1.** Write `answer` to a file.
+
+```{{admonition}} Solution
+:class: dropdown
+~~~python
+with open("{name}.solution", "w") as f:
+    f.write(str(answer))
+~~~
+```
+
+**2.** Divide.
+
+::::{{admonition}} Solution
+:class: dropdown
+```python
+{second}
+```
+::::
+"""
+
+
+def test_solutions_run_after_their_chapter_and_a_broken_one_fails_it(tmp_path, short_tmp):
+    """Each solution's code runs after the chapter's last cell, in its kernel (it sees the
+    chapter's variables); the cache keeps the chapter as written; a solution that raises fails
+    its chapter, naming where the code came from; --no-solutions leaves them alone."""
+    _book(tmp_path, {"good": "answer = 42", "bad": "answer = 7"})
+    for name, second in (("good", "ratio = answer / 2"), ("bad", "ratio = answer / 0")):
+        path = tmp_path / "book" / f"{name}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        nb.cells.append(nbformat.v4.new_markdown_cell(_SOLUTIONS.format(name=name, second=second)))
+        nbformat.write(nb, path)
+    done = _run(tmp_path, "--jobs", "2", "--solutions", tmp=short_tmp)
+    assert done.returncode == 1
+    assert (tmp_path / "book" / "good.solution").read_text() == "42"
+    assert (tmp_path / "book" / "bad.solution").read_text() == "7"  # its first solution ran
+    assert "FAILED book/bad.ipynb" in done.stderr and "ZeroDivisionError" in done.stderr
+    assert "bad.ipynb: solution code 2 of markdown cell 2 (run by execute_book.py)" in done.stderr
+    report = json.loads((tmp_path / "_build" / "execution.json").read_text())
+    assert report["failed"] == ["book/bad.ipynb"] and report["solutions_run"] is True
+    assert {c[0] for c in report["slowest_cells"]["good"]} >= {"solution-2-0", "solution-2-1"}
+    cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
+    good = nbformat.read(tmp_path / "book" / "good.ipynb", as_version=4)
+    _, merged = cache.merge_match_into_notebook(good)
+    assert len(merged.cells) == 3   # the chapter as written, its solutions not among its cells
+
+    (tmp_path / "book" / "bad.solution").unlink()
+    done = _run(tmp_path, "--jobs", "2", "--no-solutions", tmp=short_tmp)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "book" / "bad.solution").exists()
+    assert json.loads((tmp_path / "_build" / "execution.json").read_text())["solutions_run"] is False
+
+
+def test_solutions_run_by_default_at_the_smoke_profile_only(tmp_path, short_tmp, monkeypatch):
+    _book(tmp_path, {"c": "answer = 1"})
+    path = tmp_path / "book" / "c.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell(_SOLUTIONS.format(name="c", second="pass")))
+    nbformat.write(nb, path)
+    for profile, ran in (("demo", False), ("smoke", True)):
+        monkeypatch.setenv("ANCHOR_PROFILE", profile)
+        assert _run(tmp_path, "--jobs", "1", tmp=short_tmp).returncode == 0
+        assert (tmp_path / "book" / "c.solution").exists() == ran, profile
+
+
+def test_solution_code_is_the_python_of_solution_blocks_only():
+    handout = by_path.load("scripts/handout.py")
+    text = (_SOLUTIONS.format(name="x", second="b = 2")
+            + "\n~~~python\nnot_a_solution = 1\n~~~\n")   # a code block outside any solution
+    assert handout.solution_code(text) == [
+        'with open("x.solution", "w") as f:\n    f.write(str(answer))', "b = 2"]
+    assert handout.solution_code("**1.** No solution here.") == []
+    with pytest.raises(handout.HandoutError, match="never closed"):
+        handout.solution_code("```{admonition} Solution\n~~~python\nx = 1\n~~~\n")
+
+
 def test_chapters_run_side_by_side_into_the_cache_the_build_reads(tmp_path, short_tmp):
     # Each chapter also makes a run folder with tempfile, as chapters 1, 2, 6 and 7 do.
     leftover = ("import tempfile\nwith open('{name}.tmp.json', 'w') as f:\n"
