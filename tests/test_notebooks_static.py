@@ -196,6 +196,35 @@ def test_citations_resolve(page):
     check_citations(page)
 
 
+def display_math_glued_to_text(text: str) -> list[str]:
+    """The lines of ``text`` that open a ``$$`` display block right below a line of text: MyST
+    then reads the block as inline math of that paragraph, and the page shows raw LaTeX."""
+    glued, inside, previous = [], False, ""
+    for line in text.split("\n"):
+        if line.strip() == "$$":
+            if not inside and previous.strip():
+                glued.append(previous.strip())
+            inside = not inside
+        previous = line
+    return glued
+
+
+@pytest.mark.parametrize("page", toc_files())
+def test_display_math_stands_in_a_paragraph_of_its_own(page):
+    path = source_of(page)
+    if path.suffix == ".ipynb":
+        cells = [c.source for c in load_notebook(page).cells if c.cell_type == "markdown"]
+    else:
+        cells = [path.read_text(encoding="utf-8")]
+    glued = [line for text in cells for line in display_math_glued_to_text(text)]
+    assert not glued, f"{path.name}: a $$ block directly below a line of text (add a blank line): {glued}"
+
+
+def test_glued_display_math_is_found():
+    assert display_math_glued_to_text("4. **The loss**\n   $$\n   x\n   $$\n") == ["4. **The loss**"]
+    assert display_math_glued_to_text("Text.\n\n$$\nx\n$$\nmore") == []
+
+
 @pytest.mark.parametrize("page", toc_files())
 def test_pages_send_readers_only_where_they_can_go(page):
     """The design document lives beside the repository, not in it: a reader of the website or of
