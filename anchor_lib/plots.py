@@ -133,7 +133,7 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
         views: ``(N,)`` view names among ``"clean"``, ``"aug"``, ``"adv"``.
         show_views: only draw these views (default: all present).
         highlight: draw this class in colour and the others in light grey.
-        legend: add a class legend and a view legend.
+        legend: add a legend of the classes and, under a heading, the views.
 
     Returns:
         The Axes (axis ticks hidden: UMAP's axes have no units).
@@ -173,14 +173,16 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
         handles = [Line2D([], [], ls="", marker="o", color=colors[k],
                           label=class_names[k] if k < len(class_names) else str(k))
                    for k in classes]
-        first = ax.legend(handles=handles, fontsize="small", loc="upper left",
-                          bbox_to_anchor=(1.0, 1.0), frameon=False, title="class",
-                          title_fontsize="small")
-        ax.add_artist(first)
         vh = [Line2D([], [], ls="", marker=VIEW_MARKERS[v], color="0.3", label=VIEW_LABELS[v])
               for v in drawn]
-        ax.legend(handles=vh, fontsize="small", loc="lower left", bbox_to_anchor=(1.0, 0.0),
-                  frameon=False, title="view", title_fontsize="small")
+        # One legend, the views under a heading of their own: two legends stacked beside the
+        # panel overlapped wherever the panel was shorter than both together.
+        heading = Line2D([], [], ls="", marker="", label="view")
+        legend_ = ax.legend(handles=[*handles, heading, *vh], fontsize="small", loc="upper left",
+                            bbox_to_anchor=(1.0, 1.0), frameon=False, title="class",
+                            title_fontsize="small")
+        legend_.get_texts()[len(handles)].set_fontweight("bold")
+        legend_.get_title().set_fontweight("bold")
     return ax
 
 

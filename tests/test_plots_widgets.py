@@ -98,10 +98,14 @@ def test_plot_umap_panels():
                                   enumerate(["standard", "pgd_at", "anchor"])})
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["Standard", "PGD-AT", "ANCHOR"]
-    # One shared legend (classes and views), beside the last panel only.
+    # One shared legend (classes, then views under their heading), beside the last panel only.
     legends = [[c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
                for ax in fig.axes]
-    assert [len(found) for found in legends] == [0, 0, 2]
+    assert [len(found) for found in legends] == [0, 0, 1]
+    # Within the figure (constrained layout makes room for it), not cut off at its right edge.
+    fig.canvas.draw()
+    box = legends[2][0].get_window_extent()
+    assert box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0
 
 
 def test_plot_accuracy_vs_eps_and_show_images():
@@ -154,10 +158,12 @@ def test_plot_umap_legends_name_the_classes_present_and_the_views_drawn():
     labels = labels.copy()
     labels[0] = 10  # beyond the ten class names: shown by its number, in a colour of its own
     ax = plots.plot_umap(coords, labels, views, show_views=["clean", "adv"])
-    legends = [c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
-    classes, shown = ([t.get_text() for t in leg.get_texts()] for leg in legends)
-    assert classes == [CLASSES[0], CLASSES[1], CLASSES[2], CLASSES[3], "10"]
-    assert shown == ["clean", "adversarial (PGD)"]
+    [legend_] = [c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
+    texts = [t.get_text() for t in legend_.get_texts()]
+    assert texts == [CLASSES[0], CLASSES[1], CLASSES[2], CLASSES[3], "10",
+                     "view", "clean", "adversarial (PGD)"]
+    assert legend_.get_title().get_text() == "class"
+    assert legend_.get_texts()[5].get_fontweight() == "bold"   # the views' heading
     assert len(ax.collections) == 2
     assert np.allclose(ax.collections[0].get_facecolors()[0][:3], plots.class_colors(11)[10][:3])
 
