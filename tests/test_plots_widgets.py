@@ -552,6 +552,14 @@ def test_compare_runs_pairs_two_runs_of_one_method(tmp_path):
     unpaired[["test", "p_value"]] = ["unpaired", np.nan]
     assert results.describe_difference(unpaired) == (
         "+1.70 points (noise ±0.96, unpaired) -> full-anchor-0 higher")
+    # Few disagreements: 7 against 1 of 150 images is beyond ±2 s.e. (4.0 > 3.77 points) but
+    # McNemar's exact p is 0.07: the verdict follows p, and the words say so.
+    few = results.paired_difference(np.r_[[True] * 7, [False] * 143],
+                                    np.r_[[False] * 7, [True], [False] * 142])
+    assert few["difference"] > few["noise_2se"] and few["p_value"] >= 0.05
+    assert results.describe_difference({**few, "test": "paired", "verdict": "within noise"}) == (
+        "+4.00 points (noise ±3.77, paired, p = 0.070) -> within noise (by the exact p: with this "
+        "few disagreeing images the ±2 s.e. understates the noise)")
 
 
 
