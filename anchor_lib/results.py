@@ -507,14 +507,15 @@ def describe_difference(row) -> str:
     """One row of :func:`compare` or :func:`compare_runs` in words, e.g. ``+0.74 points (noise
     ±0.55, paired, p = 0.007) -> ANCHOR higher`` (an unpaired row has no p-value).
 
-    A paired verdict follows McNemar's exact p; where it says "within noise" of a difference
+    A paired verdict follows McNemar's exact p; where it is "within noise" for a difference
     beyond the ±2 s.e. printed beside it (few disagreeing images, where that normal approximation
     understates the noise), the words say which one decided."""
     p = row["p_value"]
     test = row["test"] if math.isnan(p) else \
         f"{row['test']}, {'p < 0.001' if p < 0.001 else f'p = {p:.3f}'}"
     decided = ""
-    if not math.isnan(p) and p >= 0.05 and abs(row["difference"]) > row["noise_2se"]:
+    if (not math.isnan(p) and row["verdict"] == "within noise"
+            and abs(row["difference"]) > row["noise_2se"]):
         decided = (" (by the exact p: with this few disagreeing images the ±2 s.e. "
                    "understates the noise)")
     return (f"{row['difference']:+.2f} points (noise ±{row['noise_2se']:.2f}, {test}) -> "

@@ -332,11 +332,11 @@ def solution_cells(nb: nbformat.NotebookNode, name: str) -> list[nbformat.Notebo
     """The Python code of every exercise solution in ``nb`` (``handout.solution_code``: the
     folded blocks the chapter shows but never runs), as code cells with ids ``solution-<cell
     index>-<block>``, each opening with a comment that names where its code comes from."""
-    cells = []
+    handout, cells = _handout(), []
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "markdown":
             continue
-        for block, code in enumerate(_handout().solution_code(cell.source, f"{name}, cell {index}")):
+        for block, code in enumerate(handout.solution_code(cell.source, f"{name}, cell {index}")):
             new = nbformat.v4.new_code_cell(f"# {name}: solution code {block + 1} of markdown cell "
                                             f"{index} (run by execute_book.py)\n{code}")
             new.id = f"solution-{index}-{block}"

@@ -101,16 +101,21 @@ with open("{name}.solution", "w") as f:
 """
 
 
+def _add_solutions(root: Path, name: str, second: str) -> None:
+    """Chapter ``name`` of :func:`_book` ends with :data:`_SOLUTIONS`, ``second`` as its code."""
+    path = root / "book" / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell(_SOLUTIONS.format(name=name, second=second)))
+    nbformat.write(nb, path)
+
+
 def test_solutions_run_after_their_chapter_and_a_broken_one_fails_it(tmp_path, short_tmp):
     """Each solution's code runs after the chapter's last cell, in its kernel (it sees the
     chapter's variables); the cache keeps the chapter as written; a solution that raises fails
     its chapter, naming where the code came from; --no-solutions leaves them alone."""
     _book(tmp_path, {"good": "answer = 42", "bad": "answer = 7"})
     for name, second in (("good", "ratio = answer / 2"), ("bad", "ratio = answer / 0")):
-        path = tmp_path / "book" / f"{name}.ipynb"
-        nb = nbformat.read(path, as_version=4)
-        nb.cells.append(nbformat.v4.new_markdown_cell(_SOLUTIONS.format(name=name, second=second)))
-        nbformat.write(nb, path)
+        _add_solutions(tmp_path, name, second)
     done = _run(tmp_path, "--jobs", "2", "--solutions", tmp=short_tmp)
     assert done.returncode == 1
     assert (tmp_path / "book" / "good.solution").read_text() == "42"
@@ -134,10 +139,7 @@ def test_solutions_run_after_their_chapter_and_a_broken_one_fails_it(tmp_path, s
 
 def test_solutions_run_by_default_at_the_smoke_profile_only(tmp_path, short_tmp, monkeypatch):
     _book(tmp_path, {"c": "answer = 1"})
-    path = tmp_path / "book" / "c.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    nb.cells.append(nbformat.v4.new_markdown_cell(_SOLUTIONS.format(name="c", second="pass")))
-    nbformat.write(nb, path)
+    _add_solutions(tmp_path, "c", "pass")
     for profile, ran in (("demo", False), ("smoke", True)):
         monkeypatch.setenv("ANCHOR_PROFILE", profile)
         assert _run(tmp_path, "--jobs", "1", tmp=short_tmp).returncode == 0
