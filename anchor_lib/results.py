@@ -51,7 +51,7 @@ __all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "abla
            "default_root", "describe_difference", "find_embeddings", "format_results_table",
            "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
            "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint",
-           "paired_difference", "provenance_table", "results_table", "sanity_table",
+           "not_found", "paired_difference", "provenance_table", "results_table", "sanity_table",
            "save_per_image", "split_shared", "validate_metrics", "RunResult"]
 
 
@@ -72,6 +72,18 @@ def default_root() -> Path:
         if candidate.is_dir():
             return candidate.resolve()
     return _REPO_RESULTS
+
+
+def not_found(what: str, where: str | Path | None = None) -> str:
+    """The sentence a chapter prints when it finds no committed ``what`` (e.g. "tutorial runs")
+    under ``where`` (default :func:`default_root`): where such files live and how the library
+    finds them. It claims nothing about whether they exist.
+    """
+    return (f"No {what} under {where if where is not None else default_root()}. The book's "
+            "repository commits its results under data/results/ and its tutorial checkpoints "
+            "under data/checkpoints/; a chapter's set-up cell clones the repository where "
+            "anchor_lib is missing (as on Colab), and elsewhere ANCHOR_RESULTS_DIR can point at "
+            "a clone's data/results.")
 
 
 @dataclass

@@ -5,8 +5,9 @@ Every chapter notebook listed in ``_toc.yml`` must
 - be a valid notebook, committed without outputs (``outputs: []``, ``execution_count: null``),
   with a Python 3 kernelspec;
 - open with a markdown title cell carrying the "Open in Colab" badge for its own path;
-- have, as its first code cell, the set-up cell that installs ``anchor_lib`` only when the import
-  fails (valid Python: the pip call goes through ``get_ipython().run_line_magic``);
+- have, as its first code cell, the set-up cell that clones the book's repository and installs
+  ``anchor_lib`` from it only when the import fails (valid Python: the pip call goes through
+  ``get_ipython().run_line_magic``; ``test_setup_cell.py`` runs it);
 - have a profile cell (``anchor_lib.train.default_profile()``, printed) among its first code cells;
 - end with exercises whose solutions are folded away (a ``dropdown`` admonition or ``{toggle}``);
 - cite only keys that exist in ``book/references.bib``.
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
 COLAB_PREFIX = "https://colab.research.google.com/github/anchor-book/anchor-book/blob/main/"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
-INSTALL_URL = "git+https://github.com/anchor-book/anchor-book"
+REPO_URL = "https://github.com/anchor-book/anchor-book"
 
 
 def toc() -> dict:
@@ -120,9 +121,9 @@ def check_setup_and_profile_cells(page: str) -> None:
     handlers = [node for node in ast.walk(tree) if isinstance(node, ast.Try)]
     assert handlers and "import anchor_lib" in setup and "ImportError" in setup, \
         f"{page}.ipynb: the first code cell must be `try: import anchor_lib / except ImportError:`"
-    assert "run_line_magic" in setup and "pip" in setup and INSTALL_URL in setup, \
-        (f"{page}.ipynb: the set-up cell must install anchor_lib from {INSTALL_URL} with "
-         "get_ipython().run_line_magic('pip', ...)")
+    assert "run_line_magic" in setup and "pip" in setup and REPO_URL in setup, \
+        (f"{page}.ipynb: the set-up cell must clone {REPO_URL} and install anchor_lib from the "
+         "clone with get_ipython().run_line_magic('pip', ...)")
     profile_cells = [cell for cell in code[:4] if "default_profile()" in cell.source]
     assert profile_cells, (f"{page}.ipynb: one of the first code cells must read the profile with "
                            "anchor_lib.train.default_profile()")

@@ -949,3 +949,12 @@ def test_per_image_masks_of_one_image_and_no_pickles(tmp_path):
     np.savez(evil, clean=np.array([{"a": 1}], dtype=object), meta=np.array("{}"))
     with pytest.raises(ValueError, match="pickle"):
         results.load_per_image(evil)
+
+
+def test_not_found_names_what_and_where_and_how_the_library_finds_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANCHOR_RESULTS_DIR", str(tmp_path / "mine"))
+    note = results.not_found("committed histories")
+    assert note.startswith(f"No committed histories under {tmp_path / 'mine'}. ")
+    assert "ANCHOR_RESULTS_DIR" in note and "set-up cell" in note
+    assert results.not_found("call counts", tmp_path / "x").startswith(
+        f"No call counts under {tmp_path / 'x'}. ")
