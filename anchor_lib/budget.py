@@ -16,9 +16,12 @@ finished under the same results folder, on the same hardware:
   twice, and searches in fp32 throughout when its check fails), and an fp32 search is never
   timed by a TF32 run;
 
-the sum times :data:`MARGIN`. A run with no such precedent is started if any time is left (no
-estimate is no reason to skip it); a finished run is always "admitted", since skipping it costs
-nothing.
+the sum times :data:`MARGIN`. A GPU with no such runs of its own is timed by the runs on other
+GPUs, by the slowest estimate they give: the lent GPU can change between slots (an H100, then an
+H200), and a run started on an estimate that is too short is lost, while one skipped on an
+estimate that is too long costs only idle time. A CPU is never timed by a GPU, nor the reverse.
+A run with no precedent at all is started if any time is left (no estimate is no reason to skip
+it); a finished run is always "admitted", since skipping it costs nothing.
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
              sanity: bool, hardware: str, search: str = "fp32") -> Estimate | None:
     """How long a run of ``cfg`` evaluated with ``attacks`` (and the sanity checks if
     ``sanity``) is expected to take on ``hardware``, from the finished runs under ``out``; None
-    when no finished run there trained or evaluated alike on that hardware.
+    when no finished run there trained or evaluated alike on that hardware, nor, for a GPU, on
+    another GPU (then the slowest of the other GPUs' estimates, its basis naming the GPU).
 
     Training: the slowest first epoch (it compiles) of the runs that train alike, plus, for each
     further epoch, the median over those runs of their median later epoch (runs of one epoch
@@ -105,7 +109,33 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     what a finished run took beyond training and evaluation (loading, embeddings;
     ``run_seconds``, where recorded), then :data:`MARGIN`."""
     compiled = use_compile(cfg, resolve_device(cfg.device))
-    runs = [(d, m) for d, m in finished_runs(out) if m.get("hardware") == hardware]
+    done = finished_runs(out)
+    guess = _estimate_from([(d, m) for d, m in done if m.get("hardware") == hardware], out, cfg,
+                           attacks, sanity, search, compiled)
+    if guess is not None or not _is_gpu(hardware):
+        return guess
+    others = sorted({m["hardware"] for _, m in done
+                     if _is_gpu(m.get("hardware")) and m["hardware"] != hardware})
+    guesses = [(g, other) for other in others
+               if (g := _estimate_from([(d, m) for d, m in done if m.get("hardware") == other],
+                                       out, cfg, attacks, sanity, search, compiled)) is not None]
+    if not guesses:
+        return None
+    slowest, other = max(guesses, key=lambda item: item[0].seconds)
+    return Estimate(slowest.seconds, f"{slowest.basis}; on {other}, since no finished run on "
+                                     f"{hardware} times it")
+
+
+def _is_gpu(hardware: Any) -> bool:
+    """Whether a recorded ``hardware`` names a GPU (:func:`anchor_lib.provenance.hardware` calls
+    every other device "CPU (...)")."""
+    return isinstance(hardware, str) and bool(hardware) and not hardware.startswith("CPU (")
+
+
+def _estimate_from(runs: list[tuple[Path, dict[str, Any]]], out: str | Path, cfg: TrainConfig,
+                   attacks: tuple[str, ...], sanity: bool, search: str,
+                   compiled: bool) -> Estimate | None:
+    """:func:`estimate` from these finished runs (all of one hardware)."""
     mine = _cost(dataclasses.asdict(cfg))
     train = [(d, m, _epoch_seconds(d)) for d, m in runs if _cost(m["config"]) == mine
              and m.get("compiled") in (None, compiled)]

@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-precision", dest="search", choices=SEARCH_PRECISIONS, default="fp32",
                    help=SEARCH_HELP)
     p.add_argument("--time-budget", type=_positive_int, metavar="SECONDS",
-                   help="start a run only if the finished runs on this hardware say it will end "
-                        "within SECONDS of the start, else go on to the next (GPU slots)")
+                   help="start a run only if the finished runs on this hardware (on a GPU "
+                        "without any: on other GPUs) say it will end within SECONDS of the "
+                        "start, else go on to the next (GPU slots)")
     p.add_argument("--ablation", action="store_true",
                    help="instead of the five methods, the ANCHOR ablation (beta, lambda, tau, "
                         "adversarial view, two-stage variant) at half the epochs, each knob's "

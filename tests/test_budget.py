@@ -300,3 +300,33 @@ def test_a_knob_unchosen_for_another_reason_than_time_is_an_error(tmp_path, monk
         "temperature": ["0.2"]}})
     with pytest.raises(ValueError, match=r"the ablation chose no value of beta, lam \(see"):
         rep.reproduce("full", ("anchor",), tmp_path, log=lambda _: None, time_budget=600)
+
+
+def test_a_gpu_without_runs_of_its_own_is_timed_by_the_slowest_other_gpu(tmp_path):
+    """The lent GPU changed from an H100 to an H200: the H100's runs time the H200's first slot,
+    the slower of two other GPUs when there are two, and never a CPU's runs; a GPU's own runs
+    come first."""
+    out = tmp_path / "results"
+    h100, a100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA H200"
+    fake_run(out / "full-pgd_at", full("pgd_at"), [11.6, 9.5, 9.6], 339.0, hardware=h100)
+
+    def on(hardware):
+        return budget.estimate(out, full("pgd_at", seed=1), attacks=ALL, sanity=True,
+                               hardware=hardware)
+
+    fast = on(h200)
+    assert fast.seconds == pytest.approx((11.6 + 29 * 9.55 + 339) * budget.MARGIN)
+    assert fast.basis.endswith(f"; on {h100}, since no finished run on {h200} times it")
+    assert on(CPU) is None                               # a CPU is not timed by a GPU
+    fake_run(out / "full-pgd_at-a100", full("pgd_at", seed=2), [20.0, 18.0], 500.0, hardware=a100)
+    slow = on(h200)
+    assert slow.seconds == pytest.approx((20.0 + 29 * 18.0 + 500) * budget.MARGIN)
+    assert f"on {a100}," in slow.basis
+    fake_run(out / "full-pgd_at-h200", full("pgd_at", seed=3), [9.0, 7.0], 300.0, hardware=h200)
+    own = on(h200)
+    assert own.seconds == pytest.approx((9.0 + 29 * 7.0 + 300) * budget.MARGIN)
+    assert "since no finished run" not in own.basis
+    # nor is a GPU timed by a CPU
+    fake_run(tmp_path / "cpu" / "full-pgd_at", full("pgd_at"), [1.0, 1.0], 1.0)
+    assert budget.estimate(tmp_path / "cpu", full("pgd_at", seed=1), attacks=ALL, sanity=True,
+                           hardware=h200) is None
