@@ -58,9 +58,10 @@ __all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "abla
 def default_root() -> Path:
     """``$ANCHOR_RESULTS_DIR`` if set, else the repository's ``data/results``.
 
-    With a pip-installed ``anchor_lib`` (Colab) the package has no ``data/results`` beside it;
-    then ``../data/results`` or ``data/results`` under the working directory is used if it
-    exists (a notebook run from a clone's ``book/`` folder). If nothing exists, the returned
+    The chapters' set-up cell installs ``anchor_lib`` from a clone of the repository (Colab), so
+    its ``data/results`` is there. An ``anchor_lib`` installed otherwise has none beside it; then
+    ``../data/results`` or ``data/results`` under the working directory is used if it exists (a
+    notebook run from a clone's ``book/`` folder). If nothing exists, the returned
     folder does not exist and every loader returns nothing.
     """
     env = os.environ.get("ANCHOR_RESULTS_DIR")

@@ -41,6 +41,8 @@ from anchor_lib import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_URL = "https://github.com/anchor-book/anchor-book"
+PACKAGES = ("anchor_lib", "torch", "torchvision", "torchattacks", "umap-learn", "ipywidgets",
+            "matplotlib", "ipykernel", "nbclient")
 
 # Runs in VENV: execute one chapter with nbclient, its set-up cell pointed at the stand-in.
 RUNNER = r"""
@@ -143,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{chapter.stem}: {'ok' if ran['error'] is None else 'FAILED'} in {seconds:.0f} s",
               flush=True)
     shutil.rmtree(work, ignore_errors=True)
+    # VENV keeps what the chapters' extra pulled in before (Colab has most of it preinstalled);
+    # only anchor_lib is removed between chapters. Record what the chapters ran with.
+    versions = subprocess.run(
+        [str(python), "-c", "import json, importlib.metadata as m; print(json.dumps("
+         "{d: m.version(d) for d in " + repr(PACKAGES) + "}))"],
+        env=env, capture_output=True, text=True)
+    report["packages"] = (json.loads(versions.stdout) if versions.returncode == 0
+                          else f"not read: {versions.stderr[-300:]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     checkpoint.write_sidecar(args.out)

@@ -90,6 +90,9 @@ def test_every_chapter_opens_with_the_cell_that_colab_md_quotes():
     for page in chapter_files():
         first = next(c for c in load_notebook(page).cells if c.cell_type == "code")
         assert first.source == cell, f"{page}.ipynb's set-up cell differs from chapter 1's"
+        # folded on the website (the reader sees its output); Colab ignores the tag
+        assert first.metadata.get("tags") == ["hide-input"], \
+            f"{page}.ipynb's set-up cell must carry the tag hide-input, has {first.metadata}"
     colab = (ROOT / "book" / "colab.md").read_text(encoding="utf-8")
     assert f"```python\n{cell}\n```" in colab, "book/colab.md must quote the set-up cell as it is"
 
