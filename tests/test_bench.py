@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -211,21 +212,28 @@ def test_autoattack_timing_attacks_every_image(monkeypatch):
 def test_fast_path_matches_reference_accuracy():
     """Same init and schedule: the fast pipeline learns as well as the plain reference loop.
 
-    On this tiny task the two differ by more than sampling noise in *both* directions from seed
-    to seed (the reference crafts its attack with BatchNorm in train mode), so the check is
-    one-sided: the speed-ups must not cost accuracy.
+    On this tiny task one seed's two runs differ by up to 25 points in either direction: the
+    reference crafts its attack with BatchNorm in train mode, and a width-4 network at lr 0.1 is
+    chaotic (the CPU's kernels alone, AVX2 or AVX-512, moved seed 0's PGD gap from -25 to +6
+    points). So the check averages three seeds, and is one-sided: the speed-ups must not cost
+    accuracy. Over seeds 0-5 and both instruction sets, no three seeds' mean gap fell below -12
+    points.
     """
     dataset = data.synthetic(n_train=1024, n_test=256, size=16, noise=0.1, seed=1)
     cfg = TrainConfig(method="pgd_at", width=4, proj_dim=16, batch_size=64, lr=0.1,
                       attack_steps=2, eps=16 / 255, alpha=8 / 255, progress=False, device="cpu")
-    result = same_answers(dataset, cfg, steps=64)
+    runs = [same_answers(dataset, dataclasses.replace(cfg, seed=seed), steps=64)
+            for seed in range(3)]
+    for result in runs:
+        assert result["steps"] == 64 and result["batch_size"] == 64
+        assert result["difference"] == {k: round(result["fast"][k] - result["reference"][k], 4)
+                                        for k in ("clean", "pgd10")}
+    mean = {path: {k: sum(r[path][k] for r in runs) / len(runs) for k in ("clean", "pgd10")}
+            for path in ("reference", "fast")}
     for path in ("reference", "fast"):
-        assert result[path]["clean"] > 0.5, result  # both actually learned something
-    assert result["steps"] == 64 and result["batch_size"] == 64
-    assert result["difference"] == {k: round(result["fast"][k] - result["reference"][k], 4)
-                                    for k in ("clean", "pgd10")}
-    assert result["difference"]["clean"] >= -0.1, result
-    assert result["difference"]["pgd10"] >= -0.1, result
+        assert mean[path]["clean"] > 0.5, mean  # both actually learned something
+    for k in ("clean", "pgd10"):
+        assert mean["fast"][k] >= mean["reference"][k] - 0.15, (k, mean, runs)
 
 
 def test_benchmark_says_why_it_skipped_the_answer_check(tmp_path, monkeypatch):
