@@ -5,7 +5,9 @@
     chapters 1-7 have at least one figure, no cell rendered an error; a screenshot of each chapter
     is written to ``_build/screenshots/<page>.png``;
 (c) the notebook sources are committed without outputs and carry the Colab badge, the set-up cell
-    and the profile cell (the same checks as ``test_notebooks_static.py``).
+    and the profile cell (the same checks as ``test_notebooks_static.py``), and every cell that
+    shows a figure carries its alt text in its metadata;
+(d) every figure of a chapter page has alt text for screen readers.
 
 Without a build these tests skip, except under CI (``CI`` set), where a missing build is a failure.
 ``ANCHOR_BOOK_BUILD`` points them at another build folder (default: ``_build`` in the repository).
@@ -17,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import by_path
@@ -223,3 +226,78 @@ def test_notebook_source_is_clean_and_runnable_in_colab(page):
     static.check_no_outputs(page)
     static.check_colab_badge(page)
     static.check_setup_and_profile_cells(page)
+
+
+# A figure's alt text: one or two sentences on what it shows, set in its code cell's metadata as
+# {"mystnb": {"image": {"alt": "..."}}}; MyST-NB gives it to every image output of the cell.
+ALT_LENGTH = (40, 400)
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_every_figure_cell_has_alt_text(page):
+    """Each code cell that calls ``plt.show()`` (how every figure of the book is drawn) carries
+    alt text in its metadata: MyST-NB renders the cell's images with it (checked on the built
+    pages by :func:`test_chapter_figures_have_alt_text`)."""
+    nb = static.load_notebook(page)
+    problems = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "plt.show()" not in cell.source:
+            continue
+        alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt")
+        where = f"cell {index} (id {cell.get('id')})"
+        if not isinstance(alt, str) or not alt.strip():
+            problems.append(f"{where}: no metadata mystnb.image.alt")
+        elif not ALT_LENGTH[0] <= len(alt) <= ALT_LENGTH[1]:
+            problems.append(f"{where}: alt text of {len(alt)} characters, "
+                            f"expected {ALT_LENGTH[0]}-{ALT_LENGTH[1]}")
+    assert not problems, (f"{page}.ipynb: figure cells without usable alt text (set the cell's "
+                          f"metadata {{\"mystnb\": {{\"image\": {{\"alt\": \"...\"}}}}}}): "
+                          f"{problems}")
+
+
+# --- (d) accessibility of the built pages -----------------------------------------------------------
+
+class _Images(HTMLParser):
+    """The attributes of every <img> of a page, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[dict[str, str | None]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs))
+
+
+def _images(path: Path) -> list[dict[str, str | None]]:
+    parser = _Images()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser.images
+
+
+def _is_figure(image: dict[str, str | None]) -> bool:
+    """A figure: an image Sphinx copied into ``_images/`` (the notebooks' image outputs). Not the
+    theme's icons and logos (``_static/``) nor the Colab badge (an external URL, with its alt)."""
+    return "_images/" in (image.get("src") or "")
+
+
+def _has_alt_text(image: dict[str, str | None]) -> bool:
+    """Whether the alt text says something. Without one, docutils writes the image's URI as its
+    alt, which a screen reader reads out as a file name: that counts as none."""
+    alt, src = (image.get("alt") or "").strip(), image.get("src") or ""
+    return bool(alt) and alt != src and Path(src).name not in alt
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_chapter_figures_have_alt_text(html, page):
+    path = html / f"{page}.html"
+    assert path.is_file(), f"{page} was not built"
+    figures = [img for img in _images(path) if _is_figure(img)]
+    number = CHAPTERS.index(page) + 1
+    if number <= CHAPTERS_WITH_FIGURES:
+        assert figures, f"{page}: chapter {number} must show at least one figure, found none"
+    missing = [Path(img.get("src") or "").name for img in figures if not _has_alt_text(img)]
+    assert not missing, (f"{page}.html: {len(missing)} of {len(figures)} figures without alt text "
+                         f"(set mystnb.image.alt in the metadata of the code cell that draws "
+                         f"them): {missing}")
