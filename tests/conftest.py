@@ -11,6 +11,9 @@ import torch
 # Tiny models gain nothing from a second thread, and OpenMP's spin-waiting makes them up to 100x
 # slower when another process holds the other core. One thread keeps every test fast and steady.
 torch.set_num_threads(int(os.environ.get("ANCHOR_TEST_THREADS", "1")))
+# The same for the processes tests start (notebook kernels, the CLI, torchrun's workers) where a
+# test does not choose: a chapter's kernel with two threads ran 4x slower beside another worker.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("ANCHOR_TEST_THREADS", "1"))
 
 
 # --- Reliability counts (README "Reliability", issue 6) ----------------------------------------
