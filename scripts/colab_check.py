@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"what": "chapters run as on a new Colab machine: anchor_lib missing, the set-up cell "
                       "cloning the repository and installing it with %pip install -e",
               "command": "python scripts/colab_check.py " + " ".join(map(str, argv or sys.argv[1:])),
-              "commit": commit, "profile": env["ANCHOR_PROFILE"],
+              "commit": commit, "when": time.strftime("%Y-%m-%d"), "profile": env["ANCHOR_PROFILE"],
               "data": env.get("ANCHOR_DATA_DIR", "downloaded by torchvision"),
               "environment": f"{platform.platform()}, Python {platform.python_version()}, "
                              f"{os.cpu_count()} CPUs, no GPU",
