@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from anchor_lib import checkpoint
+from anchor_lib import checkpoint, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_URL = "https://github.com/anchor-book/anchor-book"
@@ -72,6 +72,8 @@ def chapters(selected: list[str]) -> list[Path]:
     found = sorted((ROOT / "book").glob("0[1-9]_*.ipynb"))
     if not selected:
         return found
+    if not all(k.isdigit() for k in selected):
+        raise SystemExit(f"chapters are given by number (1-9), got {selected}")
     picked = [p for p in found if any(p.name.startswith(f"{int(k):02d}_") for k in selected)]
     if len(picked) != len(selected):
         raise SystemExit(f"unknown chapter in {selected}: the chapters are "
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
               "commit": commit, "when": time.strftime("%Y-%m-%d"), "profile": env["ANCHOR_PROFILE"],
               "data": env.get("ANCHOR_DATA_DIR", "downloaded by torchvision"),
               "environment": f"{platform.platform()}, Python {platform.python_version()}, "
-                             f"{os.cpu_count()} CPUs, no GPU",
+                             f"{provenance.hardware()}",
               "stand_in": "a bare clone of the commit above, in place of " + REPO_URL,
               "chapters": {}}
     failed = 0

@@ -26,6 +26,11 @@ def test_an_unknown_chapter_is_refused_with_the_list():
         colab_check.chapters(["12"])
 
 
+def test_chapters_are_numbers():
+    with pytest.raises(SystemExit, match="by number"):
+        colab_check.chapters(["03_supervised_contrastive"])
+
+
 def test_a_folder_that_is_not_an_environment_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="must be a virtual environment"):
         colab_check.main([str(tmp_path), str(tmp_path / "out.json")])
