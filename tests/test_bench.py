@@ -216,8 +216,8 @@ def test_fast_path_matches_reference_accuracy():
     reference crafts its attack with BatchNorm in train mode, and a width-4 network at lr 0.1 is
     chaotic (the CPU's kernels alone, AVX2 or AVX-512, moved seed 0's PGD gap from -25 to +6
     points). So the check averages three seeds, and is one-sided: the speed-ups must not cost
-    accuracy. Over seeds 0-5 and both instruction sets, no three seeds' mean gap fell below -12
-    points.
+    accuracy. Over seeds 0-5 and three sets of kernels (AVX-512, AVX2, default), no three seeds'
+    mean gap fell below -12 points (data/results/cpu-checks/fast_path_seeds.json).
     """
     dataset = data.synthetic(n_train=1024, n_test=256, size=16, noise=0.1, seed=1)
     cfg = TrainConfig(method="pgd_at", width=4, proj_dim=16, batch_size=64, lr=0.1,
