@@ -109,16 +109,16 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     what a finished run took beyond training and evaluation (loading, embeddings;
     ``run_seconds``, where recorded), then :data:`MARGIN`."""
     compiled = use_compile(cfg, resolve_device(cfg.device))
-    done = finished_runs(out)
-    guess = _estimate_from([(d, m) for d, m in done if m.get("hardware") == hardware], out, cfg,
-                           attacks, sanity, search, compiled)
+    by_hardware: dict[Any, list[tuple[Path, dict[str, Any]]]] = {}
+    for d, m in finished_runs(out):
+        by_hardware.setdefault(m.get("hardware"), []).append((d, m))
+    guess = _estimate_from(by_hardware.get(hardware, []), out, cfg, attacks, sanity, search,
+                           compiled)
     if guess is not None or not _is_gpu(hardware):
         return guess
-    others = sorted({m["hardware"] for _, m in done
-                     if _is_gpu(m.get("hardware")) and m["hardware"] != hardware})
-    guesses = [(g, other) for other in others
-               if (g := _estimate_from([(d, m) for d, m in done if m.get("hardware") == other],
-                                       out, cfg, attacks, sanity, search, compiled)) is not None]
+    guesses = [(g, other) for other in sorted(h for h in by_hardware if _is_gpu(h) and h != hardware)
+               if (g := _estimate_from(by_hardware[other], out, cfg, attacks, sanity, search,
+                                       compiled)) is not None]
     if not guesses:
         return None
     slowest, other = max(guesses, key=lambda item: item[0].seconds)

@@ -66,13 +66,18 @@ def setup_cell() -> str:
     return next(c for c in load_notebook(chapter_files()[0]).cells if c.cell_type == "code").source
 
 
-def run_cell(cwd: Path, url: str) -> dict:
+def start_cell(cwd: Path, url: str) -> subprocess.CompletedProcess:
     """Run the set-up cell, cloning from ``url``, in a new interpreter in ``cwd``."""
     cell = setup_cell().replace(REPO_URL, url)
     code = f"ROOT = {str(ROOT)!r}\nCELL = {cell!r}\n{RUNNER}"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "GIT_CONFIG_NOSYSTEM": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
+
+
+def run_cell(cwd: Path, url: str) -> dict:
+    """:func:`start_cell`, which must succeed; what the runner reported."""
+    done = start_cell(cwd, url)
     assert done.returncode == 0, f"the set-up cell failed:\n{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -123,10 +128,7 @@ def test_a_clone_that_is_already_there_is_not_fetched_again(tmp_path, remote):
 
 
 def test_a_failed_clone_stops_the_cell_with_gits_error(tmp_path):
-    cell = setup_cell().replace(REPO_URL, (tmp_path / "missing.git").as_uri())
-    code = f"ROOT = {str(ROOT)!r}\nCELL = {cell!r}\n{RUNNER}"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    done = start_cell(tmp_path, (tmp_path / "missing.git").as_uri())
     assert done.returncode != 0
     assert "CalledProcessError" in done.stderr and "git" in done.stderr
     assert not (tmp_path / "anchor-book").exists()
