@@ -3,16 +3,12 @@ which chapters it runs, what it refuses, and how it reads a set-up cell's output
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
+import by_path
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location("colab_check", ROOT / "scripts" / "colab_check.py")
-colab_check = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(colab_check)
+colab_check = by_path.load("scripts/colab_check.py")
 
 
 def test_chapters_are_picked_by_number():

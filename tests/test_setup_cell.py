@@ -18,9 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import by_path
 import pytest
 
-from tests.test_notebooks_static import REPO_URL, chapter_files, load_notebook
+static = by_path.load("tests/test_notebooks_static.py", "_nb_static")
+REPO_URL, chapter_files, load_notebook = static.REPO_URL, static.chapter_files, static.load_notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 
