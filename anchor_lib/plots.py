@@ -28,9 +28,7 @@ from .results import (
     METHOD_LABELS,
     _runs,
     ablation_table,
-    format_results_table,
     load_history,
-    provenance_table,
     results_table,
 )
 
@@ -48,9 +46,11 @@ HISTORY_LABELS = {"train_acc": "train accuracy", "val_clean": "validation clean"
                   "val_pgd": "validation PGD", "loss": "loss", "ce": "cross-entropy",
                   "con": "contrastive term", "lr": "learning rate"}
 
-__all__ = ["METHOD_COLORS", "PARAM_LABELS", "VIEW_MARKERS", "class_colors", "format_results_table",
-           "plot_ablation", "plot_accuracy_vs_eps", "plot_history", "plot_results", "plot_umap",
-           "plot_umap_panels", "provenance_table", "results_table", "show_images"]
+# Tables live in anchor_lib.results; exporting them here too would document them twice and
+# send the API page's source links to the wrong module.
+__all__ = ["METHOD_COLORS", "PARAM_LABELS", "VIEW_MARKERS", "class_colors", "plot_ablation",
+           "plot_accuracy_vs_eps", "plot_history", "plot_results", "plot_umap", "plot_umap_panels",
+           "show_images"]
 
 
 def class_colors(num_classes: int = 10) -> np.ndarray:

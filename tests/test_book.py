@@ -1,6 +1,6 @@
 """Checks of the built book (``pytest -m book``, after ``jupyter-book build -W -n --keep-going .``).
 
-(a) every page of ``_toc.yml`` was built;
+(a) every page of ``_toc.yml`` was built, and every link between built pages reaches its target;
 (b) headless Chromium opens every chapter page: it loads, its figures are present and not broken,
     chapters 1-7 have at least one figure, no cell rendered an error; a screenshot of each chapter
     is written to ``_build/screenshots/<page>.png``;
@@ -82,6 +82,54 @@ def test_api_reference_documents_the_library(html):
     for name in ("anchor_lib.attacks.pgd", "anchor_lib.losses.anchor_loss",
                  "anchor_lib.models.PreActResNet18"):
         assert f'id="{name}"' in text, f"the API reference has no entry for {name}"
+
+
+class _LinksAndIds(HTMLParser):
+    """The ``href`` of every link and every ``id`` (and old-style ``<a name>``) of one page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if tag == "a" and a.get("name"):
+            self.ids.add(a["name"])
+        if tag == "a" and a.get("href"):
+            self.hrefs.append(a["href"])
+
+
+def test_internal_links_reach_their_targets(html):
+    """Every link from one built page to another (the API's source pages included) lands on a
+    page that exists and, when it names an anchor, on an element with that id."""
+    from urllib.parse import unquote, urlsplit
+
+    pages: dict[Path, _LinksAndIds] = {}
+    for path in html.rglob("*.html"):
+        parser = _LinksAndIds()
+        parser.feed(path.read_text(encoding="utf-8"))
+        pages[path.resolve()] = parser
+    broken = []
+    for path, parser in pages.items():
+        for href in parser.hrefs:
+            parts = urlsplit(href)
+            if parts.scheme or parts.netloc or href.startswith(("mailto:", "javascript:")):
+                continue
+            target = (path.parent / unquote(parts.path)).resolve() if parts.path else path
+            if target.is_dir():
+                target = target / "index.html"
+            if target.suffix != ".html":
+                if not target.exists():
+                    broken.append(f"{path.relative_to(html)}: {href} (no such file)")
+                continue
+            if target not in pages:
+                broken.append(f"{path.relative_to(html)}: {href} (no such page)")
+            elif parts.fragment and unquote(parts.fragment) not in pages[target].ids:
+                broken.append(f"{path.relative_to(html)}: {href} (no such anchor)")
+    assert not broken, f"{len(broken)} broken internal links, e.g.:\n" + "\n".join(broken[:10])
 
 
 # --- (b) the pages in a real browser ----------------------------------------------------------------

@@ -397,7 +397,7 @@ def test_load_results_and_tables(results_root):
     runs = results.load_results(results_root)
     assert [r.method for r in runs] == ["standard", "pgd_at", "anchor"]  # ablations excluded
     assert all(r.verified for r in runs)
-    df = plots.results_table(runs)
+    df = results.results_table(runs)
     assert list(df.index) == ["full-standard", "full-pgd_at", "full-anchor"]
     assert df.loc["full-anchor", "pgd20"] == pytest.approx(0.55)
     assert df.loc["full-anchor", "n_autoattack"] == 1000
