@@ -7,7 +7,13 @@ Every public attack has the shape ``attack(model, x, y, **hyper_parameters) -> x
   ``[0, num_classes)``, on ``x``'s device. Hyper-parameters are Python numbers (a numpy or
   tensor scalar is refused) and flags are bools.
 - ``x_adv`` has the shape and dtype of ``x``, is detached, lies in [0, 1] and in the eps-ball
-  around ``x`` (up to float rounding of ``x +- eps``, i.e. about 1e-7).
+  around ``x`` (fp32/fp64: up to float rounding of ``x +- eps``, i.e. about 1e-7; bf16/fp16:
+  exactly for L-inf, since the ball's bounds are rounded towards ``x``, and for L2 up to fp32
+  rounding). bf16/fp16 *images* make the L2 attacks weaker: their grid is coarser than a typical
+  L2 step per pixel, and a step that would leave the ball is rounded towards ``x``. Evaluate
+  with float32 images (autocast, ``amp=True``, keeps them float32).
+- Under ``torch.no_grad()`` the gradient attacks still work; ``torch.inference_mode()`` switches
+  autograd off for good, and they raise ``RuntimeError`` there.
 - During the attack the model is in eval mode with parameter gradients switched off
   (``attack_mode``); the caller's training flags and ``requires_grad`` flags come back exactly,
   also when the attack raises.
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchor_lib.checks import check_images, check_labels, check_logits, check_number
+from anchor_lib.checks import check_images, check_labels, check_logits, check_number, check_seed
 
 __all__ = [
     "LossFn",
@@ -164,28 +170,69 @@ def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
+def _round_towards(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``v`` (computed in a wider float dtype) cast to ``x``'s dtype, rounded towards ``x``.
+
+    Round-to-nearest may land just beyond ``v`` as seen from ``x``; there the result steps one
+    ulp back towards ``x``, so ``|result - x| <= |v - x|`` holds exactly, per element. The
+    comparisons are exact (both sides are in ``v``'s dtype, which holds x's values exactly).
+    """
+    rounded = v.to(x.dtype)
+    wide = rounded.to(v.dtype)
+    outside = torch.where(v >= x.to(v.dtype), wide > v, wide < v)
+    return torch.where(outside, torch.nextafter(rounded, x), rounded)
+
+
+def _linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corners ``(lower, upper)`` of the intersection of the L-inf ball and [0, 1], in x's dtype.
+
+    In bf16/fp16, ``x +- eps`` rounded to nearest lies up to half an ulp (about 0.5/255 near 1
+    in bf16) outside the ball; the corners are computed in fp64 and rounded towards ``x``
+    instead. fp32/fp64 keep the plain computation: no extra work on the training path.
+    """
+    if x.dtype in (torch.float32, torch.float64):
+        return (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    wide = x.double()
+    return (_round_towards((wide - eps).clamp(min=0), x),
+            _round_towards((wide + eps).clamp(max=1), x))
+
+
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
     """Project ``x_adv`` onto the eps-ball around ``x`` and then onto [0, 1].
 
     Both sets are convex and the clamp to [0, 1] moves every coordinate towards ``x``, so the
-    result lies in both. Shapes ``(N, C, H, W)``; no validation, no sync.
+    result lies in both. In bf16/fp16 the L2 projection is computed in fp32 and both are rounded
+    so that the cast to x's dtype cannot leave the ball (see ``_linf_box``). Shapes
+    ``(N, C, H, W)``; no validation, no sync.
     """
     if norm == "Linf":
-        return torch.clamp(x_adv, min=(x - eps).clamp(min=0), max=(x + eps).clamp(max=1))
-    delta = x_adv - x
+        lower, upper = _linf_box(x, eps)
+        return torch.clamp(x_adv, min=lower, max=upper)
+    low_precision = x.dtype not in (torch.float32, torch.float64)
+    x_wide = x.float() if low_precision else x
+    delta = x_adv.to(x_wide.dtype) - x_wide
     delta = delta * (eps / _per_example_norm(delta).clamp(min=1e-12)).clamp(max=1.0)
-    return (x + delta).clamp(0.0, 1.0)
+    x_adv = (x_wide + delta).clamp(0.0, 1.0)
+    if not low_precision:
+        return x_adv
+    # Round to nearest where that stays in the ball; elsewhere towards x, which shrinks every
+    # coordinate of the step and so cannot leave the ball, but shortens it by up to an ulp each.
+    nearest = x_adv.to(x.dtype)
+    inside = _per_example_norm(nearest.to(x_wide.dtype) - x_wide) <= eps
+    return torch.where(inside, nearest, _round_towards(x_adv, x))
 
 
 def random_point(x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
     """A random point around ``x`` (N, C, H, W): PGD's random start, not yet clipped to [0, 1].
 
     L-inf: uniform in the ball. L2: a uniform direction, radius uniform in [0, eps]. Draws from
-    the global generator of x's device.
+    the global generator of x's device. The noise is drawn in the logical (contiguous NCHW)
+    order, so a channels_last ``x`` gets the same start as a contiguous one under the same seed.
     """
+    # Not *_like: those follow x's memory format and would fill the same values in another order.
     if norm == "Linf":
-        return x + torch.empty_like(x).uniform_(-eps, eps)
-    direction = torch.randn_like(x)
+        return x + torch.empty(x.shape, dtype=x.dtype, device=x.device).uniform_(-eps, eps)
+    direction = torch.randn(x.shape, dtype=x.dtype, device=x.device)
     direction = direction / _per_example_norm(direction).clamp(min=1e-12)
     radius = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
     return x + direction * radius * eps
@@ -231,7 +278,7 @@ def pgd_core(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
     x = x.detach()
     use_amp = amp and x.is_cuda
     if norm == "Linf":  # the intersection of ball and box is a box: compute its corners once
-        lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+        lower, upper = _linf_box(x, eps)
     if start is None and random_start:
         start = random_point(x, eps, norm)
     x_adv = project(start.detach(), x, eps, norm) if start is not None else x.clone()
@@ -249,6 +296,9 @@ def pgd_core(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
             if norm == "Linf":
                 x_adv = torch.clamp(x_adv.detach() + alpha * grad.sign(), min=lower, max=upper)
             else:
+                # One NaN or inf in the gradient (e.g. sqrt at a pixel equal to 0) would make the
+                # norm, and so the whole image, NaN; L-inf is safe since sign(NaN) = 0.
+                grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
                 step = alpha * grad / _per_example_norm(grad).clamp(min=1e-12)
                 x_adv = project(x_adv.detach() + step, x, eps, norm)
     return x_adv.detach()
@@ -337,6 +387,16 @@ def _check_norm(norm: object) -> str:
     return norm
 
 
+def _check_autograd() -> None:
+    """Refuse inference mode up front: autograd is off there for good (``enable_grad`` does not
+    lift it), and the attack would fail deep inside with "element 0 of tensors does not require
+    grad"."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("this attack needs input gradients, which torch.inference_mode() "
+                           "switches off; call it outside inference mode (torch.no_grad() is "
+                           "fine: the attack switches gradients back on where it needs them)")
+
+
 def _check_flag(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -379,6 +439,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float) -> t
     Returns:
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1], ``|x_adv - x|_inf <= eps``.
     """
+    _check_autograd()
     eps = check_number(eps, "eps", low=0.0)
     with attack_mode(model):
         _, y = _check_batch(model, x, y)
@@ -417,6 +478,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     Returns:
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1] and in the eps-ball.
     """
+    _check_autograd()
     eps = check_number(eps, "eps", low=0.0)
     alpha = check_number(alpha, "alpha", low=0.0, low_inclusive=False)
     steps = check_number(steps, "steps", low=0, integer=True)
@@ -490,6 +552,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c_init: float, 
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1]. No eps-ball: the attack
         minimises the L2 distance instead.
     """
+    _check_autograd()
     c_init = check_number(c_init, "c_init", low=0.0, low_inclusive=False)
     steps = check_number(steps, "steps", low=0, integer=True)
     search_steps = check_number(search_steps, "search_steps", low=0, integer=True)
@@ -529,27 +592,34 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     Args:
         model: ``nn.Module`` mapping ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``,
             with at least one parameter (torchattacks reads the device from it).
-        x: float ``(N, C, H, W)`` in [0, 1], N >= 1, in the dtype of the model's parameters.
+        x: float32 ``(N, C, H, W)`` in [0, 1], N >= 1, like the model's parameters
+            (torchattacks computes in float32; another dtype raises ValueError).
         y: integer labels ``(N,)`` in ``[0, K)``, on x's device.
         eps: radius, >= 0.
         norm: ``"Linf"`` or ``"L2"``.
         batch_size: images per torchattacks call, int >= 1; None (the default) attacks all of
             ``x`` in one call, so the caller's batching decides (``evaluate.robust_accuracy``).
         version: ``"standard"``, ``"plus"`` or ``"rand"``.
-        seed: seed of the attacks' random starts. The caller's global RNG state is preserved.
+        seed: seed of the attacks' random starts, an int in [0, 2**63). The caller's global RNG
+            state is preserved.
 
     Returns:
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1] and in the eps-ball.
     """
+    _check_autograd()
     eps = check_number(eps, "eps", low=0.0)
     norm = _check_norm(norm)
     if batch_size is not None:
         batch_size = check_number(batch_size, "batch_size", low=1, integer=True)
-    seed = check_number(seed, "seed", integer=True)
+    seed = check_seed(seed)
     if version not in ("standard", "plus", "rand"):
         raise ValueError(f"version must be 'standard', 'plus' or 'rand', got {version!r}")
     with attack_mode(model):
         logits, y = _check_batch(model, x, y)
+        if x.dtype != torch.float32:
+            # torchattacks' FAB casts to float32 inside and then fails on the model's dtype.
+            raise ValueError(f"AutoAttack (torchattacks) runs in float32, got images and a model "
+                             f"in {x.dtype}; convert both with .float()")
         num_classes = logits.shape[1]
         if num_classes < 4:
             raise ValueError(f"AutoAttack needs a model with at least 4 classes (APGD-T's DLR "
@@ -617,7 +687,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     eps = check_number(eps, "eps", low=0.0)
     norm = _check_norm(norm)
     n_queries = check_number(n_queries, "n_queries", low=1, integer=True)
-    seed = check_number(seed, "seed", integer=True)
+    seed = check_seed(seed)
     import torchattacks  # lazily, as in autoattack
 
     with attack_mode(model):

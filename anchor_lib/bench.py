@@ -24,9 +24,7 @@ JSON says so: its absolute times mean nothing, only the ratios measured in one r
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attacks, checkpoint, data, graphs, provenance
+from .checkpoint import check_writable  # the one check of an output path (the CLI's too)
 from .evaluate import EVAL_PRECISION, default_batch_size, full_precision, sync
 from .train import (
     TrainConfig,
@@ -226,38 +225,6 @@ def same_answers(dataset: data.CIFAR10, cfg: TrainConfig, steps: int,
 DEFAULT_DIR = Path("data/results/bench")
 
 
-def check_writable(out: Path) -> None:
-    """Raise ``ValueError`` naming ``out`` unless a JSON file can be written there.
-
-    The benchmark writes its JSON after its first stage (minutes on a GPU) through
-    :func:`anchor_lib.checkpoint.write_json`, whose own error would come late and name its temporary
-    file. So this does up front what that write does: make the folder, then create (and remove) a
-    temporary file in it. Trying beats checking permission bits, which root ignores and which do not
-    see a read-only or virtual file system (``/proc``).
-    """
-    if out.is_dir():
-        raise ValueError(f"bench output {out} is a folder; expected the path of a JSON file "
-                         f"(e.g. {out / 'bench.json'})")
-    # The nearest part of the folder's path that exists must be a folder.
-    blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"bench output {out} cannot be written: expected {blocker} to be a folder, "
-                         f"got a file")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a folder root may not create (/sys), say
-        raise ValueError(f"bench output {out} cannot be written: expected its folder {out.parent} "
-                         f"to exist or be creatable, got {type(err).__name__}: {err.strerror} "
-                         f"({err.filename})") from err
-    try:
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    except OSError as err:
-        raise ValueError(f"bench output {out} cannot be written: expected its folder {out.parent} "
-                         f"to take new files, got {type(err).__name__}: {err.strerror}") from err
-    os.close(fd)
-    os.unlink(probe)
-
-
 def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
                   device: str | None = None,
                   methods: tuple[str, ...] = ("standard", "pgd_at", "anchor"),
@@ -276,7 +243,8 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
     An ``out`` that cannot be written (a folder, under a regular file, on a read-only file system)
     raises ``ValueError`` naming it before anything is timed, not after the whole benchmark.
     """
-    check_writable(DEFAULT_DIR / "x.json" if out is None else Path(out))
+    check_writable(DEFAULT_DIR / "x.json" if out is None else Path(out), what="bench output",
+                   kind="a JSON file", example="bench.json")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = dev.type != "cuda" if tiny is None else tiny
     s = {**(TINY if tiny else FULL), **(settings or {})}

@@ -12,12 +12,14 @@ sidecar: a resumed run finds the last complete checkpoint, never a "corrupted" o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import random
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,43 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Create and open (write-only) a new temporary file beside ``path``; return (fd, its path).
+
+    What ``tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")`` does, but
+    with the mode a plain ``open()`` gives (0o666 less the umask) instead of mkstemp's 0o600: the
+    file is renamed into place and becomes the artifact, which others (a shared results folder,
+    a web server) must be able to read. The name keeps mkstemp's form (8 characters of
+    ``[a-z0-9_]``) so that :func:`remove_stale_temporaries` recognises it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(tempfile.TMP_MAX):
+        # secrets, not random: the global random state is part of a run's checkpointed RNG state.
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as err:
+            # Name the file being written, not the temporary one the caller never asked for.
+            raise type(err)(err.errno, err.strerror, str(path)) from err
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, *, sidecar: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically, plus ``path.sha256`` when ``sidecar``."""
+    """Write ``data`` to ``path`` atomically, plus ``path.sha256`` when ``sidecar``.
+
+    Missing folders are created. The file gets the permissions ``open()`` would give it (0o666
+    less the umask). A write that fails (``path`` is a folder, the folder takes no new files, the
+    disk is full) raises ``OSError`` and leaves the file and its sidecar as they were, and no
+    temporary file.
+    """
     path = Path(path)
+    if path.is_dir():  # else os.replace's error would come last and name the temporary file
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -52,12 +86,21 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, sidecar: bool = True) -
         if sidecar:
             side = path.with_name(path.name + ".sha256")
             digest = hashlib.sha256(data).hexdigest()
+            side_before = side.read_bytes() if side.is_file() else None
             # While the file is being replaced the sidecar accepts the old content and the new:
             # a crash between the renames leaves a complete file that still verifies.
             old = [h for h in _sidecar_hashes(side) if h != digest] if path.exists() else []
             lines = "".join(f"{h}  {path.name}\n" for h in [digest, *old])
             atomic_write_bytes(side, lines.encode(), sidecar=False)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                # The file was not replaced: neither may its sidecar be (no stray new one).
+                if side_before is None:
+                    side.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(side, side_before, sidecar=False)
+                raise
             if old:
                 atomic_write_bytes(side, f"{digest}  {path.name}\n".encode(), sidecar=False)
         else:
@@ -68,7 +111,70 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, sidecar: bool = True) -
     return path
 
 
-# What tempfile.mkstemp(prefix=".<name>.", suffix=".tmp") in atomic_write_bytes creates.
+def check_writable(path: str | Path, *, what: str = "output", kind: str = "a file",
+                   example: str | None = None, folder: bool = False,
+                   keep_folders: bool = True) -> None:
+    """Raise ``ValueError`` naming ``what`` and ``path`` unless :func:`atomic_write_bytes` can
+    write ``path`` (with ``folder``: write files into the folder ``path``).
+
+    For work that writes its result only at the end (an evaluation, a benchmark, a training run's
+    first epoch), whose own error would come late and name a temporary file. So this does up
+    front what the write does: make the missing folders, then create (and remove) a temporary file
+    in the folder. Trying beats checking permission bits, which root ignores and which do not see
+    a read-only or virtual file system (``/proc``).
+
+    Args:
+        path: the file to be written, or with ``folder`` the folder to be written into.
+        what: how messages name ``path`` (``"--out"``, ``"bench output"``).
+        kind: what ``path`` should name (``"a JSON file"``), for the message when it is a
+            folder.
+        example: a file name to suggest inside a folder given for a file (``"metrics.json"``).
+        keep_folders: keep the folders made for the check (False: remove them again, if still
+            empty, so that a command refused later leaves nothing behind).
+    """
+    path = Path(path)
+    target = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; expected a folder (new or existing)")
+    if not folder and path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; expected the path of {kind}"
+                         + (f" (e.g. {path / example})" if example else ""))
+    # The nearest part of the folder's path that exists must be a folder.
+    missing = []  # the folders to make, deepest first
+    for p in (target, *target.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{what} {path} cannot be written: expected {p} to be a folder, "
+                                 f"got a file")
+            break
+        missing.append(p)
+    the_folder = f"the folder {target}" if folder else f"its folder {target}"
+    try:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a folder root may not create (/sys), say
+            raise ValueError(f"{what} {path} cannot be written: expected {the_folder} to exist "
+                             f"or be creatable, got {type(err).__name__}: {err.strerror} "
+                             f"({err.filename})") from err
+        try:
+            fd, probe = tempfile.mkstemp(dir=target, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as err:
+            raise ValueError(f"{what} {path} cannot be written: expected {the_folder} to take new "
+                             f"files, got {type(err).__name__}: {err.strerror}") from err
+        os.close(fd)
+        os.unlink(probe)
+    finally:
+        if not keep_folders:
+            for p in missing:
+                try:
+                    p.rmdir()
+                except FileNotFoundError:  # never made: mkdir failed part way
+                    continue
+                except OSError:  # something else put a file there meanwhile: not ours to remove
+                    break
+
+
+# What _create_temporary in atomic_write_bytes creates (and tempfile.mkstemp, for older files).
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
@@ -217,6 +323,10 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu",
                               f"{str(err).splitlines()[0] if str(err) else ''}") from err
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not an anchor_lib checkpoint (no 'model' entry)")
+    if not isinstance(obj["model"], dict):
+        raise CheckpointError(f"{path} is not an anchor_lib checkpoint: expected its 'model' entry "
+                              f"to be a state_dict (a dict of tensors), got a "
+                              f"{type(obj['model']).__name__}")
     return obj
 
 

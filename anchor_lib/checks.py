@@ -70,6 +70,15 @@ def check_number(value: object, name: str, *, low: float | None = None, high: fl
     return value
 
 
+def check_seed(seed: object, name: str = "seed") -> int:
+    """A seed as ``train.TrainConfig`` takes it: an int in [0, 2**63)."""
+    seed = check_number(seed, name, integer=True)
+    if not 0 <= seed < 2**63:
+        # torch.manual_seed takes no more than 64 bits, and names no argument when it refuses.
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def check_logits(out: object, n: int, num_classes: int | None = None) -> torch.Tensor:
     """Check a model's output is a logits tensor of shape ``(n, num_classes)``."""
     if isinstance(out, (tuple, list)):

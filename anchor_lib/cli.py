@@ -1,9 +1,9 @@
 """``python -m anchor_lib {train,evaluate,embed,reproduce,bench}`` (the README's "Command line" section).
 
-Exit codes: 0 success, 2 usage error (argparse, or options that make no valid configuration,
-caught before any work), 1 any other error (including options that only the data or an earlier
-checkpoint rule out), reported as one line on stderr with no traceback unless ``--debug`` is given
-(before or after the command).
+Exit codes: 0 success, 2 usage error (argparse, options that make no valid configuration, or an
+output path that cannot be written or is an input; caught before any work), 1 any other error
+(including options that only the data or an earlier checkpoint rule out), reported as one line on
+stderr with no traceback unless ``--debug`` is given (before or after the command).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from functools import partial
@@ -39,13 +40,17 @@ def _positive_int(text: str) -> int:
 
 
 def _attack_list(text: str) -> tuple[str, ...]:
-    from .evaluate import ATTACKS
+    from .evaluate import ATTACKS, parse_attacks
 
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [n for n in names if n not in ATTACKS]
     if not names or bad:
         raise argparse.ArgumentTypeError(
             f"unknown attack(s) {', '.join(bad) or '(none given)'}; choose from {','.join(ATTACKS)}")
+    try:
+        parse_attacks(",".join(names))  # the library's rule: each attack once
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return names
 
 
@@ -180,6 +185,65 @@ def _check_search(args: argparse.Namespace) -> None:
         raise UsageError(f"--search-precision: {err}") from err
 
 
+#: What each command writes, by option: (what the path must name, a file name to suggest in a
+#: folder given instead); the file options' folders are made as the commands' own writes make them.
+_OUTPUTS: dict[str, dict[str, tuple[str, str | None]]] = {
+    "train": {"out": ("folder", None)},
+    "evaluate": {"out": ("a JSON file", "metrics.json"),
+                 "per_image": ("an npz file", "per_image.npz")},
+    "embed": {"out": ("an npz file", "embeddings.npz")},
+    "reproduce": {"out": ("folder", None), "export_checkpoints": ("folder", None)},
+    "bench": {"out": ("a JSON file", "bench.json")},
+}
+#: What each command reads, by option: no output may be one of these (or its sha256 sidecar).
+_INPUTS = {"evaluate": ("checkpoint",), "embed": ("checkpoint",)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (the same path, a link to it, a hard link)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop, say: then only the same text is the same
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_outputs(args: argparse.Namespace, *, keep_folders: bool = False) -> None:
+    """The command's output paths, before any work, as usage errors naming the option: each must
+    be writable (:func:`anchor_lib.checkpoint.check_writable`) and none may be an input, another
+    output or one's sha256 sidecar (``embed --checkpoint best.pt --out best.pt`` would replace the
+    checkpoint with embeddings). Else the error would come after all the work, naming a temporary
+    file. ``keep_folders``: keep the folders made for the check (train's ``--out``, made anyway,
+    where concurrent torchrun processes check it too)."""
+    from .checkpoint import check_writable
+
+    outputs = [(dest, path) for dest in _OUTPUTS.get(args.command, {})
+               if (path := getattr(args, dest, None)) is not None]
+    named = [(dest, path) for dest in _INPUTS.get(args.command, ())
+             if (path := getattr(args, dest, None)) is not None] + outputs
+    for dest, path in outputs:
+        for other_dest, other in named:
+            if other_dest == dest:
+                continue
+            for clash, how in ((other, ""), (other.with_name(other.name + ".sha256"),
+                                             "the sha256 sidecar of ")):
+                if _same_path(path, clash):
+                    raise UsageError(f"{_flag(dest)} {path} is {how}{_flag(other_dest)} {other}; "
+                                     f"expected a path of its own (writing it would replace "
+                                     f"that file)")
+        kind, example = _OUTPUTS[args.command][dest]
+        try:
+            check_writable(path, what=_flag(dest), kind=kind, example=example,
+                           folder=kind == "folder", keep_folders=keep_folders)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+
+
 def _json_safe(value: Any) -> Any:
     """``value`` with NaN and infinite floats as None: strict JSON (a run without validation
     images has NaN validation accuracies, and ``json.dumps`` would print a bare ``NaN``)."""
@@ -212,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
                              "cuda_graphs", "pretrain_fraction", "compile"))
         except (ValueError, TypeError) as err:  # the arguments do not make a valid config
             raise UsageError(str(err)) from err
+        _check_outputs(args, keep_folders=True)
         if args.resume and not (args.out / "checkpoint.pt").exists():
             print(f"note: {args.out} holds no checkpoint.pt to resume from; starting a new run",
                   file=sys.stderr)
@@ -231,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         from .reproduce import evaluate_checkpoint, save_masks
 
         _check_search(args)
+        _check_outputs(args)
         metrics = evaluate_checkpoint(args.checkpoint, attacks=args.attacks, n=args.n,
                                       autoattack_n=args.autoattack_n, sanity=args.sanity,
                                       batch_size=args.batch_size,
@@ -248,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         from . import embeddings, provenance
         from .train import config_from_dict, dataset_for, load_model
 
+        _check_outputs(args)
         model, state = load_model(args.checkpoint)
         cfg = config_from_dict(state["config"])
         if args.space == "projection" and cfg.method not in CONTRASTIVE_METHODS:
@@ -278,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
                              "reproduction's runs get every attack and the sanity checks "
                              "(the evaluation protocol)")
         _check_search(args)
+        _check_outputs(args)
         if args.ablation:
             ablation(args.profile, tuple(args.params or ABLATION), out=args.out,
                      attacks=tuple(args.attacks) if args.attacks else None, sanity=args.sanity,
@@ -296,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from .bench import run_benchmark
 
+        _check_outputs(args)
         path = run_benchmark(out=args.out, tiny=True if args.tiny else None)
         print(f"wrote {path}")
         return 0

@@ -10,8 +10,9 @@ repository's ``data/``:
    unreachable network fails instead of hanging);
 4. otherwise one ``FileNotFoundError`` that lists every place looked at and how to provide the data.
 
-Decoded arrays are cached as ``.npz`` (uint8) next to the source when that folder is writable, else in
-``ANCHOR_CACHE_DIR`` (default ``~/.cache/anchor_lib``), so JPEG decoding happens once.
+Decoded arrays are cached as ``.npz`` (uint8) in ``ANCHOR_CACHE_DIR`` when it is set, else next to
+the source when that folder is writable (a folder without any write bit counts as read-only, even
+for root), else in ``~/.cache/anchor_lib``; so JPEG decoding happens once.
 
 Images are kept as uint8 ``(N, 3, 32, 32)`` tensors, on the GPU when there is one (150 MB for the
 training set); :func:`batches` slices them and :func:`augment` turns a uint8 batch into a float view
@@ -242,11 +243,25 @@ def _cache_path(source: Path, kind: str) -> Path:
     key = hashlib.sha256(f"{CACHE_VERSION}|{source.resolve()}|{kind}|{stat.st_size}|"
                          f"{stat.st_mtime_ns}".encode())
     name = f".anchor-cache-{kind}-{key.hexdigest()[:16]}.npz"
+    if os.environ.get("ANCHOR_CACHE_DIR"):  # an explicit choice wins over the default below
+        return Path(os.environ["ANCHOR_CACHE_DIR"]).expanduser() / name
     parent = source.parent if source.is_file() else source
-    if os.access(parent, os.W_OK):
+    if _writable(parent):
         return parent / name
-    cache_dir = Path(os.environ.get("ANCHOR_CACHE_DIR", "~/.cache/anchor_lib")).expanduser()
-    return cache_dir / name
+    return Path("~/.cache/anchor_lib").expanduser() / name
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` is meant to be written into by this process.
+
+    os.access answers yes to root for any folder, so a folder whose mode has no write bit at
+    all (a shared, deliberately read-only copy) counts as read-only too.
+    """
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return False
+    return bool(mode & 0o222) and os.access(folder, os.W_OK)
 
 
 def _cached(source: Path, kind: str, read, label: str) -> CIFAR10:
@@ -321,7 +336,15 @@ def train_val_split(n: int, val_size: int, seed: int = 0) -> tuple[torch.Tensor,
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images ``(N, C, H, W)`` in [0, 255] -> float32 in [0, 1] (same device)."""
+    """uint8 images ``(N, C, H, W)`` in [0, 255] -> a new float32 tensor in [0, 1] (same device).
+
+    Raises ValueError for any other dtype: a float tensor is already scaled (dividing it again
+    would silently darken it), and wider integers are not 8-bit pixels.
+    """
+    if x.dtype != torch.uint8:
+        raise ValueError(f"to_float expects uint8 images in [0, 255], got dtype {x.dtype}"
+                         + (" (float images are already in [0, 1]: use them as they are)"
+                            if x.is_floating_point() else ""))
     return x.float().div_(255.0)
 
 
@@ -329,14 +352,22 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, pad: int 
     """Random crop with ``pad``-pixel reflect padding and horizontal flip, as tensor ops.
 
     Args:
-        x: uint8 images ``(N, C, H, W)`` in [0, 255], or float in [0, 1] (not checked).
+        x: uint8 images ``(N, C, H, W)`` in [0, 255], or float in [0, 1] (the range is not
+            checked; another dtype raises ValueError).
         generator: a ``torch.Generator`` on x's device, for reproducible views.
         pad: the padding (and largest shift) in pixels, ``0 <= pad < min(H, W)``.
 
     Returns:
-        float32 ``(N, C, H, W)`` on x's device, in [0, 1] for input in range.
+        ``(N, C, H, W)`` on x's device, float32 for uint8 input, else x's dtype; in [0, 1] for
+        input in range.
     """
-    xf = to_float(x) if x.dtype == torch.uint8 else x.float()
+    if x.dtype == torch.uint8:
+        xf = to_float(x)
+    elif x.is_floating_point():
+        xf = x  # kept in its dtype: a float64 caller gets float64 views
+    else:
+        raise ValueError(f"augment expects uint8 images in [0, 255] or float images in [0, 1], "
+                         f"got dtype {x.dtype}")
     n, c, h, w = xf.shape
     padded = F.pad(xf, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)

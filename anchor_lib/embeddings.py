@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks, checkpoint, data
-from .checks import check_images, check_labels, check_number
+from .checks import check_images, check_labels, check_number, check_seed
 
 VIEWS = ("clean", "aug", "adv")
 #: ``features``: the pooled backbone features the classifier reads, trained by every method, so the
@@ -130,7 +130,7 @@ def embed_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     alpha = check_number(alpha, "alpha", low=0.0, low_inclusive=False)
     steps = check_number(steps, "steps", low=0, integer=True)
     batch_size = check_number(batch_size, "batch_size", low=1, integer=True)
-    check_number(seed, "seed", low=0, integer=True)
+    check_seed(seed)
 
     device = xf_all.device
     # All augmented views are drawn at once, so they do not depend on batch_size.
@@ -171,6 +171,13 @@ def _check_emb(emb: dict[str, Any], where: str = "emb") -> int:
     labels = np.asarray(emb["labels"])
     if labels.ndim != 1 or labels.shape[0] == 0:
         raise ValueError(f"{where}: labels must have shape (N,) with N >= 1, got {labels.shape}")
+    # Float labels that are not whole numbers would be truncated silently (0.5 -> 0).
+    integral = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and bool(np.all(labels == np.round(labels))))
+    if not integral:
+        raise ValueError(f"{where}: labels must be integer class indices, got dtype {labels.dtype}"
+                         + (f" with non-integer values such as {labels[labels != np.round(labels)][0]}"
+                            if np.issubdtype(labels.dtype, np.floating) else ""))
     n = labels.shape[0]
     shape = np.asarray(emb["clean"]).shape
     for k in VIEWS:
@@ -360,6 +367,7 @@ def cluster_metrics(emb: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
     intra_mask, inter_mask = same & off_diag, ~same
     intra = float(sims[intra_mask].mean()) if intra_mask.any() else None
     inter = float(sims[inter_mask].mean()) if inter_mask.any() else None
+    several = n > 1 and len(np.unique(labels)) > 1
 
     result: dict[str, Any] = {
         "n": n, "dim": int(clean.shape[1]), "k": int(k),
@@ -371,8 +379,9 @@ def cluster_metrics(emb: dict[str, Any], *, k: int = 5) -> dict[str, Any]:
         "intra_class_cos": intra,
         "inter_class_cos": inter,
         "class_cos_gap": (intra - inter) if intra is not None and inter is not None else None,
-        "knn_clean": float(_knn_hits(clean, clean, labels, k).mean()) if n > 1 else None,
-        "knn_adv_agreement": float(_knn_hits(adv, clean, labels, k).mean()) if n > 1 else None,
+        # With one class every vote elects it: a perfect score that says nothing.
+        "knn_clean": float(_knn_hits(clean, clean, labels, k).mean()) if several else None,
+        "knn_adv_agreement": float(_knn_hits(adv, clean, labels, k).mean()) if several else None,
     }
     for view in ("clean", "adv"):
         if f"pred_{view}" in emb:

@@ -32,7 +32,7 @@ from torch import nn
 
 from anchor_lib.attacks import attack_mode, cw_linf, fgsm, pgd, square
 from anchor_lib.attacks import autoattack as autoattack_attack
-from anchor_lib.checks import check_images, check_labels, check_logits, check_number
+from anchor_lib.checks import check_images, check_labels, check_logits, check_number, check_seed
 
 __all__ = [
     "ATTACKS",
@@ -54,6 +54,7 @@ __all__ = [
     "eps_sweep",
     "evaluate_suite",
     "full_precision",
+    "parse_attacks",
     "robust_accuracy",
     "sanity_checks",
     "seeded",
@@ -316,9 +317,11 @@ def standard_attacks(eps: float = EVAL_EPS, seed: int = 0) -> dict[str, Attack]:
     - ``"autoattack"``: standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square), seeded with
       ``seed`` (torchattacks reseeds the global RNG inside each of its attacks, so the caller's
       seeding does not reach it; the others draw from the caller's RNG).
+
+    ``seed`` is an int in [0, 2**63) (ValueError otherwise).
     """
     eps = check_number(eps, "eps", low=0.0)
-    seed = check_number(seed, "seed", integer=True)
+    seed = check_seed(seed)
     # alpha must be > 0 even when eps == 0 (then the attacks return x unchanged).
     alpha = eps / 4 if eps > 0 else 1 / 255
     return {
@@ -347,43 +350,21 @@ def _check_count(value: object, name: str) -> int | None:
     return None if value is None else check_number(value, name, low=1, integer=True)
 
 
-def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   attacks: Sequence[str] | str = ATTACKS, n: int | None = None,
-                   autoattack_n: int = 1000, batch_size: int = 500, progress: bool = False,
-                   eps: float = EVAL_EPS, per_image: bool = False,
-                   seed: int = 0, search: str = "fp32") -> dict[str, dict[str, Any]]:
-    """Accuracies of ``model`` under the protocol's attacks, as in ``metrics.json``.
+def parse_attacks(attacks: Sequence[str] | str) -> list[str]:
+    """The attack names of ``attacks``, checked: at least one, each from :data:`ATTACKS`, none
+    twice. ``evaluate_suite`` and the command line's ``--attacks`` read their lists with it.
 
     Args:
-        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
-        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
-        y: integer labels ``(N,)`` in ``[0, K)``.
-        attacks: names from ``ATTACKS`` (a sequence, or one comma-separated string).
-        n: evaluate on the first ``n`` examples (default: all).
-        autoattack_n: AutoAttack runs on the first ``min(n, autoattack_n)`` examples only (it
-            is by far the slowest; the protocol asks for at least 1,000).
-        batch_size: images per attack call.
-        progress: print one line per attack with its accuracy and wall time.
-        eps: L-inf radius (default 8/255).
-        per_image: also return each attack's :func:`correct` mask.
-        seed: every attack starts from this seed (:func:`seeded`), so a rerun draws the same
-            random starts and the caller's random streams are left as they were.
-        search: ``"fp32"`` (every attack searches in IEEE fp32) or ``"tf32"``: PGD-20 (which
-            must be among ``attacks``) runs first, searched in fp32 (the number reported) and in
-            TF32 from the same random starts; if the two agree within
-            :data:`PRECISION_RULE_POINTS`, the attacks of :data:`TF32_SEARCH_ATTACKS` search in
-            TF32. Verdicts are fp32's either way (:func:`correct`). Where TF32 does not exist
-            (:func:`tf32_available`: a CPU, an older GPU), everything runs as with ``"fp32"``.
+        attacks: a list or tuple of names, or one comma-separated string (``"clean,pgd20"``);
+            spaces around a name are ignored.
 
     Returns:
-        ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
-        time, "search": "fp32" or "tf32"}}`` in the order asked. An attack searched in TF32
-        also has ``"retried_in_fp32"`` (images broken in TF32 but not in fp32, attacked again
-        in fp32) and ``"broken_on_retry"`` (how many of those the fp32 retry broke; see
-        :func:`correct`), and with ``search="tf32"`` the PGD-20 entry has ``"tf32_check"``
-        (:func:`check_search_precision`, with the TF32 run's ``seconds``, ``retried_in_fp32``
-        and ``broken_on_retry``). With ``per_image``, each entry also has
-        ``"correct"``, a bool numpy array ``(n,)``: entry i for the i-th evaluated image.
+        The names, stripped, in the order given.
+
+    Raises:
+        TypeError: ``attacks`` is neither a string, a list nor a tuple, or holds a non-string.
+        ValueError: a name is not in :data:`ATTACKS`, no name is given, or a name is listed
+            twice.
     """
     if not isinstance(attacks, (str, list, tuple)):
         raise TypeError(f"attacks must be a sequence of attack names from {list(ATTACKS)} or one "
@@ -396,14 +377,86 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if unknown or not names:
         raise ValueError(f"unknown attack name(s) {unknown}; expected a non-empty selection of "
                          f"{list(ATTACKS)}")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            # A second run would only repeat the first (same seed, same images) at its full cost,
+            # hours for AutoAttack; the results, keyed by name, would keep one of them anyway.
+            raise ValueError(f"attack {name!r} listed twice in {attacks!r}; list each attack once")
+    return names
+
+
+def _check_autoattack_dtype(model: nn.Module, x: torch.Tensor) -> None:
+    """AutoAttack needs a float32 model and float32 images: torchattacks' FAB casts the images to
+    float32 inside, so a float64 model fails there, with an error about float32 images that the
+    caller never passed (and only after the cheaper attacks have run)."""
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if x.dtype != torch.float32 or params - {torch.float32}:
+        found = ", ".join(sorted(map(str, params))) or "no float dtype"
+        raise ValueError(f"AutoAttack (torchattacks) runs in float32, got the model's parameters "
+                         f"in {found} and images in {x.dtype}; convert the model and images with "
+                         f".float()")
+
+
+def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   attacks: Sequence[str] | str = ATTACKS, n: int | None = None,
+                   autoattack_n: int = 1000, batch_size: int = 500, progress: bool = False,
+                   eps: float = EVAL_EPS, per_image: bool = False,
+                   seed: int = 0, search: str = "fp32") -> dict[str, dict[str, Any]]:
+    """Accuracies of ``model`` under the protocol's attacks, as in ``metrics.json``.
+
+    Args:
+        model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
+        x: float ``(N, C, H, W)`` in [0, 1], on the model's device.
+        y: integer labels ``(N,)`` in ``[0, K)``.
+        attacks: names from ``ATTACKS`` (a sequence, or one comma-separated string), each
+            at most once (:func:`parse_attacks`).
+        n: evaluate on the first ``n`` examples (default: all).
+        autoattack_n: AutoAttack runs on the first ``min(n, autoattack_n)`` examples only (it
+            is by far the slowest; the protocol asks for at least 1,000).
+        batch_size: images per attack call.
+        progress: print one line per attack with its accuracy and wall time.
+        eps: L-inf radius (default 8/255).
+        per_image: also return each attack's :func:`correct` mask.
+        seed: every attack starts from this seed (:func:`seeded`), so a rerun draws the same
+            random starts and the caller's random streams are left as they were. An int in
+            [0, 2**63).
+        search: ``"fp32"`` (every attack searches in IEEE fp32) or ``"tf32"``: PGD-20 (which
+            must be among ``attacks``) runs first, searched in fp32 (the number reported) and in
+            TF32 from the same random starts; if the two accuracies agree within
+            :data:`PRECISION_RULE_POINTS` points, and the images TF32 misses (robust to its
+            search, broken by fp32's), counted on their own, are at most
+            :data:`PRECISION_RULE_POINTS` percent of the ``n`` images
+            (:func:`check_search_precision`), the attacks of :data:`TF32_SEARCH_ATTACKS` search
+            in TF32. Verdicts are fp32's either way (:func:`correct`). Where TF32 does not
+            exist (:func:`tf32_available`: a CPU, an older GPU), everything runs as with
+            ``"fp32"``.
+
+    Returns:
+        ``{name: {"value": accuracy in [0, 1], "n": number of examples, "seconds": wall
+        time, "search": "fp32" or "tf32"}}`` in the order asked. An attack searched in TF32
+        also has ``"retried_in_fp32"`` (images broken in TF32 but not in fp32, attacked again
+        in fp32) and ``"broken_on_retry"`` (how many of those the fp32 retry broke; see
+        :func:`correct`), and with ``search="tf32"`` the PGD-20 entry has ``"tf32_check"``
+        (:func:`check_search_precision`, with the TF32 run's ``seconds``, ``retried_in_fp32``
+        and ``broken_on_retry``). With ``per_image``, each entry also has
+        ``"correct"``, a bool numpy array ``(n,)``: entry i for the i-th evaluated image.
+
+    Raises:
+        ValueError: as :func:`correct` and :func:`parse_attacks`; ``seed`` outside [0, 2**63);
+            ``"autoattack"`` asked for with a model or images not in float32 (torchattacks runs
+            in float32). Checked before any attack runs.
+    """
+    names = parse_attacks(attacks)
     n = _check_count(n, "n")
     autoattack_n = _check_count(autoattack_n, "autoattack_n")
-    seed = check_number(seed, "seed", integer=True)
+    seed = check_seed(seed)
     search = _check_search(search)
     if search == "tf32" and "pgd20" not in names:
         raise ValueError(f"search='tf32' needs 'pgd20' among the attacks (PGD-20 searched in fp32 "
                          f"and in TF32 is the check that allows TF32), got {names}")
     x, y = _check_data(x, y, batch_size)
+    if "autoattack" in names:
+        _check_autoattack_dtype(model, x)
     if n is not None:
         x, y = x[:n], y[:n]
     if search == "tf32" and not tf32_available(x.device):
@@ -478,8 +531,8 @@ def check_search_precision(fp32: torch.Tensor, tf32: torch.Tensor) -> dict[str, 
     points = (acc_tf32 - acc_fp32) * 100
     missed_by_tf32 = int((tf32 & ~fp32).sum().item())
     missed_by_fp32 = int((fp32 & ~tf32).sum().item())
-    limit = PRECISION_RULE_POINTS + 1e-9
-    passed = abs(points) <= limit and 100 * missed_by_tf32 / n <= limit
+    passed = not (_exceeds(abs(points), PRECISION_RULE_POINTS)
+                  or _exceeds(100 * missed_by_tf32 / n, PRECISION_RULE_POINTS))
     detail = (f"PGD-20 searched in TF32 {acc_tf32:.4f}, in fp32 {acc_fp32:.4f} on {n} images "
               f"({points:+.2f} points; {missed_by_tf32} images broken only by fp32, "
               f"{missed_by_fp32} only by TF32): "
@@ -521,13 +574,29 @@ def _tolerance(n: int) -> float:
     return max(1.0 / n, 0.005)
 
 
+#: Float rounding in a difference of accuracies, or of percentage points, is about 1e-16
+#: (0.40 - 0.35 is 0.050000000000000044, a gap of 50 images in 1,000 that read as more than 5
+#: points). Accuracies are counts / n, so differences of whole images lie at least 1 / n apart:
+#: a difference within this slack of its limit counts as equal to it, which settles the ties as
+#: exact arithmetic would and never merges two image counts for any n below 10^8.
+_ROUNDING = 1e-9
+
+
+def _exceeds(value: float, limit: float) -> bool:
+    """``value > limit`` as exact arithmetic has it, for a difference of accuracies (or points)
+    and its allowed margin: a difference of exactly the margin does not exceed it. Every
+    comparison of the checks goes through here, so all of them treat their boundary alike."""
+    return value > limit + _ROUNDING
+
+
 @contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run with a fixed seed without disturbing the caller's RNG streams.
 
     Re-seeding before each run gives every run the same random start, so runs that differ in
-    one setting (steps, eps) differ in nothing else.
+    one setting (steps, eps) differ in nothing else. ``seed`` is an int in [0, 2**63).
     """
+    seed = check_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
@@ -565,12 +634,13 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
         eps: the L-inf radius, > 0.
         steps: at least two step counts (ints >= 0), strictly increasing.
         alpha: the step size (default eps / 4).
-        seed: every run starts from this seed (the same random start).
+        seed: every run starts from this seed (the same random start), an int in [0, 2**63).
 
     Returns:
         ``{"steps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    seed = check_seed(seed)
     steps = [check_number(s, "steps", low=0, integer=True) for s in steps]
     # Fewer than two counts compare nothing (an empty list would "pass"); out of order, the
     # check would compare the wrong pairs.
@@ -582,7 +652,7 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     # Against the lowest accuracy so far, not just the previous one: small rises that each stay
     # within the slack must not add up to a large one.
     rises = [(steps[min(range(j), key=accs.__getitem__)], steps[j]) for j in range(1, len(accs))
-             if accs[j] > min(accs[:j]) + tol]
+             if _exceeds(accs[j] - min(accs[:j]), tol)]
     passed = not rises
     detail = ("accuracy does not rise with more steps" if passed else
               f"accuracy rises from {rises[0][0]} to {rises[0][1]} steps: the attack is not "
@@ -591,9 +661,21 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 
 
 def eps_sweep(eps: float) -> list[float]:
-    """The radii of the eps-sweep check: ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at
-    8/255), capped at 1."""
-    return [min(eps * f, 1.0) for f in (0, 0.25, 0.5, 1, 2, 4, 8)]
+    """The radii of the eps-sweep check, strictly increasing: ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)``
+    (up to 64/255 at 8/255), capped at 1 (a larger radius allows no other images in [0, 1]),
+    which appears once: ``eps_sweep(0.3) == [0.0, 0.075, 0.15, 0.3, 0.6, 1.0]``.
+
+    Args:
+        eps: the L-inf radius, > 0.
+    """
+    eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    sweep: list[float] = []
+    for factor in (0, 0.25, 0.5, 1, 2, 4, 8):
+        value = min(eps * factor, 1.0)
+        # The cap repeats 1.0 for eps > 1/8; check_eps_sweep refuses a list that does not increase.
+        if not sweep or value > sweep[-1]:
+            sweep.append(value)
+    return sweep
 
 
 def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -614,11 +696,12 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         eps_values: radii >= 0, strictly increasing; the last is the huge budget.
         steps: PGD steps at each radius, an int >= 0.
         max_final: the accuracy the largest radius must stay below, in [0, 1].
-        seed: every run starts from this seed.
+        seed: every run starts from this seed, an int in [0, 2**63).
 
     Returns:
         ``{"eps": [...], "accuracy": [...], "passed": bool, "detail": str}``.
     """
+    seed = check_seed(seed)
     eps_values = [check_number(e, "eps", low=0.0) for e in eps_values]
     if not eps_values:
         raise ValueError("eps_values must hold at least one eps")
@@ -627,8 +710,8 @@ def check_eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         raise ValueError(f"eps_values must be in increasing order, got {eps_values}")
     accs = [_pgd_accuracy(model, x, y, e, steps, batch_size, seed) for e in eps_values]
     tol = _tolerance(len(x))
-    monotone = all(accs[j] <= min(accs[:j]) + tol for j in range(1, len(accs)))
-    final_ok = accs[-1] < max_final
+    monotone = not any(_exceeds(accs[j] - min(accs[:j]), tol) for j in range(1, len(accs)))
+    final_ok = _exceeds(max_final - accs[-1], 0.0)  # strictly below: max_final itself fails
     passed = monotone and final_ok
     if passed:
         detail = f"accuracy falls to {accs[-1]:.3f} at eps = {eps_values[-1] * 255:.0f}/255"
@@ -655,17 +738,18 @@ def check_black_box_weaker(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
         eps: the L-inf radius, > 0.
         n_queries: Square's queries per image, an int >= 1.
         pgd_acc: PGD-20 accuracy on the same ``x`` if already measured (else it is measured).
-        seed: seeds PGD's random start and Square's random search.
+        seed: seeds PGD's random start and Square's random search, an int in [0, 2**63).
 
     Returns:
         ``{"square": float, "pgd20": float, "n_queries": int, "passed": bool, "detail": str}``.
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    seed = check_seed(seed)
     if pgd_acc is None:
         pgd_acc = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
     attack = partial(square, eps=eps, n_queries=n_queries, seed=seed)
     square_acc = robust_accuracy(model, x, y, attack, batch_size)
-    passed = square_acc >= pgd_acc - _tolerance(len(x))
+    passed = not _exceeds(pgd_acc - square_acc, _tolerance(len(x)))
     detail = (f"Square {square_acc:.3f} >= PGD-20 {pgd_acc:.3f}" if passed else
               f"Square {square_acc:.3f} < PGD-20 {pgd_acc:.3f}: a black-box attack beats the "
               "white-box one, a sign of gradient masking")
@@ -692,10 +776,11 @@ def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
     max_gap = check_number(max_gap, "max_gap", low=0.0)
     n = _check_count(n, "n")
     gap = pgd20_acc - aa_acc
-    too_weak = gap < -(_tolerance(n) if n else 0.005) - 1e-9  # one example is noise, not a fault
-    passed = gap <= max_gap and not too_weak
+    too_strong = _exceeds(gap, max_gap)
+    too_weak = _exceeds(-gap, _tolerance(n) if n else 0.005)  # one example is noise, not a fault
+    passed = not too_strong and not too_weak
     detail = f"AutoAttack is {gap * 100:.1f} points below PGD-20 (allowed {max_gap * 100:.1f})"
-    if gap > max_gap:
+    if too_strong:
         detail += ": PGD-20 overestimates robustness (gradient masking?)"
     elif too_weak:
         detail = (f"AutoAttack is {-gap * 100:.1f} points above PGD-20: weaker than a 20-step "
@@ -710,8 +795,9 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """All four sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the ``sanity``
     part of metrics.json.
 
-    The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1.
-    PGD-20 is measured once and shared by the black-box and AutoAttack checks.
+    The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1
+    (:func:`eps_sweep`), so any eps in (0, 1] works. PGD-20 is measured once and shared by the
+    black-box and AutoAttack checks.
 
     Args:
         pgd20: PGD-20 accuracy already measured (e.g. by ``evaluate_suite``); None measures it
@@ -719,6 +805,10 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         autoattack: AutoAttack accuracy already measured; None runs AutoAttack on ``x`` here,
             so keep ``x`` small (about 1,000 images on a GPU).
         n_queries: queries of the Square attack in the black-box check.
+        seed: seeds every check's attacks, an int in [0, 2**63).
+
+    Running AutoAttack here (``autoattack=None``) needs a float32 model and images
+    (torchattacks runs in float32); that, like the arguments, is checked before any attack.
 
     The checks' own attacks always search in IEEE fp32, whatever an evaluation's ``search``: a
     weaker search would make these detectors of gradient masking easier to pass. A given
@@ -731,7 +821,10 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         metrics.json shows where evaluation time goes).
     """
     eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    seed = check_seed(seed)
     x, y = _check_data(x, y, batch_size)
+    if autoattack is None:
+        _check_autoattack_dtype(model, x)
     if pgd20 is None:
         pgd20 = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
     if autoattack is None:

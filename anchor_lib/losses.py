@@ -56,6 +56,21 @@ def _check_hyper(value: object, name: str, *, positive: bool, hint: str = "") ->
     return value
 
 
+def _check_scale(temperature: float, beta: float, z: torch.Tensor) -> None:
+    """1/tau and beta/tau small enough that the scaled similarities stay finite in z's dtype.
+
+    Far beyond any useful value (1.8e19 in float32), the bound leaves room for the sums over N
+    rows; past it the loss would come back NaN rather than fail.
+    """
+    limit = torch.finfo(torch.promote_types(z.dtype, torch.float32)).max ** 0.5
+    for name, scale in (("1 / temperature", 1.0 / temperature), ("beta / temperature",
+                                                                   beta / temperature)):
+        if scale > limit:
+            raise ValueError(f"{name} must be at most {limit:.3g} for {z.dtype} embeddings, got "
+                             f"{scale:.3g} (temperature={temperature!r}, beta={beta!r}); "
+                             "expected values of moderate size, e.g. temperature 0.1, beta <= 10")
+
+
 def _check_embeddings(z: object, labels: object, *, validate: bool) -> None:
     """z: float (N, d), N >= 1, finite, rows of unit L2 norm; labels: integer (N,) on z's device."""
     if not isinstance(z, torch.Tensor):
@@ -215,6 +230,7 @@ def hard_positive_weights(z: torch.Tensor, labels: torch.Tensor, temperature: fl
     beta = _check_hyper(beta, "beta", positive=False,
                         hint=" (a negative beta would up-weight easy positives)")
     _check_embeddings(z, labels, validate=validate)
+    _check_scale(temperature, beta, z)
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         logits, pos_mask = _logits_and_positives(z, labels, temperature)
         weights = _mining_weights(logits, pos_mask, beta)
@@ -250,6 +266,7 @@ def anchor_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
     beta = _check_hyper(beta, "beta", positive=False,
                         hint=" (a negative beta would up-weight easy positives)")
     _check_embeddings(z, labels, validate=validate)
+    _check_scale(temperature, beta, z)
     if z.shape[0] == 1:  # a single row has no positive and no denominator
         return z.sum().to(torch.promote_types(z.dtype, torch.float32)) * 0.0
     with torch.autocast(device_type=z.device.type, enabled=False):

@@ -143,8 +143,11 @@ def save_masks(metrics: dict[str, Any], path: str | Path) -> Path:
 
 
 def _check_search(search: object, attacks: tuple[str, ...] | None) -> str:
-    """``search``, checked before anything trains: a TF32 search needs PGD-20 in the report (its
-    check), and finding that out after training would waste the run."""
+    """``search`` and ``attacks``, checked before anything trains: a TF32 search needs PGD-20 in
+    the report (its check), and finding that out (or a misspelt attack) after training would waste
+    the run."""
+    if attacks is not None:
+        evaluate.parse_attacks(attacks)  # an unknown or repeated name fails now, not after training
     if search not in evaluate.SEARCH_PRECISIONS:
         raise ValueError(f"search must be one of {', '.join(evaluate.SEARCH_PRECISIONS)}, got "
                          f"{search!r}")

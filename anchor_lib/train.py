@@ -123,9 +123,12 @@ class TrainConfig:
         for name in ("lr", "eps", "alpha", "temperature", "beta", "lam", "trades_beta",
                      "momentum", "weight_decay", "warmup_fraction"):
             value = getattr(self, name)
+            # alpha, PGD's step, must be > 0: every method runs the validation attack, even
+            # "standard", and PGD refuses a zero step (after the first epoch, were it let through).
+            low = "> 0" if name == "alpha" else ">= 0"
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                    or not math.isfinite(value) or value < 0 or (name == "alpha" and value == 0):
+                raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
         if self.temperature == 0 or self.lr == 0:
             raise ValueError("temperature and lr must be > 0")
         if self.warmup_fraction > 1:
@@ -598,6 +601,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf; the last good checkpoint is kept.
+        ValueError: among others, ``out_dir`` cannot be written (a file, under a file, in a
+            read-only folder), before any training.
     """
     cfg = config
     # Under torchrun each process trains on its shard with batch_size / world (distributed.py).
@@ -631,6 +636,9 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}; leave it None to "
                          "use graphs wherever there is one")
     out = Path(cfg.out_dir) if cfg.out_dir else None
+    if out is not None and ctx.main:
+        # Now, not when the first epoch's checkpoint is saved.
+        checkpoint.check_writable(out, what="out_dir", folder=True)
 
     torch.manual_seed(cfg.seed)
     run = load_run_data(cfg, device, dataset)
@@ -853,14 +861,98 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PreActResNet18, dict]:
-    """Load a verified ``best.pt`` / ``checkpoint.pt``; returns (model in eval mode, checkpoint)."""
+    """Load a verified ``best.pt`` / ``checkpoint.pt``; returns (model in eval mode, checkpoint).
+
+    Raises :class:`~anchor_lib.checkpoint.CheckpointError` naming ``path`` when the file is
+    damaged or no checkpoint, has no valid ``config`` entry, or holds weights its config's model
+    cannot take (another width, say).
+    """
     state = checkpoint.load(path)
-    model = model_from_weights(config_from_dict(state["config"]), state["model"])
+    config = state.get("config")
+    if not isinstance(config, dict):
+        came = "no 'config' entry" if config is None else f"a {type(config).__name__} as 'config'"
+        raise checkpoint.CheckpointError(
+            f"{path} has {came}; expected the dict of the TrainConfig its weights were trained "
+            f"with, as in a run's best.pt or checkpoint.pt")
+    try:
+        cfg = config_from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise checkpoint.CheckpointError(f"{path} has an invalid config: {err}") from err
+    model = model_from_weights(cfg, state["model"], source=str(path))
     return model.to(device).eval(), state
 
 
-def model_from_weights(cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> PreActResNet18:
-    """The fp32 CPU model of ``cfg`` holding ``weights`` (a state_dict, fp32 or fp16)."""
-    model = build_model(cfg, weights["linear.weight"].shape[0])
+#: Wrappers whose state_dict keys carry a prefix: DistributedDataParallel / DataParallel
+#: (``module.``) and ``torch.compile`` (``_orig_mod.``).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def model_from_weights(cfg: TrainConfig, weights: dict[str, torch.Tensor], *,
+                       source: str | None = None) -> PreActResNet18:
+    """The fp32 CPU model of ``cfg`` holding ``weights`` (a state_dict, fp32 or fp16).
+
+    A state_dict saved from a wrapped model (every key prefixed ``module.`` or ``_orig_mod.``) is
+    taken without the prefix. Weights that do not fit ``cfg``'s model raise
+    :class:`~anchor_lib.checkpoint.CheckpointError` saying what differs (the width, the
+    projection dimension, which keys), on one short line; ``source`` (a checkpoint's path) is
+    named in it.
+    """
+    where = f"checkpoint {source}" if source else "the weights"
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise checkpoint.CheckpointError(f"{where}: expected the model's state_dict (a dict of "
+                                         f"tensors by name), got {_describe(weights)}")
+    for prefix in _WRAPPER_PREFIXES:
+        wrapped = sum(k.startswith(prefix) for k in weights)
+        if wrapped and wrapped == len(weights):
+            weights = {k[len(prefix):]: v for k, v in weights.items()}
+        elif wrapped:
+            raise checkpoint.CheckpointError(
+                f"{where}: {wrapped} of its {len(weights)} weights' names start with {prefix!r} "
+                f"(a wrapped model's state_dict) and the others do not; expected all or none")
+    linear = weights.get("linear.weight")
+    if linear is None or linear.dim() != 2:
+        keys = list(weights)
+        raise checkpoint.CheckpointError(
+            f"{where}: expected a PreActResNet18 state_dict with 'linear.weight' (the "
+            f"classifier), got {len(keys)} keys" + (f" such as {', '.join(keys[:3])}" if keys else ""))
+    # The sizes that tell one config's model from another's (the first dimension of these
+    # weights), named when they differ rather than as some hundred mismatched shapes.
+    for name, key in (("width", "conv1.weight"), ("proj_dim", "head.2.weight")):
+        tensor = weights.get(key)
+        if tensor is not None and tensor.dim() >= 1 and tensor.shape[0] != getattr(cfg, name):
+            raise checkpoint.CheckpointError(
+                f"{where}: its weights are {name} {tensor.shape[0]} but its config says "
+                f"{name} {getattr(cfg, name)}")
+    try:
+        model = build_model(cfg, linear.shape[0])
+    except ValueError as err:  # fewer than 2 classes, say
+        raise checkpoint.CheckpointError(f"{where}: {err}") from err
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        k = reshaped[0] if reshaped else ""
+        problems = ([f"missing {some(missing)}"] if missing else []) \
+            + ([f"unexpected {some(unexpected)}"] if unexpected else []) \
+            + ([f"other shapes for {some(reshaped)} ({k}: {tuple(weights[k].shape)} in the "
+                f"weights, {tuple(expected[k].shape)} in the model)"] if reshaped else [])
+        raise checkpoint.CheckpointError(
+            f"{where}: its weights do not fit the model of its config (width {cfg.width}, "
+            f"proj_dim {cfg.proj_dim}, {linear.shape[0]} classes): {'; '.join(problems)}")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     return model
+
+
+def _describe(value: Any) -> str:
+    """A short account of what came instead of a state_dict, for error messages."""
+    if isinstance(value, dict):
+        bad = next(((k, v) for k, v in value.items()
+                    if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+        if bad is not None:
+            return f"a dict whose entry {bad[0]!r} is of type {type(bad[1]).__name__}"
+    return f"an object of type {type(value).__name__}"

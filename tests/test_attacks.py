@@ -8,6 +8,7 @@ compare.
 
 from __future__ import annotations
 
+import copy
 import re
 from functools import partial
 
@@ -863,3 +864,110 @@ def test_cw_l2_reaches_the_confidence_margin_kappa():
     x_adv = cw_l2(model, x, y, c_init=1.0, steps=50, search_steps=6, kappa=1.0)
     with torch.no_grad():
         assert bool((margin_loss(model(x_adv), y) > 1.0).all())
+
+
+# --------------------------------------------------------------------------------------------
+# Low precision, non-finite gradients, inference mode and memory layout
+# --------------------------------------------------------------------------------------------
+
+LOW_PRECISION_ATTACKS = {
+    "fgsm": lambda m, x, y: fgsm(m, x, y, eps=8 / 255),
+    "pgd": lambda m, x, y: pgd(m, x, y, eps=8 / 255, alpha=2 / 255, steps=3),
+    "cw_linf": lambda m, x, y: cw_linf(m, x, y, eps=8 / 255, alpha=2 / 255, steps=3),
+    "pgd_l2": lambda m, x, y: pgd(m, x, y, eps=L2_EPS, alpha=0.2, steps=3, norm="L2"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(LOW_PRECISION_ATTACKS))
+def test_low_precision_results_stay_in_the_ball(name, dtype):
+    """In bf16/fp16, ``x + eps`` rounded to nearest can lie half an ulp outside the ball (up to
+    8.47/255 in bf16 at eps = 8/255): the ball's bounds must be rounded towards x, so that it
+    holds exactly when x_adv and x are compared in fp32 or fp64. (A linear model: fp16 convs
+    are not available on every CPU build.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, K)).to(dtype).eval()
+    x = torch.rand(16, 3, 16, 16).to(dtype)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    x_adv = LOW_PRECISION_ATTACKS[name](model, x, y)
+    _check_contract(x_adv, x)
+    for wide in (torch.float32, torch.float64):
+        a, b = x_adv.to(wide), x.to(wide)
+        if name == "pgd_l2":  # the projection itself is computed in fp32
+            assert l2(a, b).max() <= L2_EPS * (1 + 1e-6), (wide, l2(a, b).max())
+        else:
+            assert linf(a, b).max() <= 8 / 255, (wide, linf(a, b).max() * 255)
+
+
+class SqrtModel(nn.Module):
+    """Logits from ``sqrt(x)`` masked to 0 at x = 0: finite outputs, but a NaN input gradient
+    (inf * 0) at every pixel equal to 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3 * 8 * 8, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin((x.sqrt() * (x > 0)).flatten(1))
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_l2_pgd_survives_a_non_finite_input_gradient(random_start):
+    """One NaN in an example's gradient made its L2 norm, and so the whole image, NaN; the
+    non-finite entries must count as 0 (as sign(NaN) = 0 does for L-inf)."""
+    torch.manual_seed(0)
+    model = SqrtModel().eval()
+    x = torch.rand(8, 3, 8, 8)
+    x[:, :, :2] = 0.0  # CIFAR-10 has black pixels
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    x_adv = pgd(model, x, y, eps=L2_EPS, alpha=0.2, steps=3, norm="L2", random_start=random_start)
+    assert torch.isfinite(x_adv).all()
+    _check_contract(x_adv, x)
+    assert l2(x_adv, x).max() <= L2_EPS * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(set(ALL_ATTACKS) - {"square"}))
+def test_inference_mode_is_refused_with_a_clear_message(fast_autoattack, name):
+    """Inference mode switches autograd off for good; the gradient attacks say so instead of
+    failing deep inside with "element 0 of tensors does not require grad". Square only queries
+    the model's outputs and runs there."""
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x, y = make_task()(4, 3)
+    before = _state(model)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"inference_mode\(\).*no_grad\(\) is fine"):
+            ALL_ATTACKS[name](model, x, y)
+        assert square(model, x, y, eps=EPS, n_queries=5).shape == x.shape
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_random_start_does_not_depend_on_memory_layout(norm):
+    """The same images and seed give the same attack whether x is contiguous or channels_last
+    (noise drawn with *_like followed x's memory format, so the start came out permuted)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, K)).eval()
+    x = torch.rand(4, 3, 8, 8)
+    y = torch.arange(4)
+    eps = EPS if norm == "Linf" else L2_EPS
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(1)
+        results.append(pgd(model, x.contiguous(memory_format=layout), y, eps=eps, alpha=eps / 4,
+                           steps=2, norm=norm))
+    assert torch.equal(*results)
+
+
+@pytest.mark.bad_input(cases=5)
+def test_autoattack_and_square_name_a_bad_seed_and_autoattack_a_bad_dtype(small):
+    model, x, y = small
+    for call in (partial(attacks.autoattack, eps=8 / 255), partial(attacks.square, eps=8 / 255)):
+        for seed in (2**64, -1):
+            with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+                call(model, x[:2], y[:2], seed=seed)
+    model64 = copy.deepcopy(model).double()  # the fixture's model is shared: leave it float32
+    with pytest.raises(ValueError, match="AutoAttack .* runs in float32, got .* torch.float64"):
+        attacks.autoattack(model64, x[:2].double(), y[:2], eps=8 / 255)

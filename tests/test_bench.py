@@ -97,9 +97,12 @@ def test_an_unwritable_out_is_refused_before_any_timing(tmp_path, monkeypatch, c
         with pytest.raises(ValueError, match=f"^bench output {re.escape(str(out))} ") as err:
             run_benchmark(out, tiny=True, device="cpu")
         assert says in str(err.value)
-        # The command line: one line naming it, exit status 1.
-        assert cli.main(["bench", "--out", str(out)]) == 1
-        assert f"error: bench output {out} " in capsys.readouterr().err
+        # The command line: a usage error (exit status 2) naming the option, before any work.
+        with pytest.raises(SystemExit) as usage:
+            cli.main(["bench", "--out", str(out)])
+        assert usage.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} " in err and says in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv", "results"]  # nothing made
     assert list((tmp_path / "results").iterdir()) == []
 

@@ -208,3 +208,138 @@ def test_both_formats_of_torch_save_still_load(tmp_path):
                    _use_new_zipfile_serialization=zipped)
         checkpoint.write_sidecar(tmp_path / name)
         assert torch.equal(checkpoint.load(tmp_path / name)["model"]["w"], torch.ones(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Failed writes, permissions, the up-front output check
+# --------------------------------------------------------------------------------------------
+
+def _leftovers(folder) -> list[str]:
+    """Temporary files and sidecars in ``folder`` (what a failed write must not leave)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".sha256")))
+
+
+@pytest.mark.fault
+def test_a_write_onto_a_folder_leaves_no_sidecar_and_names_the_path(tmp_path):
+    """os.replace onto a folder fails after the sidecar was written: it used to stay behind, and
+    the error named the temporary file."""
+    folder = tmp_path / "metrics.json"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as err:
+        checkpoint.write_json(folder, {"a": 1})
+    assert err.value.filename == str(folder) and ".tmp" not in str(err.value)
+    assert _leftovers(tmp_path) == [] and list(folder.iterdir()) == []
+
+
+@pytest.mark.fault
+def test_a_failed_replace_restores_the_sidecar_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Whatever makes the final rename fail, the file and its sidecar stay as they were: a new
+    file loses its new sidecar, a replaced one keeps its old sidecar (not one listing a hash whose
+    content never arrived)."""
+    import os
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    checkpoint.write_json(old, {"v": 1})
+    sidecar_before = (tmp_path / "old.json.sha256").read_bytes()
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if dst in (old, new):  # the file's own rename; the sidecar's renames go through
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    for path in (old, new):
+        with pytest.raises(OSError, match="No space left"):
+            checkpoint.write_json(path, {"v": 2})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json", "old.json.sha256"]
+    assert (tmp_path / "old.json.sha256").read_bytes() == sidecar_before
+    assert checkpoint.read_json(old) == {"v": 1}
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "umask"), reason="needs POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=oct)
+def test_artifacts_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """Artifacts are renamed temporary files; mkstemp made them 0600 (unreadable to the rest of a
+    team sharing a results folder). They get what open() gives: 0o666 less the umask."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        paths = [checkpoint.save({"model": {}}, tmp_path / "ck.pt"),
+                 checkpoint.write_json(tmp_path / "m.json", {"a": 1}),
+                 checkpoint.write_text(tmp_path / "h.csv", "epoch\n")]
+        paths.append(checkpoint.write_text(tmp_path / "h.csv", "epoch\n1\n"))  # a replacement
+    finally:
+        os.umask(previous)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o666 & ~umask
+    for path in {*paths, *(p.with_name(p.name + ".sha256") for p in paths)}:
+        assert stat.S_IMODE(path.stat().st_mode) == plain, path.name
+    assert _leftovers(tmp_path) == ["ck.pt.sha256", "h.csv.sha256", "m.json.sha256"]
+
+
+def test_the_writers_temporary_files_are_recognised_as_stale(tmp_path):
+    """remove_stale_temporaries knows the names atomic_write_bytes gives its temporary files."""
+    import os
+
+    fd, tmp = checkpoint._create_temporary(tmp_path / "checkpoint.pt")
+    os.close(fd)
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [tmp_path / os.path.basename(tmp)]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.bad_input(cases=5)
+def test_check_writable_names_what_and_the_path(tmp_path):
+    a_file = tmp_path / "history.csv"
+    a_file.write_text("epoch\n")
+    (tmp_path / "run").mkdir()
+    cases = [
+        (dict(path=tmp_path / "run", kind="a JSON file", example="m.json"),
+         f"--out {tmp_path / 'run'} is a folder; expected the path of a JSON file "
+         f"(e.g. {tmp_path / 'run' / 'm.json'})"),
+        (dict(path=a_file / "m.json"),
+         f"--out {a_file / 'm.json'} cannot be written: expected {a_file} to be a folder, got a file"),
+        (dict(path=a_file / "deeper" / "m.json"), f"expected {a_file} to be a folder, got a file"),
+        (dict(path=a_file, folder=True), f"--out {a_file} is a file; expected a folder"),
+        (dict(path=a_file / "run", folder=True), f"expected {a_file} to be a folder, got a file"),
+    ]
+    for kwargs, says in cases:
+        with pytest.raises(ValueError) as err:
+            checkpoint.check_writable(what="--out", **kwargs)
+        assert says in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv", "run"]  # nothing made
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_check_writable_tries_rather_than_trusting_permission_bits(tmp_path):
+    """/proc takes no new files, for root too (whom permission bits do not stop)."""
+    with pytest.raises(ValueError, match=r"^out /proc/m\.json cannot be written: expected its "
+                                         r"folder /proc to take new files"):
+        checkpoint.check_writable("/proc/m.json", what="out")
+    with pytest.raises(ValueError, match=r"^out_dir /proc/run cannot be written: expected the "
+                                         r"folder /proc/run to exist or be creatable"):
+        checkpoint.check_writable("/proc/run", what="out_dir", folder=True)
+
+
+def test_check_writable_keeps_or_removes_the_folders_it_made(tmp_path):
+    deep = tmp_path / "a" / "b"
+    checkpoint.check_writable(deep / "m.json", keep_folders=False)
+    assert list(tmp_path.iterdir()) == []  # nothing left, not even the folders
+    checkpoint.check_writable(deep, folder=True, keep_folders=False)
+    assert list(tmp_path.iterdir()) == []
+    checkpoint.check_writable(deep / "m.json")  # the default keeps them, probe gone
+    assert deep.is_dir() and list(deep.iterdir()) == []
+
+
+@pytest.mark.bad_input
+def test_a_model_entry_that_is_no_state_dict_is_refused(tmp_path):
+    path = checkpoint.save({"model": [1, 2], "config": {}}, tmp_path / "ck.pt")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"ck\.pt is not an anchor_lib checkpoint: expected its 'model' entry "
+                             r"to be a state_dict \(a dict of tensors\), got a list"):
+        checkpoint.load(path)

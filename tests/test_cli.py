@@ -139,6 +139,21 @@ def test_usage_errors_exit_2(case, capsys):
     assert out == ""
 
 
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--checkpoint", "x.pt", "--attacks", "pgd20,pgd20,pgd20"],
+    ["evaluate", "--checkpoint", "x.pt", "--attacks", "clean, autoattack,autoattack"],
+    ["reproduce", "--ablation", "--attacks", "clean,cw,clean"],
+])
+def test_an_attack_listed_twice_is_a_usage_error(argv, capsys, monkeypatch):
+    """A repeated name would be measured again (hours for AutoAttack): refused as the options
+    are parsed, before any checkpoint is read."""
+    monkeypatch.setattr(cli, "run", lambda args: pytest.fail("the command ran"))
+    code, out, err = run_cli(*argv, capsys=capsys)
+    assert code == 2 and out == "" and "Traceback" not in err, (code, err)
+    name = argv[-1].split(",")[-1]
+    assert f"argument --attacks: attack '{name}' listed twice in" in err, err
+
+
 def test_help_lists_the_tiny_run_options(capsys):
     code, out, _ = run_cli("train", "--help", capsys=capsys)
     assert code == 0
@@ -146,6 +161,180 @@ def test_help_lists_the_tiny_run_options(capsys):
                    "--attack-steps", "--val-attack-steps", "--lr", "--resume", "--debug",
                    "--no-cuda-graphs", "--pretrain-fraction"):
         assert option in out
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths: usage errors (exit 2) before any work
+# --------------------------------------------------------------------------------------------
+
+def _no_work(monkeypatch) -> None:
+    """Every command's work replaced by a failure: a command that exits 2 with these did none."""
+    from anchor_lib import reproduce
+    from anchor_lib import train as train_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the command started its work")
+
+    for module, name in ((reproduce, "evaluate_checkpoint"), (reproduce, "reproduce"),
+                         (reproduce, "ablation"), (train_module, "train"),
+                         (train_module, "load_model")):
+        monkeypatch.setattr(module, name, no_work)
+
+
+def _output_case(case: str, tmp: Path, ck: Path) -> tuple[list, str, Path, str]:
+    """(argv, option, path given, what the error says) of one unusable output."""
+    a_file, folder = tmp / "history.csv", tmp / "results"
+    evaluate, embed = ["evaluate", "--checkpoint", ck], ["embed", "--checkpoint", ck]
+    train_ = ["train", "--method", "standard", "--profile", "smoke", "--quiet"]
+    return {
+        "evaluate_out_is_a_folder": (
+            [*evaluate, "--out", folder], "--out", folder,
+            f"is a folder; expected the path of a JSON file (e.g. {folder / 'metrics.json'})"),
+        "evaluate_out_under_a_file": (
+            [*evaluate, "--out", a_file / "metrics.json"], "--out", a_file / "metrics.json",
+            f"cannot be written: expected {a_file} to be a folder, got a file"),
+        "evaluate_per_image_is_a_folder": (
+            [*evaluate, "--per-image", folder], "--per-image", folder,
+            "is a folder; expected the path of an npz file"),
+        "evaluate_out_is_the_checkpoint": (
+            [*evaluate, "--out", ck], "--out", ck, f"is --checkpoint {ck}; expected a path of its own"),
+        "evaluate_out_is_the_checkpoints_sidecar": (
+            [*evaluate, "--out", tmp / "best.pt.sha256"], "--out", tmp / "best.pt.sha256",
+            f"is the sha256 sidecar of --checkpoint {ck}"),
+        "evaluate_per_image_is_out": (
+            [*evaluate, "--out", tmp / "m.json", "--per-image", tmp / "m.json"], "--out",
+            tmp / "m.json", f"is --per-image {tmp / 'm.json'}"),
+        "embed_out_is_the_checkpoint": (
+            [*embed, "--out", ck], "--out", ck, f"is --checkpoint {ck}; expected a path of its own"),
+        "embed_out_is_the_checkpoint_by_another_path": (
+            [*embed, "--out", tmp / "results" / ".." / "best.pt"], "--out",
+            tmp / "results" / ".." / "best.pt", f"is --checkpoint {ck}"),
+        "embed_out_is_a_hard_link_to_the_checkpoint": (
+            [*embed, "--out", tmp / "link.pt"], "--out", tmp / "link.pt", f"is --checkpoint {ck}"),
+        "train_out_is_a_file": (
+            [*train_, "--out", a_file], "--out", a_file, "is a file; expected a folder"),
+        "train_out_under_a_file": (
+            [*train_, "--out", a_file / "run"], "--out", a_file / "run",
+            f"cannot be written: expected {a_file} to be a folder, got a file"),
+        "reproduce_out_is_a_file": (
+            ["reproduce", "--profile", "smoke", "--out", a_file], "--out", a_file,
+            "is a file; expected a folder"),
+        "reproduce_export_under_a_file": (
+            ["reproduce", "--profile", "smoke", "--methods", "standard", "--out", folder,
+             "--export-checkpoints", a_file / "ck"], "--export-checkpoints", a_file / "ck",
+            f"expected {a_file} to be a folder, got a file"),
+    }[case]
+
+
+OUTPUT_CASES = ("evaluate_out_is_a_folder", "evaluate_out_under_a_file",
+                "evaluate_per_image_is_a_folder", "evaluate_out_is_the_checkpoint",
+                "evaluate_out_is_the_checkpoints_sidecar", "evaluate_per_image_is_out",
+                "embed_out_is_the_checkpoint", "embed_out_is_the_checkpoint_by_another_path",
+                "embed_out_is_a_hard_link_to_the_checkpoint", "train_out_is_a_file",
+                "train_out_under_a_file", "reproduce_out_is_a_file", "reproduce_export_under_a_file")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_an_unusable_output_is_a_usage_error_before_any_work(case, tiny_checkpoint, tmp_path,
+                                                             capsys, monkeypatch):
+    """evaluate --out <a folder> used to evaluate fully, then exit 1 naming a temporary file and
+    leave a stray sidecar; embed --out <its checkpoint> replaced the checkpoint with embeddings
+    (exit 0); train --out <unwritable> failed after the first epoch. Now: exit 2 at once, naming
+    the option and the path, nothing written."""
+    ck = tmp_path / "best.pt"
+    ck.write_bytes(tiny_checkpoint.read_bytes())
+    checkpoint.write_sidecar(ck)
+    os.link(ck, tmp_path / "link.pt")
+    (tmp_path / "history.csv").write_text("epoch\n")
+    (tmp_path / "results").mkdir()
+    argv, flag, path, says = _output_case(case, tmp_path, ck)
+    before = _snapshot(tmp_path)
+    _no_work(monkeypatch)
+    code, out, err = run_cli(*argv, capsys=capsys)
+    assert code == 2 and out == "" and "usage:" in err and "Traceback" not in err, (code, err)
+    line = err.splitlines()[-1]
+    assert line.startswith(f"python -m anchor_lib: error: {argv[0]}: {flag} {path} "), line
+    assert says in line, line
+    assert _snapshot(tmp_path) == before  # no sidecar, temporary file or folder made
+    checkpoint.verify(ck)
+
+
+@pytest.mark.bad_input
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["evaluate", "embed", "train"])
+def test_an_output_in_a_folder_that_takes_no_files_is_a_usage_error(command, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The writability check creates a file rather than reading permission bits (which root,
+    as the tests run here, ignores): /proc takes no new files, for root too."""
+    _no_work(monkeypatch)
+    out = Path("/proc/anchor-out") if command == "train" else Path("/proc/metrics.json")
+    argv = (["train", "--method", "standard", "--profile", "smoke"] if command == "train"
+            else [command, "--checkpoint", tmp_path / "best.pt"])
+    code, _, err = run_cli(*argv, "--out", out, capsys=capsys)
+    assert code == 2 and f"error: {command}: --out {out} cannot be written: expected" in err, err
+
+
+@pytest.mark.fault
+def test_a_refused_or_failed_command_leaves_no_folders_from_the_output_check(tmp_path, capsys):
+    """The check makes an output's missing folders to try them, and removes them again: a
+    command that then fails (here: no checkpoint there) leaves nothing behind."""
+    out = tmp_path / "new" / "deeper"
+    code, _, err = run_cli("evaluate", "--checkpoint", tmp_path / "missing.pt", "--out",
+                           out / "metrics.json", "--per-image", out / "per_image.npz",
+                           capsys=capsys)
+    assert_one_line_error(code, err, str(tmp_path / "missing.pt"))
+    code, _, err = run_cli("embed", "--checkpoint", tmp_path / "missing.pt", "--out",
+                           out / "e.npz", capsys=capsys)
+    assert_one_line_error(code, err, str(tmp_path / "missing.pt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints whose weights do not fit their config: one short line, exit 1
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.fault(cases=3)
+def test_a_checkpoint_that_does_not_fit_is_one_short_line(tiny_checkpoint, tmp_path, capsys):
+    """A width mismatch printed a 14 KB "line" of size mismatches, a checkpoint without its
+    config "error: 'config'"."""
+    state = checkpoint.load(tiny_checkpoint)  # width 4
+    cases = {
+        "wider.pt": ({**state, "config": {**state["config"], "width": 8}},
+                     "its weights are width 4 but its config says width 8"),
+        "no_config.pt": ({"model": state["model"]}, "has no 'config' entry"),
+        "half_wrapped.pt": ({**state, "model": {("module." if i % 2 else "") + k: v
+                                                for i, (k, v) in enumerate(state["model"].items())}},
+                            "start with 'module.'"),
+    }
+    for name, (content, says) in cases.items():
+        path = checkpoint.save(content, tmp_path / name)
+        for argv in (["evaluate", "--checkpoint", path, "--attacks", "clean", "--n", "8"],
+                     ["embed", "--checkpoint", path, "--out", tmp_path / "e.npz", "--n", "8"]):
+            code, _, err = run_cli(*argv, capsys=capsys)
+            line = assert_one_line_error(code, err, str(path), says)
+            assert len(line) < 300, line
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_a_data_parallel_checkpoint_evaluates_as_the_plain_one(tiny_checkpoint, tmp_path, capsys):
+    """Every key prefixed 'module.' (DistributedDataParallel / DataParallel): loaded without it
+    (it used to end in "error: 'linear.weight'")."""
+    state = checkpoint.load(tiny_checkpoint)
+    wrapped = checkpoint.save({**state, "model": {"module." + k: v for k, v in state["model"].items()}},
+                              tmp_path / "ddp.pt")
+    accuracy = []
+    for path in (tiny_checkpoint, wrapped):
+        code, out, err = run_cli("evaluate", "--checkpoint", path, "--attacks", "clean", "--n", "16",
+                                 capsys=capsys)
+        assert code == 0, err
+        accuracy.append(json.loads(out)["accuracy"]["clean"]["value"])
+    assert accuracy[0] == accuracy[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("ANCHOR_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def test_image_folder_is_decoded_and_cached(tmp_path):
+def test_image_folder_is_decoded_and_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANCHOR_CACHE_DIR")  # unset: the cache goes next to a writable source
     root = make_image_folder(tmp_path / "copy-jpeg")
     d = data.load_cifar10(root)
     assert d.x_train.shape == (20, 3, 32, 32) and d.x_train.dtype == torch.uint8
@@ -75,19 +76,31 @@ def test_labels_follow_class_folders_and_order_is_mixed(tmp_path):
     assert len(set(d.y_test[:10].tolist())) > 1
 
 
-def test_read_only_source_caches_elsewhere(tmp_path, monkeypatch):
+def test_read_only_source_caches_in_the_home_cache(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "src")
     root = tmp_path / "ro"
     root.mkdir()
     make_tar(folder, root / "cifar10-jpeg.tar.xz")
-    real_access = os.access
-    # CI runs as root, for whom chmod cannot make a folder unwritable: simulate it instead.
-    monkeypatch.setattr(data.os, "access", lambda p, mode: False if Path(p) == root
-                        else real_access(p, mode))
+    monkeypatch.delenv("ANCHOR_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # No write bit: read-only by intent. CI runs as root, whom os.access lets write anyway,
+    # so the mode itself has to count.
+    root.chmod(0o555)
+    try:
+        d = data.load_cifar10(root)
+    finally:
+        root.chmod(0o755)
+    assert d.x_test.shape[0] == 20
+    assert not list(root.glob(".anchor-cache-*")), "nothing is written into a read-only source"
+    assert list((tmp_path / "home" / ".cache" / "anchor_lib").glob(".anchor-cache-*.npz"))
+
+
+def test_anchor_cache_dir_wins_over_a_writable_source(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "src")
     monkeypatch.setenv("ANCHOR_CACHE_DIR", str(tmp_path / "cache" / "new"))  # made as needed
     d = data.load_cifar10(root)
     assert d.x_test.shape[0] == 20
-    assert not list(root.glob(".anchor-cache-*")), "nothing is written into a read-only source"
+    assert not list(root.glob(".anchor-cache-*")), "an explicit cache folder is where it goes"
     assert list((tmp_path / "cache" / "new").glob(".anchor-cache-*.npz"))
 
 
@@ -284,6 +297,28 @@ def test_to_float_maps_0_255_onto_0_1():
     out = data.to_float(x)
     assert out.dtype == torch.float32 and out.device == x.device
     torch.testing.assert_close(out.flatten(), torch.tensor([0, 1, 128, 255]) / 255.0)
+    assert x.dtype == torch.uint8 and x.max() == 255, "the input is left alone"
+
+
+def test_to_float_refuses_what_is_not_uint8():
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"uint8 images in \[0, 255\], got dtype torch.float32.*"
+                                         "already in"):
+        data.to_float(x)
+    assert x.max() > 0.004, "a float input is not divided in place"
+    with pytest.raises(ValueError, match="got dtype torch.int32"):
+        data.to_float(torch.zeros(1, 3, 4, 4, dtype=torch.int32))
+
+
+def test_augment_keeps_a_float_dtype_and_refuses_other_integers():
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    out = data.augment(x, g)
+    assert out.dtype == torch.float64
+    ref = data.augment(x.float(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.float(), ref)  # the same crops and flips, in float64
+    with pytest.raises(ValueError, match="got dtype torch.int64"):
+        data.augment(torch.zeros(2, 3, 8, 8, dtype=torch.int64))
 
 
 def test_synthetic_labels_are_balanced_classes():

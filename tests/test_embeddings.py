@@ -6,6 +6,7 @@ centres, antipodal or orthogonal adversarial views) or written out by hand in a 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -232,6 +233,21 @@ def test_embed_views_refuses_fractional_counts(model, images):
             embeddings.embed_views(model, x, y, **{name: value})
 
 
+@pytest.mark.bad_input(cases=2)
+def test_embed_views_names_a_seed_out_of_range(model, images):
+    x, y = images[0][:4], images[1][:4]
+    for seed in (-1, 2**64):  # 2**64 used to fail inside torch.manual_seed, naming no argument
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            embeddings.embed_views(model, x, y, seed=seed)
+
+
+def test_embed_views_in_float64(model, images):
+    """A float64 model and images give float64 views all the way (augment keeps the dtype)."""
+    x = data.to_float(images[0][:4]).double()
+    out = embeddings.embed_views(copy.deepcopy(model).double(), x, images[1][:4], steps=1)
+    assert all(np.isfinite(out[v]).all() for v in embeddings.VIEWS)
+
+
 # --- cluster metrics --------------------------------------------------------------------------
 
 
@@ -306,7 +322,19 @@ def test_metrics_accuracy_and_undefined_cases():
     m1 = embeddings.cluster_metrics(one)
     assert m1["silhouette_clean"] is None and m1["inter_class_cos"] is None
     assert m1["class_cos_gap"] is None
+    # one class: every kNN vote elects it, a perfect score that measures nothing
+    assert m1["knn_clean"] is None and m1["knn_adv_agreement"] is None
     json.dumps(m1, allow_nan=False)
+
+
+def test_float_labels_are_refused_not_truncated():
+    e = separated(n_per_class=2, classes=2)
+    for bad in (e["labels"] + 0.5, e["labels"].astype(bool)):
+        with pytest.raises(ValueError, match="integer class indices, got dtype"):
+            embeddings.cluster_metrics(dict(e, labels=bad))
+    # whole numbers stored as floats are class indices all the same
+    assert embeddings.cluster_metrics(dict(e, labels=e["labels"].astype(float))) \
+        == embeddings.cluster_metrics(e)
 
 
 def test_metrics_renormalise_float16_rows():

@@ -347,7 +347,7 @@ def test_sanity_defaults_are_the_protocol_of_the_committed_results():
     np.testing.assert_allclose(eps_sweep(EVAL_EPS), record["eps_sweep"]["eps"], rtol=1e-12)
     np.testing.assert_allclose(default(check_eps_sweep, "eps_values"), eps_sweep(EVAL_EPS),
                                rtol=1e-12)
-    assert eps_sweep(0.25) == [0.0, 0.0625, 0.125, 0.25, 0.5, 1.0, 1.0]  # capped at the box
+    assert eps_sweep(0.25) == [0.0, 0.0625, 0.125, 0.25, 0.5, 1.0]  # capped at the box, once
     # The sweep is PGD-20 and must end below 10 % accuracy; AutoAttack may trail by 5 points.
     assert (default(check_eps_sweep, "steps"), default(check_eps_sweep, "max_final")) == (20, 0.10)
     assert default(check_autoattack_gap, "max_gap") == record["autoattack_gap"]["max_gap"] == 0.05
@@ -880,3 +880,204 @@ def test_labels_on_another_device_are_named(trained):
                  lambda: evaluate.evaluate_suite(model, x[:4], y_elsewhere, attacks="clean")):
         with pytest.raises(ValueError, match="y is on meta but x is on cpu"):
             call()
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts at exactly the allowed slack, the eps sweep near the box, attack lists, seeds, dtypes
+# --------------------------------------------------------------------------------------------
+
+#: (n, the slack of one example or half a point, in images): 1/150 > 0.005, 1/200 == 0.005.
+SLACKS = ((150, 1), (200, 1), (1000, 5), (2000, 10))
+
+
+def _images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(n, 3, 2, 2), torch.zeros(n, dtype=torch.long)
+
+
+def test_autoattack_gap_of_exactly_max_gap_passes_for_every_accuracy():
+    """Accuracies are counts / n; a gap of exactly ``max_gap`` worth of images must pass
+    whatever the counts, though ``0.4 - 0.35`` is 0.05000000000000002 in floats."""
+    assert check_autoattack_gap(0.400, 0.350, n=1000)["passed"] is True
+    for n, max_gap, images in ((100, 0.05, 5), (1000, 0.05, 50), (2000, 0.05, 100),
+                               (1000, 0.1, 100), (1000, 0.25, 250)):
+        for k in range(images, n + 1):
+            at = check_autoattack_gap(k / n, (k - images) / n, max_gap=max_gap, n=n)
+            assert at["passed"] is True, (n, k, at)
+            if k > images:
+                over = check_autoattack_gap(k / n, (k - images - 1) / n, max_gap=max_gap, n=n)
+                assert over["passed"] is False and "overestimates" in over["detail"], (n, k)
+    # AutoAttack above PGD-20 by exactly the slack is noise; one image more is a fault.
+    for n, slack in SLACKS:
+        for k in range(0, n - slack):
+            assert check_autoattack_gap(k / n, (k + slack) / n, n=n)["passed"] is True, (n, k)
+            weak = check_autoattack_gap(k / n, (k + slack + 1) / n, n=n)
+            assert weak["passed"] is False and "did not run as configured" in weak["detail"]
+    for k in range(0, 995):  # without n: half a point, as on 1,000 images
+        assert check_autoattack_gap(k / 1000, (k + 5) / 1000)["passed"] is True, k
+        assert check_autoattack_gap(k / 1000, (k + 6) / 1000)["passed"] is False, k
+
+
+def test_curves_rising_by_exactly_the_slack_pass(monkeypatch):
+    """More steps or a larger eps may raise accuracy by one example or half a point of n,
+    exactly that much included; one image more fails."""
+    curve: dict[tuple[float, int], float] = {}  # (eps, steps): accuracy
+    monkeypatch.setattr(evaluate, "_pgd_accuracy",
+                        lambda m, xb, yb, eps, steps, *a, **k: curve[eps, steps])
+    model = TinyCNN()
+    for n, slack in SLACKS:
+        x, y = _images(n)
+        for k in range(0, n - slack):
+            for rise, passed in ((slack, True), (slack + 1, False)):
+                curve.clear()
+                curve.update({(EPS, 1): k / n, (EPS, 5): (k + rise) / n})
+                result = check_more_steps(model, x, y, EPS, steps=(1, 5))
+                assert result["passed"] is passed, (n, k, rise, result)
+                curve.clear()
+                curve.update({(0, 20): k / n, (1 / 255, 20): (k + rise) / n, (64 / 255, 20): 0.0})
+                result = check_eps_sweep(model, x, y, (0, 1 / 255, 64 / 255))
+                assert result["passed"] is passed, (n, k, rise, result)
+    # The sweep's last accuracy must stay below max_final: exactly max_final fails.
+    x, y = _images(1000)
+    for final, passed in ((0.099, True), (0.1, False)):
+        curve.clear()
+        curve.update({(0, 20): 0.9, (64 / 255, 20): final})
+        assert check_eps_sweep(model, x, y, (0, 64 / 255))["passed"] is passed, final
+
+
+def test_square_below_pgd20_by_exactly_the_slack_passes(monkeypatch):
+    model = TinyCNN()
+    for n, slack in SLACKS:
+        x, y = _images(n)
+        for k in range(slack + 1, n + 1):
+            for below, passed in ((slack, True), (slack + 1, False)):
+                monkeypatch.setattr(evaluate, "robust_accuracy",
+                                    lambda *a, v=(k - below) / n, **kw: v)
+                result = check_black_box_weaker(model, x, y, EPS, n_queries=1, pgd_acc=k / n)
+                assert result["passed"] is passed, (n, k, below, result)
+
+
+def test_tf32_missing_exactly_the_rule_passes_for_every_accuracy():
+    """TF32 may lie exactly PRECISION_RULE_POINTS from fp32 (and miss that many images),
+    whatever the accuracy; one image more fails."""
+    for n, allowed in ((500, 1), (1000, 2), (5000, 10)):
+        for k in range(allowed + 1, n - allowed - 1, max(1, n // 197)):
+            fp32 = torch.arange(n) < k
+            for missed, passed in ((allowed, True), (allowed + 1, False)):
+                flattered = evaluate.check_search_precision(fp32, torch.arange(n) < k + missed)
+                assert flattered["passed"] is passed, (n, k, missed, flattered)
+                assert flattered["missed_by_tf32"] == missed
+                stronger = evaluate.check_search_precision(fp32, torch.arange(n) < k - missed)
+                assert stronger["passed"] is passed, (n, k, missed, stronger)
+
+
+def test_eps_sweep_is_strictly_increasing_for_any_radius():
+    """Capping at 1 must not repeat 1.0: check_eps_sweep refuses a list that is not increasing."""
+    assert eps_sweep_of(0.3) == [0.0, 0.075, 0.15, 0.3, 0.6, 1.0]
+    assert eps_sweep_of(1.0) == [0.0, 0.25, 0.5, 1.0]
+    assert eps_sweep_of(0.125) == [0.0, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0]
+    assert eps_sweep_of(EVAL_EPS) == [EVAL_EPS * f for f in (0, 0.25, 0.5, 1, 2, 4, 8)]
+    for eps in [i / 1000 for i in range(1, 1001)] + [i / 255 for i in range(1, 256)]:
+        sweep = eps_sweep_of(eps)
+        assert sweep[0] == 0.0 and eps in sweep and sweep[-1] == min(8 * eps, 1.0), eps
+        assert all(a < b for a, b in zip(sweep, sweep[1:], strict=False)), (eps, sweep)
+
+
+def eps_sweep_of(eps: float) -> list[float]:
+    return evaluate.eps_sweep(eps)
+
+
+@pytest.mark.parametrize("eps", [0.3, 0.5, 1.0])
+def test_sanity_checks_run_at_any_radius_up_to_the_box(trained, eps):
+    """sanity_checks at eps up to 1 used to stop in check_eps_sweep on its own capped list."""
+    model, x, y = trained
+    result = sanity_checks(model, x[:8], y[:8], eps=eps, n_queries=2, autoattack=0.0)
+    sweep = result["eps_sweep"]["eps"]
+    assert sweep[-1] == 1.0 and len(set(sweep)) == len(sweep), sweep
+    assert result["eps_sweep"]["passed"] is True, result["eps_sweep"]
+
+
+def test_sanity_checks_at_a_large_radius_with_autoattack(trained, fast_autoattack):
+    model, x, y = trained
+    result = sanity_checks(model, x[:8], y[:8], eps=0.3, n_queries=2)
+    assert result["eps_sweep"]["eps"] == [0.0, 0.075, 0.15, 0.3, 0.6, 1.0]
+    assert result["autoattack_gap"]["autoattack"] == 0.0
+
+
+def test_an_attack_listed_twice_is_refused_before_any_work(trained, monkeypatch):
+    """Each attack runs once: a repeated name (AutoAttack takes hours) is a mistake, not a rerun."""
+    model, x, y = trained
+
+    def no_work(*a, **k):
+        raise AssertionError("an attack ran before the attack list was checked")
+
+    monkeypatch.setattr(evaluate, "_correct", no_work)
+    for attacks_, name in (("pgd20,pgd20,pgd20", "pgd20"), (["clean", "fgsm", "clean"], "clean"),
+                           (("autoattack", " autoattack"), "autoattack")):
+        with pytest.raises(ValueError, match=f"attack '{name}' listed twice in"):
+            evaluate_suite(model, x, y, attacks=attacks_)
+    assert evaluate.parse_attacks("clean, pgd20") == ["clean", "pgd20"]
+    assert evaluate.parse_attacks(("cw",)) == ["cw"]
+
+
+SEED_CALLS = {
+    "evaluate_suite": lambda m, x, y, s: evaluate_suite(m, x, y, attacks="pgd20", seed=s),
+    "standard_attacks": lambda m, x, y, s: standard_attacks(seed=s),
+    "sanity_checks": lambda m, x, y, s: sanity_checks(m, x, y, eps=EPS, seed=s, autoattack=0.0),
+    "check_more_steps": lambda m, x, y, s: check_more_steps(m, x, y, EPS, seed=s),
+    "check_eps_sweep": lambda m, x, y, s: check_eps_sweep(m, x, y, seed=s),
+    "check_black_box_weaker": lambda m, x, y, s: check_black_box_weaker(m, x, y, EPS, seed=s),
+    "seeded": lambda m, x, y, s: evaluate.seeded(s, x.device).__enter__(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_CALLS))
+def test_seeds_beyond_63_bits_are_named(trained, name, monkeypatch):
+    """torch.manual_seed refuses 2**64 with "Overflow when unpacking long long", naming no
+    argument; every public function that takes a seed says which one, as TrainConfig does."""
+    model, x, y = trained
+    monkeypatch.setattr(evaluate, "_correct", lambda *a, **k: pytest.fail("work began"))
+    for seed in (2**64, 2**63, -1):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\), got "
+                                             + str(seed)):
+            SEED_CALLS[name](model, x[:4], y[:4], seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        SEED_CALLS[name](model, x[:4], y[:4], 1.0)
+
+
+def test_the_largest_seed_is_accepted(trained):
+    model, x, y = trained
+    result = evaluate_suite(model, x[:8], y[:8], attacks="pgd20", seed=2**63 - 1, eps=EPS)
+    assert 0.0 <= result["pgd20"]["value"] <= 1.0
+
+
+def test_autoattack_on_a_float64_model_says_it_runs_in_float32(trained, monkeypatch):
+    """torchattacks' FAB works in float32 whatever it is given; a float64 model failed deep inside
+    it with a message about float32 images the caller never passed."""
+    import copy
+
+    model, x, y = trained
+    wide = copy.deepcopy(model).double()
+    monkeypatch.setattr(evaluate, "_correct", lambda *a, **k: pytest.fail("work began"))
+    for call in (lambda: evaluate_suite(wide, x[:8].double(), y[:8], attacks="clean,autoattack"),
+                 lambda: evaluate_suite(wide, x[:8].double(), y[:8], attacks=("autoattack",)),
+                 lambda: sanity_checks(wide, x[:8].double(), y[:8], eps=EPS, pgd20=0.5)):
+        with pytest.raises(ValueError, match=r"AutoAttack \(torchattacks\) runs in float32.*"
+                                             r"torch\.float64.*\.float\(\)"):
+            call()
+
+
+def test_a_float64_model_is_evaluated_without_autoattack(trained):
+    import copy
+
+    model, x, y = trained
+    wide = copy.deepcopy(model).double()
+    result = evaluate_suite(wide, x[:16].double(), y[:16], attacks="clean,fgsm,pgd20", eps=EPS)
+    assert result["clean"]["value"] == pytest.approx(manual_accuracy(model, x[:16], y[:16]))
+
+
+def test_the_suites_docstring_states_both_conditions_of_the_tf32_rule():
+    """check_search_precision passes on two conditions; the suite's docstring names both."""
+    doc = " ".join(evaluate.evaluate_suite.__doc__.split())
+    assert "accuracies agree within :data:`PRECISION_RULE_POINTS` points" in doc
+    assert ("the images TF32 misses (robust to its search, broken by fp32's), counted on their "
+            "own, are at most :data:`PRECISION_RULE_POINTS` percent of the ``n`` images") in doc

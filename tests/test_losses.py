@@ -437,3 +437,23 @@ def test_a_batch_of_one_is_a_batch() -> None:
     for shape in ((0, 3), (3, 0)):
         with pytest.raises(ValueError, match=r"N, C >= 1"):
             trades_kl(torch.zeros(shape), torch.zeros(shape))
+
+
+@pytest.mark.parametrize("fn", [anchor_loss, hard_positive_weights])
+def test_scales_that_would_overflow_are_refused_not_nan(fn):
+    z = F.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with pytest.raises(ValueError, match=r"beta / temperature must be at most .* got 1e\+39"):
+        fn(z, labels, beta=1e38, validate=False)
+    with pytest.raises(ValueError, match=r"1 / temperature must be at most"):
+        fn(z, labels, temperature=1e-39)
+    # float64 has room for what float32 has not
+    assert torch.isfinite(fn(z.double(), labels, beta=1e38)).all()
+    # large but representable: a finite answer
+    assert torch.isfinite(fn(z, labels, beta=1e17)).all()
+
+
+def test_supcon_refuses_a_temperature_whose_inverse_overflows():
+    z = F.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    with pytest.raises(ValueError, match="1 / temperature"):
+        supcon_loss(z, torch.tensor([0, 0, 1, 1]), temperature=1e-39)

@@ -399,8 +399,8 @@ def _bad_device(text: str) -> bool:
 
 CONFIG_INTS = {"epochs": 1, "batch_size": 1, "width": 1, "proj_dim": 1, "log_every": 1,
                "attack_steps": 0, "val_attack_steps": 0, "val_size": 0}
-CONFIG_POSITIVE = ("lr", "temperature")
-CONFIG_NONNEG = ("eps", "alpha", "beta", "lam", "trades_beta", "momentum", "weight_decay",
+CONFIG_POSITIVE = ("lr", "temperature", "alpha")
+CONFIG_NONNEG = ("eps", "beta", "lam", "trades_beta", "momentum", "weight_decay",
                  "warmup_fraction")
 CONFIG_CHOICES = {"method": METHODS, "data": ("cifar10", "synthetic"), "profile": PROFILES,
                   "attack_bn": ("eval", "train")}

@@ -338,3 +338,13 @@ def test_evaluate_checkpoint_defaults_are_the_documented_ones(tmp_path, monkeypa
     again = rep.evaluate_model(*load_model(path))
     assert seen["autoattack_n"] == 1000 and seen["search"] == "fp32" and again["sanity"] == {}
     assert all("correct" not in e for e in again["accuracy"].values())
+
+
+@pytest.mark.bad_input(cases=4)
+def test_a_misspelt_or_repeated_attack_is_refused_before_anything_trains(tmp_path):
+    for call in (rep.reproduce, rep.ablation):
+        for attacks, message in ((("clean", "pgd21"), "unknown attack name"),
+                                 (("pgd20", "pgd20"), "listed twice")):
+            with pytest.raises(ValueError, match=message):
+                call("smoke", out=tmp_path, attacks=attacks, log=lambda _: None, **TINY)
+    assert not any(tmp_path.iterdir())

@@ -127,6 +127,9 @@ def test_training_loss_parts_are_consistent(small_data):
     (dict(attack_bn="Train"), "attack_bn must be 'eval' or 'train'"),
     (dict(warmup_fraction=1.5), r"warmup_fraction must be in \[0, 1\]"),
     (dict(lr=0), "temperature and lr must be > 0"),
+    (dict(alpha=0.0), r"alpha must be a finite number > 0, got 0\.0"),
+    (dict(alpha=0), r"alpha must be a finite number > 0, got 0$"),
+    (dict(alpha=-1 / 255), r"alpha must be a finite number > 0, got -0\.0039"),
     (dict(train_subset=64.0), "train_subset must be None or an int, got 64.0"),
     (dict(train_subset=True), "train_subset must be None or an int, got True"),
     (dict(seed=-1), r"seed must be an int in \[0, 2\*\*63\), got -1"),
@@ -137,6 +140,103 @@ def test_training_loss_parts_are_consistent(small_data):
 def test_bad_config(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny(**{"method": "standard", **bad})
+
+
+@pytest.mark.bad_input
+def test_alpha_zero_is_refused_for_every_method():
+    """alpha = 0 used to pass (checked >= 0), and the run died after its first epoch, when
+    validation called PGD with a zero step; even for "standard", whose training never attacks."""
+    for method in METHODS:
+        with pytest.raises(ValueError, match=r"^alpha must be a finite number > 0, got 0\.0$"):
+            tiny(method, alpha=0.0)
+
+
+@pytest.mark.bad_input
+def test_an_unwritable_out_dir_is_refused_before_training(tmp_path, monkeypatch):
+    """Not when the first epoch's checkpoint is saved."""
+    import anchor_lib.train as train_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_module, "load_run_data", no_work)
+    a_file = tmp_path / "history.csv"
+    a_file.write_text("epoch\n")
+    for out, says in ((a_file, f"out_dir {a_file} is a file; expected a folder"),
+                      (a_file / "run", f"out_dir {a_file / 'run'} cannot be written: expected "
+                                       f"{a_file} to be a folder, got a file")):
+        with pytest.raises(ValueError) as err:
+            train(tiny(out_dir=str(out)))
+        assert says in str(err.value)
+    assert list(tmp_path.iterdir()) == [a_file]
+
+
+# --- loading a checkpoint whose parts do not fit -----------------------------------------------
+
+def _save_tiny(path, weights=None, **config):
+    """A checkpoint of ``tiny()``'s untrained model (weights and config replaceable)."""
+    cfg = tiny()
+    state = {"model": build_model(cfg).state_dict() if weights is None else weights,
+             "config": {**dataclasses.asdict(cfg), **config}}
+    return checkpoint.save(state, path)
+
+
+@pytest.mark.bad_input(cases=9)
+def test_load_model_says_briefly_what_does_not_fit(tmp_path):
+    """A width mismatch was a 14 KB "line" of size mismatches; a missing config "'config'"; a
+    DataParallel state_dict "'linear.weight'". Each is now a CheckpointError naming the file,
+    what was expected and what came, on one short line."""
+    from anchor_lib.models import PreActResNet18
+
+    weights = build_model(tiny()).state_dict()  # width 4, proj_dim 16
+    cases = {
+        "wider_config": (dict(width=8), "its weights are width 4 but its config says width 8"),
+        "other_proj_dim": (dict(proj_dim=32),
+                           "its weights are proj_dim 16 but its config says proj_dim 32"),
+        "no_config": (dict(state={"model": weights}), "has no 'config' entry; expected the dict "
+                                                      "of the TrainConfig"),
+        "config_not_a_dict": (dict(state={"model": weights, "config": [1]}),
+                              "has a list as 'config'; expected the dict of the TrainConfig"),
+        "invalid_config": (dict(alpha=0.0), "has an invalid config: alpha must be a finite "
+                                            "number > 0"),
+        "some_keys_wrapped": (dict(weights={("module." if i % 2 else "") + k: v
+                                            for i, (k, v) in enumerate(weights.items())}),
+                              f"{len(weights) // 2} of its {len(weights)} weights' names start "
+                              f"with 'module.'"),
+        "no_classifier": (dict(weights={k: v for k, v in weights.items() if k != "linear.weight"}),
+                          "expected a PreActResNet18 state_dict with 'linear.weight'"),
+        "missing_stage": (dict(weights={k: v for k, v in weights.items() if "layer4" not in k}),
+                          "do not fit the model of its config (width 4, proj_dim 16, 10 classes): "
+                          "missing layer4.0.bn1.weight, layer4.0.bn1.bias, "
+                          "layer4.0.bn1.running_mean and 22 more"),
+        "not_tensors": (dict(weights={"linear.weight": [[1.0]]}),
+                        "expected the model's state_dict (a dict of tensors by name), got a dict "
+                        "whose entry 'linear.weight' is of type list"),
+    }
+    assert len(PreActResNet18(width=4, proj_dim=16).layer4.state_dict()) == 25
+    for name, (kwargs, says) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        if "state" in kwargs:
+            checkpoint.save(kwargs["state"], path)
+        else:
+            _save_tiny(path, **kwargs)
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            load_model(path)
+        message = str(err.value)
+        assert str(path) in message and says in message, (name, message)
+        assert "\n" not in message and len(message) < 300, (name, len(message))
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_load_model_takes_a_wrapped_models_state_dict(tmp_path, prefix):
+    """DistributedDataParallel / DataParallel (``module.``) and torch.compile (``_orig_mod.``)
+    prefix every key: the same weights, loaded without the prefix."""
+    weights = build_model(tiny()).state_dict()
+    _save_tiny(tmp_path / "wrapped.pt", weights={prefix + k: v for k, v in weights.items()})
+    wrapped, _ = load_model(tmp_path / "wrapped.pt")
+    assert wrapped.state_dict().keys() == weights.keys()
+    for k, v in weights.items():
+        assert torch.equal(wrapped.state_dict()[k], v), k
 
 
 @pytest.mark.bad_input
@@ -155,7 +255,8 @@ def test_train_subset_beyond_the_data_is_refused(small_data):
     dict(warmup_fraction=1.0), dict(warmup_fraction=0.0),  # the ends of [0, 1]
     dict(batch_size=32, train_subset=32),  # exactly one step per epoch
     dict(seed=0), dict(seed=2**63 - 1),
-    dict(eps=0.0, alpha=0.0, beta=0.0, lam=0.0, momentum=0.0, weight_decay=0.0, trades_beta=0),
+    # alpha, PGD's step, has no zero edge: every method runs the validation attack.
+    dict(eps=0.0, alpha=1e-6, beta=0.0, lam=0.0, momentum=0.0, weight_decay=0.0, trades_beta=0),
 ])
 def test_config_accepts_the_edges_of_each_range(edge):
     cfg = tiny(**{"method": "standard", **edge})
