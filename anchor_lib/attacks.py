@@ -387,14 +387,21 @@ def _check_norm(norm: object) -> str:
     return norm
 
 
-def _check_autograd() -> None:
+def _check_autograd(model: nn.Module, x: object, y: object) -> tuple[object, object]:
     """Refuse inference mode up front: autograd is off there for good (``enable_grad`` does not
     lift it), and the attack would fail deep inside with "element 0 of tensors does not require
-    grad"."""
+    grad". Returns ``(x, y)``, copied out of inference mode when they were made in it (such a
+    tensor cannot be saved for backward; a copy made outside can)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("this attack needs input gradients, which torch.inference_mode() "
                            "switches off; call it outside inference mode (torch.no_grad() is "
                            "fine: the attack switches gradients back on where it needs them)")
+    if isinstance(model, nn.Module) and any(p.is_inference() for p in model.parameters()):
+        raise RuntimeError("the model's parameters were created under torch.inference_mode() and "
+                           "cannot take part in autograd, which the attack needs; build or load "
+                           "the model outside inference mode")
+    return tuple(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+                 for t in (x, y))
 
 
 def _check_flag(value: object, name: str) -> bool:
@@ -439,7 +446,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float) -> t
     Returns:
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1], ``|x_adv - x|_inf <= eps``.
     """
-    _check_autograd()
+    x, y = _check_autograd(model, x, y)
     eps = check_number(eps, "eps", low=0.0)
     with attack_mode(model):
         _, y = _check_batch(model, x, y)
@@ -478,7 +485,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     Returns:
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1] and in the eps-ball.
     """
-    _check_autograd()
+    x, y = _check_autograd(model, x, y)
     eps = check_number(eps, "eps", low=0.0)
     alpha = check_number(alpha, "alpha", low=0.0, low_inclusive=False)
     steps = check_number(steps, "steps", low=0, integer=True)
@@ -552,7 +559,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c_init: float, 
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1]. No eps-ball: the attack
         minimises the L2 distance instead.
     """
-    _check_autograd()
+    x, y = _check_autograd(model, x, y)
     c_init = check_number(c_init, "c_init", low=0.0, low_inclusive=False)
     steps = check_number(steps, "steps", low=0, integer=True)
     search_steps = check_number(search_steps, "search_steps", low=0, integer=True)
@@ -606,7 +613,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     Returns:
         ``x_adv``: detached, shape and dtype of ``x``, in [0, 1] and in the eps-ball.
     """
-    _check_autograd()
+    x, y = _check_autograd(model, x, y)
     eps = check_number(eps, "eps", low=0.0)
     norm = _check_norm(norm)
     if batch_size is not None:

@@ -944,6 +944,27 @@ def test_inference_mode_is_refused_with_a_clear_message(fast_autoattack, name):
     assert _state(model) == before
 
 
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd_l2", "cw_linf", "cw_l2", "autoattack"])
+def test_images_made_in_inference_mode_are_attacked_outside_it(fast_autoattack, name):
+    """Images and labels made under inference_mode, attacked after it: the same result as plain
+    tensors (an inference tensor cannot be saved for backward; the attack copies it). A model
+    built in inference mode is refused with a message."""
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x, y = make_task()(4, 3)
+    with torch.inference_mode():
+        x_inf, y_inf = x.clone(), y.clone()
+    assert x_inf.is_inference()
+    torch.manual_seed(1)
+    expected = ALL_ATTACKS[name](model, x, y)
+    torch.manual_seed(1)
+    assert torch.equal(ALL_ATTACKS[name](model, x_inf, y_inf), expected)
+    with torch.inference_mode():
+        frozen = TinyCNN().eval()
+    with pytest.raises(RuntimeError, match="created under torch.inference_mode"):
+        ALL_ATTACKS[name](frozen, x, y)
+
+
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_random_start_does_not_depend_on_memory_layout(norm):
     """The same images and seed give the same attack whether x is contiguous or channels_last
