@@ -7,7 +7,8 @@ leaves a file that looks finished.
 
 Per run, under ``<out>/<profile>-<method>/``: ``checkpoint.pt`` and ``best.pt`` (git-ignored),
 ``history.csv``, ``embeddings.npz``, ``per_image.npz`` (which test images each attack left
-correct, for paired comparisons) and ``metrics.json`` (chapter 8 reads them).
+correct, and which validation images the selected epoch did, for paired comparisons) and
+``metrics.json`` (chapter 8 reads them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from . import attacks as attacks_lib
 from . import checkpoint, data, embeddings, evaluate, provenance, results
@@ -132,11 +136,19 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     }
 
 
-def save_masks(metrics: dict[str, Any], path: str | Path) -> Path:
+def save_masks(metrics: dict[str, Any], path: str | Path,
+               validation: dict[str, Any] | None = None) -> Path:
     """Move the per-image masks out of an :func:`evaluate_model` ``(..., per_image=True)`` result
     into ``path`` (``per_image.npz``: which test images each attack left correct, what a paired
-    comparison of two runs needs), leaving ``metrics`` JSON-ready. Returns the path."""
+    comparison of two runs needs), leaving ``metrics`` JSON-ready. Returns the path.
+
+    ``validation``: the selected epoch's validation masks (``best.pt``'s ``val_correct``:
+    ``val_clean`` / ``val_pgd`` bool ``(n_val,)``), stored under those names beside the attacks',
+    so that the ablation's choices can be compared image by image too
+    (:func:`anchor_lib.results.validation_difference`)."""
     masks = {name: entry.pop("correct") for name, entry in metrics["accuracy"].items()}
+    for key, mask in (validation or {}).items():
+        masks[key] = np.asarray(mask.numpy() if isinstance(mask, torch.Tensor) else mask, dtype=bool)
     return results.save_per_image(path, masks, {"method": metrics.get("method"),
                                                 "data": metrics.get("data"),
                                                 "commit": metrics.get("commit")})
@@ -211,7 +223,7 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
                              autoattack_n=settings["autoattack_n"], sanity=settings["sanity"],
                              dataset=dataset, per_image=True,
                              search=settings.get("search", "fp32"))
-    save_masks(metrics, run_dir / "per_image.npz")
+    save_masks(metrics, run_dir / "per_image.npz", state.get("val_correct"))
     # train_seconds from the checkpoint covers all epochs, resumed ones included.
     metrics["train_seconds"] = round(sum(r["seconds"] for r in history), 2)
     k = settings["embed_n"]

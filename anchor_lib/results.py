@@ -6,7 +6,9 @@ Layout under the results root (default: the repository's ``data/results/``, or
     <run>/metrics.json            one training run, evaluated by the protocol (e.g. full-anchor/)
     <run>/history.csv             its per-epoch history
     <run>/embeddings.npz          its clean / aug / adv embeddings (chapter 7)
-    <run>/per_image.npz           which test images each attack left correct (paired comparisons)
+    <run>/per_image.npz           which test images each attack left correct (paired comparisons),
+                                  and which validation images the selected epoch did (val_clean,
+                                  val_pgd; runs since those were kept)
     ablation_<param>/<run>/...    runs of an ablation that vary TrainConfig field <param>
                                   (e.g. ablation_beta/beta-0.5/metrics.json)
     bench/                        speed results (not read here)
@@ -52,7 +54,8 @@ __all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "abla
            "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
            "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint",
            "not_found", "paired_difference", "provenance_table", "results_table", "sanity_table",
-           "save_per_image", "split_shared", "validate_metrics", "RunResult"]
+           "save_per_image", "split_shared", "validate_metrics", "validation_difference",
+           "RunResult", "VALIDATION_KEYS"]
 
 
 def default_root() -> Path:
@@ -514,6 +517,52 @@ def compare_runs(run: RunResult, other: RunResult, attacks: Sequence[str] = ATTA
                         (run.name, other.name))
             for a in attacks if a in run.metrics["accuracy"] and a in other.metrics["accuracy"]]
     return pd.DataFrame(rows, columns=["attack", *COMPARE_COLUMNS]).set_index("attack")
+
+
+#: The validation masks ``per_image.npz`` holds beside the attacks' (runs since they were kept).
+VALIDATION_KEYS = ("val_clean", "val_pgd")
+
+
+def validation_difference(run: RunResult, other: RunResult, key: str = "val_pgd"
+                          ) -> dict[str, Any] | None:
+    """``run`` against ``other`` on the validation split, paired image by image: the selected
+    epochs' ``key`` (``"val_clean"`` or ``"val_pgd"``) masks from both runs' ``per_image.npz``.
+
+    Every run is validated on the same held-out images (the split depends on the data and
+    ``val_size`` only), so the paired test applies, and it is tighter than the unpaired error of
+    two accuracies. Returns a row like :func:`compare_runs`'s (for :func:`describe_difference`),
+    or None when either run has no such mask (runs written before the masks were kept) or its
+    mask disagrees with its ``metrics.json`` (with a warning). Raises ValueError for an unknown
+    ``key`` or for runs validated on different images (another data copy or ``val_size``).
+    """
+    if key not in VALIDATION_KEYS:
+        raise ValueError(f"key must be one of {', '.join(VALIDATION_KEYS)}, got {key!r}")
+    split = [(r.metrics.get("train_data") or r.metrics.get("data"), r.metrics["config"].get("val_size"))
+             for r in (run, other)]
+    if split[0] != split[1]:
+        raise ValueError(f"{run.name} and {other.name} were validated on different images "
+                         f"(data, val_size: {split[0]} and {split[1]}); a paired comparison "
+                         "needs the same validation split")
+    masks = []
+    for r in (run, other):
+        if not r.per_image_path.is_file():
+            return None
+        mask = load_per_image(r.per_image_path).get(key)
+        value = (r.metrics.get("validation") or {}).get(key)
+        if mask is None or value is None:
+            return None
+        if abs(mask.mean() - value) > 1e-9:
+            warnings.warn(f"{r.per_image_path}: the {key} mask ({mask.mean():.4f} correct) does "
+                          f"not match metrics.json's validation ({value:.4f}), so it is not used",
+                          stacklevel=2)
+            return None
+        masks.append(mask)
+    paired = paired_difference(*masks)
+    tie = paired["p_value"] >= 0.05
+    verdict = "within noise" if tie else f"{run.name if paired['difference'] > 0 else other.name} higher"
+    return {"attack": key, "method": float(masks[0].mean()), "baseline": float(masks[1].mean()),
+            "n_method": masks[0].size, "n_baseline": masks[1].size, "runs_method": 1,
+            "runs_baseline": 1, "test": "paired", **paired, "verdict": verdict}
 
 
 def describe_difference(row) -> str:

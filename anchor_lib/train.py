@@ -557,18 +557,24 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def validate(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor,
-             y: torch.Tensor) -> dict[str, float]:
+             y: torch.Tensor) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Clean and PGD-``val_attack_steps`` accuracy on the validation split, in fp32 (NaN when
-    the split is empty)."""
+    the split is empty), and which images each got right.
+
+    Returns ``(accuracies, masks)``: ``val_clean`` and ``val_pgd`` as floats in [0, 1], and the
+    same keys as bool ``(n_val,)`` CPU tensors (absent where the accuracy is NaN). The masks let
+    two runs, validated on the same images, be compared image by image (chapter 8).
+    """
     if x.shape[0] == 0:
-        return {"val_clean": float("nan"), "val_pgd": float("nan")}
+        return {"val_clean": float("nan"), "val_pgd": float("nan")}, {}
     xf = data.to_float(x)
-    clean = evaluate.accuracy(model, xf, y, batch_size=500)
-    if cfg.method == "standard" and cfg.val_attack_steps == 0:
-        return {"val_clean": clean, "val_pgd": float("nan")}
-    attack = partial(attacks.pgd, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.val_attack_steps)
-    robust = evaluate.robust_accuracy(model, xf, y, attack, batch_size=500)
-    return {"val_clean": clean, "val_pgd": robust}
+    masks = {"val_clean": evaluate.correct(model, xf, y, batch_size=500).cpu()}
+    if not (cfg.method == "standard" and cfg.val_attack_steps == 0):
+        attack = partial(attacks.pgd, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.val_attack_steps)
+        masks["val_pgd"] = evaluate.correct(model, xf, y, attack, batch_size=500).cpu()
+    accuracy = {key: masks[key].sum().item() / len(x) if key in masks else float("nan")
+                for key in ("val_clean", "val_pgd")}
+    return accuracy, masks
 
 
 HISTORY_FIELDS = ("epoch", "loss", "ce", "con", "train_acc", "val_clean", "val_pgd", "lr",
@@ -749,8 +755,8 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
             distributed.average_buffers(model, ctx)
         s = sums.tolist()
         # A pre-training epoch has no trained classifier to validate or select.
-        metrics = (validate(model, cfg, run.x_val, run.y_val) if stage != "pretrain"
-                   else {"val_clean": float("nan"), "val_pgd": float("nan")})
+        metrics, val_correct = (validate(model, cfg, run.x_val, run.y_val) if stage != "pretrain"
+                                else ({"val_clean": float("nan"), "val_pgd": float("nan")}, {}))
         score = metrics["val_clean"] if cfg.method == "standard" else metrics["val_pgd"]
         # Without a validation split every epoch is "best": best.pt is then the last epoch.
         is_best = stage != "pretrain" and (
@@ -776,7 +782,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
             state = {"model": model_state, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
                      "config": asdict(cfg), "epoch": epoch, "history": history,
-                     "best": best, "data": run.label, **how}
+                     "best": best, "data": run.label, "val_correct": val_correct, **how}
             # checkpoint.pt first: once it is written this epoch is never trained again, and it
             # holds the weights best.pt needs, so a kill before best.pt is repaired on resume.
             checkpoint.save(state, out / "checkpoint.pt")
@@ -804,7 +810,9 @@ def _best_state(state: dict[str, Any]) -> dict[str, Any]:
     """``best.pt``'s content from a ``checkpoint.pt`` state: the weights and what selected them."""
     row = state["history"][-1]
     return {"model": state["model"], "config": state["config"], "epoch": state["epoch"],
-            "val": {k: row[k] for k in ("val_clean", "val_pgd")}, "data": state["data"],
+            "val": {k: row[k] for k in ("val_clean", "val_pgd")},
+            # which validation images the selected epoch got right (absent in older checkpoints)
+            "val_correct": state.get("val_correct") or {}, "data": state["data"],
             "train_step": state.get("train_step"),
             "train_step_fallback": state.get("train_step_fallback"),
             "compiled": state.get("compiled")}

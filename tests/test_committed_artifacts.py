@@ -48,6 +48,10 @@ def test_committed_runs_load_and_their_masks_match_their_accuracies():
             mask = masks[attack]
             assert mask.shape == (entry["n"],), (run.name, attack)
             assert mask.mean() == pytest.approx(entry["value"], abs=1e-12), (run.name, attack)
+        for key in results.VALIDATION_KEYS:  # runs since the validation masks were kept
+            if key in masks:
+                assert masks[key].mean() == pytest.approx(run.metrics["validation"][key],
+                                                          abs=1e-12), (run.name, key)
         # AutoAttack runs on the first images of the same order as the other attacks.
         if {"autoattack", "clean"} <= set(masks):
             n = len(masks["autoattack"])

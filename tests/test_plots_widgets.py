@@ -530,6 +530,58 @@ def test_compare_falls_back_to_unpaired_and_checks_the_masks(tmp_path):
         results.save_per_image(tmp_path / "x.npz", {"pgd20": np.zeros(3)})
 
 
+def _validated_pair(root, b: int, c: int, *, val_size: int = 1000, with_masks=(True, True)):
+    """Two ablation runs validated on the same 1,000 images: run "beta-1.0" right on the first
+    400, run "beta-0.5" the same but also on the next ``b`` and wrong on the last ``c`` of them."""
+    base = np.arange(1000) < 400
+    mine = base.copy()
+    mine[400:400 + b] = True
+    mine[400 - c:400] = False
+    runs = []
+    for (name, mask), keep in zip((("beta-0.5", mine), ("beta-1.0", base)), with_masks, strict=True):
+        m = fake_metrics("anchor", {"clean": (0.8, 1000)}, val_size=val_size,
+                         beta=float(name.split("-")[1]))
+        m["validation"] = {"val_clean": 0.7, "val_pgd": float(mask.mean())}
+        checkpoint.write_json(root / name / "metrics.json", m)
+        masks = {"clean": np.arange(1000) < 800}
+        if keep:
+            masks |= {"val_clean": np.arange(1000) < 700, "val_pgd": mask}
+        results.save_per_image(root / name / "per_image.npz", masks, {"method": "anchor"})
+        runs.append(results.load_run(root / name))
+    return runs
+
+
+def test_validation_difference_pairs_the_validation_images(tmp_path):
+    """Two runs 2 points apart on 1,000 validation images: within the 4.4-point unpaired
+    yardstick, but 20 images to none, paired: beyond noise."""
+    chosen, default = _validated_pair(tmp_path, b=20, c=0)
+    row = results.validation_difference(chosen, default)
+    assert row["test"] == "paired" and (row["only_method"], row["only_baseline"]) == (20, 0)
+    assert row["difference"] == pytest.approx(2.0) and row["p_value"] == pytest.approx(2 * 0.5 ** 20)
+    assert row["verdict"] == "beta-0.5 higher" and row["n_method"] == 1000
+    assert results.describe_difference(row).startswith("+2.00 points (noise ±0.89, paired, p <")
+    same = results.validation_difference(chosen, default, "val_clean")
+    assert same["difference"] == 0 and same["verdict"] == "within noise"
+    # Many disagreements both ways: noise, whichever way the count falls.
+    assert results.validation_difference(*_validated_pair(tmp_path / "b", b=40, c=30)
+                                         )["verdict"] == "within noise"
+
+
+def test_validation_difference_without_masks_or_on_other_images(tmp_path):
+    old = _validated_pair(tmp_path / "old", b=20, c=0, with_masks=(True, False))
+    assert results.validation_difference(*old) is None  # a run written before the masks
+    with pytest.raises(ValueError, match="key must be one of val_clean, val_pgd"):
+        results.validation_difference(*old, key="pgd20")
+    other = _validated_pair(tmp_path / "other", b=20, c=0, val_size=500)
+    with pytest.raises(ValueError, match="validated on different images"):
+        results.validation_difference(old[0], other[1])
+    # A mask that disagrees with metrics.json is not used.
+    chosen, default = _validated_pair(tmp_path / "bad", b=20, c=0)
+    results.save_per_image(chosen.per_image_path, {"val_pgd": np.zeros(1000, dtype=bool)})
+    with pytest.warns(UserWarning, match="val_pgd mask .* does not match metrics.json"):
+        assert results.validation_difference(chosen, default) is None
+
+
 def test_compare_runs_pairs_two_runs_of_one_method(tmp_path):
     """Two ablation values are runs of one method, which compare() cannot tell apart by method:
     compare_runs pairs the two runs themselves, and names the higher run in its verdict."""

@@ -79,6 +79,10 @@ def check_artifacts(run_dir, method: str) -> dict:
         assert masks[name].dtype == np.bool_ and masks[name].shape == (entry["n"],)
         assert masks[name].mean() == pytest.approx(entry["value"])
     assert not (masks["pgd20"] & ~masks["clean"]).any()  # robust implies clean-correct
+    # And the selected epoch's validation masks, whose means are its validation accuracies.
+    for key in results.VALIDATION_KEYS:
+        assert masks[key].dtype == np.bool_ and masks[key].shape == (metrics["config"]["val_size"],)
+        assert masks[key].mean() == pytest.approx(metrics["validation"][key], abs=1e-12)
     return metrics
 
 

@@ -108,6 +108,22 @@ def test_artifacts_written(tmp_path, small_data):
     assert not model.training and state["config"]["method"] == "standard"
 
 
+def test_best_pt_keeps_which_validation_images_its_epoch_got_right(tmp_path, small_data):
+    """The selected epoch's validation masks (for paired comparisons of runs, chapter 8) agree
+    with the accuracies history.csv and best.pt state."""
+    train(tiny("pgd_at", epochs=2, out_dir=str(tmp_path)), dataset=small_data)
+    state = checkpoint.load(tmp_path / "best.pt")
+    masks = state["val_correct"]
+    assert set(masks) == {"val_clean", "val_pgd"}
+    for key, mask in masks.items():
+        assert mask.dtype == torch.bool and mask.shape == (state["config"]["val_size"],)
+        assert mask.float().mean().item() == pytest.approx(state["val"][key], abs=1e-12)
+    assert not (masks["val_pgd"] & ~masks["val_clean"]).any()  # robust implies clean-correct
+    last = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert last["val_correct"]["val_pgd"].float().mean().item() == pytest.approx(
+        last["history"][-1]["val_pgd"], abs=1e-12)
+
+
 def test_training_loss_parts_are_consistent(small_data):
     cfg = tiny("anchor", lam=0.5)
     model = build_model(cfg)
@@ -532,7 +548,7 @@ def test_best_is_the_highest_validation_score_so_far(small_data, monkeypatch):
 
     scores = iter([0.5, 0.3, 0.6, 0.6])
     monkeypatch.setattr(train_module, "validate",
-                        lambda *a: {"val_clean": 0.9, "val_pgd": next(scores)})
+                        lambda *a: ({"val_clean": 0.9, "val_pgd": next(scores)}, {}))
     history = train(tiny("pgd_at", epochs=4), dataset=small_data)
     # A later epoch that only matches the best does not replace it (the README's full PGD-AT
     # run kept epoch 25, which epoch 30 matched).
