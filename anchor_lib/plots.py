@@ -329,7 +329,7 @@ def plot_results(runs: Sequence[Any], ax=None, *, attacks: Sequence[str] = ATTAC
     """Test accuracy of each run under each attack: one group of bars per attack.
 
     ``runs`` are :class:`anchor_lib.results.RunResult` objects or ``metrics.json`` dicts (as
-    for :func:`results_table`); a bar per run, labelled with its method (with its run name
+    for :func:`anchor_lib.results.results_table`); a bar per run, labelled with its method (with its run name
     when two runs share a method). Each bar's whisker is
     two standard errors of that accuracy alone, ``2 sqrt(p (1 - p) / n)``, the sampling noise of
     its ``n`` test images: wide on AutoAttack's 1,000, narrow on the others' 10,000. (Whether two
