@@ -583,6 +583,20 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
+def check_autoattack_inputs(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise ValueError unless the model's parameters and the images ``x`` are float32.
+
+    torchattacks' FAB casts the images to float32 inside, so another dtype fails there, with an
+    error about float32 images that the caller never passed. :func:`autoattack` checks this, and
+    ``evaluate_suite`` before its cheaper attacks run."""
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if x.dtype != torch.float32 or params - {torch.float32}:
+        found = ", ".join(sorted(map(str, params))) or "no float dtype"
+        raise ValueError(f"AutoAttack (torchattacks) runs in float32, got the model's parameters "
+                         f"in {found} and images in {x.dtype}; convert the model and images with "
+                         f".float()")
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                norm: str = "Linf", batch_size: int | None = None, version: str = "standard",
                seed: int = 0) -> torch.Tensor:
@@ -623,10 +637,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         raise ValueError(f"version must be 'standard', 'plus' or 'rand', got {version!r}")
     with attack_mode(model):
         logits, y = _check_batch(model, x, y)
-        if x.dtype != torch.float32:
-            # torchattacks' FAB casts to float32 inside and then fails on the model's dtype.
-            raise ValueError(f"AutoAttack (torchattacks) runs in float32, got images and a model "
-                             f"in {x.dtype}; convert both with .float()")
+        check_autoattack_inputs(model, x)
         num_classes = logits.shape[1]
         if num_classes < 4:
             raise ValueError(f"AutoAttack needs a model with at least 4 classes (APGD-T's DLR "

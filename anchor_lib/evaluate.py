@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchor_lib.attacks import attack_mode, cw_linf, fgsm, pgd, square
+from anchor_lib.attacks import attack_mode, check_autoattack_inputs, cw_linf, fgsm, pgd, square
 from anchor_lib.attacks import autoattack as autoattack_attack
 from anchor_lib.checks import check_images, check_labels, check_logits, check_number, check_seed
 
@@ -385,18 +385,6 @@ def parse_attacks(attacks: Sequence[str] | str) -> list[str]:
     return names
 
 
-def _check_autoattack_dtype(model: nn.Module, x: torch.Tensor) -> None:
-    """AutoAttack needs a float32 model and float32 images: torchattacks' FAB casts the images to
-    float32 inside, so a float64 model fails there, with an error about float32 images that the
-    caller never passed (and only after the cheaper attacks have run)."""
-    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if x.dtype != torch.float32 or params - {torch.float32}:
-        found = ", ".join(sorted(map(str, params))) or "no float dtype"
-        raise ValueError(f"AutoAttack (torchattacks) runs in float32, got the model's parameters "
-                         f"in {found} and images in {x.dtype}; convert the model and images with "
-                         f".float()")
-
-
 def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    attacks: Sequence[str] | str = ATTACKS, n: int | None = None,
                    autoattack_n: int = 1000, batch_size: int = 500, progress: bool = False,
@@ -456,7 +444,7 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          f"and in TF32 is the check that allows TF32), got {names}")
     x, y = _check_data(x, y, batch_size)
     if "autoattack" in names:
-        _check_autoattack_dtype(model, x)
+        check_autoattack_inputs(model, x)
     if n is not None:
         x, y = x[:n], y[:n]
     if search == "tf32" and not tf32_available(x.device):
@@ -824,7 +812,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     seed = check_seed(seed)
     x, y = _check_data(x, y, batch_size)
     if autoattack is None:
-        _check_autoattack_dtype(model, x)
+        check_autoattack_inputs(model, x)
     if pgd20 is None:
         pgd20 = _pgd_accuracy(model, x, y, eps, 20, batch_size, seed)
     if autoattack is None:

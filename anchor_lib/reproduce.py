@@ -19,9 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from . import attacks as attacks_lib
 from . import checkpoint, data, embeddings, evaluate, provenance, results
 from .budget import Budget, finished_runs
@@ -147,8 +144,7 @@ def save_masks(metrics: dict[str, Any], path: str | Path,
     so that the ablation's choices can be compared image by image too
     (:func:`anchor_lib.results.validation_difference`)."""
     masks = {name: entry.pop("correct") for name, entry in metrics["accuracy"].items()}
-    for key, mask in (validation or {}).items():
-        masks[key] = np.asarray(mask.numpy() if isinstance(mask, torch.Tensor) else mask, dtype=bool)
+    masks.update(validation or {})  # bool CPU tensors, which save_per_image reads as arrays
     return results.save_per_image(path, masks, {"method": metrics.get("method"),
                                                 "data": metrics.get("data"),
                                                 "commit": metrics.get("commit")})
