@@ -260,6 +260,40 @@ def test_reference_page_renders_in_chromium(browser, html, page):
     assert not errors, f"{page}: rendered error output: {errors}"
 
 
+# What sticks out past a phone's screen: the page's widest elements outside the boxes that scroll
+# on their own (tables, code blocks, outputs, formulas) and the theme's hidden side bars.
+_WIDE_JS = """
+const width = document.documentElement.clientWidth;
+const own = '.table-wrapper, table, pre, .highlight, .cell_output, mjx-container, .math, '
+          + '.bd-sidebar-primary, .bd-sidebar-secondary';
+const out = [];
+for (const el of document.querySelectorAll('article *')) {
+  if (el.getBoundingClientRect().right > width + 1 && !el.closest(own)) {
+    out.push(el.tagName.toLowerCase() + ': ' + (el.innerText || '').slice(0, 80));
+  }
+}
+return [document.documentElement.scrollWidth, width, out.slice(0, 3)];
+"""
+PHONE_WIDTH = 390
+
+
+def test_pages_fit_a_phone_screen(browser, html):
+    """No page scrolls sideways as a whole at a phone's width: long inline names (paths, URLs,
+    dotted API names), the API page's signatures, headings and field lists wrap (_static/code.css);
+    tables and code blocks scroll inside their own boxes."""
+    wide = []
+    browser.set_window_size(PHONE_WIDTH, 900)
+    try:
+        for page in static.toc_files():
+            _open(browser, html / f"{page}.html")
+            page_width, screen, culprits = browser.execute_script(_WIDE_JS)
+            if page_width > screen + 1:
+                wide.append(f"{page}: {page_width} px wide on a {screen}-px screen, e.g. {culprits}")
+    finally:
+        browser.set_window_size(1280, 1600)
+    assert not wide, "pages wider than a phone's screen:\n" + "\n".join(wide)
+
+
 def test_bibliography_lists_the_cited_papers(html):
     text = (html / "book" / "bibliography.html").read_text(encoding="utf-8").lower()
     for title in ("Towards deep learning models resistant to adversarial attacks",
