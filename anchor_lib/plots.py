@@ -186,6 +186,11 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
     return ax
 
 
+# The height of one row of plot_umap's legend at matplotlib's default font size: its 15 rows
+# (two headings, ten classes, three views) measured 2.83 inches.
+LEGEND_ROW_INCHES = 0.19
+
+
 def plot_umap_panels(results: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                      show_views: Sequence[str] | None = None, class_names: Sequence[str] = CLASSES,
                      panel_size: float = 4.0, s: float = 10.0):
@@ -201,11 +206,16 @@ def plot_umap_panels(results: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndar
     if not results:
         raise ValueError("results is empty: nothing to plot")
     k = len(results)
-    fig, axes = plt.subplots(1, k, figsize=(panel_size * k + 1.6, panel_size),
+    # The legend beside the last panel lists every class and view under two headings; a figure
+    # shorter than it made constrained layout flatten every panel and cut the legend off.
+    rows = 2 + len(class_names) + len(VIEW_MARKERS)
+    height = max(panel_size + 0.4, LEGEND_ROW_INCHES * rows + 0.3)
+    fig, axes = plt.subplots(1, k, figsize=(panel_size * k + 1.6, height),
                              layout="constrained", squeeze=False)
     for i, (name, (coords, labels, views)) in enumerate(results.items()):
         plot_umap(coords, labels, views, axes[0, i], title=METHOD_LABELS.get(name, name),
                   class_names=class_names, show_views=show_views, legend=(i == k - 1), s=s)
+        axes[0, i].set_box_aspect(1)  # UMAP's two axes are alike: square panels, as in the grid
     return fig
 
 

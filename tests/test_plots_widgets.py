@@ -93,9 +93,11 @@ def test_plot_umap_colours_markers_and_legends():
         plots.plot_umap(coords[:, :1], labels, views)
 
 
-def test_plot_umap_panels():
+@pytest.mark.parametrize("panel_size", [2.0, 3.0, 4.0])
+def test_plot_umap_panels(panel_size):
     fig = plots.plot_umap_panels({m: umap_like(seed=i) for i, m in
-                                  enumerate(["standard", "pgd_at", "anchor"])})
+                                  enumerate(["standard", "pgd_at", "anchor"])},
+                                 panel_size=panel_size)
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["Standard", "PGD-AT", "ANCHOR"]
     # One shared legend (classes, then views under their heading), beside the last panel only.
@@ -106,6 +108,12 @@ def test_plot_umap_panels():
     fig.canvas.draw()
     box = legends[2][0].get_window_extent()
     assert box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0
+    # Square panels whatever the legend's height (chapter 7's panels of 3 inches, shorter than
+    # the legend, were drawn twice as wide as tall).
+    for ax in fig.axes:
+        extent = ax.get_window_extent()
+        assert extent.width == pytest.approx(extent.height, rel=0.02), (panel_size, extent)
+        assert extent.height >= 0.8 * panel_size * fig.dpi
 
 
 def test_plot_accuracy_vs_eps_and_show_images():
