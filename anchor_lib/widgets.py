@@ -166,20 +166,29 @@ def plot_eps_frame(frame: Mapping[str, Any], *, class_names: Sequence[str] = CLA
 
 def eps_explorer(model, x: torch.Tensor, y: int | torch.Tensor, eps_values: Sequence[float], *,
                  attack: str = "pgd", steps: int = 10, seed: int = 0,
-                 class_names: Sequence[str] = CLASSES):
+                 class_names: Sequence[str] = CLASSES, start: float | None = None):
     """A slider over ``eps_values`` showing the attacked image, the amplified perturbation and
     the class probabilities (see :func:`eps_frames`, :func:`plot_eps_frame`).
 
+    ``start`` is the radius the slider shows first, one of ``eps_values`` (default: the first).
+    A page rendered without a kernel keeps that first view, so a book shows a telling one.
     All attacks run once, up front; returns an ``ipywidgets.VBox``.
     """
     import ipywidgets as W
 
     if len(eps_values) == 0:
         raise ValueError("eps_values is empty")
+    first = 0
+    if start is not None:
+        matches = [i for i, eps in enumerate(eps_values) if abs(float(eps) - start) < 1e-9]
+        if not matches:
+            raise ValueError(f"start must be one of eps_values {[float(e) for e in eps_values]}, "
+                             f"got {start!r}")
+        first = matches[0]
     frames = eps_frames(model, x, y, eps_values, attack=attack, steps=steps, seed=seed)
     slider = W.SelectionSlider(options=[(f"{f['eps'] * 255:.3g}/255", i)
                                         for i, f in enumerate(frames)],
-                               value=0, description="eps", continuous_update=False)
+                               value=first, description="eps", continuous_update=False)
 
     def draw(i: int) -> None:
         _show(plot_eps_frame(frames[i], class_names=class_names))

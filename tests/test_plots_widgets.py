@@ -362,6 +362,21 @@ def test_eps_explorer_slider_starts_at_the_first_radius(monkeypatch):
         widgets.eps_explorer(model, torch.rand(3, 32, 32), 3, [])
 
 
+def test_eps_explorer_starts_where_asked(monkeypatch):
+    """Chapter 1 starts its slider at 8/255: a page rendered without a kernel keeps the widget's
+    first view, which at 0/255 showed a clean image equal to its 'adversarial' one."""
+    shown = []
+    monkeypatch.setattr(widgets, "_show", lambda fig: shown.append(fig.axes[1].get_title())
+                        or plt.close(fig))
+    torch.manual_seed(0)
+    model = PreActResNet18(width=2, proj_dim=8).eval()
+    eps = [0.0, 2 / 255, 8 / 255]
+    box = widgets.eps_explorer(model, torch.rand(3, 32, 32), 3, eps, steps=1, start=8 / 255)
+    assert box.children[0].value == 2 and shown[-1].startswith("eps=8/255")
+    with pytest.raises(ValueError, match=r"start must be one of eps_values .*got 0.5"):
+        widgets.eps_explorer(model, torch.rand(3, 32, 32), 3, eps, steps=1, start=0.5)
+
+
 # --- results (chapter 8's code path) ----------------------------------------------------------
 
 
