@@ -22,6 +22,7 @@ DataLoader and no host round trip.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -70,6 +71,22 @@ class CIFAR10:
         """A copy whose tensors live on ``device`` (uint8 stays uint8)."""
         return CIFAR10(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
                        self.y_test.to(device), self.label, self.source)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of every image and label, train and test, with their shapes.
+
+        Tells two copies apart whatever their labels say (the JPEG copy and the original, a
+        copy with one pixel changed), so that a run resumed, or a finished run skipped, on
+        other data is refused rather than mixed. Computed once per object (about 0.5 s for
+        CIFAR-10 on a CPU).
+        """
+        digest = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
 
 
 class DataNotFoundError(FileNotFoundError):

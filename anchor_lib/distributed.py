@@ -5,10 +5,12 @@ Each process holds its shard of the training set on its own device and computes 
 one all-reduce, so every process takes the same optimiser step from the same weights — the global
 batch's step. The contrastive term of ``supcon_at`` / ``anchor`` is global too: each process
 gathers every process's embeddings (:func:`gather_rows`), so positives, negatives and the mining
-weights come from every view of the global batch, as with one process. One exception remains:
+weights come from every view of the global batch, as with one process. Two exceptions remain:
 BatchNorm normalises each slice by its own statistics (running averages are averaged once an
-epoch). NCCL on GPUs, gloo on CPUs. With one process every function here is a no-op, so the
-single-process trainer pays nothing.
+epoch), and the two-stage variant's pre-training attack climbs the contrastive loss of its own
+process's slice (its adversarial embeddings change at every attack step; gathering them would
+cost an all-gather per step). NCCL on GPUs, gloo on CPUs. With one process every function here
+is a no-op, so the single-process trainer pays nothing.
 """
 
 from __future__ import annotations

@@ -43,4 +43,5 @@ def git_commit() -> str:
 
 def describe(device: torch.device | str | None = None) -> dict[str, str]:
     """``{"hardware", "torch", "commit"}`` for a results artifact."""
-    return {"hardware": hardware(device), "torch": torch.__version__, "commit": git_commit()}
+    # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses.
+    return {"hardware": hardware(device), "torch": str(torch.__version__), "commit": git_commit()}

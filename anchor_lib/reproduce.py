@@ -117,7 +117,12 @@ def evaluate_model(model: PreActResNet18, state: dict[str, Any], *,
     return {
         "method": cfg_dict.get("method"), "data": dataset.label,
         "train_data": state.get("data"),  # the copy it was trained on (normally the same)
+        "data_fingerprint": dataset.fingerprint,
+        "train_data_fingerprint": state.get("data_fingerprint"),
         **provenance.describe(dev),
+        # Who trained the selected weights: the process count, and per stretch of epochs (a run
+        # resumed across GPU slots has several) the commit, hardware and torch that ran it.
+        "train_processes": state.get("processes"), "train_segments": state.get("segments"),
         "seed": cfg_dict.get("seed"), "epochs": cfg_dict.get("epochs"),
         "selected_epoch": int(state.get("epoch", -1)) + 1,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 2) or None,
@@ -166,10 +171,20 @@ def _check_search(search: object, attacks: tuple[str, ...] | None) -> str:
 
 
 def _check_same_run(metrics_path: Path, metrics: dict[str, Any], cfg: TrainConfig,
-                    knobs: dict[str, dict[str, Any]] | None = None) -> None:
-    """A finished run (``metrics``, read from ``metrics_path``) counts only for the config that
-    made it: anything else is an error, never a silent skip (the folder is named by profile and
-    method alone)."""
+                    knobs: dict[str, dict[str, Any]] | None = None,
+                    dataset: data.CIFAR10 | None = None) -> None:
+    """A finished run (``metrics``, read from ``metrics_path``) counts only for the config and
+    the data that made it: anything else is an error, never a silent skip (the folder is named
+    by profile and method alone). Runs finished before fingerprints were recorded are checked
+    by their data's label alone."""
+    trained, trained_print = metrics.get("train_data"), metrics.get("train_data_fingerprint")
+    if dataset is not None and (trained is not None and trained != dataset.label or (
+            trained_print is not None and trained_print != dataset.fingerprint)):
+        raise ValueError(f"{metrics_path} is a finished run trained on {trained} (fingerprint "
+                         f"{str(trained_print)[:12]}), but this call's data is {dataset.label} "
+                         f"(fingerprint {dataset.fingerprint[:12]}); point ANCHOR_DATA_DIR at "
+                         f"the copy it was trained on, or move its folder away to run it on "
+                         f"this one")
     diff = config_differences(metrics.get("config") or {}, cfg)
     if diff:
         chosen = [k for k in diff if (knobs or {}).get(k, {}).get("source") == "validation"]
@@ -186,6 +201,11 @@ def _missing_evaluation(metrics: dict[str, Any], attacks: tuple[str, ...] | None
     sanity checks is still skipped, but its status says so, so that it never passes as a
     complete one."""
     missing = [a for a in (attacks or evaluate.ATTACKS) if a not in metrics.get("accuracy", {})]
+    if "autoattack" in (attacks or evaluate.ATTACKS) and "autoattack" not in missing and (
+            metrics.get("autoattack_config") != attacks_lib.autoattack_config()):
+        # e.g. the runs evaluated before commit 6edb67a, whose Square ran torchattacks' rescaled
+        # schedule and whose metrics.json has no autoattack_config
+        missing.append("today's AutoAttack configuration (attacks.autoattack_config)")
     if sanity and not metrics.get("sanity"):
         missing.append("the sanity checks")
     if not missing:
@@ -194,24 +214,37 @@ def _missing_evaluation(metrics: dict[str, Any], attacks: tuple[str, ...] | None
             f"anchor_lib evaluate`, or move its folder away to run it again)")
 
 
+class _SharedData:
+    """The data of one call's runs (one profile, one ``cfg.data``), loaded when a run first
+    needs it: finished runs too, whose data is checked, but not runs that wait or do not fit."""
+
+    def __init__(self, dataset: data.CIFAR10 | None) -> None:
+        self.dataset = dataset
+
+    def __call__(self, cfg: TrainConfig) -> data.CIFAR10:
+        if self.dataset is None:
+            self.dataset = dataset_for(cfg)
+        return self.dataset
+
+
 def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
             dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None,
             knobs: dict[str, dict[str, Any]] | None = None) -> dict:
     """Train (resuming), evaluate and write the artifacts of one run; skip it if finished.
     ``knobs`` (:func:`chosen_knobs`) goes into ``metrics.json`` as the knobs' provenance."""
     metrics_path = run_dir / "metrics.json"
+    t0 = time.perf_counter()
+    dataset = dataset if dataset is not None else dataset_for(cfg)  # loaded once, used thrice
     if metrics_path.exists():
         try:
             metrics = checkpoint.read_json(metrics_path)
         except checkpoint.CheckpointError:
             pass  # a damaged metrics.json (or one that is no JSON object) is redone, never trusted
         else:
-            _check_same_run(metrics_path, metrics, cfg, knobs)
+            _check_same_run(metrics_path, metrics, cfg, knobs, dataset)
             return {"run": run_dir.name, "status": "skipped (finished)" + _missing_evaluation(
                 metrics, attacks, settings["sanity"])}
     cfg.out_dir = str(run_dir)
-    t0 = time.perf_counter()
-    dataset = dataset if dataset is not None else dataset_for(cfg)  # loaded once, used thrice
     history = train(cfg, resume=True, dataset=dataset)
     dev = resolve_device(cfg.device)
     model, state = load_model(run_dir / "best.pt", dev)
@@ -278,12 +311,13 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
             knobs.get(k, {}).get("source") == "default" for knobs in knobs_of.values())]
 
     budget = Budget(time_budget, out, log)
+    shared = _SharedData(dataset)
     knobs_of, unchosen = unchosen_knobs()
     statuses = []
     if profile == "full" and unchosen and not default_knobs:
         log(f"choosing {', '.join(unchosen)} on the validation split first (reproduce "
             f"--ablation --params {' '.join(unchosen)}; --default-knobs skips this)")
-        done = ablation(profile, tuple(unchosen), out, dataset=dataset,
+        done = ablation(profile, tuple(unchosen), out, dataset=shared.dataset,
                         attacks=ABLATION_ATTACKS, sanity=False, log=log, budget=budget,
                         search=search, **overrides)
         knobs_of, unchosen = unchosen_knobs()
@@ -314,7 +348,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
             log(f"{profile}-{method}: " + ", ".join(f"{k} = {v['value']} ({v['source']})"
                                                      for k, v in knobs.items())
                 + "".join(f"; {n}" for n in notes))
-        status = run_one(cfg, run_dirs[method], settings, dataset, attacks, knobs=knobs)
+        status = run_one(cfg, run_dirs[method], settings, shared(cfg), attacks, knobs=knobs)
         log(f"{status['run']}: {status['status']}")
         statuses.append(status)
 
@@ -459,6 +493,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
         settings["sanity"] = sanity
     budget = budget if budget is not None else Budget(time_budget, out, log)
     base = TrainConfig.from_profile(profile, method="anchor", **overrides)
+    shared = _SharedData(dataset)
     summary: dict[str, Any] = {"profile": profile, "epoch_fraction": epoch_fraction,
                                "overrides": {k: v for k, v in overrides.items()
                                              if k not in ("progress", "device")},
@@ -505,7 +540,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                 out_of_time.append(str(value))
                 continue
             else:
-                status = run_one(cfg, run_dir, settings, dataset, attacks)
+                status = run_one(cfg, run_dir, settings, shared(cfg), attacks)
             log(f"ablation_{param}/{run_dir.name}: {status['status']}")
             values[str(value)] = checkpoint.read_json(run_dir / "metrics.json")["validation"]
         if out_of_time:  # a choice among some of the values would not be the ablation's

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import attacks, checkpoint, compile_cache, data, distributed, evaluate, graphs, losses
+from . import attacks, checkpoint, compile_cache, data, distributed, evaluate, graphs, losses, provenance
 from .models import PreActResNet18
 
 METHODS = ("standard", "pgd_at", "trades", "supcon_at", "anchor")
@@ -265,15 +265,17 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunData:
-    """Device-resident uint8 training / validation / test tensors for one run."""
+    """Device-resident uint8 training and validation tensors for one run (the training split only
+    this process's shard of it under torchrun); the number of classes, from the training subset
+    and the test labels; the data's label and :attr:`anchor_lib.data.CIFAR10.fingerprint`."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    num_classes: int
     label: str
+    fingerprint: str
 
 
 def dataset_for(cfg: TrainConfig) -> data.CIFAR10:
@@ -283,9 +285,10 @@ def dataset_for(cfg: TrainConfig) -> data.CIFAR10:
     return data.load_cifar10()
 
 
-def load_run_data(cfg: TrainConfig, device: torch.device,
-                  dataset: data.CIFAR10 | None = None) -> RunData:
-    """Split the training set into train / validation (fixed seed 0) and move it to ``device``."""
+def load_run_data(cfg: TrainConfig, device: torch.device, dataset: data.CIFAR10 | None = None,
+                  ctx: distributed.Context | None = None) -> RunData:
+    """Split the training set into train / validation (fixed seed 0) and move it to ``device``;
+    under torchrun (``ctx``) only this process's shard of the training split goes there."""
     if dataset is None:
         dataset = dataset_for(cfg)
     # The split does not depend on cfg.seed: every run is selected on the same validation images.
@@ -301,9 +304,12 @@ def load_run_data(cfg: TrainConfig, device: torch.device,
                          f"images, but the data leave only {len(train_idx)} after the "
                          f"{cfg.val_size} of val_size (lower batch_size or val_size)")
     d = dataset
-    return RunData(d.x_train[train_idx].to(device), d.y_train[train_idx].to(device),
-                   d.x_train[val_idx].to(device), d.y_train[val_idx].to(device),
-                   d.x_test.to(device), d.y_test.to(device), d.label)
+    x_train, y_train = d.x_train[train_idx], d.y_train[train_idx]
+    num_classes = int(max(y_train.max().item(), d.y_test.max().item())) + 1
+    if ctx is not None:  # a copy of the share, not a strided view that keeps the whole alive
+        x_train, y_train = (t.contiguous() for t in distributed.shard(x_train, y_train, ctx))
+    return RunData(x_train.to(device), y_train.to(device), d.x_train[val_idx].to(device),
+                   d.y_train[val_idx].to(device), num_classes, d.label, d.fingerprint)
 
 
 # --- one step -----------------------------------------------------------------------------------
@@ -647,14 +653,13 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         checkpoint.check_writable(out, what="out_dir", folder=True)
 
     torch.manual_seed(cfg.seed)
-    run = load_run_data(cfg, device, dataset)
-    num_classes = int(max(run.y_train.max().item(), run.y_test.max().item())) + 1
-    model = build_model(cfg, max(num_classes, 2)).to(device)
+    run = load_run_data(cfg, device, dataset, ctx)
+    model = build_model(cfg, max(run.num_classes, 2)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     passes = compiled_passes(model, device) if use_compile(cfg, device) else None
-    x_train, y_train = distributed.shard(run.x_train, run.y_train, ctx)
+    x_train, y_train = run.x_train, run.y_train
     steps_per_epoch = x_train.shape[0] // local_batch
     # The fused kernel updates all parameters in one launch on CUDA (same arithmetic).
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -679,7 +684,10 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
     run_step: graphs.StepGraph | None = None
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, -1.0
-    if out is not None and out.is_dir():
+    # Which code, hardware and process count trained which epochs: a run resumed across GPU
+    # slots lists each slot, and metrics.json carries the list.
+    segments: list[dict[str, Any]] = []
+    if out is not None and out.is_dir() and ctx.main:
         checkpoint.remove_stale_temporaries(out)  # what a kill -9 during a save left behind
     if resume and out is not None and (out / "checkpoint.pt").exists():
         # On the CPU: the saved RNG states must stay there (torch.set_rng_state takes a CPU
@@ -689,6 +697,10 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         if diff:
             raise ValueError(f"cannot resume {out / 'checkpoint.pt'}: its config differs in "
                              f"{', '.join(diff)}")
+        why = resume_differences(state, run, ctx.world)
+        if why:
+            raise ValueError(f"cannot resume {out / 'checkpoint.pt'}: {why}")
+        segments = [dict(s) for s in state.get("segments", [])]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -701,6 +713,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
             _write_history_if_changed(out / "history.csv", history)
             if history and history[-1]["best"]:
                 _write_best_if_behind(out / "best.pt", state)
+    distributed.barrier(ctx)  # rank 0's clean-up and repairs are done before anyone trains
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -776,13 +789,19 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                        f"val PGD-{cfg.val_attack_steps} {row['val_pgd']:.3f} "
                        f"({row['seconds']:.1f} s, {run_step.mode} steps)")
         if out is not None and ctx.main:
+            if epoch == start_epoch:
+                segments.append({"first_epoch": epoch + 1, "processes": ctx.world,
+                                  **provenance.describe(device)})
+            segments[-1]["last_epoch"] = epoch + 1
             model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             how = {"train_step": run_step.mode, "train_step_fallback": run_step.fallback,
                    "compiled": passes is not None}
             state = {"model": model_state, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
                      "config": asdict(cfg), "epoch": epoch, "history": history,
-                     "best": best, "data": run.label, "val_correct": val_correct, **how}
+                     "best": best, "data": run.label, "data_fingerprint": run.fingerprint,
+                     "processes": ctx.world, "segments": [dict(s) for s in segments],
+                     "val_correct": val_correct, **how}
             # checkpoint.pt first: once it is written this epoch is never trained again, and it
             # holds the weights best.pt needs, so a kill before best.pt is repaired on resume.
             checkpoint.save(state, out / "checkpoint.pt")
@@ -806,6 +825,30 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous
 
 
+def resume_differences(state: dict[str, Any], run: RunData, processes: int) -> str:
+    """Why a checkpoint's ``state`` cannot be continued on ``run``'s data by ``processes``
+    processes ("" if it can). Another copy of the data would mix two datasets in one model
+    under one label; another process count changes the computation (BatchNorm normalises each
+    process's slice of the batch). Checkpoints written before these were recorded are trusted on
+    what they lack (no fingerprint: the label alone; no count: one process)."""
+    saved_label, saved_print = state.get("data"), state.get("data_fingerprint")
+    if saved_label is not None and saved_label != run.label or (
+            saved_print is not None and saved_print != run.fingerprint):
+        return (f"it was trained on {saved_label} (fingerprint {str(saved_print)[:12]}), this "
+                f"run's data is {run.label} (fingerprint {run.fingerprint[:12]}); point "
+                f"ANCHOR_DATA_DIR at the copy it was trained on, or train in a new folder")
+    saved_processes = int(state.get("processes") or 1)
+    if saved_processes != processes:
+        return (f"it was trained by {saved_processes} process(es), this run has {processes} "
+                f"(BatchNorm normalises each process's slice of the batch, so the count changes "
+                f"the computation); resume with torchrun --nproc_per_node={saved_processes}"
+                if saved_processes > 1 else
+                f"it was trained by 1 process, this run has {processes} (BatchNorm normalises "
+                f"each process's slice of the batch, so the count changes the computation); "
+                f"resume it without torchrun")
+    return ""
+
+
 def _best_state(state: dict[str, Any]) -> dict[str, Any]:
     """``best.pt``'s content from a ``checkpoint.pt`` state: the weights and what selected them."""
     row = state["history"][-1]
@@ -813,6 +856,8 @@ def _best_state(state: dict[str, Any]) -> dict[str, Any]:
             "val": {k: row[k] for k in ("val_clean", "val_pgd")},
             # which validation images the selected epoch got right (absent in older checkpoints)
             "val_correct": state.get("val_correct") or {}, "data": state["data"],
+            "data_fingerprint": state.get("data_fingerprint"), "processes": state.get("processes"),
+            "segments": state.get("segments"),
             "train_step": state.get("train_step"),
             "train_step_fallback": state.get("train_step_fallback"),
             "compiled": state.get("compiled")}

@@ -279,6 +279,7 @@ def test_full_reproduction_chooses_missing_knobs_first(tmp_path, monkeypatch):
     ablation chooses: the reproduction runs the missing ablation first, before anything trains,
     unless the defaults are meant."""
     events = []
+    monkeypatch.setattr(reproduce, "dataset_for", lambda cfg: data.synthetic())  # runs are stubs
     monkeypatch.setattr(reproduce, "run_one", lambda cfg, run_dir, *a, **k: events.append(
         (run_dir.name, cfg.beta, cfg.lam, (k.get("knobs") or {}).get("beta"))) or {
         "run": run_dir.name, "status": "done"})
@@ -343,6 +344,7 @@ def test_a_device_override_keeps_the_ablations_choice(tmp_path):
 def test_overrides_reach_every_run_trades_beta_included(tmp_path, monkeypatch):
     """``overrides`` apply to every run: TRADES' beta is 6 unless the caller overrides it."""
     seen = {}
+    monkeypatch.setattr(reproduce, "dataset_for", lambda cfg: data.synthetic())  # runs are stubs
     monkeypatch.setattr(reproduce, "run_one", lambda cfg, run_dir, *a, **k: (
         seen.__setitem__(cfg.method, cfg.trades_beta), {"run": run_dir.name, "status": "done"})[1])
     reproduce.reproduce("smoke", ("trades",), tmp_path, log=lambda *a: None)

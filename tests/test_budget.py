@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from anchor_lib import budget, checkpoint, provenance
+from anchor_lib import budget, checkpoint, data, provenance
 from anchor_lib import reproduce as rep
 from anchor_lib.train import TrainConfig
 
@@ -283,6 +283,7 @@ def test_reproduce_starts_the_timed_runs_first_and_the_untimed_last(tmp_path, mo
         return {"run": run_dir.name, "status": "done in 0.0 s"}
 
     monkeypatch.setattr(rep, "run_one", fake_run_one)
+    monkeypatch.setattr(rep, "dataset_for", lambda cfg: data.synthetic())  # the runs are stubs
     statuses = rep.reproduce("smoke", ("standard", "pgd_at"), out, log=lambda _: None,
                              time_budget=3600)
     assert started == ["smoke-pgd_at", "smoke-standard"]

@@ -58,6 +58,12 @@ def check_artifacts(run_dir, method: str) -> dict:
     assert metrics["train_step"] == "eager" and metrics["train_step_fallback"] is None  # CPU
     assert metrics["eval_batch_size"] == 500  # evaluate.CPU_BATCH_SIZE
     assert metrics["train_data"] == metrics["data"] == "synthetic"
+    assert metrics["train_data_fingerprint"] == metrics["data_fingerprint"] \
+        == data.synthetic(n_train=4000, n_test=1000).fingerprint  # what dataset_for loads
+    # Who trained the selected weights: one process, one stretch of epochs, this commit.
+    assert metrics["train_processes"] == 1
+    assert [(s["first_epoch"], s["last_epoch"], s["commit"], s["processes"])
+            for s in metrics["train_segments"]] == [(1, 1, "0" * 40, 1)]
     assert set(metrics["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert list(metrics["accuracy"]) == list(ATTACKS)
     for entry in metrics["accuracy"].values():
@@ -157,6 +163,32 @@ def test_a_finished_run_with_another_config_is_an_error_not_a_skip(tmp_path):
     assert metrics["eval_precision"].startswith("fp32")
 
 
+@pytest.mark.fault
+def test_a_finished_run_on_other_data_is_an_error_not_a_skip(tmp_path):
+    """A run's folder is named by profile and method alone: skipping a run finished on another
+    copy of the data would put its numbers under this call's data."""
+    _reproduce(tmp_path, methods=("standard",))
+    before = (tmp_path / "smoke-standard" / "metrics.json").read_bytes()
+    other = data.synthetic(n_train=4000, n_test=1000, seed=1)  # same label, other images
+    with pytest.raises(ValueError, match=r"finished run trained on synthetic \(fingerprint "
+                                         r"[0-9a-f]{12}\), but this call's data is synthetic "
+                                         r"\(fingerprint [0-9a-f]{12}\); point ANCHOR_DATA_DIR"):
+        rep.reproduce("smoke", ("standard",), tmp_path, attacks=ATTACKS, log=lambda _: None,
+                      dataset=other, **TINY)
+    assert (tmp_path / "smoke-standard" / "metrics.json").read_bytes() == before
+    # A run finished before fingerprints were recorded is checked by its data's label.
+    metrics = json.loads(before)
+    del metrics["train_data_fingerprint"]
+    checkpoint.write_json(tmp_path / "smoke-standard" / "metrics.json", metrics)
+    assert rep.reproduce("smoke", ("standard",), tmp_path, attacks=ATTACKS, log=lambda _: None,
+                         dataset=other, **TINY)[0]["status"] == "skipped (finished)"
+    relabelled = data.CIFAR10(other.x_train, other.y_train, other.x_test, other.y_test,
+                              "CIFAR-10", "elsewhere")
+    with pytest.raises(ValueError, match="finished run trained on synthetic"):
+        rep.reproduce("smoke", ("standard",), tmp_path, attacks=ATTACKS, log=lambda _: None,
+                      dataset=relabelled, **TINY)
+
+
 def test_a_finished_run_evaluated_with_less_says_so(tmp_path, monkeypatch):
     """A run finished with fewer attacks (a GPU slot's --attacks) or without the sanity checks
     is skipped, untouched, but its status names what a call that asks for more would lack, so
@@ -175,6 +207,23 @@ def test_a_finished_run_evaluated_with_less_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(rep.EVAL_SETTINGS["smoke"], "sanity", False)
     assert rep.reproduce("smoke", ("standard",), tmp_path, attacks=("clean",),
                          log=lambda _: None, **TINY)[0]["status"] == "skipped (finished)"
+
+
+def test_a_finished_run_with_another_autoattack_configuration_says_so():
+    """The runs evaluated before commit 6edb67a ran Square on torchattacks' rescaled schedule
+    and recorded no autoattack_config: a call asking for AutoAttack names that in their status."""
+    from anchor_lib import attacks
+
+    measured = {"accuracy": {a: {"value": 0.5} for a in ("clean", "pgd20", "autoattack")}}
+    lacks = rep._missing_evaluation(measured, ("clean", "pgd20", "autoattack"), sanity=False)
+    assert lacks.startswith(" but evaluated without today's AutoAttack configuration")
+    current = {**measured, "autoattack_config": attacks.autoattack_config()}
+    assert rep._missing_evaluation(current, ("clean", "pgd20", "autoattack"), sanity=False) == ""
+    older = {**current, "autoattack_config": {**current["autoattack_config"],
+                                              "square_rescale_schedule": True}}
+    assert "AutoAttack configuration" in rep._missing_evaluation(older, None, sanity=False)
+    # Without AutoAttack asked for, its configuration does not matter.
+    assert rep._missing_evaluation(measured, ("clean", "pgd20"), sanity=False) == ""
 
 
 @pytest.mark.bad_input

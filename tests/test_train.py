@@ -9,7 +9,7 @@ import pytest
 import torch
 from tasks import contrastive_loss_by_definition
 
-from anchor_lib import attacks, checkpoint, data, evaluate
+from anchor_lib import attacks, checkpoint, data, distributed, evaluate
 from anchor_lib.train import (
     METHODS,
     NonFiniteLossError,
@@ -95,6 +95,77 @@ def test_resume_refuses_a_different_config(tmp_path, small_data):
     train(tiny("pgd_at", out_dir=str(tmp_path)), dataset=small_data)
     with pytest.raises(ValueError, match="differs in .*lr"):
         train(tiny("pgd_at", out_dir=str(tmp_path), lr=0.5), resume=True, dataset=small_data)
+
+
+@pytest.mark.bad_input
+def test_resume_refuses_other_data(tmp_path, small_data):
+    """A run resumed on another copy of the data would mix two datasets in one model under one
+    label: refused whether the label differs or only the images (the fingerprint)."""
+    cfg = tiny("pgd_at", out_dir=str(tmp_path))
+    train(cfg, dataset=small_data)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["data"] == small_data.label and state["data_fingerprint"] == small_data.fingerprint
+    pixel = small_data.x_train.clone()
+    pixel[0, 0, 0, 0] ^= 1  # one bit of one image
+    same_label = data.CIFAR10(pixel, small_data.y_train, small_data.x_test, small_data.y_test,
+                              small_data.label, "a copy")
+    other_label = dataclasses.replace(small_data, label="CIFAR-10 (JPEG q75 copy)")
+    for other in (same_label, other_label):
+        with pytest.raises(ValueError, match=r"cannot resume .*: it was trained on .*fingerprint "
+                                             r".*this run's data is .*ANCHOR_DATA_DIR"):
+            train(cfg, resume=True, dataset=other)
+    assert len(train(cfg, resume=True, dataset=small_data)) == 1  # its own data: nothing left
+
+
+@pytest.mark.bad_input
+def test_resume_refuses_another_process_count(tmp_path, small_data):
+    """BatchNorm normalises each process's slice of the batch, so a run trained by two
+    processes cannot be continued by one (nor the reverse) as if nothing changed."""
+    cfg = tiny("pgd_at", out_dir=str(tmp_path))
+    train(cfg, dataset=small_data)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["processes"] == 1
+    checkpoint.save({**state, "processes": 2}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"trained by 2 process\(es\), this run has 1 .*"
+                                         r"torchrun --nproc_per_node=2"):
+        train(cfg, resume=True, dataset=small_data)
+    # Checkpoints written before the count was recorded count as one process's.
+    checkpoint.save({k: v for k, v in state.items() if k != "processes"},
+                    tmp_path / "checkpoint.pt")
+    assert len(train(cfg, resume=True, dataset=small_data)) == 1
+
+
+def test_a_resumed_run_records_who_trained_each_stretch_of_epochs(tmp_path, small_data,
+                                                                  monkeypatch):
+    """A run resumed across GPU slots may change commit (or hardware) between slots: the
+    checkpoint and best.pt list each stretch of epochs with the commit that trained it."""
+    cfg = tiny("pgd_at", epochs=3, out_dir=str(tmp_path))
+    monkeypatch.setenv("ANCHOR_COMMIT", "aaaa")
+    with pytest.raises(NonFiniteLossError):
+        train(cfg, dataset=small_data, fail_at=(2, 0))  # epochs 1 and 2, then a stop
+    monkeypatch.setenv("ANCHOR_COMMIT", "bbbb")
+    train(cfg, resume=True, dataset=small_data)
+    segments = checkpoint.load(tmp_path / "checkpoint.pt")["segments"]
+    assert [(s["first_epoch"], s["last_epoch"], s["commit"], s["processes"]) for s in segments] \
+        == [(1, 2, "aaaa", 1), (3, 3, "bbbb", 1)]
+    assert all(s["hardware"] and s["torch"] == str(torch.__version__) for s in segments)
+    best = checkpoint.load(tmp_path / "best.pt")
+    assert best["segments"][-1]["last_epoch"] == best["epoch"] + 1  # up to the selected epoch
+    assert best["processes"] == 1 and best["data_fingerprint"] == small_data.fingerprint
+
+
+def test_each_process_holds_only_its_shard_of_the_training_split(small_data):
+    """Under torchrun the training split is sharded before it moves to the device, so a process
+    holds its share (not the whole set, as a strided view of it would)."""
+    cfg = tiny("pgd_at")
+    whole = load_run_data(cfg, torch.device("cpu"), small_data)
+    for rank in (0, 1):
+        ctx = distributed.Context(rank, 2, torch.device("cpu"))
+        part = load_run_data(cfg, torch.device("cpu"), small_data, ctx)
+        assert torch.equal(part.x_train, whole.x_train[rank::2])
+        assert torch.equal(part.y_train, whole.y_train[rank::2])
+        assert part.x_train.untyped_storage().nbytes() == part.x_train.numel()  # its own copy
+        assert torch.equal(part.x_val, whole.x_val) and part.num_classes == whole.num_classes
 
 
 def test_artifacts_written(tmp_path, small_data):
