@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check anchor_lib tests benchmarks scripts book
+	$(BIN)/ruff check anchor_lib tests benchmarks scripts book _ext
 
 # One pytest worker per core (pytest-xdist): each test is single-threaded (tests/conftest.py);
 # loadgroup keeps the tests of one xdist_group (the multi-process ones) on one worker.

@@ -16,6 +16,7 @@ Without a build these tests skip, except under CI (``CI`` set), where a missing 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -299,6 +300,31 @@ def test_bibliography_lists_the_cited_papers(html):
     for title in ("Towards deep learning models resistant to adversarial attacks",
                   "Supervised contrastive learning", "Integrating adversarial training"):
         assert title.lower() in text, f"the bibliography does not list {title!r}"
+
+
+def _text(fragment: str) -> str:
+    """An HTML fragment's text: tags removed, white space collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", "", fragment).split())
+
+
+def test_bibliography_labels_read_as_the_citations(html):
+    """A citation "[Madry et al., 2018]" leads to the entry labelled "Madry et al., 2018"
+    (_ext/author_year_labels.py), not to one labelled with pybtex's key "MMS+18"."""
+    bib = (html / "book" / "bibliography.html").read_text(encoding="utf-8")
+    labels = {m.group(1): _text(m.group(2)) for m in re.finditer(
+        r'<div class="citation" id="([^"]+)"[^>]*>\s*<span class="label">'
+        r'<span class="fn-bracket">\[</span>(.*?)<span class="fn-bracket">\]</span>', bib, re.S)}
+    assert labels, "no labelled entries found on the bibliography page"
+    cited, wrong = 0, []
+    for page in CHAPTERS:
+        text = (html / f"{page}.html").read_text(encoding="utf-8")
+        for m in re.finditer(r'<a class="reference internal" href="bibliography\.html#([^"]+)"'
+                             r'[^>]*>(.*?)</a>', text, re.S):
+            cited += 1
+            if _text(m.group(2)) != labels.get(m.group(1)):
+                wrong.append(f"{page}: [{_text(m.group(2))}] leads to [{labels.get(m.group(1))}]")
+    assert cited >= 20, f"only {cited} citations found in the chapters"
+    assert not wrong, f"{len(wrong)} citations whose entry has another label, e.g. {wrong[:5]}"
 
 
 # --- (c) the notebook sources ------------------------------------------------------------------------
