@@ -170,6 +170,14 @@ def _check_search(search: object, attacks: tuple[str, ...] | None) -> str:
     return str(search)
 
 
+def _same_data(metrics: dict[str, Any], dataset: data.CIFAR10) -> bool:
+    """Whether a finished run (its ``metrics``) was trained on ``dataset``: by fingerprint, or
+    by label alone for the runs finished before fingerprints were recorded."""
+    label, fingerprint = metrics.get("train_data"), metrics.get("train_data_fingerprint")
+    return (label is None or label == dataset.label) and (
+        fingerprint is None or fingerprint == dataset.fingerprint)
+
+
 def _check_same_run(metrics_path: Path, metrics: dict[str, Any], cfg: TrainConfig,
                     knobs: dict[str, dict[str, Any]] | None = None,
                     dataset: data.CIFAR10 | None = None) -> None:
@@ -177,14 +185,12 @@ def _check_same_run(metrics_path: Path, metrics: dict[str, Any], cfg: TrainConfi
     the data that made it: anything else is an error, never a silent skip (the folder is named
     by profile and method alone). Runs finished before fingerprints were recorded are checked
     by their data's label alone."""
-    trained, trained_print = metrics.get("train_data"), metrics.get("train_data_fingerprint")
-    if dataset is not None and (trained is not None and trained != dataset.label or (
-            trained_print is not None and trained_print != dataset.fingerprint)):
-        raise ValueError(f"{metrics_path} is a finished run trained on {trained} (fingerprint "
-                         f"{str(trained_print)[:12]}), but this call's data is {dataset.label} "
-                         f"(fingerprint {dataset.fingerprint[:12]}); point ANCHOR_DATA_DIR at "
-                         f"the copy it was trained on, or move its folder away to run it on "
-                         f"this one")
+    if dataset is not None and not _same_data(metrics, dataset):
+        raise ValueError(f"{metrics_path} is a finished run trained on {metrics.get('train_data')} "
+                         f"(fingerprint {str(metrics.get('train_data_fingerprint'))[:12]}), but "
+                         f"this call's data is {dataset.label} (fingerprint "
+                         f"{dataset.fingerprint[:12]}); point ANCHOR_DATA_DIR at the copy it was "
+                         f"trained on, or move its folder away to run it on this one")
     diff = config_differences(metrics.get("config") or {}, cfg)
     if diff:
         chosen = [k for k in diff if (knobs or {}).get(k, {}).get("source") == "validation"]
@@ -527,7 +533,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             # it once and copy its artifacts (their config's out_dir names the original).
             fresh = not (run_dir / "metrics.json").exists() \
                 and not (run_dir / "checkpoint.pt").exists()  # a started run resumes instead
-            same = _finished_twin(Path(out), cfg) if fresh else None
+            same = _finished_twin(Path(out), cfg, shared(cfg)) if fresh else None
             if same is not None:
                 _copy_artifacts(same, run_dir)
                 # Copied as evaluated: like a skipped run, its status names what it lacks.
@@ -564,10 +570,11 @@ def ablation_config(base: TrainConfig, param: str, value: Any, epoch_fraction: f
                                **{param: value})
 
 
-def _finished_twin(out: Path, cfg: TrainConfig) -> Path | None:
-    """A finished ablation run under ``out`` with ``cfg``'s configuration, if there is one."""
+def _finished_twin(out: Path, cfg: TrainConfig, dataset: data.CIFAR10) -> Path | None:
+    """A finished ablation run under ``out`` with ``cfg``'s configuration, trained on
+    ``dataset``, if there is one."""
     for run_dir, metrics in finished_runs(out):
-        if run_dir.parent.name.startswith("ablation_") and \
+        if run_dir.parent.name.startswith("ablation_") and _same_data(metrics, dataset) and \
                 not config_differences(metrics["config"], cfg):
             return run_dir
     return None
