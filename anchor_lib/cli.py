@@ -365,7 +365,9 @@ def run(args: argparse.Namespace) -> int:
         from .bench import run_benchmark
 
         _check_outputs(args)
-        path = run_benchmark(out=args.out, tiny=True if args.tiny else None)
+        command = " ".join(["python -m anchor_lib bench", *(["--out", str(args.out)] if args.out
+                                                             else []), *(["--tiny"] * args.tiny)])
+        path = run_benchmark(out=args.out, tiny=True if args.tiny else None, command=command)
         print(f"wrote {path}")
         return 0
     raise AssertionError(args.command)  # argparse guarantees a known command

@@ -828,7 +828,9 @@ def test_bench_passes_its_options_on(monkeypatch, tmp_path, capsys):
     assert code == 0 and out == f"wrote {tmp_path / 'b.json'}\n"
     assert run_cli("bench", capsys=capsys)[0] == 0
     # Without --tiny the benchmark picks by itself (tiny on a CPU, the full sizes on a GPU).
-    assert calls == [{"out": tmp_path / "b.json", "tiny": True}, {"out": None, "tiny": None}]
+    assert calls == [{"out": tmp_path / "b.json", "tiny": True,
+                      "command": f"python -m anchor_lib bench --out {tmp_path / 'b.json'} --tiny"},
+                     {"out": None, "tiny": None, "command": "python -m anchor_lib bench"}]
 
 
 def test_one_line_joins_a_list_with_semicolons_and_keeps_its_punctuation():
