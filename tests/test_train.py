@@ -17,6 +17,7 @@ from anchor_lib.train import (
     build_model,
     load_model,
     load_run_data,
+    resume_differences,
     train,
     training_loss,
 )
@@ -129,6 +130,10 @@ def test_resume_refuses_another_process_count(tmp_path, small_data):
     with pytest.raises(ValueError, match=r"trained by 2 process\(es\), this run has 1 .*"
                                          r"torchrun --nproc_per_node=2"):
         train(cfg, resume=True, dataset=small_data)
+    # And a one-process run continued under torchrun: told to resume without it.
+    run = load_run_data(cfg, torch.device("cpu"), small_data)
+    assert resume_differences(state, run, 2).endswith("resume it without torchrun")
+    assert resume_differences(state, run, 1) == ""
     # Checkpoints written before the count was recorded count as one process's.
     checkpoint.save({k: v for k, v in state.items() if k != "processes"},
                     tmp_path / "checkpoint.pt")
