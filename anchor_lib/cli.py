@@ -341,9 +341,12 @@ def run(args: argparse.Namespace) -> int:
                                                    ("--attacks", args.attacks is not None),
                                                    ("--no-sanity", args.sanity is False)) if given]
         if ablation_only and not args.ablation:
-            raise UsageError(f"{', '.join(ablation_only)} only apply with --ablation: the "
-                             "reproduction's runs get every attack and the sanity checks "
-                             "(the evaluation protocol)")
+            why = [("it names the knobs the ablation varies" if flag == "--params" else
+                    "the reproduction's runs get every attack and the sanity checks, the "
+                    "evaluation protocol") for flag in ablation_only]
+            raise UsageError(f"{', '.join(ablation_only)} "
+                             f"{'applies' if len(ablation_only) == 1 else 'apply'} only with "
+                             f"--ablation ({'; '.join(dict.fromkeys(why))})")
         _check_search(args)
         _check_outputs(args)
         if args.ablation:

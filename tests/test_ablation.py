@@ -170,7 +170,7 @@ def test_cli_ablation_slot_options(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["reproduce", "--profile", "smoke", "--no-sanity"])
     assert exit_info.value.code == 2
-    assert "--no-sanity only apply with --ablation" in capsys.readouterr().err
+    assert "--no-sanity applies only with --ablation" in capsys.readouterr().err
 
 
 def _summary(out, profile="full", overrides=None, **chosen):

@@ -813,10 +813,16 @@ def test_ablation_only_options_are_refused_without_ablation(flag, monkeypatch, c
     calls = []
     monkeypatch.setattr(reproduce, "reproduce", lambda *a, **k: calls.append(a))
     code, _, err = run_cli("reproduce", "--profile", "smoke", *flag, capsys=capsys)
-    assert code == 2 and f"{flag[0]} only apply with --ablation" in err and calls == []
-    # The other two ablation-only options are not named when only this one was given.
-    assert not any(other in err.split("reproduce: ")[-1].split(" only apply")[0]
+    assert code == 2 and f"{flag[0]} applies only with --ablation (" in err and calls == []
+    # The other two ablation-only options are not named when only this one was given, and the
+    # reason is this option's.
+    assert not any(other in err.split("reproduce: ")[-1].split(" applies only")[0]
                    for other in ("--params", "--attacks", "--no-sanity") if other != flag[0])
+    assert ("knobs the ablation varies" in err) == (flag[0] == "--params")
+    code, _, err = run_cli("reproduce", "--profile", "smoke", "--params", "beta", "--no-sanity",
+                           capsys=capsys)
+    assert code == 2 and "--params, --no-sanity apply only with --ablation (it names the knobs " \
+        "the ablation varies; the reproduction's runs get every attack" in err
 
 
 def test_bench_passes_its_options_on(monkeypatch, tmp_path, capsys):
