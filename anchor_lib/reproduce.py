@@ -183,13 +183,13 @@ def _check_same_run(metrics_path: Path, metrics: dict[str, Any], cfg: TrainConfi
                     dataset: data.CIFAR10 | None = None) -> None:
     """A finished run (``metrics``, read from ``metrics_path``) counts only for the config and
     the data that made it: anything else is an error, never a silent skip (the folder is named
-    by profile and method alone). Runs finished before fingerprints were recorded are checked
-    by their data's label alone."""
-    if dataset is not None and not _same_data(metrics, dataset):
-        raise ValueError(f"{metrics_path} is a finished run trained on {metrics.get('train_data')} "
-                         f"(fingerprint {str(metrics.get('train_data_fingerprint'))[:12]}), but "
-                         f"this call's data is {dataset.label} (fingerprint "
-                         f"{dataset.fingerprint[:12]}); point ANCHOR_DATA_DIR at the copy it was "
+    by profile and method alone). The data is judged by its label here (its numbers would stand
+    under another dataset's name); images that differ under the same label (another JPEG
+    decoder, say) are named in the run's status instead (:func:`_other_images`)."""
+    trained = metrics.get("train_data")
+    if dataset is not None and trained is not None and trained != dataset.label:
+        raise ValueError(f"{metrics_path} is a finished run trained on {trained}, but this call's "
+                         f"data is {dataset.label}; point ANCHOR_DATA_DIR at the copy it was "
                          f"trained on, or move its folder away to run it on this one")
     diff = config_differences(metrics.get("config") or {}, cfg)
     if diff:
@@ -198,6 +198,16 @@ def _check_same_run(metrics_path: Path, metrics: dict[str, Any], cfg: TrainConfi
                f"validation by ablation_summary.json)" if chosen else "")
         raise ValueError(f"{metrics_path} is a finished run with a different config ({', '.join(diff)}"
                          f"){why}; move its folder away to run this config there")
+
+
+def _other_images(metrics: dict[str, Any], dataset: data.CIFAR10) -> str:
+    """What a skipped run's status adds when it was trained on images other than this call's
+    under the same label ("" when they are the same, or its fingerprint was not recorded)."""
+    if _same_data(metrics, dataset):
+        return ""
+    return (f"; trained on other images labelled {dataset.label} (fingerprint "
+            f"{str(metrics.get('train_data_fingerprint'))[:12]}, this call's "
+            f"{dataset.fingerprint[:12]}: another copy, or another JPEG decoder)")
 
 
 def _missing_evaluation(metrics: dict[str, Any], attacks: tuple[str, ...] | None,
@@ -249,7 +259,7 @@ def run_one(cfg: TrainConfig, run_dir: Path, settings: dict[str, Any],
         else:
             _check_same_run(metrics_path, metrics, cfg, knobs, dataset)
             return {"run": run_dir.name, "status": "skipped (finished)" + _missing_evaluation(
-                metrics, attacks, settings["sanity"])}
+                metrics, attacks, settings["sanity"]) + _other_images(metrics, dataset)}
     cfg.out_dir = str(run_dir)
     history = train(cfg, resume=True, dataset=dataset)
     dev = resolve_device(cfg.device)

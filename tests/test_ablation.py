@@ -111,15 +111,16 @@ def test_values_that_name_the_same_run_train_it_once(tmp_path, monkeypatch):
         "ablation_lam/lam-1.0: same config as ablation_beta/beta-1.0, copied but evaluated "
         "without pgd20 (evaluate its best.pt with `python -m anchor_lib evaluate`, or move its "
         "folder away to run it again)") in log
-    # A twin trained on other data is not copied: the run trains on this call's data (and the
-    # next value, finished on the other data, is refused rather than skipped).
+    # A twin trained on other images is not copied: the run trains on this call's data (and the
+    # next value, finished on the other images under the same label, is skipped and says so).
     for name in ("metrics.json", "history.csv", "embeddings.npz", "per_image.npz"):
         for f in (copy / name, copy / f"{name}.sha256"):
             f.unlink()
     other = data.synthetic(n_train=1024, n_test=64, size=16, seed=1)
-    with pytest.raises(ValueError, match=r"lam-2\.0/metrics\.json is a finished run trained on"):
-        reproduce.ablation("smoke", ("lam",), **{**kw, "dataset": other})
+    log.clear()
+    reproduce.ablation("smoke", ("lam",), **{**kw, "dataset": other})
     assert trained[5:] == ["lam-1.0", "lam-2.0"]
+    assert log[-1].startswith("ablation_lam/lam-2.0: skipped (finished); trained on other images")
     assert json.loads((copy / "metrics.json").read_text())["train_data_fingerprint"] \
         == other.fingerprint
 
