@@ -20,7 +20,7 @@
 Each training method is timed as the median of several windows of steps after a warm-up, with the
 device synchronised at window edges; an epoch is ``steps_per_epoch × median step time``; each row
 also records its warm-up's seconds (compiling and graph capture happen there) and, on CUDA, its
-own peak memory. Random CIFAR-sized data is used: speed does not depend on pixel values
+peak memory (while it ran). Random CIFAR-sized data is used: speed does not depend on pixel values
 (AutoAttack's does). On a CPU the configuration is tiny and the JSON says so: its absolute times
 mean nothing, only the ratios measured in one run do.
 
@@ -308,7 +308,8 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
         results[name] = {"epoch_seconds": round(step_seconds * steps_per_epoch, 3),
                          "images_per_second": round(s["batch_size"] / step_seconds, 1),
                          "step_seconds": round(step_seconds, 5), **stats}
-        if cuda:  # this row's own peak (the run's is peak_memory_gb)
+        if cuda:  # the peak while this row ran, what earlier stages still hold included
+            # (the run's is peak_memory_gb)
             results[name]["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         log(f"bench: {name}: {results[name]['epoch_seconds']} s per epoch of {steps_per_epoch} "
             f"steps (warm-up {stats.get('warmup_seconds')} s)")
@@ -368,11 +369,17 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
         log(f"bench: eval_pgd20_10k: {results['eval_pgd20_10k']['seconds']} s for {len(ye)} images")
 
     def eval_bf16() -> None:
-        # The trainer's arithmetic. It counts for a model only where it agrees with fp32 there
-        # within 0.2 points (the evaluation protocol): benchmarks/eval_precision.py checks that.
+        # The trainer's arithmetic and layout. It counts for a model only where it agrees with
+        # fp32 there within 0.2 points (the evaluation protocol): benchmarks/eval_precision.py
+        # checks that.
+        eval_model.to(memory_format=torch.channels_last)
+        try:
+            seconds = pgd20_seconds(amp=True)
+        finally:
+            eval_model.to(memory_format=torch.contiguous_format)
         results["eval_pgd20_10k_bf16"] = {
-            "seconds": pgd20_seconds(amp=True), "n": len(ye),
-            "precision": "bf16 autocast (the attack's passes)", "memory_format": "contiguous (NCHW)"}
+            "seconds": seconds, "n": len(ye),
+            "precision": "bf16 autocast (the attack's passes)", "memory_format": "channels_last"}
         log(f"bench: eval_pgd20_10k_bf16: {results['eval_pgd20_10k_bf16']['seconds']} s")
 
     def autoattack_stage() -> None:
@@ -458,18 +465,19 @@ def _time_autoattack(model, xa: torch.Tensor, dev: torch.device, results: dict) 
         ya = model(xa).argmax(1)
     batch_size = default_batch_size(dev)  # as the evaluation protocol runs it
     calls = {"n": 0}
-    hook = model.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-    try:
-        sync(dev)
-        t0 = time.perf_counter()
-        with full_precision():
+    with full_precision():  # the attack and the verdict on what it returns
+        hook = model.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        try:
+            sync(dev)
+            t0 = time.perf_counter()
             x_adv = attacks.autoattack(model, xa, ya, eps=8 / 255, batch_size=batch_size)
             sync(dev)
-        seconds = time.perf_counter() - t0
-    finally:
-        hook.remove()
-    with torch.no_grad():
-        robust = int((model(x_adv).argmax(1) == ya).sum()) if torch.is_tensor(x_adv) else None
+            seconds = time.perf_counter() - t0
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            robust = (int((model(x_adv).argmax(1) == ya).sum()) if torch.is_tensor(x_adv)
+                      else None)
     results["autoattack_1k"] = {
         "seconds": round(seconds, 3), "n": len(ya), "batch_size": batch_size,
         "precision": EVAL_PRECISION, "model_calls": calls["n"], "robust": robust,

@@ -333,7 +333,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     if profile == "full" and unchosen and not default_knobs:
         log(f"choosing {', '.join(unchosen)} on the validation split first (reproduce "
             f"--ablation --params {' '.join(unchosen)}; --default-knobs skips this)")
-        done = ablation(profile, tuple(unchosen), out, dataset=shared.dataset,
+        done = ablation(profile, tuple(unchosen), out, dataset=shared,
                         attacks=ABLATION_ATTACKS, sanity=False, log=log, budget=budget,
                         search=search, **overrides)
         knobs_of, unchosen = unchosen_knobs()
@@ -473,10 +473,10 @@ ABLATION: dict[str, tuple[Any, ...]] = {
 
 def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
              out: str | Path = "data/results", *, epoch_fraction: float = 0.5,
-             dataset: data.CIFAR10 | None = None, attacks: tuple[str, ...] | None = None,
-             sanity: bool | None = None, log=print, time_budget: float | None = None,
-             budget: Budget | None = None, search: str = "fp32",
-             **overrides: Any) -> dict[str, Any]:
+             dataset: data.CIFAR10 | _SharedData | None = None,
+             attacks: tuple[str, ...] | None = None, sanity: bool | None = None, log=print,
+             time_budget: float | None = None, budget: Budget | None = None,
+             search: str = "fp32", **overrides: Any) -> dict[str, Any]:
     """Train ANCHOR variants at a shorter schedule; choose each knob on the VALIDATION split.
 
     Run ``<out>/ablation_<param>/<param>-<value>/`` gets the usual artifacts (``metrics.json``
@@ -489,6 +489,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
     for the parameters this call does not vary (when they used the same profile, schedule and
     overrides; otherwise it starts over).
 
+    ``dataset`` is every run's data (default: loaded once, when a run first needs it).
     ``attacks`` (default all) and ``sanity`` (default: the profile's) set what each run's test
     report holds; the choice never reads it. ``time_budget`` (seconds), or a ``budget`` shared
     with the caller, starts a run only when it is expected to fit
@@ -509,7 +510,8 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
         settings["sanity"] = sanity
     budget = budget if budget is not None else Budget(time_budget, out, log)
     base = TrainConfig.from_profile(profile, method="anchor", **overrides)
-    shared = _SharedData(dataset)
+    # Loaded when a run first needs it; reproduce hands over its own, so that one call loads once.
+    shared = dataset if isinstance(dataset, _SharedData) else _SharedData(dataset)
     summary: dict[str, Any] = {"profile": profile, "epoch_fraction": epoch_fraction,
                                "overrides": {k: v for k, v in overrides.items()
                                              if k not in ("progress", "device")},
@@ -543,7 +545,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
             # it once and copy its artifacts (their config's out_dir names the original).
             fresh = not (run_dir / "metrics.json").exists() \
                 and not (run_dir / "checkpoint.pt").exists()  # a started run resumes instead
-            same = _finished_twin(Path(out), cfg, shared(cfg)) if fresh else None
+            same = _finished_twin(Path(out), cfg, shared) if fresh else None
             if same is not None:
                 _copy_artifacts(same, run_dir)
                 # Copied as evaluated: like a skipped run, its status names what it lacks.
@@ -580,12 +582,12 @@ def ablation_config(base: TrainConfig, param: str, value: Any, epoch_fraction: f
                                **{param: value})
 
 
-def _finished_twin(out: Path, cfg: TrainConfig, dataset: data.CIFAR10) -> Path | None:
-    """A finished ablation run under ``out`` with ``cfg``'s configuration, trained on
-    ``dataset``, if there is one."""
+def _finished_twin(out: Path, cfg: TrainConfig, shared: _SharedData) -> Path | None:
+    """A finished ablation run under ``out`` with ``cfg``'s configuration, trained on the
+    call's data, if there is one (the data is loaded only to check a candidate)."""
     for run_dir, metrics in finished_runs(out):
-        if run_dir.parent.name.startswith("ablation_") and _same_data(metrics, dataset) and \
-                not config_differences(metrics["config"], cfg):
+        if run_dir.parent.name.startswith("ablation_") and \
+                not config_differences(metrics["config"], cfg) and _same_data(metrics, shared(cfg)):
             return run_dir
     return None
 

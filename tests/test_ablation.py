@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -376,3 +377,29 @@ def test_the_ablation_grid_is_issue_5s():
     default = TrainConfig(method="anchor")
     for param, values in reproduce.ABLATION.items():
         assert getattr(default, param) in values, param
+
+
+def test_one_reproduction_loads_the_data_once_and_not_for_runs_that_do_not_fit(tmp_path,
+                                                                             monkeypatch):
+    """The ablation that a full reproduction runs first shares the reproduction's data (one
+    load, one fingerprint of CIFAR-10 per call), and values left out for time load nothing."""
+    loads = []
+    monkeypatch.setattr(reproduce, "dataset_for",
+                        lambda cfg: loads.append(cfg.method) or data.synthetic())
+    monkeypatch.setattr(reproduce, "run_one", lambda cfg, run_dir, settings, dataset, *a, **k: (
+        _fake_finished_run(run_dir, cfg, dataset), {"run": run_dir.name, "status": "done"})[1])
+    reproduce.reproduce("full", ("pgd_at", "anchor"), tmp_path, log=lambda *_: None)
+    assert len(loads) == 1
+    # A slot with no time for any value: nothing runs, nothing is loaded.
+    loads.clear()
+    monkeypatch.setattr(reproduce.Budget, "admits", lambda self, *a, **k: False)
+    reproduce.ablation("smoke", ("lam",), tmp_path / "slot", log=lambda *_: None)
+    assert loads == []
+
+
+def _fake_finished_run(run_dir, cfg, dataset) -> None:
+    """What a finished run leaves that the ablation reads: metrics.json with its validation."""
+    checkpoint.write_json(run_dir / "metrics.json", {
+        "config": dataclasses.asdict(cfg), "train_data": dataset.label,
+        "train_data_fingerprint": dataset.fingerprint,
+        "validation": {"val_clean": 0.5, "val_pgd": 0.3}})
