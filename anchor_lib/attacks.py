@@ -4,8 +4,9 @@ Every public attack has the shape ``attack(model, x, y, **hyper_parameters) -> x
 
 - ``x`` is a float tensor ``(N, C, H, W)`` with values in [0, 1] (the model normalises inside),
   N >= 1, in the dtype of the model's parameters; ``y`` holds integer class labels ``(N,)`` in
-  ``[0, num_classes)``, on ``x``'s device. Hyper-parameters are Python numbers (a numpy or
-  tensor scalar is refused) and flags are bools.
+  ``[0, num_classes)``, on ``x``'s device. Hyper-parameters are Python ints and floats
+  (``numpy.float64``, a float subclass, passes; other numpy scalars and tensors are refused)
+  and flags are bools.
 - ``x_adv`` has the shape and dtype of ``x``, is detached, lies in [0, 1] and in the eps-ball
   around ``x`` (fp32/fp64: up to float rounding of ``x +- eps``, i.e. about 1e-7; bf16/fp16:
   exactly for L-inf, since the ball's bounds are rounded towards ``x``, and for L2 up to fp32
@@ -137,14 +138,23 @@ def logits_only(model: nn.Module) -> LogitsOnly:
 # --------------------------------------------------------------------------------------------
 
 def cross_entropy_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per example, shape ``(N,)``: the default loss PGD maximises."""
+    """Cross-entropy per example: the default loss PGD maximises.
+
+    Args:
+        logits: float ``(N, K)``.
+        y: int64 ``(N,)`` in ``[0, K)``.
+
+    Returns:
+        float ``(N,)``, >= 0, in the logits' dtype.
+    """
     return F.cross_entropy(logits, y, reduction="none")
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Carlini-Wagner margin ``max_{j != y} z_j - z_y`` per example, shape ``(N,)``.
 
-    Positive exactly when the example is misclassified. Maximising it (CW-inf) avoids the
+    Positive when some other class's logit is strictly larger than the true one; 0 on an exact
+    tie (where ``argmax`` may still pick another class). Maximising it (CW-inf) avoids the
     vanishing cross-entropy gradients of very confident models.
 
     Args:
@@ -202,8 +212,9 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf"
 
     Both sets are convex and the clamp to [0, 1] moves every coordinate towards ``x``, so the
     result lies in both. In bf16/fp16 the L2 projection is computed in fp32 and both are rounded
-    so that the cast to x's dtype cannot leave the ball (see ``_linf_box``). Shapes
-    ``(N, C, H, W)``; no validation, no sync.
+    so that the cast to x's dtype cannot leave the ball (see ``_linf_box``). ``x``: float
+    ``(N, C, H, W)`` in [0, 1]; ``x_adv``: the same shape; ``eps`` >= 0. Returns x's shape and
+    dtype, in [0, 1] and in the eps-ball. No validation, no sync.
     """
     if norm == "Linf":
         lower, upper = _linf_box(x, eps)

@@ -163,7 +163,9 @@ def fast_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Tra
     """A callable making one anchor_lib training step, as :func:`anchor_lib.train.train` does.
 
     Cycles through the device-resident uint8 ``x`` (N, 3, H, W) and ``y`` (N,) in shuffled
-    batches of ``cfg.batch_size``; bf16 autocast and channels_last on CUDA; ``graph`` replays the
+    batches of ``cfg.batch_size``; bf16 autocast and channels_last on every CUDA device (the
+    trainer's default, ``train.default_amp``, uses bf16 only where it is native, which the
+    benchmark's H100 and H200 are); ``graph`` replays the
     step from a CUDA graph. ``body`` replaces the trainer's ``step_loss`` (a variant to time, see
     ``benchmarks/gpu_probe.py``); ``compile_mode`` is inductor's mode when ``cfg.compile``
     (:func:`anchor_lib.train.compiled_passes`). Each call returns how the step ran

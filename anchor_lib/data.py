@@ -14,8 +14,9 @@ Decoded arrays are cached as ``.npz`` (uint8) in ``ANCHOR_CACHE_DIR`` when it is
 the source when that folder is writable (a folder without any write bit counts as read-only, even
 for root), else in ``~/.cache/anchor_lib``; so JPEG decoding happens once.
 
-Images are kept as uint8 ``(N, 3, 32, 32)`` tensors, on the GPU when there is one (150 MB for the
-training set); :func:`batches` slices them and :func:`augment` turns a uint8 batch into a float view
+:func:`load_cifar10` returns uint8 ``(N, 3, 32, 32)`` CPU tensors and int64 labels; the trainer
+moves them to the GPU once (``train.load_run_data``; 150 MB for the training set); :func:`batches`
+slices them and :func:`augment` turns a uint8 batch into a float view
 in [0, 1] with random crop (4-pixel reflect padding) and horizontal flip, all on the device, with no
 DataLoader and no host round trip.
 """
@@ -407,7 +408,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool 
     final partial batch, so that every training step has the same shape (what CUDA graphs and
     compiled kernels like); when ``N < batch_size`` the one batch of all N rows is still yielded.
     Evaluation passes ``drop_last=False``. Raises ValueError when x and y differ in length or
-    ``batch_size < 1``.
+    ``batch_size < 1``, at the first ``next()`` (this is a generator).
     """
     n = x.shape[0]
     if y.shape[0] != n:

@@ -8,7 +8,8 @@ An example counts as robust only when the model classifies it correctly both cle
 attack, so robust accuracy never exceeds clean accuracy. Only the clean-correct examples are
 attacked: attacking the others could not change the result and would only cost time.
 
-Every verdict (is this image classified correctly?) is taken in IEEE fp32. The *search* of CW-inf
+Every verdict (is this image classified correctly?) is taken with TF32 off, in the model's own
+dtype: IEEE fp32 for a float32 model, as the protocol evaluates. The *search* of CW-inf
 and AutoAttack may run in TF32 instead (``search="tf32"``; PGD-20 ran 3.3 times faster in TF32
 on an H100), under the protocol's rule applied to PGD-20 on the model at hand: searched
 both ways from the same random starts, PGD-20 must agree within 0.2 points, and TF32 may miss at
@@ -74,7 +75,7 @@ EVAL_PRECISION = "fp32 (IEEE; TF32 off on GPUs)"
 
 #: The precisions an attack's search may run in, ``"fp32"`` (IEEE, the protocol's default) or
 #: ``"tf32"`` (cuDNN's and matmul's TF32, on GPUs that have it; on a CPU it changes nothing).
-#: Verdicts are IEEE fp32 either way.
+#: Verdicts are taken with TF32 off either way (IEEE fp32 for a float32 model).
 SEARCH_PRECISIONS = ("fp32", "tf32")
 
 #: The attacks whose search runs in TF32 under ``search="tf32"`` once PGD-20 passed the check:
@@ -195,9 +196,9 @@ def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack |
 
     Without ``attack``: classified correctly. With one: classified correctly both clean and
     after ``attack`` (only the clean-correct examples are attacked). In eval mode without
-    parameter gradients; the model's mode is restored. Every verdict is taken in IEEE fp32
-    (:func:`full_precision`). Two models' masks on the same images give a paired comparison
-    (:func:`anchor_lib.results.compare`).
+    parameter gradients; the model's mode is restored. Every verdict is taken with TF32 off
+    (:func:`full_precision`), in the model's dtype: IEEE fp32 for a float32 model. Two models'
+    masks on the same images give a paired comparison (:func:`anchor_lib.results.compare`).
 
     Args:
         model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
@@ -283,7 +284,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
                     batch_size: int = 500, *, search: str = "fp32") -> float:
     """Fraction of examples classified correctly both clean and after ``attack``, in [0, 1]:
-    the mean of :func:`correct` with ``attack`` (verdicts in IEEE fp32).
+    the mean of :func:`correct` with ``attack`` (verdicts with TF32 off, in the model's dtype).
 
     Args:
         model: maps float ``(N, C, H, W)`` images in [0, 1] to logits ``(N, K)``.
@@ -427,7 +428,8 @@ def evaluate_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         :func:`correct`), and with ``search="tf32"`` the PGD-20 entry has ``"tf32_check"``
         (:func:`check_search_precision`, with the TF32 run's ``seconds``, ``retried_in_fp32``
         and ``broken_on_retry``). With ``per_image``, each entry also has
-        ``"correct"``, a bool numpy array ``(n,)``: entry i for the i-th evaluated image.
+        ``"correct"``, a bool numpy array as long as the entry's ``"n"`` (the first
+        ``min(n, autoattack_n)`` images for AutoAttack): entry i for the i-th evaluated image.
 
     Raises:
         ValueError: as :func:`correct` and :func:`parse_attacks`; ``seed`` outside [0, 2**63);
@@ -754,6 +756,12 @@ def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
     gradient masking. AutoAttack *above* PGD-20 (by more than one example or half a point of
     ``n``) means AutoAttack is weaker than a 20-step PGD, which its first stage alone (APGD-CE,
     100 iterations) should not be: it did not run as configured.
+
+    Args:
+        pgd20_acc: PGD-20 accuracy in [0, 1].
+        aa_acc: AutoAttack accuracy in [0, 1], on the same images.
+        max_gap: the allowed gap as a fraction, >= 0 (0.05 is 5 points).
+        n: the number of images compared, int >= 1, or None (then half a point is the slack).
 
     Returns:
         ``{"pgd20": float, "autoattack": float, "gap": float, "max_gap": float,

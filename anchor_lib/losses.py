@@ -309,7 +309,8 @@ def trades_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor, *,
     ``logits_clean.detach()``; the outer TRADES loss keeps both attached.
 
     Returns:
-        float32 (float64 for float64 logits); each per-example KL is >= 0 up to rounding.
+        float32 (float64 when ``logits_clean`` is float64; ``logits_adv`` is cast to it); each
+        per-example KL is >= 0 up to rounding.
     """
     if reduction not in ("sum", "none", "batchmean"):
         raise ValueError(f"reduction must be 'sum', 'none' or 'batchmean', got {reduction!r}")
@@ -340,7 +341,8 @@ def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
         validate: when False, skip the finiteness and label-range checks and their host sync.
 
     Returns:
-        A scalar, float32 (float64 for float64 logits); equals CE when logits_adv == logits_clean.
+        A scalar, float32 (float64 when ``logits_clean`` is float64); equals CE when
+        logits_adv == logits_clean.
     """
     beta = _check_hyper(beta, "beta", positive=False)
     _check_logits(logits_clean, logits_adv, y, validate=validate)

@@ -159,7 +159,8 @@ class PreActResNet18(nn.Module):
         self.feature_dim = in_planes
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, shape ``(N, 8 * width)``, float."""
+        """Pooled backbone features, shape ``(N, 8 * width)``, in the parameters' dtype
+        (bfloat16 under autocast)."""
         if x.dim() != 4 or x.shape[1] != 3:
             # Normalize would silently broadcast a 1-channel batch to 3 channels.
             raise ValueError(f"expected RGB images of shape (N, 3, H, W), got {tuple(x.shape)} "
@@ -179,11 +180,13 @@ class PreActResNet18(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape ``(N, num_classes)``."""
+        """Logits, shape ``(N, num_classes)``, unbounded, in the parameters' dtype (bfloat16
+        under autocast)."""
         return self.linear(self.features(x))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embedding ``z``, shape ``(N, proj_dim)``."""
+        """L2-normalised embedding ``z``, shape ``(N, proj_dim)``, in the parameters' dtype
+        (bfloat16 under autocast, where the rows are unit only up to bf16 rounding)."""
         return F.normalize(self.head(self.features(x)), dim=1)
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -212,7 +212,9 @@ def save_per_image(path: str | Path, masks: dict[str, Any], meta: dict[str, Any]
 
     ``masks`` maps attack names to bool ``(n,)`` arrays: entry i says whether the model got the
     i-th evaluated test image right under that attack (the first ``n`` test images, as
-    ``evaluate.evaluate_suite`` takes them). ``meta`` (method, data copy, commit) is stored as
+    ``evaluate.evaluate_suite`` takes them); ``reproduce`` also stores the selected epoch's
+    validation masks, ``"val_clean"`` and ``"val_pgd"``, bool ``(n_val,)`` over the validation
+    split. ``meta`` (method, data copy, commit) is stored as
     a JSON string. Returns the path. Raises ValueError when a mask is not a non-empty 1-d bool
     array.
     """
@@ -231,10 +233,10 @@ def save_per_image(path: str | Path, masks: dict[str, Any], meta: dict[str, Any]
 
 
 def load_per_image(path: str | Path) -> dict[str, Any]:
-    """Read a :func:`save_per_image` file (verifying its sidecar when present): attack names to
-    bool ``(n,)`` arrays, and ``meta`` (a dict). Raises ``CheckpointError`` (a ValueError) when
-    the file does not match its sidecar, ValueError when it is not an ``anchor-per-image-v1``
-    file."""
+    """Read a :func:`save_per_image` file (verifying its sidecar when present): attack names
+    (and the validation keys) to bool 1-d arrays, and ``meta`` (a dict). Raises
+    ``CheckpointError`` (a ValueError) when the file does not match its sidecar, ValueError when
+    it is not an ``anchor-per-image-v1`` file."""
     path = Path(path)
     if path.with_name(path.name + ".sha256").is_file():
         checkpoint.verify(path)
@@ -471,7 +473,8 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
     is not used: a warning says so and that attack is compared unpaired.
 
     Returns:
-        DataFrame indexed by attack with columns ``method``, ``baseline`` (accuracies),
+        DataFrame indexed by the attack's display label (``ATTACK_LABELS``: ``"PGD-20"``, not
+        ``"pgd20"``) with columns ``method``, ``baseline`` (accuracies),
         ``n_method``, ``n_baseline``, ``runs_method``, ``runs_baseline``, ``difference``
         (method - baseline, in accuracy points, i.e. percent), ``noise_2se`` (points),
         ``test`` ("paired" or "unpaired"), ``only_method`` and ``only_baseline`` (b and c;

@@ -418,7 +418,9 @@ def step_loss(model: PreActResNet18, cfg: TrainConfig, amp: bool, y: torch.Tenso
     run with the weights frozen (``requires_grad`` off), compiled or not.
 
     Returns the scalar loss and a dict of detached per-step diagnostics (device tensors):
-    ``ce``, ``con`` and ``correct`` (number of correctly classified training inputs).
+    ``ce``, ``con`` and ``correct``: an int64 scalar, how many of the N examples the classifier
+    gets right on the adversarial view (on ``a1`` for ``standard``); a float 0 in the
+    ``"pretrain"`` stage.
     """
     net = passes if passes is not None else model
     pgd = partial(attacks.pgd_core, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps,
@@ -525,7 +527,7 @@ def training_loss(model: PreActResNet18, cfg: TrainConfig, x: torch.Tensor, y: t
 
     :func:`draw_step_inputs` then :func:`step_loss`. Returns the scalar loss and a dict of
     detached per-step diagnostics (device tensors, never synced here): ``ce``, ``con`` and
-    ``correct`` (number of correctly classified training inputs).
+    ``correct``, as :func:`step_loss` says.
     """
     return step_loss(model, cfg, amp, y, **draw_step_inputs(cfg, x, generator))
 
@@ -599,7 +601,14 @@ def history_csv(history: list[dict[str, Any]]) -> str:
 
 def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | None = None,
           fail_at: tuple[int, int] | None = None) -> list[dict[str, Any]]:
-    """Train ``config.method``; return the history (one dict per epoch).
+    """Train ``config.method``; return the history.
+
+    Returns:
+        One dict per epoch: ``epoch`` (int, from 1), ``loss``, ``ce`` and ``con`` (float means
+        over the epoch's steps), ``train_acc`` (float in [0, 1]: on the adversarial view for the
+        robust methods, 0 in pre-training epochs), ``val_clean`` and ``val_pgd`` (float in
+        [0, 1], NaN where not measured), ``lr`` (the epoch's last step's rate), ``seconds`` and
+        ``best`` (bool: the epoch ``best.pt`` holds, so far).
 
     Args:
         config: the run.
