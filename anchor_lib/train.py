@@ -60,7 +60,46 @@ BOOK_PROFILES = ("smoke", "demo", "full")
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run (loss, schedule, profile). Defaults are the ``full`` profile."""
+    """Every knob of a training run (loss, schedule, profile). Defaults are the ``full`` profile.
+
+    Construction validates every field (ValueError naming it, the range and the value given).
+    Images are in [0, 1] units, so ``eps`` and ``alpha`` are too (8/255 = 0.031).
+
+    Attributes:
+        method: one of ``METHODS``: ``standard``, ``pgd_at``, ``trades``, ``supcon_at``, ``anchor``.
+        data: ``"cifar10"`` or ``"synthetic"``.
+        train_subset: None (all) or the first N training images after the validation split, an
+            int >= ``batch_size``.
+        val_size: training images held out for model selection, int >= 0 (1,000).
+        width: the ResNet's base width, int >= 1 (64; the tutorial checkpoints use 16).
+        proj_dim: the projection head's output dimension, int >= 1 (128).
+        epochs: int >= 1 (30). batch_size: the global batch, int >= 1 (512).
+        lr: SGD's peak learning rate, > 0 (0.2), reached after ``warmup_fraction`` in [0, 1]
+            of the steps (0.2) and then decayed linearly to 0 (the two-stage variant: one such
+            cycle per stage); momentum (Nesterov) >= 0 (0.9);
+            weight_decay >= 0 (5e-4, on every parameter).
+        eps: the L-inf radius of the training attack, >= 0 (8/255).
+        alpha: PGD's step, > 0 (2/255). attack_steps: int >= 0 (10).
+        temperature: the contrastive loss's tau, > 0 (0.1).
+        beta: hard-positive mining strength, >= 0 (1.0; 0 is SupCon).
+        lam: weight of the contrastive term, >= 0 (1.0).
+        adv_in_contrastive: the adversarial view is one of the contrastive views (True).
+        pretrain_fraction: share of the epochs of the two-stage variant's contrastive
+            pre-training, in [0, 1); > 0 only for ``supcon_at`` and ``anchor`` (0: joint).
+        trades_beta: TRADES' KL weight, >= 0 (6.0).
+        attack_bn: BatchNorm's mode while training attacks are crafted, ``"eval"`` or
+            ``"train"`` ("eval").
+        val_attack_steps: PGD steps of the validation attack, int >= 0 (10).
+        seed: int in [0, 2**63) (0).
+        device: a torch device name, e.g. ``"cpu"`` or ``"cuda:0"``; ``"auto"``: CUDA when
+            available, else the CPU.
+        amp, channels_last, cuda_graphs, compile: None picks by device (see the comments in
+            the source and :func:`default_amp`); a bool forces it.
+        log_every: steps between progress updates and NaN checks, int >= 1 (20).
+        progress: show a progress bar. out_dir: None, or the folder for checkpoints and
+            ``history.csv``. profile: the profile the defaults came from.
+        extra: free-form notes kept with the config.
+    """
 
     method: str = "anchor"
     # data
