@@ -413,8 +413,7 @@ def run_benchmark(out: str | Path | None = None, *, tiny: bool | None = None,
                                                 "autoattack_1k": autoattack_stage,
                                                 "same_answers": answers})]
     for name, fn in stages:
-        if cuda:
-            peak["run"] = max(peak["run"], torch.cuda.max_memory_allocated(dev))
+        if cuda:  # save() after each stage has taken its peak into the run's
             torch.cuda.reset_peak_memory_stats(dev)
         try:
             fn()

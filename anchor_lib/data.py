@@ -94,6 +94,15 @@ class DataNotFoundError(FileNotFoundError):
     """CIFAR-10 could not be found or fetched; the message says where we looked."""
 
 
+def same_data(label: str | None, fingerprint: str | None, current_label: str,
+              current_fingerprint: str) -> bool:
+    """Whether data recorded as ``label`` and ``fingerprint`` (:attr:`CIFAR10.fingerprint`) is
+    the current data. What was not recorded (None: files from before fingerprints) is not held
+    against it, so such a file is judged by its label alone."""
+    return (label is None or label == current_label) and (
+        fingerprint is None or fingerprint == current_fingerprint)
+
+
 def data_dir() -> Path:
     """The folder searched for data: ``$ANCHOR_DATA_DIR`` or the repository's ``data/``."""
     env = os.environ.get("ANCHOR_DATA_DIR")

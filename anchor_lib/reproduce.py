@@ -173,9 +173,8 @@ def _check_search(search: object, attacks: tuple[str, ...] | None) -> str:
 def _same_data(metrics: dict[str, Any], dataset: data.CIFAR10) -> bool:
     """Whether a finished run (its ``metrics``) was trained on ``dataset``: by fingerprint, or
     by label alone for the runs finished before fingerprints were recorded."""
-    label, fingerprint = metrics.get("train_data"), metrics.get("train_data_fingerprint")
-    return (label is None or label == dataset.label) and (
-        fingerprint is None or fingerprint == dataset.fingerprint)
+    return data.same_data(metrics.get("train_data"), metrics.get("train_data_fingerprint"),
+                          dataset.label, dataset.fingerprint)
 
 
 def _check_same_run(metrics_path: Path, metrics: dict[str, Any], cfg: TrainConfig,

@@ -748,7 +748,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
         why = resume_differences(state, run, ctx.world)
         if why:
             raise ValueError(f"cannot resume {out / 'checkpoint.pt'}: {why}")
-        segments = [dict(s) for s in state.get("segments", [])]
+        segments = list(state.get("segments", []))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -848,7 +848,7 @@ def train(config: TrainConfig, *, resume: bool = False, dataset: data.CIFAR10 | 
                      "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
                      "config": asdict(cfg), "epoch": epoch, "history": history,
                      "best": best, "data": run.label, "data_fingerprint": run.fingerprint,
-                     "processes": ctx.world, "segments": [dict(s) for s in segments],
+                     "processes": ctx.world, "segments": segments,  # saved at once, below
                      "val_correct": val_correct, **how}
             # checkpoint.pt first: once it is written this epoch is never trained again, and it
             # holds the weights best.pt needs, so a kill before best.pt is repaired on resume.
@@ -880,20 +880,17 @@ def resume_differences(state: dict[str, Any], run: RunData, processes: int) -> s
     process's slice of the batch). Checkpoints written before these were recorded are trusted on
     what they lack (no fingerprint: the label alone; no count: one process)."""
     saved_label, saved_print = state.get("data"), state.get("data_fingerprint")
-    if saved_label is not None and saved_label != run.label or (
-            saved_print is not None and saved_print != run.fingerprint):
+    if not data.same_data(saved_label, saved_print, run.label, run.fingerprint):
         return (f"it was trained on {saved_label} (fingerprint {str(saved_print)[:12]}), this "
                 f"run's data is {run.label} (fingerprint {run.fingerprint[:12]}); point "
                 f"ANCHOR_DATA_DIR at the copy it was trained on, or train in a new folder")
     saved_processes = int(state.get("processes") or 1)
     if saved_processes != processes:
+        how = (f"resume with torchrun --nproc_per_node={saved_processes}" if saved_processes > 1
+               else "resume it without torchrun")
         return (f"it was trained by {saved_processes} process(es), this run has {processes} "
                 f"(BatchNorm normalises each process's slice of the batch, so the count changes "
-                f"the computation); resume with torchrun --nproc_per_node={saved_processes}"
-                if saved_processes > 1 else
-                f"it was trained by 1 process, this run has {processes} (BatchNorm normalises "
-                f"each process's slice of the batch, so the count changes the computation); "
-                f"resume it without torchrun")
+                f"the computation); {how}")
     return ""
 
 
