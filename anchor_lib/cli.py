@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--data", choices=("cifar10", "synthetic"))
     p.add_argument("--default-knobs", action="store_true",
-                   help="at --profile full, train anchor / supcon_at with the default tau, "
-                        "beta and lambda, instead of first choosing those not chosen yet on "
-                        "validation (the ablation)")
+                   help="at --profile full, do not first choose on validation (the ablation) "
+                        "the knobs (tau, beta, lambda, ...) not chosen yet: those keep their "
+                        "defaults; knobs already chosen are still used")
     p.add_argument("--search-precision", dest="search", choices=SEARCH_PRECISIONS, default="fp32",
                    help=SEARCH_HELP)
     p.add_argument("--time-budget", type=_positive_int, metavar="SECONDS",

@@ -300,7 +300,8 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
     ``full`` profile, the reproduction, the knobs they need and that are not chosen yet are
     chosen first, before anything else trains, by :func:`ablation` on the validation split (its
     runs' test reports without AutoAttack and the sanity checks, as :data:`ABLATION_ATTACKS`
-    says); ``default_knobs`` trains with the defaults instead. A knob still unchosen after that
+    says); ``default_knobs`` skips that ablation: the knobs not chosen yet keep their defaults
+    (those already chosen are still used). A knob still unchosen after that
     (every value failed) is an error: a run trained with it would be stale once it is chosen.
 
     ``time_budget`` (seconds; GPU slots) starts a run, the ablation's included, only when
@@ -340,7 +341,7 @@ def reproduce(profile: str = "full", methods: tuple[str, ...] = METHODS,
         if failed:
             raise ValueError(f"the ablation chose no value of {', '.join(failed)} (see "
                              f"{Path(out) / 'ablation_summary.json'}); fix that, or pass "
-                             f"--default-knobs to train with the defaults")
+                             f"--default-knobs to train with the defaults of the knobs not chosen")
         # Out of time for the ablation: the methods that need its choice wait for a later slot.
         waiting = {m: [k for k in unchosen if knobs_of[m].get(k, {}).get("source") == "default"]
                    for m in methods}

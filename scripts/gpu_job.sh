@@ -20,7 +20,11 @@
 #              this tree to /tmp/anchor-bg/tree, where the next call's copy of the working tree
 #              cannot touch it, starts `MODE` (default session) there in the background, then
 #              polls. poll: waits up to POLL_S (default 540) s for it; brings back its output
-#              when it has finished, else bg.log and partial.tgz (what has finished so far).
+#              when it has finished, else bg.log and partial.tgz (what has finished so far;
+#              refreshed every minute, so a call the session's budget cuts short keeps them).
+#              Budget: a session's 900 s of device time hold the start-up (60-120 s), both
+#              calls and the gap between them, so a start + poll plan needs BUDGET_S <= ~700 and
+#              the poll's POLL_S at most the lease's budget_left_s less ~45 s.
 #              E.g. JOB_PROFILE=full JOB_RUNS=pgd_at STAGES=tutorial BUDGET_S=1500 ... start,
 #              then `poll` in the next call, before the machine's idle release.
 #              An ablation slot: JOB_PROFILE=full JOB_RUNS=anchor JOB_ARGS="--ablation --params beta
@@ -31,15 +35,18 @@
 #              Order: the ablation's tau, beta and lambda before the full anchor and supcon_at
 #              runs, which reproduce trains with the values ablation_summary.json chose (at
 #              the full profile it runs the missing ablation first, unless --default-knobs).
-# Results land in $OUT; commit them under data/results/ with the command and hardware.
+# Results land in $OUT: only the files the job wrote (newer than its start; weights left out), as
+# results.tgz (partial.tgz while a background job runs), paths from the repository root: unpack
+# them there (`cat results.tgz.part* | tar -xz` when it came in parts) and commit the run folders
+# that have a metrics.json, with the command and hardware (README, "Command line").
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
+    --target "${JOB_SITE:-/tmp/site}" .whl/*.whl
+  export PYTHONPATH="${JOB_SITE:-/tmp/site}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
-export ANCHOR_DATA_DIR="$PWD/.gpu" ANCHOR_OFFLINE=1 ANCHOR_CACHE_DIR=/tmp/anchor-cache
+export ANCHOR_DATA_DIR="$PWD/.gpu" ANCHOR_OFFLINE=1 ANCHOR_CACHE_DIR="${JOB_CACHE_DIR:-/tmp/anchor-cache}"
 # What earlier machines compiled (anchor_lib.compile_cache): loaded before the first compile,
 # added to by each compiled run, and brought back in $OUT (unpack it into .gpu/ here).
 export ANCHOR_COMPILE_CACHE="$PWD/.gpu/compile-cache"
@@ -48,6 +55,25 @@ OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 bg=${JOB_BG:-/tmp/anchor-bg}
 self=$(realpath "$0")
+# Only what the job itself writes goes back: the files newer than this stamp. The committed results
+# alone pack to about 14.6 MB, so packing all of data/results would pass the 16 MB a returned file
+# may have after one more full run, and the whole archive would be lost.
+stamp=${JOB_STAMP:-}
+if [ -z "$stamp" ] || [ ! -f "$stamp" ]; then stamp=$(mktemp); fi
+split_if_large() {  # FILE: over 16 MB it would not come back; in parts of 15 MB it does
+  local size; size=$(stat -c %s "$1")
+  if [ "$size" -gt 16000000 ]; then
+    split -b 15000000 -d "$1" "$1.part" && rm "$1"
+    echo "$(basename "$1"): $size bytes, more than a returned file may have: split into" \
+      "$(basename "$1").part00, part01, ... (here: cat them together, then unpack)"
+  fi
+}
+pack() {  # NAME PATH...: the files under PATH written since the job started, weights aside
+  local name=$1; shift
+  find "$@" -type f -newer "$stamp" ! -name 'checkpoint.pt*' ! -name 'best.pt*' -print0 \
+    2>/dev/null | tar -czf "$OUT/$name" --null -T -
+  split_if_large "$OUT/$name"
+}
 keep_compile_cache() {  # into $OUT as one file, if it can come back (16 MB a file)
   if ls "$ANCHOR_COMPILE_CACHE"/*.bin >/dev/null 2>&1; then
     tar -czf "$OUT/compile-cache.tgz" -C "$(dirname "$ANCHOR_COMPILE_CACHE")" \
@@ -68,10 +94,11 @@ case "${1:-bench}" in
       echo "a background job is already running (pid $(cat "$bg/pid")): polling it"
     else
       rm -rf "$bg" && mkdir -p "$bg/out"
-      cp -a . "$bg/tree"
+      cp -a . "$bg/tree"  # (-a keeps the files' times: the stamp below is newer than them all)
+      touch "$bg/stamp"
       # The copy's own script when it is in the tree: the next call may rewrite this one.
       script="$bg/tree/${self#"$PWD"/}"; [ -f "$script" ] || script=$self
-      ( cd "$bg/tree" && OUT="$bg/out" setsid nohup bash -c \
+      ( cd "$bg/tree" && OUT="$bg/out" JOB_STAMP="$bg/stamp" setsid nohup bash -c \
           'bash "$1" "$0"; echo $? > ../rc' "${2:-session}" "$script" >"$bg/log" 2>&1 </dev/null &
         echo $! > "$bg/pid" )
       echo "started ${2:-session} in the background (pid $(cat "$bg/pid"))"
@@ -80,27 +107,41 @@ case "${1:-bench}" in
     ;;
   poll)
     [ -f "$bg/pid" ] || { echo "no background job on this machine (a fresh one?)" >&2; exit 1; }
-    deadline=$(( SECONDS + ${POLL_S:-540} ))
-    while [ ! -f "$bg/rc" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
-    tail -c 200000 "$bg/log" > "$OUT/bg.log" 2>/dev/null || true
+    [ -f "$bg/stamp" ] || touch -d @0 "$bg/stamp"  # a job started without one: all its files
+    stamp="$bg/stamp"
+    snapshot() {  # the logs and finished artifacts so far: what comes back if this call is cut short
+      tail -c 200000 "$bg/log" > "$OUT/bg.log" 2>/dev/null || true
+      # The session's own log (training progress); its other files come when it ends.
+      [ -f "$bg/out/job.log" ] && tail -c 200000 "$bg/out/job.log" > "$OUT/job.log"
+      ( cd "$bg/tree" && pack partial.tgz data/results )
+    }
+    deadline=$(( SECONDS + ${POLL_S:-540} )); next=0
+    while [ ! -f "$bg/rc" ] && [ "$SECONDS" -lt "$deadline" ]; do
+      if [ "$SECONDS" -ge "$next" ]; then snapshot >/dev/null; next=$(( SECONDS + 60 )); fi
+      sleep 5
+    done
     if [ -f "$bg/rc" ]; then
+      rm -f "$OUT"/partial.tgz*
+      tail -c 200000 "$bg/log" > "$OUT/bg.log" 2>/dev/null || true
       cp "$bg"/out/* "$OUT/" 2>/dev/null || true
       echo "== background: finished, rc $(cat "$bg/rc")"
     else
-      ( cd "$bg/tree" && tar -czf "$OUT/partial.tgz" --exclude="*.pt" --exclude="*.pt.sha256" \
-          data/results )
-      # The session's own log (training progress) so far; its other files come when it ends.
-      [ -f "$bg/out/job.log" ] && tail -c 200000 "$bg/out/job.log" > "$OUT/job.log"
+      snapshot
       # What it compiled so far (saved after each run's first epoch), in case this is the last call.
       ANCHOR_COMPILE_CACHE="$bg/tree/.gpu/compile-cache" keep_compile_cache
       echo "== background: still running after ${POLL_S:-540} s; poll again"
     fi
-    cat "$bg/log" "$bg/out/job.log" 2>/dev/null | tr '\r' '\n' \
+    # The session's log holds every line it printed; bg.log repeats them (before it exists: not).
+    summary="$bg/out/job.log"; [ -f "$summary" ] || summary="$bg/log"
+    tr '\r' '\n' < "$summary" 2>/dev/null \
       | grep -E "^==|done in|epoch [0-9]+/[0-9]+ loss" | tail -20 || true
     ;;
   bench)
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-    python3 -m anchor_lib bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    { nvidia-smi --query-gpu=name,memory.total --format=csv || echo "no nvidia-smi"; } \
+      | tee "$OUT/gpu.txt"
+    python3 -m anchor_lib bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" \
+      || echo "bench: rc $?"  # what it wrote still comes back
+    keep_compile_cache
     ;;
   reproduce)
     # Restartable: finished runs are skipped, unfinished ones resume from data/results/*/checkpoint.pt.
@@ -109,7 +150,7 @@ case "${1:-bench}" in
     python3 -m anchor_lib reproduce --profile full --out data/results 2>&1 \
       | tee "$OUT/reproduce.log" || echo "reproduce: rc $?"  # what finished still comes back
     # Checkpoints (~90 MB each) stay on the machine; only the small artifacts come back.
-    tar -czf "$OUT/results.tgz" --exclude="*.pt" --exclude="*.pt.sha256" data/results
+    pack results.tgz data/results
     keep_compile_cache
     ;;
   session)
@@ -217,7 +258,7 @@ case "${1:-bench}" in
     fi
     mkdir -p "$results" "$ckpts"
     # Small artifacts, and the resume checkpoints of runs a timeout cut short (width 16: ~6 MB).
-    tar -czf "$OUT/results.tgz" --exclude="checkpoint.pt*" --exclude="best.pt*" "$results" "$ckpts"
+    pack results.tgz "$results" "$ckpts"
     unfinished=$(for d in "$results/$profile"-*; do
       [ -f "$d/checkpoint.pt" ] && [ ! -f "$d/metrics.json" ] && echo "$d"; done)
     # shellcheck disable=SC2086  # (a full-profile checkpoint, ~90 MB, cannot come back anyway)

@@ -317,6 +317,12 @@ def test_full_reproduction_chooses_missing_knobs_first(tmp_path, monkeypatch):
                         default_knobs=True)
     assert events == [("full-anchor", 1.0, 1.0, {"value": 1.0, "source": "default",
                                                   "note": "no ablation_summary.json yet"})]
+    # With some knobs chosen, --default-knobs keeps those and leaves the others at their defaults.
+    events.clear()
+    _summary(tmp_path / "some", beta=0.5)
+    reproduce.reproduce("full", ("anchor",), tmp_path / "some", log=lambda *_: None,
+                        default_knobs=True)
+    assert [e[:3] for e in events] == [("full-anchor", 0.5, 1.0)]
 
 
 @pytest.mark.bad_input

@@ -35,6 +35,17 @@ def test_every_committed_file_matches_its_sidecar():
         checkpoint.verify(side.with_name(side.name.removesuffix(".sha256")))
 
 
+def test_every_committed_run_folder_is_a_finished_run():
+    """A run that a slot's end cut short leaves history.csv (and maybe embeddings) without
+    metrics.json; nothing reads such a folder (results.load_results skips it), so committing one
+    from a returned archive would go unnoticed."""
+    for marker in ("history.csv", "embeddings.npz", "per_image.npz"):
+        for path in RESULTS.rglob(marker):
+            assert (path.parent / "metrics.json").is_file(), (
+                f"{path.parent.relative_to(REPO)} holds {marker} but no metrics.json: an "
+                "unfinished run; leave it out of the commit")
+
+
 def test_committed_runs_load_and_their_masks_match_their_accuracies():
     runs = results.load_results(RESULTS)
     if not runs:

@@ -76,8 +76,10 @@ def test_session_skips_exports_and_packs_what_came_back(tmp_path, finished_run):
 
     with tarfile.open(out / "results.tgz") as tar:
         names = set(tar.getnames())
-    assert "data/results/smoke-standard/metrics.json" in names
+    # Only what the job wrote: the skipped run is here already (and the committed results alone
+    # would pass the 16 MB a returned file may have).
     assert {"data/checkpoints/standard-w8.pt", "data/checkpoints/manifest.json"} <= names
+    assert not [n for n in names if "smoke-standard" in n], names
     assert not [n for n in names if n.endswith(("checkpoint.pt", "best.pt"))], names
     with tarfile.open(out / "resume.tgz") as tar:
         assert tar.getnames() == ["data/results/smoke-pgd_at",
@@ -103,7 +105,7 @@ def test_session_keeps_full_profile_runs_without_weights(tmp_path, finished_run)
     assert (results / "full-anchor" / "metrics.json").is_file()
     assert (results / "tutorial-anchor" / "metrics.json").is_file()  # not this profile's run
     with tarfile.open(out / "results.tgz") as tar:
-        assert "data/results/full-anchor/metrics.json" in tar.getnames()
+        assert tar.getnames() == []  # nothing new: the kept runs are here already
     with tarfile.open(out / "compile-cache.tgz") as tar:  # goes back with the results
         assert tar.extractfile("compile-cache/0123.bin").read() == b"kernels"
 
@@ -173,8 +175,8 @@ def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
 
     first = call("start", out=tmp_path / "out1", poll_s=0)
     assert "started session in the background" in first and "still running" in first, first
-    with tarfile.open(tmp_path / "out1" / "partial.tgz") as tar:
-        assert "data/results/smoke-standard/metrics.json" in tar.getnames()
+    with tarfile.open(tmp_path / "out1" / "partial.tgz") as tar:  # the job's own files only
+        assert not [n for n in tar.getnames() if "smoke-standard" in n], tar.getnames()
     # The working tree of the next call may differ: the job runs in its own copy.
     assert (bg / "tree" / "data" / "results" / "smoke-standard").is_dir()
 
@@ -186,6 +188,8 @@ def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
     with tarfile.open(tmp_path / "out2" / "results.tgz") as tar:
         assert "data/checkpoints/standard-w8.pt" in tar.getnames()
     assert (tmp_path / "out2" / "bg.log").is_file()
+    assert not (tmp_path / "out2" / "partial.tgz").exists()  # results.tgz holds it all
+    assert second.count("== smoke standard: rc 0") == 1, second  # each summary line once
     # A later call may not see the job's process (its own pid namespace on the device): poll
     # then waits for the job's exit status, not for the pid, and reports it still running.
     other = tmp_path / "other"
@@ -209,3 +213,27 @@ def test_background_job_outlives_the_call_and_is_polled(tmp_path, finished_run):
     proc = subprocess.run(["bash", str(SCRIPT), "poll"], cwd=repo, capture_output=True, text=True,
                           env={**env, "JOB_BG": str(tmp_path / "none"), "OUT": str(tmp_path)})
     assert proc.returncode == 1 and "no background job" in proc.stderr
+
+
+def test_a_packed_archive_too_large_to_come_back_is_split(tmp_path, finished_run):
+    """A returned file may have 16 MB: an archive over that would be lost whole, so it comes back
+    in parts. Files the job did not write (older than its stamp) are not packed at all."""
+    stamp = tmp_path / "stamp"
+    stamp.touch()
+    time.sleep(0.05)
+    big = tmp_path / "data" / "results" / "ablation_x" / "run"
+    big.mkdir(parents=True)
+    (big / "embeddings.npz").write_bytes(os.urandom(17_000_000))  # written "by the job"
+    old = tmp_path / "data" / "results" / "committed"
+    old.mkdir()
+    (old / "metrics.json").write_text("{}")
+    os.utime(old / "metrics.json", (0, 0))  # from before the job
+    log, out = run_session(tmp_path, STAGES="none", JOB_PROFILE="smoke",
+                           JOB_STAMP=str(stamp))
+    parts = sorted(out.glob("results.tgz.part*"))
+    assert len(parts) == 2 and not (out / "results.tgz").exists(), sorted(out.iterdir())
+    assert all(p.stat().st_size <= 16_000_000 for p in parts)
+    whole = tmp_path / "whole.tgz"
+    whole.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(whole) as tar:
+        assert tar.getnames() == ["data/results/ablation_x/run/embeddings.npz"]
