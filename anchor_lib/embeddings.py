@@ -180,6 +180,9 @@ def _check_emb(emb: dict[str, Any], where: str = "emb") -> int:
                             if np.issubdtype(labels.dtype, np.floating) else ""))
     n = labels.shape[0]
     shape = np.asarray(emb["clean"]).shape
+    if len(shape) == 2 and shape[0] != n:
+        raise ValueError(f"{where}: labels (N={n}) and the views ({shape[0]} rows) must have one "
+                         f"entry per image")
     for k in VIEWS:
         a = np.asarray(emb[k])
         if a.ndim != 2 or a.shape[0] != n or a.shape != shape:

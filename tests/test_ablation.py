@@ -29,6 +29,12 @@ def test_ablation_layout_and_choice_by_validation(tmp_path, monkeypatch):
                              .read_text())
         assert metrics["config"]["beta"] == float(value) and metrics["method"] == "anchor"
         assert set(metrics["accuracy"]) == {"clean", "pgd20"}
+        # The choice reads what training measured on the validation split (best.pt's record of
+        # its selected epoch), never the test columns.
+        best = checkpoint.load(tmp_path / "ablation_beta" / f"beta-{value}" / "best.pt")
+        assert val[value] == metrics["validation"]
+        assert {k: val[value][k] for k in ("val_clean", "val_pgd")} == {
+            k: best["val"][k] for k in ("val_clean", "val_pgd")}
     checkpoint.verify(tmp_path / "ablation_summary.json")
     # Chapter 8 reads the same folders.
     loaded = results.load_ablations(tmp_path)

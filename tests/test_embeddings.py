@@ -13,8 +13,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from anchor_lib import checkpoint, data, embeddings
+from anchor_lib import attacks, checkpoint, data, embeddings
 from anchor_lib.models import PreActResNet18
 from anchor_lib.train import METHODS, TrainConfig, build_model, draw_step_inputs, step_loss
 
@@ -89,6 +90,23 @@ def test_no_attack_gives_adv_equal_clean(model, images):
         e = embeddings.embed_views(model, x[:5], y[:5], **kw)
         np.testing.assert_array_equal(e["adv"], e["clean"])
         np.testing.assert_array_equal(e["pred_adv"], e["pred_clean"])
+
+
+def test_the_adversarial_view_is_pgd_of_the_clean_one(model, images):
+    """adv is the embedding of attacks.pgd's image (its random start drawn after seeding with
+    ``seed``), per batch; and the attack lowers the true class's margin, so it attacked."""
+    x, y = images
+    xf = data.to_float(x[:10])
+    e = embeddings.embed_views(model, x[:10], y[:10], eps=16 / 255, alpha=4 / 255, steps=3,
+                               seed=5, batch_size=10)
+    torch.manual_seed(5)
+    x_adv = attacks.pgd(model, xf, y[:10], eps=16 / 255, alpha=4 / 255, steps=3)
+    with torch.no_grad():
+        feats = F.normalize(model.features(x_adv), dim=1).numpy()
+        clean_margin = attacks.margin_loss(model(xf), y[:10])
+        adv_margin = attacks.margin_loss(model(x_adv), y[:10])
+    np.testing.assert_allclose(e["adv"], feats, atol=1e-6)
+    assert (adv_margin > clean_margin).all()
 
 
 def test_feature_and_projection_spaces(model, images):
@@ -398,7 +416,7 @@ def test_knn_hits_refuses_what_it_cannot_vote_on():
         embeddings.knn_hits(e, k=2.5)
     with pytest.raises(ValueError, match="at least 2 images"):
         embeddings.knn_hits({**{v: e[v][:1] for v in embeddings.VIEWS}, "labels": e["labels"][:1]})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels \(N=17\) and the views \(18 rows\)"):
         embeddings.knn_hits({**e, "labels": e["labels"][:-1]})
 
 

@@ -577,6 +577,42 @@ def test_every_run_is_selected_on_the_same_validation_images(small_data):
         assert torch.equal(run.y_val, small_data.y_train[val_idx])
 
 
+def test_the_training_split_is_the_data_less_the_validation_images(small_data):
+    """Training never sees a validation image: the split's training rows, in its order, then
+    the first train_subset of them."""
+    for subset in (None, 256):
+        cfg = tiny("pgd_at", train_subset=subset)
+        run = load_run_data(cfg, torch.device("cpu"), small_data)
+        train_idx, val_idx = data.train_val_split(len(small_data.y_train), cfg.val_size, seed=0)
+        assert not set(train_idx.tolist()) & set(val_idx.tolist())
+        train_idx = train_idx if subset is None else train_idx[:subset]
+        assert torch.equal(run.x_train, small_data.x_train[train_idx])
+        assert torch.equal(run.y_train, small_data.y_train[train_idx])
+
+
+def test_selection_scores_the_validation_split_under_the_configs_pgd(small_data, monkeypatch,
+                                                                    tmp_path):
+    """val_pgd, which selects every robust run, is accuracy under PGD with the config's eps,
+    alpha and val_attack_steps, not clean accuracy under another name."""
+    from anchor_lib.train import validate
+
+    cfg = tiny("pgd_at", eps=16 / 255, alpha=4 / 255, val_attack_steps=3)
+    # a model that classifies well enough for the attack to have something to break
+    train(tiny("standard", epochs=2, train_subset=512, out_dir=str(tmp_path)), dataset=small_data)
+    model, _ = load_model(tmp_path / "best.pt")
+    run = load_run_data(cfg, torch.device("cpu"), small_data)
+    calls, real = [], attacks.pgd
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    scores, masks = validate(model, cfg, run.x_val, run.y_val)
+    assert calls and all((k["eps"], k["alpha"], k["steps"]) == (cfg.eps, cfg.alpha, 3) for k in calls)
+    torch.manual_seed(0)
+    expected = evaluate.correct(model, data.to_float(run.x_val), run.y_val,
+                                partial(real, eps=cfg.eps, alpha=cfg.alpha, steps=3), batch_size=500)
+    assert torch.equal(masks["val_pgd"], expected) and scores["val_pgd"] == expected.float().mean()
+    assert scores["val_pgd"] < scores["val_clean"]  # the attack breaks some images: it ran
+
+
 def test_standard_training_without_a_validation_attack_reports_no_robust_accuracy(small_data):
     history = train(tiny("standard", val_attack_steps=0), dataset=small_data)
     assert history[0]["val_clean"] > 0 and history[0]["val_pgd"] != history[0]["val_pgd"]  # NaN
