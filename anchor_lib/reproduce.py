@@ -418,7 +418,7 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
     params: dict[str, Any] = {}
     note = f"no {summary_path.name} yet"
     if names and summary_path.exists():
-        summary = checkpoint.read_json(summary_path)
+        summary = results.read_ablation_summary(summary_path)
         mine = TrainConfig.from_profile(profile, method="anchor", **{
             k: v for k, v in overrides.items() if k not in names})
         # Neither the seed (replicates share the choice) nor the device's name ("auto" and
@@ -440,7 +440,8 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
         if name in overrides:
             knobs[name] = {"value": overrides[name], "source": "override"}
         elif entry.get("chosen") is not None:
-            knobs[name] = {"value": type(getattr(defaults, name))(entry["chosen"]),
+            knobs[name] = {"value": _knob_value(entry["chosen"], getattr(defaults, name), name,
+                                                summary_path),
                            "source": "validation",
                            "from": f"{summary_path.name} ({summary['selection']}, "
                                    f"{summary['epoch_fraction']:g} of the epochs)",
@@ -448,6 +449,20 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
         else:
             knobs[name] = {"value": getattr(defaults, name), "source": "default", "note": note}
     return knobs
+
+
+def _knob_value(chosen: str, default: Any, name: str, path: Path) -> Any:
+    """The summary's ``chosen`` string as a value of the knob's type (``"True"`` is True)."""
+    try:
+        if isinstance(default, bool):
+            if chosen not in ("True", "False"):
+                raise ValueError(chosen)
+            return chosen == "True"
+        return type(default)(chosen)
+    except ValueError:
+        raise checkpoint.CheckpointError(
+            f"{path}: params[{name!r}]['chosen'] must be a {type(default).__name__} value like "
+            f"{str(default)!r}, got {chosen!r}") from None
 
 
 #: The test report of the ablation runs the reproduction starts itself (the choice reads
@@ -520,7 +535,7 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                                "selection": "best validation PGD accuracy", "params": {}}
     summary_path = Path(out) / "ablation_summary.json"
     if summary_path.exists():
-        earlier = checkpoint.read_json(summary_path)
+        earlier = results.read_ablation_summary(summary_path)
         same = all(earlier.get(k) == summary[k] for k in ("profile", "epoch_fraction", "overrides")
                    ) and not config_differences(earlier.get("base_config") or {}, base)
         if same:

@@ -729,7 +729,36 @@ def load_ablation_summary(root: str | Path | None = None) -> dict[str, Any] | No
     path = (Path(root) if root is not None else default_root()) / "ablation_summary.json"
     if not path.is_file():
         return None
-    return checkpoint.read_json(path, verify_hash=path.with_name(path.name + ".sha256").is_file())
+    return read_ablation_summary(path, verify_hash=path.with_name(path.name + ".sha256").is_file())
+
+
+def read_ablation_summary(path: str | Path, *, verify_hash: bool = True) -> dict[str, Any]:
+    """An ``ablation_summary.json`` (``reproduce.ablation`` writes it), checked against its sha256
+    sidecar and for the shape its readers rely on. Raises ``checkpoint.CheckpointError`` naming
+    the file, what was expected and what came: a summary edited by hand into another shape must
+    not be half-read (a missing ``params`` would read as "nothing chosen yet")."""
+    summary = checkpoint.read_json(path, verify_hash=verify_hash)
+
+    def bad(what: str, expected: str, got: Any) -> checkpoint.CheckpointError:
+        return checkpoint.CheckpointError(f"{path}: {what} must be {expected}, got {got!r:.80}")
+
+    if not isinstance(summary, dict):
+        raise bad("the file", "a JSON object", summary)
+    kinds = {"profile": (str, "a profile name"), "selection": (str, "a string"),
+             "epoch_fraction": ((int, float), "a number"), "base_config": (dict, "an object"),
+             "params": (dict, "an object mapping knob names to their results")}
+    for key, (kind, expected) in kinds.items():
+        if key not in summary:
+            raise bad(f"{key!r}", f"present ({expected})", "nothing")
+        if not isinstance(summary[key], kind) or isinstance(summary[key], bool):
+            raise bad(f"{key!r}", expected, summary[key])
+    for name, entry in summary["params"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("validation"), dict):
+            raise bad(f"params[{name!r}]", "an object with a 'validation' object", entry)
+        if entry.get("chosen") is not None and not isinstance(entry["chosen"], str):
+            raise bad(f"params[{name!r}]['chosen']", "a value as a string, or null",
+                      entry["chosen"])
+    return summary
 
 
 def ablation_choice(runs: Sequence[RunResult | dict[str, Any]], param: str,

@@ -227,12 +227,39 @@ def test_chosen_knobs_name_their_source(tmp_path):
     assert "another configuration (lr)" in reproduce.chosen_knobs(tmp_path, "full",
                                                                   "anchor")["beta"]["note"]
     (tmp_path / "ablation_summary.json").write_text('{"params": {}}')
-    with pytest.raises(checkpoint.CheckpointError):
+    with pytest.raises(checkpoint.CheckpointError, match="is corrupted or truncated: sha256"):
         reproduce.chosen_knobs(tmp_path, "full", "anchor")
     # Verified but of the wrong kind: named, not an AttributeError from deep inside.
     checkpoint.write_json(tmp_path / "ablation_summary.json", [saved])
     with pytest.raises(checkpoint.CheckpointError, match="should hold a JSON object, not a list"):
         reproduce.chosen_knobs(tmp_path, "full", "anchor")
+
+
+@pytest.mark.bad_input(cases=6)
+def test_a_summary_of_another_shape_is_named_not_half_read(tmp_path):
+    """A summary edited by hand into another shape, its sidecar rewritten: an error naming the
+    file, the field, what was expected and what came, not "nothing chosen yet" or an
+    AttributeError from deep inside."""
+    _summary(tmp_path, beta=0.5)
+    good = json.loads((tmp_path / "ablation_summary.json").read_text())
+    cases = [
+        (lambda s: s.pop("params"), r"'params' must be present"),
+        (lambda s: s.update(params=[]), r"'params' must be an object mapping knob names"),
+        (lambda s: s["params"].update(beta="0.5"), r"params\['beta'\] must be an object with"),
+        (lambda s: s.update(base_config=[1]), r"'base_config' must be an object, got \[1\]"),
+        (lambda s: s.pop("selection"), r"'selection' must be present"),
+        (lambda s: s["params"]["beta"].update(chosen="abc"),
+         r"params\['beta'\]\['chosen'\] must be a float value like '1.0', got 'abc'"),
+    ]
+    for damage, match in cases:
+        summary = json.loads(json.dumps(good))
+        damage(summary)
+        checkpoint.write_json(tmp_path / "ablation_summary.json", summary)
+        with pytest.raises(checkpoint.CheckpointError, match=match):
+            reproduce.chosen_knobs(tmp_path, "full", "anchor")
+        if "chosen" not in match:  # (that one is read only where a knob takes it)
+            with pytest.raises(checkpoint.CheckpointError, match=match):
+                results.load_ablation_summary(tmp_path)
 
 
 def test_reproduction_trains_anchor_with_the_knob_chosen_on_validation(tmp_path, monkeypatch):

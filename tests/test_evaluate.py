@@ -220,6 +220,25 @@ def test_evaluate_suite_structure_and_order(trained, fast_autoattack):
     json.dumps(result)  # goes straight into metrics.json
 
 
+def test_autoattack_runs_on_the_first_autoattack_n_images(monkeypatch):
+    """AutoAttack's subset is the first autoattack_n images (the ones the sanity checks and
+    chapter 8's per-image comparisons pair with), not any autoattack_n of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    x = torch.rand(40, 3, 8, 8)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    y = torch.where(torch.arange(40) < 16, pred, (pred + 1) % 10)  # only the first 16 right
+    table = evaluate.standard_attacks()
+    table["autoattack"] = lambda model, x, y: x.clone()  # no attack: its mask is the clean one
+    monkeypatch.setattr(evaluate, "standard_attacks", lambda *a, **k: table)
+    monkeypatch.setattr(evaluate, "check_autoattack_inputs", lambda *a: None)
+    out = evaluate.evaluate_suite(model, x, y, ("clean", "autoattack"), autoattack_n=16,
+                                  per_image=True)
+    assert out["autoattack"]["n"] == 16 and out["autoattack"]["value"] == 1.0
+    assert out["autoattack"]["correct"].all()
+
+
 def test_evaluate_suite_selection_and_errors(trained, capsys):
     model, x, y = trained
     result = evaluate_suite(model, x, y, attacks="clean,fgsm", progress=True, eps=EPS)

@@ -89,9 +89,9 @@ def test_bad_input_is_refused_with_what_was_expected(tmp_path, capsys):
     assert handout.main([str(tmp_path / "out"), "7", "--book", str(book)]) == 2
     assert "no chapter '7'; expected a number or one of: 01_one" in capsys.readouterr().err
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         handout.main([str(book), "--book", str(book)])
-    assert "must not be the book's own folder" in capsys.readouterr().err
+    assert exc.value.code == 2 and "must not be the book's own folder" in capsys.readouterr().err
 
 
 def test_the_command_writes_the_chosen_chapters(tmp_path, capsys):

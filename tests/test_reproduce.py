@@ -405,3 +405,49 @@ def test_a_misspelt_or_repeated_attack_is_refused_before_anything_trains(tmp_pat
             with pytest.raises(ValueError, match=message):
                 call("smoke", out=tmp_path, attacks=attacks, log=lambda _: None, **TINY)
     assert not any(tmp_path.iterdir())
+
+
+def test_reproduce_reports_the_selected_epoch_not_the_last(tmp_path, monkeypatch):
+    """Everything a run reports is its selected epoch's (best.pt), not its last: the validation
+    record, the test report and its per-image masks (image by image, in the test images' order),
+    the embeddings and the exported checkpoint. Epoch 1 is made the best, so the two differ."""
+    import torch
+
+    from anchor_lib import train as train_module
+    from anchor_lib.train import load_model
+
+    real, calls = train_module.validate, []
+
+    def first_epoch_is_best(model, cfg, x, y):  # epoch 1 scores 1.0: no later epoch beats it
+        acc, masks = real(model, cfg, x, y)
+        calls.append(1)
+        if len(calls) == 1:
+            acc["val_pgd"], masks["val_pgd"] = 1.0, torch.ones(len(y), dtype=torch.bool)
+        return acc, masks
+
+    monkeypatch.setattr(train_module, "validate", first_epoch_is_best)
+    rep.reproduce("smoke", ("pgd_at",), tmp_path, attacks=ATTACKS, log=lambda _: None,
+                  **{**TINY, "epochs": 2})
+    run = tmp_path / "smoke-pgd_at"
+    best, last = checkpoint.load(run / "best.pt"), checkpoint.load(run / "checkpoint.pt")
+    assert (best["epoch"], last["epoch"]) == (0, 1)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["selected_epoch"] == 1 and metrics["validation"] == best["val"]
+    model, _ = load_model(run / "best.pt")
+    ds = data.synthetic(n_train=4000, n_test=1000)  # what TINY's data="synthetic" loads
+    x, y = data.to_float(ds.x_test[:48]), ds.y_test[:48]
+    right = evaluate.correct(model, x, y).numpy()
+    masks = results.load_per_image(run / "per_image.npz")
+    assert (masks["clean"] == right).all()
+    assert metrics["accuracy"]["clean"]["value"] == right.mean()
+    emb = np.load(run / "embeddings.npz")
+    with torch.no_grad():
+        h = torch.nn.functional.normalize(model.features(x[:40]), dim=1).numpy()
+    assert np.allclose(emb["clean"].astype(np.float32), h, atol=2e-3)  # stored as float16
+    dest = rep.export_tutorial_checkpoints(tmp_path, tmp_path / "c", ("pgd_at",), "smoke",
+                                           check_n=8, robust_check_n=8, log=lambda _: None)
+    entry = json.loads(dest.read_text())["checkpoints"][0]
+    exported = checkpoint.load(tmp_path / "c" / entry["file"])
+    assert entry["selected_epoch"] == 1 and exported["epoch"] == 0
+    assert all(torch.equal(exported["model"][k], v.half() if v.is_floating_point() else v)
+               for k, v in best["model"].items())
