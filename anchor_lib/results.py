@@ -568,6 +568,18 @@ def validation_difference(run: RunResult, other: RunResult, key: str = "val_pgd"
             "runs_baseline": 1, "test": "paired", **paired, "verdict": verdict}
 
 
+def verdicts_by_attack(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """The attacks (the frame's index: display labels, as :func:`compare` and
+    :func:`compare_runs` write them) where the method is ``"ahead"`` or ``"behind"`` beyond noise,
+    and ``"within noise"``, in the frame's order."""
+    groups: dict[str, list[str]] = {"ahead": [], "behind": [], "within noise": []}
+    for attack, row in frame.iterrows():
+        key = ("within noise" if row["verdict"] == "within noise"
+               else "ahead" if row["difference"] > 0 else "behind")
+        groups[key].append(str(attack))
+    return groups
+
+
 def describe_difference(row) -> str:
     """One row of :func:`compare` or :func:`compare_runs` in words, e.g. ``+0.74 points (noise
     ±0.55, paired, p = 0.007) -> ANCHOR higher`` (an unpaired row has no p-value).

@@ -621,6 +621,11 @@ def test_compare_runs_pairs_two_runs_of_one_method(tmp_path):
     assert same.drop("verdict").equals(row.drop("verdict"))
     flipped = results.compare_runs(pgd_at, anchor, attacks=("pgd20",)).loc["PGD-20"]
     assert flipped["difference"] == pytest.approx(-1.7) and flipped["verdict"] == row["verdict"]
+    # Grouped by verdict, under the rows' own labels (chapter 8's summary of the evidence).
+    assert results.verdicts_by_attack(tab) == {"ahead": ["PGD-20"], "behind": [],
+                                               "within noise": ["Clean"]}
+    assert results.verdicts_by_attack(results.compare_runs(pgd_at, anchor, attacks=("pgd20",))) \
+        == {"ahead": [], "behind": ["PGD-20"], "within noise": []}
     assert results.describe_difference(row) == (
         "+1.70 points (noise ±0.96, paired, p < 0.001) -> full-anchor-0 higher")
     unpaired = row.copy()  # the words of an unpaired row carry no p-value
