@@ -28,11 +28,14 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import checkpoint
+
+if TYPE_CHECKING:  # imported where used: the library's import stays light
+    import pandas as pd
 
 ATTACKS = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW∞",
