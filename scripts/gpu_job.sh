@@ -69,9 +69,18 @@ split_if_large() {  # FILE: over 16 MB it would not come back; in parts of 15 MB
   fi
 }
 pack() {  # NAME PATH...: the files under PATH written since the job started, weights aside
-  local name=$1; shift
-  find "$@" -type f -newer "$stamp" ! -name 'checkpoint.pt*' ! -name 'best.pt*' -print0 \
-    2>/dev/null | tar -czf "$OUT/$name" --null -T -
+  # The temporary files of the library's atomic writes (.<name>.<hex>.tmp) are left out: one may
+  # be a checkpoint being written, or be renamed away while tar reads it (tar then says so and
+  # packs the rest). Packed beside $OUT and moved in, so a call cut short mid-tar keeps the last
+  # whole archive, and no part of an earlier, larger one is left beside it.
+  local name=$1 tmp; shift
+  tmp=$(mktemp "${TMPDIR:-/tmp}/pack.XXXXXX")
+  find "$@" -type f -newer "$stamp" ! -name 'checkpoint.pt*' ! -name 'best.pt*' \
+    ! -name '.*.tmp' -print0 2>/dev/null \
+    | tar -czf "$tmp" --ignore-failed-read --warning=no-file-changed --null -T - \
+    || echo "pack $name: a file changed or went while it was read; packed the rest" >&2
+  rm -f "$OUT/$name" "$OUT/$name".part*
+  mv "$tmp" "$OUT/$name"
   split_if_large "$OUT/$name"
 }
 keep_compile_cache() {  # into $OUT as one file, if it can come back (16 MB a file)
@@ -117,7 +126,7 @@ case "${1:-bench}" in
     }
     deadline=$(( SECONDS + ${POLL_S:-540} )); next=0
     while [ ! -f "$bg/rc" ] && [ "$SECONDS" -lt "$deadline" ]; do
-      if [ "$SECONDS" -ge "$next" ]; then snapshot >/dev/null; next=$(( SECONDS + 60 )); fi
+      if [ "$SECONDS" -ge "$next" ]; then snapshot >/dev/null || true; next=$(( SECONDS + 60 )); fi
       sleep 5
     done
     if [ -f "$bg/rc" ]; then
@@ -126,7 +135,7 @@ case "${1:-bench}" in
       cp "$bg"/out/* "$OUT/" 2>/dev/null || true
       echo "== background: finished, rc $(cat "$bg/rc")"
     else
-      snapshot
+      snapshot || echo "snapshot: rc $? (what came back so far is kept)"
       # What it compiled so far (saved after each run's first epoch), in case this is the last call.
       ANCHOR_COMPILE_CACHE="$bg/tree/.gpu/compile-cache" keep_compile_cache
       echo "== background: still running after ${POLL_S:-540} s; poll again"

@@ -224,6 +224,7 @@ def test_a_packed_archive_too_large_to_come_back_is_split(tmp_path, finished_run
     big = tmp_path / "data" / "results" / "ablation_x" / "run"
     big.mkdir(parents=True)
     (big / "embeddings.npz").write_bytes(os.urandom(17_000_000))  # written "by the job"
+    (big / ".checkpoint.pt.1a2b3c4d.tmp").write_bytes(b"a write a kill cut short")  # not packed
     old = tmp_path / "data" / "results" / "committed"
     old.mkdir()
     (old / "metrics.json").write_text("{}")
