@@ -443,8 +443,9 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
             knobs[name] = {"value": _knob_value(entry["chosen"], getattr(defaults, name), name,
                                                 summary_path),
                            "source": "validation",
-                           "from": f"{summary_path.name} ({summary['selection']}, "
-                                   f"{summary['epoch_fraction']:g} of the epochs)",
+                           "from": f"{summary_path.name} ({summary.get('selection', '?')}, "
+                                   f"{summary.get('epoch_fraction', float('nan')):g} of the "
+                                   f"epochs)",
                            "validation": entry.get("validation")}
         else:
             knobs[name] = {"value": getattr(defaults, name), "source": "default", "note": note}

@@ -759,12 +759,17 @@ def read_ablation_summary(path: str | Path, *, verify_hash: bool = True) -> dict
 
     if not isinstance(summary, dict):
         raise bad("the file", "a JSON object", summary)
-    kinds = {"profile": (str, "a profile name"), "selection": (str, "a string"),
-             "epoch_fraction": ((int, float), "a number"), "base_config": (dict, "an object"),
-             "params": (dict, "an object mapping knob names to their results")}
+    # profile and params are read always; the others only when present (a summary written before
+    # base_config was recorded is one of another configuration, not a damaged one).
+    kinds = {"profile": (str, "a profile name"), "params": (dict, "an object mapping knob names "
+                                                            "to their results"),
+             "selection": (str, "a string"), "epoch_fraction": ((int, float), "a number"),
+             "base_config": (dict, "an object")}
     for key, (kind, expected) in kinds.items():
         if key not in summary:
-            raise bad(f"{key!r}", f"present ({expected})", "nothing")
+            if key in ("profile", "params"):
+                raise bad(f"{key!r}", f"present ({expected})", "nothing")
+            continue
         if not isinstance(summary[key], kind) or isinstance(summary[key], bool):
             raise bad(f"{key!r}", expected, summary[key])
     for name, entry in summary["params"].items():

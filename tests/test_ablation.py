@@ -247,10 +247,16 @@ def test_a_summary_of_another_shape_is_named_not_half_read(tmp_path):
         (lambda s: s.update(params=[]), r"'params' must be an object mapping knob names"),
         (lambda s: s["params"].update(beta="0.5"), r"params\['beta'\] must be an object with"),
         (lambda s: s.update(base_config=[1]), r"'base_config' must be an object, got \[1\]"),
-        (lambda s: s.pop("selection"), r"'selection' must be present"),
+        (lambda s: s.update(selection=3), r"'selection' must be a string, got 3"),
         (lambda s: s["params"]["beta"].update(chosen="abc"),
          r"params\['beta'\]\['chosen'\] must be a float value like '1.0', got 'abc'"),
     ]
+    # Without base_config (summaries before it was recorded): another configuration, not damage.
+    older = json.loads(json.dumps(good))
+    del older["base_config"]
+    checkpoint.write_json(tmp_path / "ablation_summary.json", older)
+    assert "another configuration (not recorded)" in reproduce.chosen_knobs(
+        tmp_path, "full", "anchor")["beta"]["note"]
     for damage, match in cases:
         summary = json.loads(json.dumps(good))
         damage(summary)

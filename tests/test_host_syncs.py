@@ -3,10 +3,11 @@
 A GPU step that waits for the host (``.item()``, ``bool(t)``, a data-dependent shape such as
 ``nonzero``) stalls the launch queue, and inside a CUDA-graph capture it is an error, so the
 trainer falls back to eager steps on the GPU. A CPU run never waits, so neither slowness nor a
-capture error shows here; these tests see the operators themselves: every aten operator that
-must read a device value on the host goes through PyTorch's dispatcher, where a
-``TorchDispatchMode`` counts it, and the Python-level reads (``tolist``, ``numpy``) are counted
-by wrapping those methods.
+capture error shows here; these tests see the operators themselves: the aten operators of
+:data:`SYNCING` (scalar reads and data-dependent shapes) go through PyTorch's dispatcher, where a
+``TorchDispatchMode`` counts them, and the Python-level reads (``tolist``, ``numpy``, ``cpu``) are
+counted by wrapping those methods. What a CPU cannot show: a copy to the host written another way
+(``.to("cpu")`` is no copy at all for a CPU tensor), or a sync inside a kernel of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from anchor_lib.train import CONTRASTIVE_METHODS, METHODS, TrainConfig
 SYNCING = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_static",
                      "masked_select", "unique", "_unique", "_unique2", "unique_dim",
                      "unique_consecutive", "bincount", "histc", "_assert_async"})
+#: Syncing unless told their output's size.
+SIZED = frozenset({"repeat_interleave"})
 
 
 class HostSyncs(TorchDispatchMode):
@@ -34,7 +37,7 @@ class HostSyncs(TorchDispatchMode):
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__()
         self.calls: list[str] = []
-        for name in ("tolist", "numpy"):
+        for name in ("tolist", "numpy", "cpu"):
             original = getattr(torch.Tensor, name)
 
             def counted(t, *args, _original=original, _name=name, **kwargs):
@@ -55,7 +58,7 @@ class HostSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in SYNCING:
+        if name in SYNCING or (name in SIZED and (kwargs or {}).get("output_size") is None):
             self.calls.append(name)
         elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()):
@@ -82,8 +85,11 @@ def test_the_counter_sees_each_kind_of_host_read(monkeypatch):
         t.numpy()
         torch.equal(t, t)
         t[t > 0] = 0.0
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        t.cpu()
     assert syncs.calls == ["_local_scalar_dense", "_local_scalar_dense", "index with a boolean mask",
-                           "nonzero", "tolist", "numpy", "equal", "index_put_ with a boolean mask"]
+                           "nonzero", "tolist", "numpy", "equal", "index_put_ with a boolean mask",
+                           "repeat_interleave", "cpu"]
 
 
 STEPS = [(m, "joint", {}) for m in METHODS] + [
