@@ -426,7 +426,8 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
         diff = [k for k in config_differences(summary.get("base_config") or {}, mine)
                 if k not in ("seed", "device") and k not in names]
         if summary.get("profile") != profile:
-            note = f"{summary_path.name} was chosen at the {summary.get('profile')} profile"
+            note = (f"{summary_path.name} was chosen at the {summary['profile']} profile"
+                    if "profile" in summary else f"{summary_path.name} records no profile")
         elif "base_config" not in summary or diff:
             note = (f"{summary_path.name} was chosen for another configuration "
                     f"({', '.join(diff) or 'not recorded'})")

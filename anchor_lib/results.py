@@ -759,22 +759,22 @@ def read_ablation_summary(path: str | Path, *, verify_hash: bool = True) -> dict
 
     if not isinstance(summary, dict):
         raise bad("the file", "a JSON object", summary)
-    # profile and params are read always; the others only when present (a summary written before
-    # base_config was recorded is one of another configuration, not a damaged one).
-    kinds = {"profile": (str, "a profile name"), "params": (dict, "an object mapping knob names "
-                                                            "to their results"),
-             "selection": (str, "a string"), "epoch_fraction": ((int, float), "a number"),
-             "base_config": (dict, "an object")}
+    # params is read always; the others only when present (a summary written before base_config
+    # was recorded is one of another configuration, not a damaged one; reproduce.chosen_knobs
+    # then keeps the defaults and says why).
+    kinds = {"params": (dict, "an object mapping knob names to their results"),
+             "profile": (str, "a profile name"), "selection": (str, "a string"),
+             "epoch_fraction": ((int, float), "a number"), "base_config": (dict, "an object")}
     for key, (kind, expected) in kinds.items():
         if key not in summary:
-            if key in ("profile", "params"):
+            if key == "params":
                 raise bad(f"{key!r}", f"present ({expected})", "nothing")
             continue
         if not isinstance(summary[key], kind) or isinstance(summary[key], bool):
             raise bad(f"{key!r}", expected, summary[key])
     for name, entry in summary["params"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("validation"), dict):
-            raise bad(f"params[{name!r}]", "an object with a 'validation' object", entry)
+        if not isinstance(entry, dict) or not isinstance(entry.get("validation", {}), dict):
+            raise bad(f"params[{name!r}]", "an object (its 'validation' an object too)", entry)
         if entry.get("chosen") is not None and not isinstance(entry["chosen"], str):
             raise bad(f"params[{name!r}]['chosen']", "a value as a string, or null",
                       entry["chosen"])

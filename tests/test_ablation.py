@@ -235,7 +235,7 @@ def test_chosen_knobs_name_their_source(tmp_path):
         reproduce.chosen_knobs(tmp_path, "full", "anchor")
 
 
-@pytest.mark.bad_input(cases=6)
+@pytest.mark.bad_input(cases=7)
 def test_a_summary_of_another_shape_is_named_not_half_read(tmp_path):
     """A summary edited by hand into another shape, its sidecar rewritten: an error naming the
     file, the field, what was expected and what came, not "nothing chosen yet" or an
@@ -245,7 +245,8 @@ def test_a_summary_of_another_shape_is_named_not_half_read(tmp_path):
     cases = [
         (lambda s: s.pop("params"), r"'params' must be present"),
         (lambda s: s.update(params=[]), r"'params' must be an object mapping knob names"),
-        (lambda s: s["params"].update(beta="0.5"), r"params\['beta'\] must be an object with"),
+        (lambda s: s["params"].update(beta="0.5"), r"params\['beta'\] must be an object"),
+        (lambda s: s.update(profile=["full"]), r"'profile' must be a profile name, got \['full'\]"),
         (lambda s: s.update(base_config=[1]), r"'base_config' must be an object, got \[1\]"),
         (lambda s: s.update(selection=3), r"'selection' must be a string, got 3"),
         (lambda s: s["params"]["beta"].update(chosen="abc"),
@@ -257,6 +258,10 @@ def test_a_summary_of_another_shape_is_named_not_half_read(tmp_path):
     checkpoint.write_json(tmp_path / "ablation_summary.json", older)
     assert "another configuration (not recorded)" in reproduce.chosen_knobs(
         tmp_path, "full", "anchor")["beta"]["note"]
+    del older["profile"]
+    checkpoint.write_json(tmp_path / "ablation_summary.json", older)
+    assert reproduce.chosen_knobs(tmp_path, "full", "anchor")["beta"]["note"] == (
+        "ablation_summary.json records no profile")
     for damage, match in cases:
         summary = json.loads(json.dumps(good))
         damage(summary)
