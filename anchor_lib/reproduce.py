@@ -454,12 +454,9 @@ def chosen_knobs(out: str | Path, profile: str, method: str,
 
 
 def _knob_value(chosen: str, default: Any, name: str, path: Path) -> Any:
-    """The summary's ``chosen`` string as a value of the knob's type (``"True"`` is True)."""
+    """The summary's ``chosen`` string as a value of the knob's type (the :data:`CHOSEN_KNOBS`
+    are all floats)."""
     try:
-        if isinstance(default, bool):
-            if chosen not in ("True", "False"):
-                raise ValueError(chosen)
-            return chosen == "True"
         return type(default)(chosen)
     except ValueError:
         raise checkpoint.CheckpointError(

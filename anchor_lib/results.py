@@ -571,6 +571,14 @@ def validation_difference(run: RunResult, other: RunResult, key: str = "val_pgd"
             "runs_baseline": 1, "test": "paired", **paired, "verdict": verdict}
 
 
+def unpaired_noise(p1: float, n1: int, p2: float, n2: int) -> float:
+    """Two standard errors, in points, of the difference of two independent accuracies (``p1``
+    in [0, 1] on ``n1`` images, ``p2`` on ``n2``): ``200 sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) /
+    n2)``. For two accuracies measured on the same images it is an upper bound (their outcomes
+    go together); :func:`paired_difference` is the test for those when the masks are kept."""
+    return 200 * math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+
+
 def verdicts_by_attack(frame: pd.DataFrame) -> dict[str, list[str]]:
     """The attacks (the frame's index: display labels, as :func:`compare` and
     :func:`compare_runs` write them) where the method is ``"ahead"`` or ``"behind"`` beyond noise,
@@ -640,7 +648,7 @@ def _difference(mine: list, theirs: list, attack: str, loaded: dict[Path, dict[s
         tie = paired["p_value"] >= 0.05
     else:
         diff = 100 * (p[0] - p[1])
-        noise = 200 * math.sqrt(sum(q * (1 - q) / k for q, k in zip(p, n, strict=True)))
+        noise = unpaired_noise(p[0], n[0], p[1], n[1])
         tie = abs(diff) <= noise
     verdict = "within noise" if tie else f"{labels[0] if diff > 0 else labels[1]} higher"
     return {**row, "difference": diff, "noise_2se": noise, "verdict": verdict}
@@ -757,11 +765,9 @@ def read_ablation_summary(path: str | Path, *, verify_hash: bool = True) -> dict
     def bad(what: str, expected: str, got: Any) -> checkpoint.CheckpointError:
         return checkpoint.CheckpointError(f"{path}: {what} must be {expected}, got {got!r:.80}")
 
-    if not isinstance(summary, dict):
-        raise bad("the file", "a JSON object", summary)
-    # params is read always; the others only when present (a summary written before base_config
-    # was recorded is one of another configuration, not a damaged one; reproduce.chosen_knobs
-    # then keeps the defaults and says why).
+    # (read_json has refused anything but a JSON object.) params is read always; the others only
+    # when present (a summary written before base_config was recorded is one of another
+    # configuration, not a damaged one; reproduce.chosen_knobs then keeps the defaults, saying so).
     kinds = {"params": (dict, "an object mapping knob names to their results"),
              "profile": (str, "a profile name"), "selection": (str, "a string"),
              "epoch_fraction": ((int, float), "a number"), "base_config": (dict, "an object")}
