@@ -20,8 +20,11 @@ the sum times :data:`MARGIN`. A GPU with no such runs of its own is timed by the
 GPUs, by the slowest estimate they give: the lent GPU can change between slots (an H100, then an
 H200), and a run started on an estimate that is too short is lost, while one skipped on an
 estimate that is too long costs only idle time. A CPU is never timed by a GPU, nor the reverse.
-A run with no precedent at all is started if any time is left (no estimate is no reason to skip
-it); a finished run is always "admitted", since skipping it costs nothing.
+A run with no precedent of its own may still be bounded from below: a TRADES, SupCon-AT or ANCHOR
+run trained jointly makes the same PGD-10 attack as PGD-AT and more forward and backward passes
+besides (:data:`COSTS_AT_LEAST`), so it is not started where a like PGD-AT run would not fit. A
+run with no precedent and no bound is started if any time is left (no estimate is no reason to
+skip it); a finished run is always "admitted", since skipping it costs nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ COST_KEYS = ("method", "data", "train_subset", "val_size", "width", "batch_size"
 
 #: Methods whose epochs cost the same as another's (supcon_at is anchor with beta = 0).
 SAME_COST = {"supcon_at": "anchor"}
+
+#: Methods whose joint training costs at least another's per epoch: each makes PGD-AT's attack
+#: (TRADES on its KL term) and then more passes (TRADES a clean one; SupCon-AT and ANCHOR two
+#: augmented views). Not the two-stage variant, whose pre-training may make no attack at all.
+COSTS_AT_LEAST = {"trades": "pgd_at", "supcon_at": "pgd_at", "anchor": "pgd_at"}
 
 
 @dataclass
@@ -124,6 +132,19 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     slowest, other = max(guesses, key=lambda item: item[0].seconds)
     return Estimate(slowest.seconds, f"{slowest.basis}; on {other}, since no finished run on "
                                      f"{hardware} times it")
+
+
+def lower_bound(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
+                sanity: bool, hardware: str, search: str = "fp32") -> Estimate | None:
+    """:func:`estimate` of the run that ``cfg``'s costs at least as much as
+    (:data:`COSTS_AT_LEAST`: the same config, trained by the cheaper method), or None (no such
+    method, the two-stage variant, or no precedent for that run either). Its evaluation is timed
+    as the cheaper method's: both are robust models under the same attacks."""
+    if cfg.method not in COSTS_AT_LEAST or cfg.pretrain_fraction > 0:
+        return None
+    cheaper = dataclasses.replace(cfg, method=COSTS_AT_LEAST[cfg.method],
+                                  adv_in_contrastive=_DEFAULTS["adv_in_contrastive"])
+    return estimate(out, cheaper, attacks=attacks, sanity=sanity, hardware=hardware, search=search)
 
 
 def _is_gpu(hardware: Any) -> bool:
@@ -214,7 +235,9 @@ class Budget:
     def judge(self, cfg: TrainConfig, run_dir: Path, attacks: tuple[str, ...],
               sanity: bool, search: str = "fp32") -> str:
         """``"finished"`` (skipping it costs nothing), ``"fits"`` (no budget, or expected to end
-        in what is left), ``"unknown"`` (no finished run to time it by) or ``"too long"``."""
+        in what is left), ``"unknown"`` (no finished run to time it by) or ``"too long"``
+        (expected to take more than is left, or bounded from below by a run that would; the log
+        says which)."""
         if self.deadline is None:
             return "fits"
         try:
@@ -225,9 +248,17 @@ class Budget:
         hardware = provenance.hardware(resolve_device(cfg.device))
         guess = estimate(self.out, cfg, attacks=attacks, sanity=sanity, hardware=hardware,
                          search=search)
-        if guess is None:
-            return "unknown"
         left = self.left()
+        if guess is None:
+            bound = lower_bound(self.out, cfg, attacks=attacks, sanity=sanity, hardware=hardware,
+                                search=search)
+            if bound is None or bound.seconds <= left:
+                return "unknown"
+            self.log(f"{_name(self.out, run_dir)}: not started: no finished run times it, but it "
+                     f"trains at least as much as a {COSTS_AT_LEAST[cfg.method]} run, which needs "
+                     f"about {bound.seconds:.0f} s ({bound.basis}), and {max(left, 0):.0f} s of "
+                     f"the time budget are left")
+            return "too long"
         if guess.seconds > left:
             self.log(f"{_name(self.out, run_dir)}: not started: it needs about "
                      f"{guess.seconds:.0f} s ({guess.basis}), and {max(left, 0):.0f} s of the "

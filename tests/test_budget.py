@@ -209,18 +209,54 @@ def test_budget_admits_what_fits_and_says_why_not(results):
     assert "s of the time budget are left" in logs[-1]
     # A finished run is skipped, not trained: always admitted.
     assert tight.admits(full("pgd_at"), results / "full-pgd_at", ALL, True)
-    # No precedent: started while time is left.
-    assert tight.admits(full("trades"), results / "full-trades", ALL, True)
+    # No precedent (and no bound: nothing is cheaper than standard): started while time is left.
+    assert tight.admits(full("standard"), results / "full-standard", ALL, True)
     assert "no finished run on" in logs[-1] and "starting it with" in logs[-1]
     # No precedent and no time left: not started, and the log says so (it used to say nothing).
     spent = budget.Budget(500, results, logs.append)
     spent.deadline -= 501
-    assert not spent.admits(full("trades"), results / "full-trades", ALL, True)
-    assert logs[-1] == (f"full-trades: not started: the time budget is spent (and no finished "
+    assert not spent.admits(full("standard"), results / "full-standard", ALL, True)
+    assert logs[-1] == (f"full-standard: not started: the time budget is spent (and no finished "
                         f"run on {CPU} times it)")
     assert budget.Budget(700, results).admits(cfg, results / "full-anchor", ALL, True)
     with pytest.raises(ValueError, match="time_budget must be a number of seconds > 0, got 0"):
         budget.Budget(0, results)
+
+
+@pytest.mark.parametrize("method", ["trades", "supcon_at", "anchor"])
+def test_a_run_without_precedent_is_bounded_by_a_cheaper_methods(tmp_path, method):
+    """TRADES, SupCon-AT and ANCHOR make PGD-AT's attack and more passes: with no precedent of
+    their own, a like PGD-AT run that would not fit keeps them from starting blind (a dry run of a
+    GPU slot saw such a run start with 105 s left, to be cut off)."""
+    out = tmp_path / "results"
+    fake_run(out / "full-pgd_at", full("pgd_at"), [11.6, 9.5, 9.6], 339.0)
+    cfg = full(method, adv_in_contrastive=False) if method == "anchor" else full(method)
+    bound = budget.lower_bound(out, cfg, attacks=ALL, sanity=True, hardware=CPU)
+    pgd_at = budget.estimate(out, full("pgd_at"), attacks=ALL, sanity=True, hardware=CPU)
+    assert budget.estimate(out, cfg, attacks=ALL, sanity=True, hardware=CPU) is None
+    assert bound.seconds == pgd_at.seconds and "full-pgd_at" in bound.basis
+    logs: list[str] = []
+    short = budget.Budget(bound.seconds - 5, out, logs.append)
+    assert short.judge(cfg, out / f"full-{method}", ALL, True) == "too long"
+    assert not short.admits(cfg, out / f"full-{method}", ALL, True)
+    assert logs[-1].startswith(f"full-{method}: not started: no finished run times it, but it "
+                               f"trains at least as much as a pgd_at run, which needs about "
+                               f"{bound.seconds:.0f} s (epochs timed by full-pgd_at")
+    # Where the cheaper run would fit, the run still has no estimate of its own: started last.
+    roomy = budget.Budget(bound.seconds + 60, out, logs.append)
+    assert roomy.judge(cfg, out / f"full-{method}", ALL, True) == "unknown"
+    assert roomy.admits(cfg, out / f"full-{method}", ALL, True)
+
+
+@pytest.mark.parametrize("cfg", [full("standard"), full("anchor", epochs=10, pretrain_fraction=0.5)],
+                         ids=["standard", "two-stage"])
+def test_no_bound_for_standard_nor_the_two_stage_variant(tmp_path, cfg):
+    """Standard training makes no attack, and the two-stage variant's pre-training may make none:
+    neither costs at least PGD-AT, so a PGD-AT run bounds neither."""
+    out = tmp_path / "results"
+    fake_run(out / "full-pgd_at", full("pgd_at", epochs=cfg.epochs), [11.6, 9.5, 9.6], 339.0)
+    assert budget.lower_bound(out, cfg, attacks=ALL, sanity=True, hardware=CPU) is None
+    assert budget.Budget(1, out, lambda _: None).judge(cfg, out / "x", ALL, True) == "unknown"
 
 
 def _huge_precedent(out: Path) -> None:
