@@ -22,7 +22,8 @@ H200), and a run started on an estimate that is too short is lost, while one ski
 estimate that is too long costs only idle time. A CPU is never timed by a GPU, nor the reverse.
 A run with no precedent of its own may still be bounded from below: a TRADES, SupCon-AT or ANCHOR
 run trained jointly makes the same PGD-10 attack as PGD-AT and more forward and backward passes
-besides (:data:`COSTS_AT_LEAST`), so it is not started where a like PGD-AT run would not fit. A
+besides (:data:`COSTS_AT_LEAST`), so it is not started where a like PGD-AT run, compiled as it
+would be, would not fit. A
 run with no precedent and no bound is started if any time is left (no estimate is no reason to
 skip it); a finished run is always "admitted", since skipping it costs nothing.
 """
@@ -103,7 +104,8 @@ _DEFAULTS = dataclasses.asdict(TrainConfig())
 
 
 def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
-             sanity: bool, hardware: str, search: str = "fp32") -> Estimate | None:
+             sanity: bool, hardware: str, search: str = "fp32",
+             exact_compile: bool = False) -> Estimate | None:
     """How long a run of ``cfg`` evaluated with ``attacks`` (and the sanity checks if
     ``sanity``) is expected to take on ``hardware``, from the finished runs under ``out``; None
     when no finished run there trained or evaluated alike on that hardware, nor, for a GPU, on
@@ -112,21 +114,21 @@ def estimate(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
     Training: the slowest first epoch (it compiles) of the runs that train alike, plus, for each
     further epoch, the median over those runs of their median later epoch (runs of one epoch
     have none). A run records whether it compiled; one that did not time a compiled run (or the
-    reverse) only where the older record says neither. Evaluation: the longest of the runs
-    evaluated alike that ``_eval_precedents`` picks (the module's docstring says which). Plus
-    what a finished run took beyond training and evaluation (loading, embeddings;
-    ``run_seconds``, where recorded), then :data:`MARGIN`."""
+    reverse) only where the older record says neither (never, with ``exact_compile``).
+    Evaluation: the longest of the runs evaluated alike that ``_eval_precedents`` picks (the
+    module's docstring says which). Plus what a finished run took beyond training and
+    evaluation (loading, embeddings; ``run_seconds``, where recorded), then :data:`MARGIN`."""
     compiled = use_compile(cfg, resolve_device(cfg.device))
     by_hardware: dict[Any, list[tuple[Path, dict[str, Any]]]] = {}
     for d, m in finished_runs(out):
         by_hardware.setdefault(m.get("hardware"), []).append((d, m))
     guess = _estimate_from(by_hardware.get(hardware, []), out, cfg, attacks, sanity, search,
-                           compiled)
+                           compiled, exact_compile)
     if guess is not None or not _is_gpu(hardware):
         return guess
     guesses = [(g, other) for other in sorted(h for h in by_hardware if _is_gpu(h) and h != hardware)
                if (g := _estimate_from(by_hardware[other], out, cfg, attacks, sanity, search,
-                                       compiled)) is not None]
+                                       compiled, exact_compile)) is not None]
     if not guesses:
         return None
     slowest, other = max(guesses, key=lambda item: item[0].seconds)
@@ -138,13 +140,16 @@ def lower_bound(out: str | Path, cfg: TrainConfig, *, attacks: tuple[str, ...],
                 sanity: bool, hardware: str, search: str = "fp32") -> Estimate | None:
     """:func:`estimate` of the run that ``cfg``'s costs at least as much as
     (:data:`COSTS_AT_LEAST`: the same config, trained by the cheaper method), or None (no such
-    method, the two-stage variant, or no precedent for that run either). Its evaluation is timed
-    as the cheaper method's: both are robust models under the same attacks."""
+    method, the two-stage variant, or no precedent for that run either). Its epochs are timed
+    only by runs that record compiling as this run would (an uncompiled PGD-AT epoch takes longer
+    than a compiled ANCHOR one); its evaluation as the cheaper method's: both are robust models
+    under the same attacks."""
     if cfg.method not in COSTS_AT_LEAST or cfg.pretrain_fraction > 0:
         return None
     cheaper = dataclasses.replace(cfg, method=COSTS_AT_LEAST[cfg.method],
                                   adv_in_contrastive=_DEFAULTS["adv_in_contrastive"])
-    return estimate(out, cheaper, attacks=attacks, sanity=sanity, hardware=hardware, search=search)
+    return estimate(out, cheaper, attacks=attacks, sanity=sanity, hardware=hardware, search=search,
+                    exact_compile=True)
 
 
 def _is_gpu(hardware: Any) -> bool:
@@ -155,11 +160,11 @@ def _is_gpu(hardware: Any) -> bool:
 
 def _estimate_from(runs: list[tuple[Path, dict[str, Any]]], out: str | Path, cfg: TrainConfig,
                    attacks: tuple[str, ...], sanity: bool, search: str,
-                   compiled: bool) -> Estimate | None:
+                   compiled: bool, exact_compile: bool = False) -> Estimate | None:
     """:func:`estimate` from these finished runs (all of one hardware)."""
     mine = _cost(dataclasses.asdict(cfg))
     train = [(d, m, _epoch_seconds(d)) for d, m in runs if _cost(m["config"]) == mine
-             and m.get("compiled") in (None, compiled)]
+             and m.get("compiled") in ((compiled,) if exact_compile else (None, compiled))]
     train = [(d, m, e) for d, m, e in train if e is not None]
     alike = [(d, m) for d, m in runs if m["config"].get("width") == cfg.width
              and (m.get("profile") or m["config"].get("profile")) == cfg.profile

@@ -470,7 +470,7 @@ def _knob_value(chosen: str, default: Any, name: str, path: Path) -> Any:
 ABLATION_ATTACKS = ("clean", "fgsm", "pgd20", "cw")
 
 #: Embedded images per ablation run. A width-64 model's features are 512 float16 numbers per view,
-#: 3 MB per 1,000 images; eleven ablation runs at 1,000 would add 34 MB to a repository that travels
+#: 3 MB per 1,000 images; thirteen ablation runs at 1,000 would add 40 MB to a repository that travels
 #: whole to the GPU machines (64 MB in all), and the ablation chooses knobs by validation accuracy.
 ABLATION_EMBED_N = 200
 

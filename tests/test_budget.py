@@ -23,9 +23,10 @@ ALL = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 
 def fake_run(folder: Path, cfg: TrainConfig, epoch_seconds: list[float], eval_seconds: float,
              *, attacks=ALL, sanity: bool = True, hardware: str = CPU,
-             search: str | None = None) -> Path:
+             search: str | None = None, compiled: bool | None = None) -> Path:
     """A finished run of ``cfg`` in ``folder`` whose epochs and evaluation took these times
-    (``search``: the eval_search it records; None: none, as runs before it was recorded)."""
+    (``search``: the eval_search it records; ``compiled``: whether it compiled; None for either:
+    not recorded, as by runs before it was)."""
     rows = "".join(f"{i + 1},{s}\n" for i, s in enumerate(epoch_seconds))
     checkpoint.write_text(folder / "history.csv", "epoch,seconds\n" + rows)
     checkpoint.write_json(folder / "metrics.json", {
@@ -33,7 +34,8 @@ def fake_run(folder: Path, cfg: TrainConfig, epoch_seconds: list[float], eval_se
         "config": dataclasses.asdict(cfg), "eval_seconds": eval_seconds,
         "accuracy": {a: {"value": 0.5, "n": 100} for a in attacks},
         "sanity": {"more_steps": {"passed": True}} if sanity else {},
-        **({"eval_search": search} if search else {})})
+        **({"eval_search": search} if search else {}),
+        **({"compiled": compiled} if compiled is not None else {})})
     return folder
 
 
@@ -229,7 +231,7 @@ def test_a_run_without_precedent_is_bounded_by_a_cheaper_methods(tmp_path, metho
     their own, a like PGD-AT run that would not fit keeps them from starting blind (a dry run of a
     GPU slot saw such a run start with 105 s left, to be cut off)."""
     out = tmp_path / "results"
-    fake_run(out / "full-pgd_at", full("pgd_at"), [11.6, 9.5, 9.6], 339.0)
+    fake_run(out / "full-pgd_at", full("pgd_at"), [11.6, 9.5, 9.6], 339.0, compiled=False)
     cfg = full(method, adv_in_contrastive=False) if method == "anchor" else full(method)
     bound = budget.lower_bound(out, cfg, attacks=ALL, sanity=True, hardware=CPU)
     pgd_at = budget.estimate(out, full("pgd_at"), attacks=ALL, sanity=True, hardware=CPU)
@@ -248,13 +250,28 @@ def test_a_run_without_precedent_is_bounded_by_a_cheaper_methods(tmp_path, metho
     assert roomy.admits(cfg, out / f"full-{method}", ALL, True)
 
 
+def test_only_a_run_compiled_as_this_one_would_be_bounds_it(tmp_path):
+    """An uncompiled PGD-AT epoch can take longer than a compiled ANCHOR one (6.8 s graphed
+    against 6.3 to 6.7 s on the H100), so it bounds nothing of a compiled run, nor does a run that
+    does not record compiling (the committed full PGD-AT run, which then bounded ANCHOR at 670 s
+    above its own 619-s estimate)."""
+    out, cfg = tmp_path / "results", full("trades")  # compiles on CUDA only: not here
+    for compiled in (True, None):
+        fake_run(out / "full-pgd_at", full("pgd_at"), [11.6, 9.5, 9.6], 339.0, compiled=compiled)
+        assert budget.lower_bound(out, cfg, attacks=ALL, sanity=True, hardware=CPU) is None
+        # estimate itself still lets an older run that records neither time either
+        assert (budget.estimate(out, full("pgd_at"), attacks=ALL, sanity=True, hardware=CPU)
+                is None) is (compiled is True)
+
+
 @pytest.mark.parametrize("cfg", [full("standard"), full("anchor", epochs=10, pretrain_fraction=0.5)],
                          ids=["standard", "two-stage"])
 def test_no_bound_for_standard_nor_the_two_stage_variant(tmp_path, cfg):
     """Standard training makes no attack, and the two-stage variant's pre-training may make none:
     neither costs at least PGD-AT, so a PGD-AT run bounds neither."""
     out = tmp_path / "results"
-    fake_run(out / "full-pgd_at", full("pgd_at", epochs=cfg.epochs), [11.6, 9.5, 9.6], 339.0)
+    fake_run(out / "full-pgd_at", full("pgd_at", epochs=cfg.epochs), [11.6, 9.5, 9.6], 339.0,
+             compiled=False)
     assert budget.lower_bound(out, cfg, attacks=ALL, sanity=True, hardware=CPU) is None
     assert budget.Budget(1, out, lambda _: None).judge(cfg, out / "x", ALL, True) == "unknown"
 
