@@ -53,7 +53,7 @@ COST_KEYS = ("method", "data", "train_subset", "val_size", "width", "batch_size"
 #: Methods whose epochs cost the same as another's (supcon_at is anchor with beta = 0).
 SAME_COST = {"supcon_at": "anchor"}
 
-#: Methods whose joint training costs at least another's per epoch: each makes PGD-AT's attack
+#: Methods whose joint training costs at least another's per epoch. Each makes PGD-AT's attack
 #: (TRADES on its KL term) and then more passes (TRADES a clean one; SupCon-AT and ANCHOR two
 #: augmented views). Not the two-stage variant, whose pre-training may make no attack at all.
 COSTS_AT_LEAST = {"trades": "pgd_at", "supcon_at": "pgd_at", "anchor": "pgd_at"}
