@@ -2,7 +2,8 @@
 
 One idea, top to bottom: every contrastive loss here is the same sum over an anchor's positives::
 
-    loss_i = -(1/|P(i)|) * sum_{p in P(i)} w_ip * log( exp(s_ip/tau) / sum_{a != i} exp(s_ia/tau) ),
+    loss_i = -(1/|P(i)|) * sum_{p in P(i)} w_ip
+                 * log( exp(s_ip/tau) / sum_{a != i} exp(s_ia/tau) ),
 
 averaged over the anchors i that have at least one positive. ``s_ip = z_i . z_p`` is the cosine
 similarity of L2-normalised embeddings and ``P(i)`` is every *other* row with the same label.

@@ -3,15 +3,17 @@
 Layout under the results root (default: the repository's ``data/results/``, or
 ``$ANCHOR_RESULTS_DIR``)::
 
-    <run>/metrics.json            one training run, evaluated by the protocol (e.g. full-anchor/)
-    <run>/history.csv             its per-epoch history
-    <run>/embeddings.npz          its clean / aug / adv embeddings (chapter 7)
-    <run>/per_image.npz           which test images each attack left correct (paired comparisons),
-                                  and which validation images the selected epoch did (val_clean,
-                                  val_pgd; runs since those were kept)
-    ablation_<param>/<run>/...    runs of an ablation that vary TrainConfig field <param>
-                                  (e.g. ablation_beta/beta-0.5/metrics.json)
-    bench/                        speed results (not read here)
+    <run>/metrics.json          one training run, evaluated by the protocol
+                                (e.g. full-anchor/)
+    <run>/history.csv           its per-epoch history
+    <run>/embeddings.npz        its clean / aug / adv embeddings (chapter 7)
+    <run>/per_image.npz         which test images each attack left correct (paired
+                                comparisons), and which validation images the
+                                selected epoch did (val_clean, val_pgd; runs since
+                                those were kept)
+    ablation_<param>/<run>/...  runs of an ablation that vary TrainConfig field
+                                <param> (e.g. ablation_beta/beta-0.5/metrics.json)
+    bench/                      speed results (not read here)
 
 Every number these functions return comes from a file, with the file's provenance beside it;
 nothing is filled in. ``metrics.json`` files are checked against their ``.sha256`` sidecar when

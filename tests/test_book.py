@@ -295,6 +295,48 @@ def test_pages_fit_a_phone_screen(browser, html):
     assert not wide, "pages wider than a phone's screen:\n" + "\n".join(wide)
 
 
+# Every block of code in the article (highlight-ipython3 in cells, highlight-python in the
+# solutions; printed output is not code and wraps), the folded ones opened, with the columns it
+# shows: its width over one character's width in its own font.
+_CODE_JS = f"""
+{_FIND_MAIN}
+for (const d of main.querySelectorAll('details')) d.open = true;
+for (const el of main.querySelectorAll('.toggle-hidden')) el.classList.remove('toggle-hidden');
+const out = [];
+for (const pre of main.querySelectorAll('div[class^="highlight-"] pre')) {{
+  const probe = document.createElement('span');
+  probe.textContent = 'x'.repeat(100);
+  pre.appendChild(probe);
+  const char = probe.getBoundingClientRect().width / 100;
+  probe.remove();
+  const style = getComputedStyle(pre);
+  const inner = pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  out.push([pre.scrollWidth > pre.clientWidth + 1, Math.floor(inner / char),
+            pre.innerText.split('\\n').find(l => l.length * char > inner) || '']);
+}}
+return out;
+"""
+
+
+def test_code_fits_a_laptop_screen(browser, html):
+    """At a 1280-px window no code block of the book scrolls sideways (the learner sees every
+    line whole: cells, folded cells, solutions, commands in the text), and a chapter's code
+    column shows at least book/ruff.toml's line length."""
+    limit = static.code_columns()
+    wide, narrow = [], []
+    for page in static.toc_files():
+        _open(browser, html / f"{page}.html")
+        blocks = browser.execute_script(_CODE_JS)
+        if page not in CHAPTERS:
+            wide += [f"{page}: {line[:60]!r}" for scrolls, _, line in blocks if scrolls]
+            continue
+        assert blocks, f"{page}: no code blocks found"
+        wide += [f"{page}: {line[:60]!r}" for scrolls, _, line in blocks if scrolls]
+        narrow += [f"{page}: {columns}" for _, columns, _ in blocks if columns < limit]
+    assert not narrow, f"code columns narrower than {limit} at 1280 px: {sorted(set(narrow))}"
+    assert not wide, "code blocks that scroll sideways at 1280 px:\n" + "\n".join(wide)
+
+
 def test_bibliography_lists_the_cited_papers(html):
     text = (html / "book" / "bibliography.html").read_text(encoding="utf-8").lower()
     for title in ("Towards deep learning models resistant to adversarial attacks",

@@ -192,6 +192,38 @@ def test_notebook_ends_with_exercises(page):
     check_exercises(page)
 
 
+def code_columns() -> int:
+    """The columns of code that the rendered book shows without scrolling (book/ruff.toml's
+    line-length, which _static/code.css's font size is chosen for)."""
+    import tomllib
+
+    return tomllib.loads((BOOK / "ruff.toml").read_text(encoding="utf-8"))["line-length"]
+
+
+def solution_blocks(nb) -> list[tuple[int, str]]:
+    """(markdown cell index, python code) of every exercise solution in ``nb``, as
+    scripts/handout.py (and so the book build) finds them."""
+    import by_path
+
+    handout = by_path.load("scripts/handout.py", "_handout")
+    return [(i, code) for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown"
+            for code in handout.solution_code(cell.source)]
+
+
+@pytest.mark.parametrize("page", chapter_files())
+def test_code_fits_the_rendered_column(page):
+    """Every line of a code cell and of an exercise solution fits the book's code column at a
+    1280-px window: a line that scrolls sideways hides its end from the reader (ruff's E501
+    checks the code cells too, with exceptions such as a line that ends in a URL; this does not)."""
+    nb, limit = load_notebook(page), code_columns()
+    sources = [(f"code cell {i}", cell.source) for i, cell in enumerate(nb.cells)
+               if cell.cell_type == "code"]
+    sources += [(f"a solution in markdown cell {i}", code) for i, code in solution_blocks(nb)]
+    long = [f"{where}: {len(line)} columns: {line.strip()[:50]}..." for where, source in sources
+            for line in source.splitlines() if len(line) > limit]
+    assert not long, f"{page}.ipynb: lines over {limit} columns:\n" + "\n".join(long)
+
+
 @pytest.mark.parametrize("page", toc_files())
 def test_citations_resolve(page):
     check_citations(page)
