@@ -29,9 +29,18 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from anchor_lib.attacks import attack_mode, check_autoattack_inputs, cw_linf, fgsm, pgd, square
+from anchor_lib.attacks import (
+    attack_mode,
+    check_autoattack_inputs,
+    cw_linf,
+    fgsm,
+    margin_loss,
+    pgd,
+    square,
+)
 from anchor_lib.attacks import autoattack as autoattack_attack
 from anchor_lib.checks import check_images, check_labels, check_logits, check_number, check_seed
 
@@ -39,6 +48,7 @@ __all__ = [
     "ATTACKS",
     "EVAL_EPS",
     "EVAL_PRECISION",
+    "MAX_ZERO_GRADIENT_SHARE",
     "PRECISION_RULE_POINTS",
     "SEARCH_PRECISIONS",
     "TF32_SEARCH_ATTACKS",
@@ -49,6 +59,7 @@ __all__ = [
     "check_eps_sweep",
     "check_more_steps",
     "check_search_precision",
+    "check_zero_gradients",
     "correct",
     "default_batch_size",
     "describe_precision",
@@ -616,7 +627,8 @@ def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     slack cannot add up). Accuracy that rises with more steps means the attack is not
     converging, a classic symptom of a noisy gradient. A gradient that is exactly zero (rounded inputs, a
     saturated softmax) leaves the attack where it started, so accuracy stays flat and this check
-    passes: :func:`check_eps_sweep` and :func:`check_black_box_weaker` are the ones that catch it.
+    passes: :func:`check_eps_sweep`, :func:`check_black_box_weaker` and
+    :func:`check_zero_gradients` are the ones that catch it.
 
     Args:
         model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
@@ -747,6 +759,82 @@ def check_black_box_weaker(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
             "detail": detail}
 
 
+#: The share of input coordinates (pixels x colour channels) whose attack gradient may be exactly
+#: zero in :func:`check_zero_gradients`. An honest network's input gradient is exactly zero almost
+#: nowhere, since every pixel reaches the loss through many paths; rounding one colour channel
+#: inside the model zeroes a third of them.
+MAX_ZERO_GRADIENT_SHARE = 0.01
+
+
+def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                         max_share: float = MAX_ZERO_GRADIENT_SHARE, batch_size: int = 500,
+                         seed: int = 0) -> dict:
+    """The gradients the white-box attacks follow must not vanish on part of the input.
+
+    FGSM and PGD follow the input gradient of the cross-entropy, CW-inf that of the margin (the
+    best other logit minus the true one; AutoAttack's APGD stages follow the cross-entropy and a
+    ratio of such margins). A coordinate (one colour channel of one pixel) whose gradient is
+    exactly zero is one these attacks never move: an input rounded or quantised inside the
+    model (shattered gradients), a softmax saturated to exactly 0 and 1 (vanishing gradients).
+    Masking only *part* of the input weakens the gradient attacks without stopping them, and
+    can leave them about as strong as the black-box Square attack: then
+    :func:`check_black_box_weaker`, :func:`check_eps_sweep` and the AutoAttack gap all pass
+    while every gradient attack overstates robustness (chapter 6 builds such a model). This
+    check looks at the gradient itself.
+
+    At every image and at one random start in its eps-ball (where PGD begins), it counts the
+    coordinates whose input gradient is exactly zero, under each loss, with the model in eval
+    mode and in IEEE fp32. Passes when, under both losses, at most ``max_share`` of the
+    coordinates are. It also counts the images whose whole gradient is zero (the case the
+    reference AutoAttack warns about).
+
+    Args:
+        model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
+            and integer labels ``(N,)`` on the model's device).
+        eps: the L-inf radius of the random start, > 0.
+        max_share: the allowed share of zero coordinates, in [0, 1].
+        seed: seeds the random starts, an int in [0, 2**63).
+
+    Returns:
+        ``{"zero_share": {"ce": float, "margin": float}, "zero_images": {"ce": int, "margin":
+        int}, "max_share": float, "passed": bool, "detail": str}``; the shares are over the
+        ``2 * x.numel()`` coordinates (each image and its random start), the image counts over
+        the ``2 * N`` points.
+    """
+    eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    max_share = check_number(max_share, "max_share", low=0.0, high=1.0)
+    seed = check_seed(seed)
+    x, y = _check_data(x, y, batch_size)
+    losses = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="sum"),
+              "margin": lambda z, t: margin_loss(z, t).sum()}
+    zeros = dict.fromkeys(losses, 0)
+    whole = dict.fromkeys(losses, 0)
+    with attack_mode(model), full_precision(), seeded(seed, x.device):
+        for s in _batches(len(x), batch_size):
+            xb, yb = x[s], y[s]
+            start = (xb + torch.empty_like(xb).uniform_(-eps, eps)).clamp(0, 1)
+            for point in (xb, start):
+                xi = point.detach().clone().requires_grad_(True)
+                logits = check_logits(model(xi), len(yb))
+                for k, (name, loss) in enumerate(losses.items()):
+                    (grad,) = torch.autograd.grad(loss(logits, yb), xi,
+                                                  retain_graph=k + 1 < len(losses))
+                    zero = grad == 0
+                    zeros[name] += int(zero.sum())
+                    whole[name] += int(zero.flatten(1).all(1).sum())
+    share = {name: zeros[name] / (2 * x.numel()) for name in losses}
+    passed = all(v <= max_share for v in share.values())
+    found = (f"the input gradient is exactly zero on {share['ce']:.1%} of the coordinates under "
+             f"the cross-entropy ({whole['ce']} of {2 * len(x)} points wholly) and on "
+             f"{share['margin']:.1%} under the margin ({whole['margin']} wholly)")
+    detail = (found if passed else
+              f"{found}, more than {max_share:.0%}: the gradient attacks cannot move those "
+              "coordinates, so their numbers overstate robustness (shattered or vanishing "
+              "gradients: attack through a differentiable stand-in, BPDA)")
+    return {"zero_share": share, "zero_images": whole, "max_share": max_share,
+            "passed": passed, "detail": detail}
+
+
 def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
                          n: int | None = None) -> dict:
     """AutoAttack accuracy must be within ``max_gap`` below PGD-20 accuracy, and not above it
@@ -788,8 +876,10 @@ def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EVAL_EPS, *,
                   pgd20: float | None = None, autoattack: float | None = None,
                   n_queries: int = 1000, batch_size: int = 500, seed: int = 0) -> dict[str, dict]:
-    """All four sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the ``sanity``
-    part of metrics.json.
+    """All five sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the ``sanity``
+    part of metrics.json. The first four look for the symptoms of gradient masking in what the
+    attacks achieve; the fifth, :func:`check_zero_gradients`, looks at the gradient itself and
+    catches partial masking, which can pass the other four.
 
     The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1
     (:func:`eps_sweep`), so any eps in (0, 1] works. PGD-20 is measured once and shared by the
@@ -811,7 +901,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     ``autoattack`` is used as it was measured, TF32 search or not.
 
     Returns:
-        ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...}``,
+        ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...,
+        "zero_gradients": ...}``,
         each a dict with the measured numbers, ``"passed"``, ``"detail"``, ``"n"`` (the images
         checked, as in an accuracy entry) and ``"seconds"`` (wall time, so that a GPU run's
         metrics.json shows where evaluation time goes).
@@ -834,6 +925,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
                                                            pgd_acc=pgd20, batch_size=batch_size,
                                                            seed=seed),
         "autoattack_gap": lambda: check_autoattack_gap(pgd20, autoattack, n=len(x)),
+        "zero_gradients": lambda: check_zero_gradients(model, x, y, eps, batch_size=batch_size,
+                                                       seed=seed),
     }
     out = {}
     for name, check in checks.items():

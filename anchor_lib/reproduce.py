@@ -223,6 +223,9 @@ def _missing_evaluation(metrics: dict[str, Any], attacks: tuple[str, ...] | None
         missing.append("today's AutoAttack configuration (attacks.autoattack_config)")
     if sanity and not metrics.get("sanity"):
         missing.append("the sanity checks")
+    elif sanity and "zero_gradients" not in metrics["sanity"]:
+        # the runs evaluated before the check existed (all the committed ones, on 2026-11-29)
+        missing.append("the zero-gradient check (evaluate.check_zero_gradients)")
     if not missing:
         return ""
     return (f" but evaluated without {', '.join(missing)} (evaluate its best.pt with `python -m "

@@ -26,6 +26,7 @@ from anchor_lib.evaluate import (
     check_black_box_weaker,
     check_eps_sweep,
     check_more_steps,
+    check_zero_gradients,
     evaluate_suite,
     robust_accuracy,
     sanity_checks,
@@ -306,6 +307,86 @@ def test_gradient_masking_trap_is_caught(trained):
     assert "gradient masking" in result["detail"]
 
 
+class RoundedChannel(nn.Module):
+    """Partial masking (found by a red-team review): one colour channel snapped to the 8-bit grid
+    inside the model. A no-op on 8-bit images, and at most half a grey level under attack, but
+    that channel's input gradient is exactly zero: the gradient attacks move only the other two,
+    and on the tutorial PGD-AT model their AutoAttack came out 7 points too high while the four
+    symptom checks passed."""
+
+    def __init__(self, model: nn.Module, channel: int = 1) -> None:
+        super().__init__()
+        self.model, self.channel = model, channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, self.channel] = torch.round(x[:, self.channel] * 255) / 255
+        return self.model(x)
+
+
+class ScaledLogits(nn.Module):
+    def __init__(self, model: nn.Module, scale: float = 1e4) -> None:
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.scale
+
+
+def test_zero_gradients_pass_an_honest_model_and_catch_masking(trained):
+    model, x, y = trained
+    x, y = x[:48], y[:48]
+    rng = torch.random.get_rng_state()
+    honest = check_zero_gradients(model, x, y, EPS)
+    assert torch.equal(torch.random.get_rng_state(), rng), "the check moved the caller's RNG"
+    assert honest["passed"] is True, honest
+    assert honest["zero_share"]["ce"] < 0.01 and honest["zero_share"]["margin"] < 0.01
+    json.dumps(honest)
+    # Rounding the whole input: every coordinate of every point, under both losses.
+    rounded = check_zero_gradients(QuantizedInput(model), x, y, EPS)
+    assert rounded["passed"] is False and "overstate robustness" in rounded["detail"]
+    assert rounded["zero_share"] == {"ce": 1.0, "margin": 1.0}
+    assert rounded["zero_images"] == {"ce": 96, "margin": 96}   # each image and its start
+    # One channel of three: a third of the coordinates, no image wholly.
+    partial_ = check_zero_gradients(RoundedChannel(model), x, y, EPS)
+    assert partial_["passed"] is False, partial_
+    for share in partial_["zero_share"].values():
+        assert share == pytest.approx(1 / 3, abs=0.01)
+    assert partial_["zero_images"] == {"ce": 0, "margin": 0}
+    assert check_zero_gradients(RoundedChannel(model), x, y, EPS, max_share=0.4)["passed"]
+    # A saturated softmax: the cross-entropy's gradient vanishes, the margin's does not.
+    scaled = check_zero_gradients(ScaledLogits(model), x, y, EPS)
+    assert scaled["passed"] is False
+    assert scaled["zero_share"]["ce"] > 0.5 and scaled["zero_share"]["margin"] < 0.01
+    assert "under the cross-entropy" in scaled["detail"]
+
+
+def test_zero_gradients_look_in_eval_mode_and_at_a_random_start(trained):
+    """Measured where the attacks measure: BatchNorm in eval mode (the caller's mode restored),
+    and at PGD's random start as well as at the image (a model flat only at the image itself
+    is still caught there)."""
+    model, x, y = trained
+    x, y = x[:16], y[:16]
+
+    class FlatAtTheImage(nn.Module):
+        """The wrapped model, but constant in a 1/255 ball around each of these images."""
+
+        def __init__(self, inner: nn.Module, anchors: torch.Tensor) -> None:
+            super().__init__()
+            self.inner, self.anchors = inner, anchors
+
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            near = (xb - self.anchors[: len(xb)]).abs().flatten(1).amax(1) < 1 / 255
+            return torch.where(near[:, None], self.inner(xb.detach()), self.inner(xb))
+
+    model.train()
+    result = check_zero_gradients(FlatAtTheImage(model, x), x, y, EPS)
+    assert model.training, "the caller's train mode was not restored"
+    assert result["zero_share"]["ce"] == pytest.approx(0.5, abs=0.01)   # the images, not starts
+    assert result["zero_images"]["ce"] == 16
+    model.eval()
+
+
 def test_check_autoattack_gap():
     ok = check_autoattack_gap(0.50, 0.48)
     assert ok["passed"] is True and ok["gap"] == pytest.approx(0.02)
@@ -331,7 +412,8 @@ def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
     rng = torch.random.get_rng_state()
     result = sanity_checks(model, x, y, eps=EPS, n_queries=50)
     assert torch.equal(torch.random.get_rng_state(), rng), "sanity checks moved the caller's RNG"
-    assert set(result) == {"more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap"}
+    assert set(result) == {"more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap",
+                           "zero_gradients"}
     assert all(r["seconds"] >= 0 for r in result.values())  # where a GPU run's time goes
     assert all(r["n"] == 48 for r in result.values())  # how many images each verdict rests on
     for name, check in result.items():
@@ -457,6 +539,9 @@ def test_sanity_check_arguments_are_checked(trained):
             (lambda: sanity_checks(model, x, y, eps=0.0), "eps must be"),
             (lambda: check_autoattack_gap(0.5, 1.5), "aa_acc must be <= 1"),
             (lambda: check_autoattack_gap(0.5, 0.4, n=2.5), "n must be an int"),
+            (lambda: check_zero_gradients(model, x, y, 0.0), "eps must be"),
+            (lambda: check_zero_gradients(model, x, y, EPS, max_share=1.5),
+             "max_share must be <= 1"),
             (lambda: check_more_steps(model, x, y, EPS, steps=(1, 2.5)), "steps must be an int"),
             (lambda: evaluate_suite(model, x, y, attacks="clean", n=2.5), "n must be an int")):
         with pytest.raises((ValueError, TypeError), match=match):
@@ -1045,6 +1130,7 @@ SEED_CALLS = {
     "check_more_steps": lambda m, x, y, s: check_more_steps(m, x, y, EPS, seed=s),
     "check_eps_sweep": lambda m, x, y, s: check_eps_sweep(m, x, y, seed=s),
     "check_black_box_weaker": lambda m, x, y, s: check_black_box_weaker(m, x, y, EPS, seed=s),
+    "check_zero_gradients": lambda m, x, y, s: check_zero_gradients(m, x, y, EPS, seed=s),
     "seeded": lambda m, x, y, s: evaluate.seeded(s, x.device).__enter__(),
 }
 

@@ -230,6 +230,21 @@ def test_a_finished_run_with_another_autoattack_configuration_says_so():
     assert rep._missing_evaluation(measured, ("clean", "pgd20"), sanity=False) == ""
 
 
+def test_a_finished_run_checked_before_the_zero_gradient_check_says_so():
+    """The runs checked before evaluate.check_zero_gradients existed hold the other four checks:
+    a call asking for the sanity checks names the one they lack."""
+    four = {"accuracy": {"clean": {"value": 0.5}},
+            "sanity": dict.fromkeys(("more_steps", "eps_sweep", "black_box_weaker",
+                                     "autoattack_gap"), {"passed": True})}
+    assert rep._missing_evaluation(four, ("clean",), sanity=True) == (
+        " but evaluated without the zero-gradient check (evaluate.check_zero_gradients) "
+        "(evaluate its best.pt with `python -m anchor_lib evaluate`, or move its folder away "
+        "to run it again)")
+    five = {**four, "sanity": {**four["sanity"], "zero_gradients": {"passed": True}}}
+    assert rep._missing_evaluation(five, ("clean",), sanity=True) == ""
+    assert rep._missing_evaluation(four, ("clean",), sanity=False) == ""
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("call, match", [
     (dict(profile="huge"), "profile must be one of"),
