@@ -229,3 +229,24 @@ def test_committed_runs_trained_what_their_profile_trains_today():
             today = TrainConfig.from_profile(saved["profile"], method=saved["method"], **{
                 k: v["value"] for k, v in (metrics.get("knobs") or {}).items()})
         assert config_differences(saved, today) == [], path.relative_to(REPO)
+
+
+def test_readme_quotes_check_5_on_the_committed_checkpoints():
+    """data/results/cpu-checks/zero_gradients.json ran the fifth sanity check on today's tutorial
+    checkpoints (the manifest's sha256s), and the README says what it found."""
+    found = checkpoint.read_json(REPO / "data" / "results" / "cpu-checks" / "zero_gradients.json")
+    manifest = json.loads((REPO / "data" / "checkpoints" / "manifest.json").read_text())
+    rows = found["results"]
+    for entry in manifest["checkpoints"]:
+        assert rows[entry["method"]]["sha256"] == entry["sha256"], \
+            f"zero_gradients.json ran on another {entry['method']} checkpoint: run it again"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    honest = [row for row in rows.values() if not row.get("control")]
+    if all(v == 0 for row in honest for v in row["zero_share"].values()):
+        assert "checkpoints have no coordinate with a zero gradient under either loss" in readme
+    else:
+        raise AssertionError("a committed checkpoint has zero gradients: the README must say so")
+    controls = [row for row in rows.values() if row.get("control")]
+    assert controls and not any(row["passed"] for row in controls), "a control passed check 5"
+    for row in controls:
+        assert f"{max(row['zero_share'].values()) * 100:.1f} %" in readme
