@@ -39,6 +39,7 @@ from anchor_lib.attacks import (
     fgsm,
     margin_loss,
     pgd,
+    random_point,
     square,
 )
 from anchor_lib.attacks import autoattack as autoattack_attack
@@ -812,7 +813,7 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     with attack_mode(model), full_precision(), seeded(seed, x.device):
         for s in _batches(len(x), batch_size):
             xb, yb = x[s], y[s]
-            start = (xb + torch.empty_like(xb).uniform_(-eps, eps)).clamp(0, 1)
+            start = random_point(xb, eps).clamp(0, 1)   # PGD's random start
             for point in (xb, start):
                 xi = point.detach().clone().requires_grad_(True)
                 logits = check_logits(model(xi), len(yb))

@@ -386,6 +386,29 @@ def test_zero_gradients_look_in_eval_mode_and_at_a_random_start(trained):
     assert result["zero_images"]["ce"] == 16
     model.eval()
 
+    class Recording(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.seen = inner, []
+
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            self.seen.append(xb.detach().clone())
+            return self.inner(xb)
+
+    recording = Recording(model)
+    check_zero_gradients(recording, x, y, EPS, seed=3)
+    torch.manual_seed(3)
+    assert torch.equal(recording.seen[0], x)
+    assert torch.equal(recording.seen[1], attacks.random_point(x, EPS).clamp(0, 1))  # PGD's
+
+
+def test_zero_gradients_pass_at_exactly_the_allowed_share(trained):
+    """At most max_share passes: a share equal to it is allowed, like every limit of the checks."""
+    model, x, y = trained
+    share = check_zero_gradients(RoundedChannel(model), x[:8], y[:8], EPS)["zero_share"]
+    assert check_zero_gradients(RoundedChannel(model), x[:8], y[:8], EPS,
+                                max_share=max(share.values()))["passed"] is True
+
 
 def test_check_autoattack_gap():
     ok = check_autoattack_gap(0.50, 0.48)
