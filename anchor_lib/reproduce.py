@@ -583,7 +583,8 @@ def ablation(profile: str = "full", params: tuple[str, ...] = tuple(ABLATION),
                 f"fit in the time budget)")
             left_out[param] = out_of_time
             continue
-        chosen = max(values, key=lambda v: values[v]["val_pgd"]) if values else None
+        chosen = (results.best_value({v: val["val_pgd"] for v, val in values.items()}, param)
+                  if values else None)   # a tie goes to the default
         summary["params"][param] = {"validation": values, "chosen": chosen,
                                     **({"skipped": skipped} if skipped else {})}
         # After every knob: a slot that ends during the next knob keeps this one's choice.

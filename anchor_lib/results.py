@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import statistics
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,12 +55,13 @@ PROVENANCE = ("method", "profile", "data", "hardware", "torch", "commit", "seed"
 _REPO_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 
 __all__ = ["ATTACKS", "ATTACK_LABELS", "COMPARE_COLUMNS", "METHOD_LABELS", "ablation_choice",
-           "ablation_param", "ablation_table", "attack_gap", "attack_search", "compare", "compare_runs",
-           "default_root", "describe_difference", "find_embeddings", "format_results_table",
-           "knobs_table", "load_ablation_summary", "load_ablations", "load_history",
-           "load_per_image", "load_results", "load_run", "load_tutorial_checkpoint",
-           "not_found", "paired_difference", "provenance_table", "results_table", "sanity_table",
-           "save_per_image", "split_shared", "validate_metrics", "validation_difference",
+           "ablation_param", "ablation_table", "attack_gap", "attack_search", "best_value",
+           "compare", "compare_runs", "default_root", "describe_difference", "find_embeddings",
+           "format_results_table", "holm", "knobs_table", "load_ablation_summary",
+           "load_ablations", "load_history", "load_per_image", "load_results", "load_run",
+           "load_tutorial_checkpoint", "not_found", "paired_difference", "provenance_table",
+           "results_table", "sanity_table", "save_per_image", "seed_noise", "split_shared",
+           "unpaired_noise", "validate_metrics", "validation_difference", "verdicts_by_attack",
            "RunResult", "VALIDATION_KEYS"]
 
 
@@ -474,6 +476,10 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
     averaged, or no masks): the standard error is ``sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)``,
     ``p_value`` is NaN, and a difference within two standard errors is "within noise". Both
     measure only the sampling of test images; a second training seed can move a result by more.
+    So where a side has several runs (seeds), their spread enters the noise too: the test
+    ``"unpaired, seeds"`` adds two standard errors of the difference of the two seed means,
+    from the per-seed accuracies' variance (pooled over the sides with two runs or more, and
+    used for a side of one run as well), to the sampling noise in quadrature.
     A mask that disagrees with its ``metrics.json`` (e.g. one rewritten by ``evaluate --out``)
     is not used: a warning says so and that attack is compared unpaired.
 
@@ -482,7 +488,8 @@ def compare(runs: Iterable[RunResult | dict[str, Any]], method: str = "anchor",
         ``"pgd20"``) with columns ``method``, ``baseline`` (accuracies),
         ``n_method``, ``n_baseline``, ``runs_method``, ``runs_baseline``, ``difference``
         (method - baseline, in accuracy points, i.e. percent), ``noise_2se`` (points),
-        ``test`` ("paired" or "unpaired"), ``only_method`` and ``only_baseline`` (b and c;
+        ``test`` ("paired", "unpaired" or "unpaired, seeds"), ``only_method`` and
+        ``only_baseline`` (b and c;
         NaN unpaired), ``p_value`` and ``verdict``. Empty when either method has no run at
         ``profile`` (None = any profile).
 
@@ -581,6 +588,36 @@ def unpaired_noise(p1: float, n1: int, p2: float, n2: int) -> float:
     return 200 * math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
 
 
+def seed_noise(sides: Sequence[Sequence[float]]) -> float | None:
+    """Two standard errors, in points, of the difference of two means of per-seed accuracies
+    (``sides``: the two lists of accuracies in [0, 1], one per training seed), or None when
+    neither side has two seeds. The seeds' variance is pooled over the sides with two or more,
+    and a side of one seed is taken to vary as much: ``200 sqrt(s^2 (1/k1 + 1/k2))``."""
+    spread = [(len(v) - 1, statistics.variance(v)) for v in sides if len(v) >= 2]
+    if not spread:
+        return None
+    pooled = sum(dof * var for dof, var in spread) / sum(dof for dof, _ in spread)
+    return 200 * math.sqrt(pooled * sum(1 / len(v) for v in sides))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of the p-values of a family of tests, in their order: the
+    i-th smallest p times (m - i + 1), made non-decreasing, capped at 1. Testing each adjusted p
+    at 0.05 keeps the chance of any false "beyond noise" in the family at 0.05 or below, where
+    m tests at 0.05 each would make one likely among many (five tests: 23 %).
+
+    Raises:
+        ValueError: a p-value that is not a number in [0, 1] (an unpaired row's NaN, say)."""
+    ps = [float(v) for v in p_values]
+    if any(not 0.0 <= v <= 1.0 for v in ps):  # NaN fails both comparisons
+        raise ValueError(f"p_values must be numbers in [0, 1], got {list(p_values)}")
+    adjusted, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(sorted(range(len(ps)), key=ps.__getitem__)):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def verdicts_by_attack(frame: pd.DataFrame) -> dict[str, list[str]]:
     """The attacks (the frame's index: display labels, as :func:`compare` and
     :func:`compare_runs` write them) where the method is ``"ahead"`` or ``"behind"`` beyond noise,
@@ -597,17 +634,21 @@ def describe_difference(row) -> str:
     """One row of :func:`compare` or :func:`compare_runs` in words, e.g. ``+0.74 points (noise
     ±0.55, paired, p = 0.007) -> ANCHOR higher`` (an unpaired row has no p-value).
 
-    A paired verdict follows McNemar's exact p; where it is "within noise" for a difference
-    beyond the ±2 s.e. printed beside it (few disagreeing images, where that normal approximation
-    understates the noise), the words say which one decided."""
+    A paired verdict follows McNemar's exact p; where the ±2 s.e. printed beside it (a normal
+    approximation) would say otherwise, the words say which one decided: "within noise" for a
+    difference beyond the band (few disagreeing images, where the band understates the noise),
+    or a winner for a difference inside it (p just under 0.05, where the band is a little
+    wider than the exact test's)."""
     p = row["p_value"]
     test = row["test"] if math.isnan(p) else \
         f"{row['test']}, {'p < 0.001' if p < 0.001 else f'p = {p:.3f}'}"
     decided = ""
-    if (not math.isnan(p) and row["verdict"] == "within noise"
-            and abs(row["difference"]) > row["noise_2se"]):
+    if not math.isnan(p) and (row["verdict"] == "within noise") == (
+            abs(row["difference"]) > row["noise_2se"]):
         decided = (" (by the exact p: with this few disagreeing images the ±2 s.e. "
-                   "understates the noise)")
+                   "understates the noise)" if row["verdict"] == "within noise" else
+                   " (by the exact p, just under 0.05: the ±2 s.e. band, an approximation, "
+                   "is a little wider)")
     return (f"{row['difference']:+.2f} points (noise ±{row['noise_2se']:.2f}, {test}) -> "
             f"{row['verdict']}{decided}")
 
@@ -651,6 +692,10 @@ def _difference(mine: list, theirs: list, attack: str, loaded: dict[Path, dict[s
     else:
         diff = 100 * (p[0] - p[1])
         noise = unpaired_noise(p[0], n[0], p[1], n[1])
+        seeds = seed_noise([[e["value"] for e in v] for v in entries])
+        if seeds is not None:
+            noise = math.hypot(noise, seeds)
+            row["test"] = "unpaired, seeds"
         tie = abs(diff) <= noise
     verdict = "within noise" if tie else f"{labels[0] if diff > 0 else labels[1]} higher"
     return {**row, "difference": diff, "noise_2se": noise, "verdict": verdict}
@@ -794,7 +839,8 @@ def ablation_choice(runs: Sequence[RunResult | dict[str, Any]], param: str,
                     ) -> dict[str, Any]:
     """Where the choice of ``param`` stands: which of the ``planned`` values have a finished run
     (``finished``) and which not (``missing``), the value with the best validation PGD accuracy
-    among the finished (``leading``, None if none has validation accuracies), and the value
+    among the finished (``leading``, None if none has validation accuracies; on a tie the
+    default, as :func:`best_value` rules), and the value
     ``summary`` (:func:`load_ablation_summary`) records as chosen (``chosen``: None until the
     ablation has run every value of ``param`` and written its summary)."""
     done = {str(m["config"].get(param)): (m.get("validation") or {}) for _, m in _runs(runs)}
@@ -803,8 +849,20 @@ def ablation_choice(runs: Sequence[RunResult | dict[str, Any]], param: str,
     return {"param": param,
             "finished": [v for v in map(str, planned) if v in done],
             "missing": [v for v in map(str, planned) if v not in done],
-            "leading": max(scored, key=scored.__getitem__) if scored else None,
+            "leading": best_value(scored, param) if scored else None,
             "chosen": entry.get("chosen")}
+
+
+def best_value(scores: dict[str, float], param: str) -> str:
+    """The value (a key of ``scores``, e.g. ``"0.5"``) with the highest score, the ablation's
+    choice of a knob by validation PGD accuracy; on a tie, the default value of ``param``
+    (:class:`~anchor_lib.train.TrainConfig`'s) when it is among the tied, else the first listed.
+    Validation accuracies move in steps of one image, so ties happen, and the first listed value
+    of β is 0, which would turn ANCHOR into SupCon-AT on a tie it has no evidence for."""
+    from .train import TrainConfig
+
+    default = str(getattr(TrainConfig(), param, None))
+    return max(scores, key=lambda v: (scores[v], v == default))
 
 
 # --- committed artifacts the chapters can use instead of training live --------------------------

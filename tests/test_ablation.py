@@ -16,6 +16,10 @@ def test_ablation_layout_and_choice_by_validation(tmp_path, monkeypatch):
                         {"n": 32, "autoattack_n": 8, "sanity": False, "embed_n": 20})
     monkeypatch.setitem(reproduce.ABLATION, "beta", (0.0, 2.0))
     ds = data.synthetic(n_train=1024, n_test=64, size=16, seed=0)
+    ruled = []   # the choice is results.best_value's (a tie goes to the default)
+    monkeypatch.setattr(results, "best_value",
+                        lambda scores, param, _rule=results.best_value:
+                        ruled.append((dict(scores), param)) or _rule(scores, param))
     summary = reproduce.ablation("smoke", ("beta",), out=tmp_path, dataset=ds, data="synthetic",
                                  width=4, proj_dim=16, train_subset=256, val_size=64,
                                  batch_size=64, attack_steps=2, val_attack_steps=2,
@@ -24,6 +28,7 @@ def test_ablation_layout_and_choice_by_validation(tmp_path, monkeypatch):
     assert set(val) == {"0.0", "2.0"}
     assert val[summary["params"]["beta"]["chosen"]]["val_pgd"] == max(v["val_pgd"]
                                                                      for v in val.values())
+    assert ruled == [({v: val[v]["val_pgd"] for v in val}, "beta")]
     for value in ("0.0", "2.0"):
         metrics = json.loads((tmp_path / "ablation_beta" / f"beta-{value}" / "metrics.json")
                              .read_text())

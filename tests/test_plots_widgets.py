@@ -534,8 +534,8 @@ def test_compare_falls_back_to_unpaired_and_checks_the_masks(tmp_path):
     # Two seeds per method are averaged: no single pairing, so the unpaired test.
     runs = results.load_results(_paired_root(tmp_path, b=20, c=0, seeds=2))
     row = results.compare(runs, "anchor", "pgd_at", attacks=("pgd20",)).loc["PGD-20"]
-    assert row["test"] == "unpaired" and row["runs_method"] == 2 and np.isnan(row["p_value"])
-    assert row["verdict"] == "within noise"
+    assert row["test"] == "unpaired, seeds" and row["runs_method"] == 2
+    assert np.isnan(row["p_value"]) and row["verdict"] == "within noise"
     # Parsed dicts carry no masks either.
     row = results.compare([r.metrics for r in runs if r.metrics["seed"] == 0], "anchor", "pgd_at",
                           attacks=("pgd20",)).loc["PGD-20"]
@@ -551,6 +551,54 @@ def test_compare_falls_back_to_unpaired_and_checks_the_masks(tmp_path):
     assert row["test"] == "unpaired"
     with pytest.raises(ValueError, match="non-empty 1-d bool array"):
         results.save_per_image(tmp_path / "x.npz", {"pgd20": np.zeros(3)})
+
+
+def test_compare_counts_the_spread_between_seeds(tmp_path):
+    """Averaged seeds are judged by their spread as well as by the test images' sampling: two
+    ANCHOR seeds at 38.5 % and 44.5 % against PGD-AT's 39.0 % and 39.2 % (a statistics review's
+    example) lead by 2.4 points, beyond the 1.39 points of sampling noise, yet one ANCHOR seed is
+    below both of PGD-AT's."""
+    for method, values in (("anchor", (0.385, 0.445)), ("pgd_at", (0.390, 0.392))):
+        for seed, value in enumerate(values):
+            checkpoint.write_json(tmp_path / f"full-{method}-{seed}" / "metrics.json",
+                                  {**fake_metrics(method, {"pgd20": (value, 10000)}),
+                                   "seed": seed})
+    row = results.compare(results.load_results(tmp_path), "anchor", "pgd_at",
+                          attacks=("pgd20",)).loc["PGD-20"]
+    sampling = results.unpaired_noise(0.415, 10000, 0.391, 10000)
+    seeds = results.seed_noise([[0.385, 0.445], [0.390, 0.392]])
+    pooled = ((0.445 - 0.385) ** 2 / 2 + (0.392 - 0.390) ** 2 / 2) / 2   # two variances, 1 dof
+    assert seeds == pytest.approx(200 * np.sqrt(pooled * (1 / 2 + 1 / 2)))
+    assert row["test"] == "unpaired, seeds" and row["difference"] == pytest.approx(2.4)
+    assert row["noise_2se"] == pytest.approx(np.hypot(sampling, seeds))
+    assert row["noise_2se"] > 2.4 > sampling and row["verdict"] == "within noise"
+    # One seed a side: no spread to measure, the sampling noise alone (and the label says so).
+    assert results.seed_noise([[0.4], [0.5]]) is None
+    # A side of one seed is taken to vary as much as the other side's seeds.
+    assert results.seed_noise([[0.4, 0.5], [0.45]]) == pytest.approx(
+        200 * np.sqrt(0.005 * (1 / 2 + 1)))
+
+
+def test_holm_adjusts_a_family_of_p_values():
+    assert results.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # 0.023 x 2 = 0.046, raised to the 0.048 before it: adjusted p never falls with rank
+    assert results.holm([0.023, 0.82, 0.016, 0.001]) == pytest.approx([0.048, 0.82, 0.048, 0.004])
+    assert results.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])        # capped at 1
+    assert results.holm([0.02]) == [0.02] and results.holm([]) == []
+    with pytest.raises(ValueError, match=r"p_values must be numbers in \[0, 1\], got \[0.01, nan\]"):
+        results.holm([0.01, float("nan")])
+
+
+def test_a_tie_on_validation_goes_to_the_default():
+    """Validation accuracies move in steps of one image: a tie between β = 0 (listed first) and
+    the default β = 1 must not turn ANCHOR into SupCon-AT."""
+    assert results.best_value({"0.0": 0.46, "0.5": 0.45, "1.0": 0.46}, "beta") == "1.0"
+    assert results.best_value({"0.0": 0.46, "0.5": 0.47, "1.0": 0.46}, "beta") == "0.5"
+    assert results.best_value({"0.0": 0.46, "2.0": 0.46}, "beta") == "0.0"   # no default tied
+    runs = [fake_metrics("anchor", {"clean": (0.8, 100)}, beta=b) for b in (0.0, 0.5, 1.0)]
+    for m, val in zip(runs, (0.46, 0.45, 0.46), strict=True):
+        m["validation"] = {"val_pgd": val}
+    assert results.ablation_choice(runs, "beta", (0.0, 0.5, 1.0))["leading"] == "1.0"
 
 
 def _validated_pair(root, b: int, c: int, *, val_size: int = 1000, with_masks=(True, True)):
@@ -640,6 +688,14 @@ def test_compare_runs_pairs_two_runs_of_one_method(tmp_path):
     assert results.describe_difference({**few, "test": "paired", "verdict": "within noise"}) == (
         "+4.00 points (noise ±3.77, paired, p = 0.070) -> within noise (by the exact p: with this "
         "few disagreeing images the ±2 s.e. understates the noise)")
+    # The other way round: p just under 0.05 for a difference inside the band (a review's
+    # example, 1,049 against 960 of 10,000 images).
+    near = results.paired_difference(np.r_[[True] * 1049, [False] * 8951],
+                                     np.r_[[False] * 1049, [True] * 960, [False] * 7991])
+    assert near["p_value"] < 0.05 and near["difference"] <= near["noise_2se"]
+    assert results.describe_difference({**near, "test": "paired", "verdict": "A higher"}) == (
+        "+0.89 points (noise ±0.90, paired, p = 0.050) -> A higher (by the exact p, just under "
+        "0.05: the ±2 s.e. band, an approximation, is a little wider)")
 
 
 
@@ -951,7 +1007,8 @@ def test_compare_pairs_only_single_runs_with_matching_masks(tmp_path):
     checkpoint.write_json(extra / "metrics.json", {**anchor.metrics, "seed": 1})
     row = results.compare([anchor, results.load_run(extra), pgd_at], "anchor", "pgd_at",
                           attacks=("pgd20",)).loc["PGD-20"]
-    assert row["test"] == "unpaired" and row["runs_method"] == 2 and row["runs_baseline"] == 1
+    assert row["test"] == "unpaired, seeds" and row["runs_method"] == 2
+    assert row["runs_baseline"] == 1
     # another data copy, or another n, is not the same images
     for change in ({"data": "CIFAR-10 (original)"},
                    {"accuracy": {**pgd_at.metrics["accuracy"], "pgd20": {"value": 0.5, "n": 800}}}):
