@@ -123,17 +123,23 @@ def _check_data(x: object, y: object, batch_size: object) -> tuple[torch.Tensor,
     return x, y
 
 
+def _checked(model: nn.Module, out: object, yb: torch.Tensor) -> torch.Tensor:
+    """``out``, the model's output on one batch, as checked logits ``(n, K)``: the shape and
+    class count the model declares, labels ``yb`` in ``[0, K)``, every value finite."""
+    expected = getattr(model, "num_classes", None)
+    logits = check_logits(out, yb.shape[0], expected if isinstance(expected, int) else None)
+    check_labels(yb, yb.shape[0], logits.shape[1])
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model returned NaN or Inf logits; expected finite logits "
+                         "(check the weights, e.g. a diverged checkpoint)")
+    return logits
+
+
 def _predict(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """Predicted classes ``(n,)`` of one batch, checking the model's output and the labels."""
     with torch.no_grad():
         out = model(xb)
-    expected = getattr(model, "num_classes", None)
-    logits = check_logits(out, xb.shape[0], expected if isinstance(expected, int) else None)
-    check_labels(yb, xb.shape[0], logits.shape[1])
-    if not torch.isfinite(logits).all():
-        raise ValueError("the model returned NaN or Inf logits; expected finite logits "
-                         "(check the weights, e.g. a diverged checkpoint)")
-    return logits.argmax(dim=1)
+    return _checked(model, out, yb).argmax(dim=1)
 
 
 def default_batch_size(device: torch.device | str) -> int:
@@ -784,10 +790,11 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     check looks at the gradient itself.
 
     At every image and at one random start in its eps-ball (where PGD begins), it counts the
-    coordinates whose input gradient is exactly zero, under each loss, with the model in eval
-    mode and in IEEE fp32. Passes when, under both losses, at most ``max_share`` of the
-    coordinates are. It also counts the images whose whole gradient is zero (the case the
-    reference AutoAttack warns about).
+    coordinates whose input gradient is exactly zero (or not finite: no direction either),
+    under each loss, with the model in eval mode and in IEEE fp32. Passes when, under both
+    losses, at most ``max_share`` of the coordinates are. It also counts the images whose whole
+    gradient is zero (the case the reference AutoAttack warns about). The logits and labels are
+    checked as :func:`correct` checks them (NaN logits raise ValueError).
 
     Args:
         model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
@@ -816,11 +823,11 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
             start = random_point(xb, eps).clamp(0, 1)   # PGD's random start
             for point in (xb, start):
                 xi = point.detach().clone().requires_grad_(True)
-                logits = check_logits(model(xi), len(yb))
+                logits = _checked(model, model(xi), yb)
                 for k, (name, loss) in enumerate(losses.items()):
                     (grad,) = torch.autograd.grad(loss(logits, yb), xi,
                                                   retain_graph=k + 1 < len(losses))
-                    zero = grad == 0
+                    zero = (grad == 0) | ~torch.isfinite(grad)   # no direction to follow
                     zeros[name] += int(zero.sum())
                     whole[name] += int(zero.flatten(1).all(1).sum())
     share = {name: zeros[name] / (2 * x.numel()) for name in losses}

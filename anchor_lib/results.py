@@ -858,11 +858,22 @@ def best_value(scores: dict[str, float], param: str) -> str:
     choice of a knob by validation PGD accuracy; on a tie, the default value of ``param``
     (:class:`~anchor_lib.train.TrainConfig`'s) when it is among the tied, else the first listed.
     Validation accuracies move in steps of one image, so ties happen, and the first listed value
-    of β is 0, which would turn ANCHOR into SupCon-AT on a tie it has no evidence for."""
+    of β is 0, which would turn ANCHOR into SupCon-AT on a tie it has no evidence for. A NaN
+    score is never chosen (ValueError when every score is NaN)."""
     from .train import TrainConfig
 
-    default = str(getattr(TrainConfig(), param, None))
-    return max(scores, key=lambda v: (scores[v], v == default))
+    default = getattr(TrainConfig(), param, None)
+
+    def is_default(value: str) -> bool:   # "1" and "1.0" name one beta
+        try:
+            return float(value) == float(default)
+        except (TypeError, ValueError):
+            return value == str(default)
+
+    finite = {v: score for v, score in scores.items() if not math.isnan(score)}
+    if not finite:
+        raise ValueError(f"no finite score to choose {param} by, got {scores}")
+    return max(finite, key=lambda v: (finite[v], is_default(v)))
 
 
 # --- committed artifacts the chapters can use instead of training live --------------------------

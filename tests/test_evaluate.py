@@ -380,8 +380,12 @@ def test_zero_gradients_look_in_eval_mode_and_at_a_random_start(trained):
             return torch.where(near[:, None], self.inner(xb.detach()), self.inner(xb))
 
     model.train()
+    stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     result = check_zero_gradients(FlatAtTheImage(model, x), x, y, EPS)
     assert model.training, "the caller's train mode was not restored"
+    after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert stats and all(torch.equal(a, b) for a, b in zip(stats, after, strict=True)), \
+        "the check ran BatchNorm in train mode (its running statistics moved)"
     assert result["zero_share"]["ce"] == pytest.approx(0.5, abs=0.01)   # the images, not starts
     assert result["zero_images"]["ce"] == 16
     model.eval()
@@ -402,6 +406,29 @@ def test_zero_gradients_look_in_eval_mode_and_at_a_random_start(trained):
     torch.manual_seed(3)
     assert torch.equal(recording.seen[0], x)
     assert torch.equal(recording.seen[1], attacks.random_point(x, EPS).clamp(0, 1))  # PGD's
+
+
+def test_zero_gradients_refuse_broken_models_and_labels(trained):
+    """A model with NaN logits has no gradient to look at (a NaN gradient is not == 0, so it
+    used to pass), and a label beyond the model's classes is named as correct() names it."""
+    model, x, y = trained
+
+    class Broken(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return model(xb) * float("nan")
+
+    with pytest.raises(ValueError, match="NaN or Inf logits"):
+        check_zero_gradients(Broken(), x[:4], y[:4], EPS)
+    with pytest.raises(ValueError, match=f"but the model has {K} classes"):
+        check_zero_gradients(model, x[:4], torch.full_like(y[:4], K), EPS)
+
+    class NaNGradient(nn.Module):   # finite logits, a NaN gradient wherever a pixel is 0
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return model(xb) + 0 * xb.sqrt().sum((1, 2, 3))[:, None]   # 0 x sqrt'(0) = NaN
+
+    x0 = torch.zeros_like(x[:4])
+    result = check_zero_gradients(NaNGradient(), x0, y[:4], EPS)
+    assert result["passed"] is False and result["zero_share"]["ce"] >= 0.5
 
 
 def test_zero_gradients_pass_at_exactly_the_allowed_share(trained):

@@ -595,6 +595,11 @@ def test_a_tie_on_validation_goes_to_the_default():
     assert results.best_value({"0.0": 0.46, "0.5": 0.45, "1.0": 0.46}, "beta") == "1.0"
     assert results.best_value({"0.0": 0.46, "0.5": 0.47, "1.0": 0.46}, "beta") == "0.5"
     assert results.best_value({"0.0": 0.46, "2.0": 0.46}, "beta") == "0.0"   # no default tied
+    assert results.best_value({"0": 0.46, "1": 0.46}, "beta") == "1"   # an int names it too
+    assert results.best_value({"0.0": float("nan"), "1.0": 0.4}, "beta") == "1.0"
+    assert results.best_value({"False": 0.4, "True": 0.4}, "adv_in_contrastive") == "True"
+    with pytest.raises(ValueError, match="no finite score to choose beta by"):
+        results.best_value({"0.0": float("nan")}, "beta")
     runs = [fake_metrics("anchor", {"clean": (0.8, 100)}, beta=b) for b in (0.0, 0.5, 1.0)]
     for m, val in zip(runs, (0.46, 0.45, 0.46), strict=True):
         m["validation"] = {"val_pgd": val}
