@@ -74,7 +74,7 @@ def hidden(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
                                                                  "autoattack"), per_image=True)
         worst = torch.stack([torch.as_tensor(suite[a]["correct"]) for a in suite]).all(0)
         out[name] = {a: suite[a]["value"] for a in suite}
-        out[name]["worst_case"] = float(worst.float().mean())
+        out[name]["worst_case"] = float(worst.double().mean())
         out[name]["cpu_seconds"] = round(time.perf_counter() - start, 1)
         if name == "as it is":
             checks = evaluate.sanity_checks(m, x, y, pgd20=suite["pgd20"]["value"],
