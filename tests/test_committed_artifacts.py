@@ -231,9 +231,17 @@ def test_committed_runs_trained_what_their_profile_trains_today():
         assert config_differences(saved, today) == [], path.relative_to(REPO)
 
 
+def scores(accuracies: dict) -> str:
+    """How the README words a model's scores in zero_gradients.json's partial_masking part."""
+    return (f"{accuracies['pgd20']:.0%} under PGD-20, {accuracies['cw']:.0%} under CW∞ and "
+            f"{accuracies['autoattack']:.0%} under AutoAttack (worst case per image "
+            f"{accuracies['worst_case']:.0%})").replace("%", " %")
+
+
 def test_readme_quotes_check_5_on_the_committed_checkpoints():
     """data/results/cpu-checks/zero_gradients.json ran the fifth sanity check on today's tutorial
-    checkpoints (the manifest's sha256s), and the README says what it found."""
+    checkpoints (the manifest's sha256s) and measured what the green rounding hides, and the
+    README says what it found."""
     found = checkpoint.read_json(REPO / "data" / "results" / "cpu-checks" / "zero_gradients.json")
     manifest = json.loads((REPO / "data" / "checkpoints" / "manifest.json").read_text())
     rows = found["results"]
@@ -242,11 +250,21 @@ def test_readme_quotes_check_5_on_the_committed_checkpoints():
             f"zero_gradients.json ran on another {entry['method']} checkpoint: run it again"
     readme = " ".join((REPO / "README.md").read_text().split())
     honest = [row for row in rows.values() if not row.get("control")]
-    if all(v == 0 for row in honest for v in row["zero_share"].values()):
-        assert "checkpoints have no coordinate with a zero gradient under either loss" in readme
-    else:
-        raise AssertionError("a committed checkpoint has zero gradients: the README must say so")
-    controls = [row for row in rows.values() if row.get("control")]
-    assert controls and not any(row["passed"] for row in controls), "a control passed check 5"
-    for row in controls:
-        assert f"{max(row['zero_share'].values()) * 100:.1f} %" in readme
+    assert all(v == 0 for row in honest for v in row["zero_share"].values()), \
+        "a committed checkpoint has zero gradients: the README must say so"
+    assert "checkpoints have no coordinate with a zero gradient under either loss" in readme
+    green = rows["pgd_at, green channel rounded (control)"]
+    scaled = rows["standard, logits x 10,000 (control)"]
+    assert not green["passed"] and not scaled["passed"], "a control passed check 5"
+    assert f"{min(green['zero_share'].values()) * 100:.1f} % of its coordinates" in readme
+    assert f"{scaled['zero_share']['ce'] * 100:.1f} % under the cross-entropy" in readme
+    masked = found["partial_masking"]
+    assert masked["n"] == 100 and "first 100 test images" in readme
+    checks = masked["sanity_as_it_is"]
+    first_four = ("more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap")
+    if all(checks[name]["passed"] for name in first_four):
+        assert "passes the first four checks" in readme
+    assert not checks["zero_gradients"]["passed"]
+    assert f"as it is it scores {scores(masked['as it is'])}" in readme
+    assert f"through BPDA (the same function, the rounding's gradient taken as the identity) " \
+           f"{scores(masked['through BPDA'])}" in readme
