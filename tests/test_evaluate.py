@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import by_path
 import numpy as np
 import pytest
 import torch
@@ -307,30 +308,12 @@ def test_gradient_masking_trap_is_caught(trained):
     assert "gradient masking" in result["detail"]
 
 
-class RoundedChannel(nn.Module):
-    """Partial masking (found by a red-team review): one colour channel snapped to the 8-bit grid
-    inside the model. A no-op on 8-bit images, and at most half a grey level under attack, but
-    that channel's input gradient is exactly zero: the gradient attacks move only the other two
-    (on the tutorial PGD-AT model the four symptom checks pass and AutoAttack scores above its
-    BPDA version: data/results/cpu-checks/zero_gradients.json)."""
-
-    def __init__(self, model: nn.Module, channel: int = 1) -> None:
-        super().__init__()
-        self.model, self.channel = model, channel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        x[:, self.channel] = torch.round(x[:, self.channel] * 255) / 255
-        return self.model(x)
-
-
-class ScaledLogits(nn.Module):
-    def __init__(self, model: nn.Module, scale: float = 1e4) -> None:
-        super().__init__()
-        self.model, self.scale = model, scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) * self.scale
+# The two masking wrappers of benchmarks/zero_gradients.py (the file the README quotes): the
+# green channel rounded to the 8-bit grid inside the model (partial masking, found by a red-team
+# review: a third of the coordinates without gradient, and the four symptom checks pass on the
+# tutorial PGD-AT model), and logits x 10,000 (a saturated softmax).
+_masking = by_path.load("benchmarks/zero_gradients.py", "_zero_gradients")
+RoundedChannel, ScaledLogits = _masking.RoundedGreen, _masking.ScaledLogits
 
 
 def test_zero_gradients_pass_an_honest_model_and_catch_masking(trained):
