@@ -23,9 +23,9 @@ estimate that is too long costs only idle time. A CPU is never timed by a GPU, n
 A run with no precedent of its own may still be bounded from below: a TRADES, SupCon-AT or ANCHOR
 run trained jointly makes the same PGD-10 attack as PGD-AT and more forward and backward passes
 besides (:data:`COSTS_AT_LEAST`), so it is not started where a like PGD-AT run, compiled as it
-would be, would not fit. A
-run with no precedent and no bound is started if any time is left (no estimate is no reason to
-skip it); a finished run is always "admitted", since skipping it costs nothing.
+would be, would not fit. A run with no precedent and no bound is started if any time is left (no
+estimate is no reason to skip it); a finished run is always "admitted", since skipping it costs
+nothing.
 """
 
 from __future__ import annotations

@@ -815,8 +815,9 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     x, y = _check_data(x, y, batch_size)
     losses = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="sum"),
               "margin": lambda z, t: margin_loss(z, t).sum()}
-    zeros = dict.fromkeys(losses, 0)
-    whole = dict.fromkeys(losses, 0)
+    # Counted on the device and read once at the end, not per batch.
+    zeros = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
+    whole = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
     with attack_mode(model), full_precision(), seeded(seed, x.device):
         for s in _batches(len(x), batch_size):
             xb, yb = x[s], y[s]
@@ -828,9 +829,10 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
                     (grad,) = torch.autograd.grad(loss(logits, yb), xi,
                                                   retain_graph=k + 1 < len(losses))
                     zero = (grad == 0) | ~torch.isfinite(grad)   # no direction to follow
-                    zeros[name] += int(zero.sum())
-                    whole[name] += int(zero.flatten(1).all(1).sum())
-    share = {name: zeros[name] / (2 * x.numel()) for name in losses}
+                    zeros[name] += zero.sum()
+                    whole[name] += zero.flatten(1).all(1).sum()
+    share = {name: int(zeros[name]) / (2 * x.numel()) for name in losses}
+    whole = {name: int(count) for name, count in whole.items()}
     passed = all(v <= max_share for v in share.values())
     found = (f"the input gradient is exactly zero on {share['ce']:.1%} of the coordinates under "
              f"the cross-entropy ({whole['ce']} of {2 * len(x)} points wholly) and on "

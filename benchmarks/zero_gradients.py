@@ -16,9 +16,9 @@ worst case per image over each model's attacks.
 
     python benchmarks/zero_gradients.py [OUT.json]
 
-Default output: ``data/results/cpu-checks/zero_gradients.json``. About 15 minutes on a 2-core
-CPU (AutoAttack on a robust model, twice); reads the data from ``ANCHOR_DATA_DIR`` like the
-library.
+Default output: ``data/results/cpu-checks/zero_gradients.json``. About 6 minutes on a 2-core
+CPU, most of it AutoAttack on a robust model, twice (the file's ``cpu_seconds``); reads the data
+from ``ANCHOR_DATA_DIR`` like the library.
 """
 
 from __future__ import annotations
