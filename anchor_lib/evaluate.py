@@ -49,6 +49,7 @@ __all__ = [
     "ATTACKS",
     "EVAL_EPS",
     "EVAL_PRECISION",
+    "MAX_LOGIT_CHANGE",
     "MAX_ZERO_GRADIENT_SHARE",
     "PRECISION_RULE_POINTS",
     "SEARCH_PRECISIONS",
@@ -57,6 +58,7 @@ __all__ = [
     "accuracy",
     "check_autoattack_gap",
     "check_black_box_weaker",
+    "check_deterministic",
     "check_eps_sweep",
     "check_more_steps",
     "check_search_precision",
@@ -845,6 +847,108 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
             "passed": passed, "detail": detail}
 
 
+#: The largest change of an image's logits, as a share of their largest magnitude (at least 1),
+#: that :func:`check_deterministic` lets pass in float32. About a thousand fp32 epsilons, room
+#: for kernels that sum in another order for another batch size (on a CPU the committed
+#: checkpoints' logits come out the same bit for bit); for a float16 or bfloat16 model or its
+#: logits, 16 of that dtype's epsilons (1.6e-2 and 0.125).
+MAX_LOGIT_CHANGE = 1e-4
+
+
+def _logit_tolerance(dtype: torch.dtype) -> float:
+    return max(MAX_LOGIT_CHANGE, 16 * torch.finfo(dtype).eps)
+
+
+def check_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                        batch_size: int = 500, seed: int = 0) -> dict:
+    """The model must give an image the same logits every time it sees it.
+
+    Every other check, and every accuracy, assumes that the function the attacks search is the
+    function the verdict classifies with. Three ways to break that, each measured here with the
+    model in eval mode and in IEEE fp32 (the dtype of the model), against the logits of ``x`` in
+    its own order in batches of ``batch_size``, without autograd:
+
+    - ``"repeat"``: the same batches again. A randomized model (noise, random resizing or
+      dropout at inference: Athalye et al. 2018's stochastic gradients) answers differently,
+      and an attack that follows one draw's gradient and is judged on another's overstates its
+      robustness; it needs attacks that average over the randomness (EOT), which this protocol
+      does not run.
+    - ``"autograd"``: the same batches with the input requiring gradients, as the attacks see
+      it. A model that computes other logits while autograd records is attacked in place of
+      another one.
+    - ``"batch"``: the images in a shuffled order, in batches of about half the size. An
+      image's logits that depend on the other images of its batch (batch statistics, a batch
+      size) are not the ones attacked: ``correct`` attacks only the clean-correct images, in
+      other batches than it classified them in.
+
+    Passes when, in each of the three, no logit of an image changes by more than the tolerance
+    times the largest magnitude of that image's logits (at least 1); the images whose
+    predicted class changed are counted too. The tolerance is :data:`MAX_LOGIT_CHANGE` for
+    float32, 16 epsilons of the dtype for a less precise model or logits.
+
+    Args:
+        model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
+            and integer labels ``(N,)`` on the model's device); ``y`` only checks the logits'
+            class count.
+        seed: seeds the shuffled order, an int in [0, 2**63). The model's own random draws are
+            not re-seeded between the calls.
+
+    Returns:
+        ``{"max_change": {"repeat": float, "autograd": float, "batch": float},
+        "changed_predictions": {same keys: int}, "tolerance": float, "passed": bool,
+        "detail": str}``; a change is relative to the image's largest logit magnitude (at
+        least 1), the counts over the ``N`` images.
+    """
+    seed = check_seed(seed)
+    x, y = _check_data(x, y, batch_size)
+    half = min(batch_size, len(x)) // 2 + 1
+
+    dtypes = {p.dtype for p in model.parameters()}
+
+    def logits(order: torch.Tensor | None, size: int, grad: bool) -> torch.Tensor:
+        """Every image's logits ``(N, K)`` in float32, in ``x``'s order."""
+        images, labels = (x, y) if order is None else (x[order], y[order])
+        out = []
+        for s in _batches(len(images), size):
+            xb = images[s].detach().clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                z = _checked(model, model(xb), labels[s]).detach()
+            dtypes.add(z.dtype)
+            out.append(z.float())
+        out = torch.cat(out)
+        return out if order is None else out[torch.argsort(order)]
+
+    with attack_mode(model), full_precision(), seeded(seed, x.device):
+        first = logits(None, batch_size, grad=False)
+        order = torch.randperm(len(x), device=x.device)
+        others = {"repeat": logits(None, batch_size, grad=False),
+                  "autograd": logits(None, batch_size, grad=True),
+                  "batch": logits(order, half, grad=False)}
+    # Each image's change relative to its own logits, so one image's large logits do not
+    # loosen the limit for the others.
+    scale = first.abs().amax(1, keepdim=True).clamp(min=1.0)
+    predicted = first.argmax(1)
+    change = {k: float(((v - first).abs() / scale).max()) for k, v in others.items()}
+    flipped = {k: int((v.argmax(1) != predicted).sum()) for k, v in others.items()}
+    # The least precise of the parameters' and the logits' dtypes sets the limit.
+    tolerance = max(_logit_tolerance(d) for d in dtypes | {x.dtype})
+    passed = all(v <= tolerance for v in change.values())
+    found = ", ".join(f"{k} {v:.1e} ({flipped[k]} predictions changed)" for k, v in change.items())
+    why = {"repeat": "it answers differently from one call to the next: a randomized model, "
+                     "whose accuracy needs attacks that average over its randomness (EOT)",
+           "autograd": "it computes other logits while autograd records, as when attacked: "
+                       "the attacks aim at another model than the one judged",
+           "batch": "an image's logits depend on the other images of its batch, and the "
+                    "attacks see other batches than the clean verdict did"}
+    failed = next((k for k, v in change.items() if v > tolerance), None)
+    detail = (f"the largest logit change is, relative to the logits' scale: {found}; allowed "
+              f"{tolerance:.0e}")
+    if failed is not None:
+        detail += f": {why[failed]}, so the accuracies measured on it are not to be trusted"
+    return {"max_change": change, "changed_predictions": flipped, "tolerance": tolerance,
+            "passed": passed, "detail": detail}
+
+
 def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
                          n: int | None = None) -> dict:
     """AutoAttack accuracy must be within ``max_gap`` below PGD-20 accuracy, and not above it
@@ -889,10 +993,12 @@ def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EVAL_EPS, *,
                   pgd20: float | None = None, autoattack: float | None = None,
                   n_queries: int = 1000, batch_size: int = 500, seed: int = 0) -> dict[str, dict]:
-    """All five sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the ``sanity``
+    """All six sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the ``sanity``
     part of metrics.json. The first four look for the symptoms of gradient masking in what the
     attacks achieve; the fifth, :func:`check_zero_gradients`, looks at the gradient itself and
-    catches partial masking, which can pass the other four.
+    catches partial masking, which can pass the other four; the sixth,
+    :func:`check_deterministic`, checks that the model the attacks search is the one judged
+    (no randomness, no other logits under autograd or in other batches).
 
     The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1
     (:func:`eps_sweep`), so any eps in (0, 1] works. PGD-20 is measured once and shared by the
@@ -915,7 +1021,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
     Returns:
         ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...,
-        "zero_gradients": ...}``,
+        "zero_gradients": ..., "deterministic": ...}``,
         each a dict with the measured numbers, ``"passed"``, ``"detail"``, ``"n"`` (the images
         checked, as in an accuracy entry) and ``"seconds"`` (wall time, so that a GPU run's
         metrics.json shows where evaluation time goes).
@@ -940,6 +1046,8 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         "autoattack_gap": lambda: check_autoattack_gap(pgd20, autoattack, n=len(x)),
         "zero_gradients": lambda: check_zero_gradients(model, x, y, eps, batch_size=batch_size,
                                                        seed=seed),
+        "deterministic": lambda: check_deterministic(model, x, y, batch_size=batch_size,
+                                                     seed=seed),
     }
     out = {}
     for name, check in checks.items():

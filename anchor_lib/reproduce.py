@@ -209,6 +209,11 @@ def _other_images(metrics: dict[str, Any], dataset: data.CIFAR10) -> str:
             f"{dataset.fingerprint[:12]}: another copy, or another JPEG decoder)")
 
 
+#: The sanity checks added after the first runs were evaluated, and how a status names them.
+_LATER_CHECKS = {"zero_gradients": "the zero-gradient check (evaluate.check_zero_gradients)",
+                 "deterministic": "the determinism check (evaluate.check_deterministic)"}
+
+
 def _missing_evaluation(metrics: dict[str, Any], attacks: tuple[str, ...] | None,
                         sanity: bool) -> str:
     """What this call asks for that a finished run's evaluation (its ``metrics``) lacks ("" if
@@ -223,9 +228,10 @@ def _missing_evaluation(metrics: dict[str, Any], attacks: tuple[str, ...] | None
         missing.append("today's AutoAttack configuration (attacks.autoattack_config)")
     if sanity and not metrics.get("sanity"):
         missing.append("the sanity checks")
-    elif sanity and "zero_gradients" not in metrics["sanity"]:
-        # the runs evaluated before the check existed (all the committed ones, on 2026-11-29)
-        missing.append("the zero-gradient check (evaluate.check_zero_gradients)")
+    elif sanity:
+        # the runs evaluated before these checks existed (all the committed ones, on 2026-11-29)
+        missing += [what for check, what in _LATER_CHECKS.items()
+                    if check not in metrics["sanity"]]
     if not missing:
         return ""
     return (f" but evaluated without {', '.join(missing)} (evaluate its best.pt with `python -m "

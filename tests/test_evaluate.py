@@ -25,6 +25,7 @@ from anchor_lib.evaluate import (
     accuracy,
     check_autoattack_gap,
     check_black_box_weaker,
+    check_deterministic,
     check_eps_sweep,
     check_more_steps,
     check_zero_gradients,
@@ -422,6 +423,160 @@ def test_zero_gradients_pass_at_exactly_the_allowed_share(trained):
                                 max_share=max(share.values()))["passed"] is True
 
 
+class Noisy(nn.Module):
+    """The wrapped model on its input plus Gaussian noise at every call, eval mode or not."""
+
+    def __init__(self, inner: nn.Module, sigma: float) -> None:
+        super().__init__()
+        self.inner, self.sigma = inner, sigma
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        return self.inner(xb + self.sigma * torch.randn_like(xb))
+
+
+class BatchCentred(nn.Module):
+    """The wrapped model on each image minus its batch's mean image (batch statistics)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        return self.inner(xb - xb.mean(0, keepdim=True) + 0.5)
+
+
+class Decoy(nn.Module):
+    """``inner`` when it classifies, ``decoy`` while autograd records its input (when attacked)."""
+
+    def __init__(self, inner: nn.Module, decoy: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.decoy = inner, decoy
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        attacked = torch.is_grad_enabled() and xb.requires_grad
+        return (self.decoy if attacked else self.inner)(xb)
+
+
+def test_deterministic_passes_an_honest_model_in_eval_mode(trained):
+    """BatchNorm in train mode would make logits depend on the batch: the check, like the
+    attacks, runs in eval mode, restores the caller's mode and leaves its RNG alone."""
+    model, x, y = trained
+    x, y = x[:40], y[:40]
+    model.train()
+    rng = torch.random.get_rng_state()
+    result = check_deterministic(model, x, y, batch_size=16)
+    assert model.training, "the caller's train mode was not restored"
+    model.eval()
+    assert torch.equal(torch.random.get_rng_state(), rng), "the check moved the caller's RNG"
+    assert result["passed"] is True, result
+    assert set(result["max_change"]) == {"repeat", "autograd", "batch"}
+    assert all(v <= evaluate.MAX_LOGIT_CHANGE for v in result["max_change"].values())
+    assert result["changed_predictions"] == {"repeat": 0, "autograd": 0, "batch": 0}
+    assert result["tolerance"] == evaluate.MAX_LOGIT_CHANGE
+    json.dumps(result)
+
+
+def test_deterministic_names_what_changes_the_logits(trained):
+    """Each way of answering differently fails its own comparison, and only that one."""
+    model, x, y = trained
+    x, y = x[:40], y[:40]
+    noisy = check_deterministic(Noisy(model, 0.05), x, y)
+    assert noisy["passed"] is False
+    assert all(v > evaluate.MAX_LOGIT_CHANGE for v in noisy["max_change"].values())
+    assert "randomized model" in noisy["detail"] and "EOT" in noisy["detail"]
+    # Noise far too small to flip a prediction is still randomness.
+    faint = check_deterministic(Noisy(model, 1e-3), x, y)
+    assert faint["passed"] is False and faint["changed_predictions"]["repeat"] == 0
+
+    centred = check_deterministic(BatchCentred(model), x, y, batch_size=16)
+    assert centred["passed"] is False
+    assert centred["max_change"]["repeat"] == 0 and centred["max_change"]["autograd"] == 0
+    assert centred["max_change"]["batch"] > 0.01
+    assert "other images of its batch" in centred["detail"]
+
+    other = TinyCNN().eval()
+    decoy = check_deterministic(Decoy(model, other), x, y)
+    assert decoy["passed"] is False
+    assert decoy["max_change"]["repeat"] == 0 and decoy["max_change"]["batch"] == 0
+    with torch.no_grad():
+        differ = int((model(x).argmax(1) != other(x).argmax(1)).sum())
+    assert decoy["changed_predictions"]["autograd"] == differ > 0
+    assert "while autograd records" in decoy["detail"]
+
+
+def test_deterministic_changes_batches_and_their_order(trained):
+    """The batch comparison sees other batch sizes and other neighbours, even when everything
+    fits one batch."""
+    model, x, y = trained
+    x, y = x[:12], y[:12]
+
+    class SizeAware(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return model(xb) + 0.01 * len(xb)
+
+    class PositionAware(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return model(xb) + 0.01 * torch.arange(len(xb), dtype=xb.dtype)[:, None]
+
+    for wrapper in (SizeAware(), PositionAware()):
+        for batch_size in (500, 5):
+            result = check_deterministic(wrapper, x, y, batch_size=batch_size)
+            assert result["passed"] is False and result["max_change"]["batch"] > 0, (
+                type(wrapper).__name__, batch_size)
+
+
+def test_deterministic_measures_each_image_against_its_own_logits(trained):
+    """One image with huge logits does not loosen the limit for the others."""
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+
+    class Loud(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            out = model(xb)
+            loud = (xb.flatten(1)[:, 0] == x[0, 0, 0, 0]).to(out.dtype)[:, None]
+            jitter = 0.05 * torch.randn_like(out) * (1 - loud)
+            return out * (1 + 1e6 * loud) + jitter
+
+    result = check_deterministic(Loud(), x, y)
+    assert result["passed"] is False and result["max_change"]["repeat"] > 1e-3
+
+
+def test_deterministic_allows_less_precise_logits_their_rounding(trained):
+    """bfloat16 logits get 16 of their epsilons; the same change fails in float32."""
+    model, x, y = trained
+    x, y = x[:16], y[:16]
+
+    class Jitter(nn.Module):
+        def __init__(self, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.dtype = dtype
+
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            out = model(xb)
+            return (out + 1e-3 * out.abs().amax(1, keepdim=True) * torch.rand_like(out)).to(
+                self.dtype)
+
+    low = check_deterministic(Jitter(torch.bfloat16), x, y)
+    assert low["tolerance"] == pytest.approx(16 * torch.finfo(torch.bfloat16).eps)
+    assert low["passed"] is True, low
+    assert check_deterministic(Jitter(torch.float32), x, y)["passed"] is False
+
+
+def test_deterministic_refuses_broken_models_and_labels(trained):
+    model, x, y = trained
+
+    class Broken(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return model(xb) * float("nan")
+
+    with pytest.raises(ValueError, match="NaN or Inf logits"):
+        check_deterministic(Broken(), x[:4], y[:4])
+    with pytest.raises(ValueError, match=f"but the model has {K} classes"):
+        check_deterministic(model, x[:4], torch.full_like(y[:4], K))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        check_deterministic(model, x[:4], y[:4], batch_size=0)
+
+
 def test_check_autoattack_gap():
     ok = check_autoattack_gap(0.50, 0.48)
     assert ok["passed"] is True and ok["gap"] == pytest.approx(0.02)
@@ -448,7 +603,7 @@ def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
     result = sanity_checks(model, x, y, eps=EPS, n_queries=50)
     assert torch.equal(torch.random.get_rng_state(), rng), "sanity checks moved the caller's RNG"
     assert set(result) == {"more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap",
-                           "zero_gradients"}
+                           "zero_gradients", "deterministic"}
     assert all(r["seconds"] >= 0 for r in result.values())  # where a GPU run's time goes
     assert all(r["n"] == 48 for r in result.values())  # how many images each verdict rests on
     for name, check in result.items():
@@ -1166,6 +1321,7 @@ SEED_CALLS = {
     "check_eps_sweep": lambda m, x, y, s: check_eps_sweep(m, x, y, seed=s),
     "check_black_box_weaker": lambda m, x, y, s: check_black_box_weaker(m, x, y, EPS, seed=s),
     "check_zero_gradients": lambda m, x, y, s: check_zero_gradients(m, x, y, EPS, seed=s),
+    "check_deterministic": lambda m, x, y, s: check_deterministic(m, x, y, seed=s),
     "seeded": lambda m, x, y, s: evaluate.seeded(s, x.device).__enter__(),
 }
 
