@@ -34,14 +34,19 @@ from .results import (
 
 # One colour per method in every figure that compares methods, so that PGD-AT is the same blue
 # in the results bars, the training curves and the chapters' own comparisons. Okabe and Ito's
-# palette: the five stay distinct with the common forms of colour blindness (tab10's green and
-# red, side by side in a bar chart, do not).
-METHOD_COLORS = {"standard": "#999999", "pgd_at": "#0072B2", "trades": "#009E73",
+# palette, with a dark grey for the undefended model: the five stay at least 17 CIE76 units
+# apart under simulated protanopia, deuteranopia and tritanopia (tests/colour_vision.py).
+# Okabe and Ito's light grey did not: it and the pink of SupCon-AT both look grey (7 units)
+# to a deuteranope, as do tab10's green and red side by side.
+METHOD_COLORS = {"standard": "#444444", "pgd_at": "#0072B2", "trades": "#009E73",
                  "supcon_at": "#CC79A7", "anchor": "#D55E00"}
 # The book's symbols for ANCHOR's knobs (chapter 5), for axis labels.
 PARAM_LABELS = {"beta": "β", "lam": "λ", "temperature": "τ"}
 VIEW_MARKERS = {"clean": "o", "aug": "^", "adv": "x"}
 VIEW_LABELS = {"clean": "clean", "aug": "augmented", "adv": "adversarial (PGD)"}
+# The accuracy curves differ in line and marker too, not in colour alone (tab10's orange and
+# green are 5 CIE76 units apart for a protanope).
+HISTORY_STYLES = {"train_acc": ("-", "o"), "val_clean": ("--", "s"), "val_pgd": (":", "^")}
 HISTORY_LABELS = {"train_acc": "train accuracy", "val_clean": "validation clean",
                   "val_pgd": "validation PGD", "loss": "loss", "ce": "cross-entropy",
                   "con": "contrastive term", "lr": "learning rate"}
@@ -87,6 +92,9 @@ def plot_history(history: Any, ax=None, *, columns: Sequence[str] | None = None,
         label: prefix for the legend entries (e.g. the method, when overlaying runs); with a
             single column the entry is the label alone (the panel names the column).
         title: Axes title.
+        line_kw: passed to ``Axes.plot`` (e.g. ``color``); a ``linestyle`` or ``marker`` given
+            here replaces the column's own (``HISTORY_STYLES``: each accuracy curve has a
+            line and marker of its own, markers up to 12 epochs).
 
     Returns:
         The Axes. The y axis is accuracy in [0, 1] when only accuracy columns are drawn.
@@ -102,11 +110,14 @@ def plot_history(history: Any, ax=None, *, columns: Sequence[str] | None = None,
         raise ValueError(f"history has no column(s) {', '.join(missing)}; it has "
                          f"{', '.join(map(str, df.columns))}")
     ax = _new_ax(ax)
-    marker = "o" if len(df) <= 12 else None
     for c in columns:
         name = HISTORY_LABELS.get(c, c)
         entry = name if not label else label if len(columns) == 1 else f"{label}: {name}"
-        ax.plot(df["epoch"], df[c], marker=marker, label=entry, **line_kw)
+        ls, marker = HISTORY_STYLES.get(c, ("-", "o"))
+        style = {} if {"ls", "linestyle"} & set(line_kw) else {"linestyle": ls}
+        if "marker" not in line_kw:   # markers only where they do not crowd the line
+            style["marker"] = marker if len(df) <= 12 else None
+        ax.plot(df["epoch"], df[c], label=entry, **style, **line_kw)
     ax.set_xlabel("epoch")
     if columns and all(c in ("train_acc", "val_clean", "val_pgd") for c in columns):
         ax.set_ylabel("accuracy")
@@ -133,7 +144,8 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
         views: ``(N,)`` view names among ``"clean"``, ``"aug"``, ``"adv"``.
         show_views: only draw these views (default: all present).
         highlight: draw this class in colour and the others in light grey.
-        legend: add a legend of the classes and, under a heading, the views.
+        legend: add a legend of the classes and, under a heading, the views (when more than
+            one is drawn).
 
     Returns:
         The Axes (axis ticks hidden: UMAP's axes have no units).
@@ -173,15 +185,17 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
         handles = [Line2D([], [], ls="", marker="o", color=colors[k],
                           label=class_names[k] if k < len(class_names) else str(k))
                    for k in classes]
-        vh = [Line2D([], [], ls="", marker=VIEW_MARKERS[v], color="0.3", label=VIEW_LABELS[v])
-              for v in drawn]
         # One legend, the views under a heading of their own: two legends stacked beside the
-        # panel overlapped wherever the panel was shorter than both together.
-        heading = Line2D([], [], ls="", marker="", label="view")
-        legend_ = ax.legend(handles=[*handles, heading, *vh], fontsize="small", loc="upper left",
+        # panel overlapped wherever the panel was shorter than both together. A panel of one
+        # view names no view: its legend often serves a grid whose columns show the others.
+        vh = [Line2D([], [], ls="", marker="", label="view"),
+              *(Line2D([], [], ls="", marker=VIEW_MARKERS[v], color="0.3", label=VIEW_LABELS[v])
+                for v in drawn)] if len(drawn) > 1 else []
+        legend_ = ax.legend(handles=[*handles, *vh], fontsize="small", loc="upper left",
                             bbox_to_anchor=(1.0, 1.0), frameon=False, title="class",
                             title_fontsize="small")
-        legend_.get_texts()[len(handles)].set_fontweight("bold")
+        if vh:
+            legend_.get_texts()[len(handles)].set_fontweight("bold")
         legend_.get_title().set_fontweight("bold")
     return ax
 

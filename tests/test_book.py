@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -403,6 +404,60 @@ def test_every_figure_cell_has_alt_text(page):
     assert not problems, (f"{page}.ipynb: figure cells without usable alt text (set the cell's "
                           f"metadata {{\"mystnb\": {{\"image\": {{\"alt\": \"...\"}}}}}}): "
                           f"{problems}")
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_widgets_are_left_out_of_the_web_page(page):
+    """A widget on the static page looks live but cannot redraw its picture without a kernel
+    (the ε slider moved its readout while its image stayed at 8/255), and its image output had
+    no alt text: every cell that shows an explorer of anchor_lib.widgets is tagged
+    remove-output, and the prose beside it sends the reader to Colab or Jupyter."""
+    nb = static.load_notebook(page)
+    untagged = [f"cell {i} (id {cell.get('id')})" for i, cell in enumerate(nb.cells)
+                if cell.cell_type == "code" and re.search(r"\w+_explorer\(", cell.source)
+                and "remove-output" not in cell.metadata.get("tags", [])]
+    assert not untagged, f"{page}.ipynb: explorer cells without the remove-output tag: {untagged}"
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_built_pages_hold_no_widget(html, page):
+    path = html / f"{page}.html"
+    assert path.is_file(), f"{page} was not built"
+    assert "application/vnd.jupyter.widget-view+json" not in path.read_text(encoding="utf-8"), (
+        f"{page}.html shows a widget, which cannot work without a kernel")
+
+
+class _InlineScripts(HTMLParser):
+    """The text of every <script> of a page that has no src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[str] = []
+        self._inside = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script" and not dict(attrs).get("src"):
+            self._inside = True
+            self.bodies.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self._inside = False
+
+    def handle_data(self, data: str) -> None:
+        if self._inside:
+            self.bodies[-1] += data
+
+
+@pytest.mark.parametrize("page", [*CHAPTERS, "book/index", "book/api"])
+def test_no_inline_script_is_repeated(html, page):
+    """sphinx-thebe's configuration script came twice on every page, and its repeated
+    ``const THEBE_JS_URL`` threw a SyntaxError in the console (_ext/unique_scripts.py)."""
+    parser = _InlineScripts()
+    parser.feed((html / f"{page}.html").read_text(encoding="utf-8"))
+    repeated = [body[:80] for body, count in Counter(b.strip() for b in parser.bodies).items()
+                if body and count > 1]
+    assert not repeated, f"{page}.html repeats inline scripts: {repeated}"
 
 
 # --- (d) accessibility of the built pages -----------------------------------------------------------

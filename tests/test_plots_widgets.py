@@ -133,6 +133,16 @@ def test_plot_accuracy_vs_eps_and_show_images():
         plots.show_images(x, ["a"])
 
 
+def test_method_colours_stay_apart_for_colour_blind_readers():
+    """The five methods are told apart by colour alone in chapter 8's bars and curves."""
+    from colour_vision import closest_pair, delta_e
+
+    gap, vision, a, b = closest_pair(plots.METHOD_COLORS)
+    assert gap >= 15, f"{a} and {b} are {gap:.1f} CIE76 units apart with {vision}"
+    # The simulation itself: Okabe and Ito's light grey and pink merge for a deuteranope.
+    assert delta_e("#999999", "#CC79A7", "deuteranopia") < 8 < delta_e("#999999", "#CC79A7")
+
+
 def test_class_colours_are_tab10_then_tab20_and_all_different():
     from matplotlib.colors import to_rgba
 
@@ -174,6 +184,10 @@ def test_plot_umap_legends_name_the_classes_present_and_the_views_drawn():
     assert legend_.get_texts()[5].get_fontweight() == "bold"   # the views' heading
     assert len(ax.collections) == 2
     assert np.allclose(ax.collections[0].get_facecolors()[0][:3], plots.class_colors(11)[10][:3])
+    # One view drawn: the legend names the classes only (in chapter 7's grid it serves every
+    # column, and the columns' titles name their views).
+    one = plots.plot_umap(coords, labels, views, show_views=["adv"])
+    assert [t.get_text() for t in one.get_legend().get_texts()] == texts[:5]
 
 
 def test_show_images_scales_orients_and_lays_out_its_grid():
@@ -205,12 +219,19 @@ def test_show_images_scales_orients_and_lays_out_its_grid():
 
 def test_history_markers_and_axis_follow_what_is_drawn():
     twelve = [dict(HISTORY[0], epoch=e) for e in range(1, 13)]
-    assert plots.plot_history(twelve, columns=["val_pgd"]).get_lines()[0].get_marker() == "o"
+    assert plots.plot_history(twelve, columns=["val_pgd"]).get_lines()[0].get_marker() == "^"
     long = [dict(HISTORY[0], epoch=e) for e in range(1, 14)]
     assert plots.plot_history(long, columns=["val_pgd"]).get_lines()[0].get_marker() == "None"
     losses = plots.plot_history(HISTORY, columns=["loss", "val_pgd"])
     assert losses.get_ylabel() == "" and losses.get_ylim() != (0.0, 1.0)  # a loss can exceed 1
     assert plots.plot_history(HISTORY, columns=["val_pgd"]).get_ylabel() == "accuracy"
+    # Each accuracy curve has a line and a marker of its own, so colour is not the only cue...
+    three = plots.plot_history(HISTORY).get_lines()
+    assert len({line.get_linestyle() for line in three}) == 3
+    assert len({line.get_marker() for line in three}) == 3
+    # ...unless the caller styles the runs (chapter 8: the profile's line, the method's colour).
+    given = plots.plot_history(HISTORY, columns=["val_pgd"], linestyle="--", marker="x")
+    assert (given.get_lines()[0].get_linestyle(), given.get_lines()[0].get_marker()) == ("--", "x")
 
 
 def test_eps_curve_legend_only_for_named_curves():
