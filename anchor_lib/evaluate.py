@@ -51,6 +51,8 @@ __all__ = [
     "EVAL_PRECISION",
     "MAX_LOGIT_CHANGE",
     "MAX_ZERO_GRADIENT_SHARE",
+    "MIN_SIGN_AGREEMENT",
+    "SIGN_STEP",
     "PRECISION_RULE_POINTS",
     "SEARCH_PRECISIONS",
     "TF32_SEARCH_ATTACKS",
@@ -60,6 +62,7 @@ __all__ = [
     "check_black_box_weaker",
     "check_deterministic",
     "check_eps_sweep",
+    "check_gradient_signs",
     "check_more_steps",
     "check_search_precision",
     "check_zero_gradients",
@@ -768,10 +771,30 @@ def check_black_box_weaker(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
             "detail": detail}
 
 
+#: The two losses whose input gradients the white-box attacks follow, per image ``(n,)``: the
+#: cross-entropy (FGSM, PGD, APGD-CE) and the margin (CW-inf; APGD-DLR's is a ratio of margins).
+_ATTACK_LOSSES = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="none"),
+                  "margin": margin_loss}
+
+
+def _input_gradients(model: nn.Module, point: torch.Tensor, y: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """The input gradient of each attack loss at ``point`` ``(n, C, H, W)``, flattened to
+    ``(n, C * H * W)``; the logits checked as :func:`correct` checks them."""
+    xi = point.detach().clone().requires_grad_(True)
+    logits = _checked(model, model(xi), y)
+    out = {}
+    for k, (name, loss) in enumerate(_ATTACK_LOSSES.items()):
+        (grad,) = torch.autograd.grad(loss(logits, y).sum(), xi,
+                                      retain_graph=k + 1 < len(_ATTACK_LOSSES))
+        out[name] = grad.flatten(1)
+    return out
+
+
 #: The share of input coordinates (pixels x colour channels) whose attack gradient may be exactly
-#: zero in :func:`check_zero_gradients`. An honest network's input gradient is exactly zero almost
-#: nowhere, since every pixel reaches the loss through many paths; rounding one colour channel
-#: inside the model zeroes a third of them.
+#: zero in :func:`check_zero_gradients`. The input gradient of a network that reads every pixel
+#: is exactly zero almost nowhere, since every pixel reaches the loss through many paths;
+#: rounding one colour channel inside the model zeroes a third of them.
 MAX_ZERO_GRADIENT_SHARE = 0.01
 
 
@@ -789,7 +812,13 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     can leave them about as strong as the black-box Square attack: then
     :func:`check_black_box_weaker`, :func:`check_eps_sweep` and the AutoAttack gap all pass
     while every gradient attack overstates robustness (chapter 6 builds such a model). This
-    check looks at the gradient itself.
+    check looks at the gradient itself. What it cannot see is a gradient that is wrong without
+    being zero: the same rounding plus a term too small to change any prediction, whose
+    derivative has a pseudo-random sign, passes every check while the attacks, which follow
+    the gradient's sign, move those coordinates at random (a red-team review built it; chapter
+    6's exercise 4 does too). Only an attack adapted to the defence (BPDA) exposes that one:
+    the checks are necessary, not sufficient. A model that never reads part of its input (a
+    crop inside the model) fails this check too, without overstating anything.
 
     At every image and at one random start in its eps-ball (where PGD begins), it counts the
     coordinates whose input gradient is exactly zero (or not finite: no direction either),
@@ -815,8 +844,7 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     max_share = check_number(max_share, "max_share", low=0.0, high=1.0)
     seed = check_seed(seed)
     x, y = _check_data(x, y, batch_size)
-    losses = {"ce": lambda z, t: F.cross_entropy(z, t, reduction="sum"),
-              "margin": lambda z, t: margin_loss(z, t).sum()}
+    losses = _ATTACK_LOSSES
     # Counted on the device and read once at the end, not per batch.
     zeros = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
     whole = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
@@ -825,14 +853,10 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
             xb, yb = x[s], y[s]
             start = random_point(xb, eps).clamp(0, 1)   # PGD's random start
             for point in (xb, start):
-                xi = point.detach().clone().requires_grad_(True)
-                logits = _checked(model, model(xi), yb)
-                for k, (name, loss) in enumerate(losses.items()):
-                    (grad,) = torch.autograd.grad(loss(logits, yb), xi,
-                                                  retain_graph=k + 1 < len(losses))
+                for name, grad in _input_gradients(model, point, yb).items():
                     zero = (grad == 0) | ~torch.isfinite(grad)   # no direction to follow
                     zeros[name] += zero.sum()
-                    whole[name] += zero.flatten(1).all(1).sum()
+                    whole[name] += zero.all(1).sum()
     share = {name: int(zeros[name]) / (2 * x.numel()) for name in losses}
     whole = {name: int(count) for name, count in whole.items()}
     passed = all(v <= max_share for v in share.values())
@@ -841,10 +865,119 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
              f"{share['margin']:.1%} under the margin ({whole['margin']} wholly)")
     detail = (found if passed else
               f"{found}, more than {max_share:.0%}: the gradient attacks cannot move those "
-              "coordinates, so their numbers overstate robustness (shattered or vanishing "
-              "gradients: attack through a differentiable stand-in, BPDA)")
+              "coordinates, so their numbers may overstate robustness (shattered or vanishing "
+              "gradients: attack through a differentiable stand-in, BPDA), unless the model "
+              "never reads those inputs")
     return {"zero_share": share, "zero_images": whole, "max_share": max_share,
             "passed": passed, "detail": detail}
+
+
+#: The share of sampled coordinates, among those where a one-grey-level step moved the loss, on
+#: which :func:`check_gradient_signs` asks the gradient's sign to agree with the loss's change.
+#: A gradient of random sign on one colour channel of three brings it to about 5/6; the shares
+#: of the committed checkpoints and of such controls are in
+#: data/results/cpu-checks/later_checks.json.
+MIN_SIGN_AGREEMENT = 0.9
+#: The finite-difference step of :func:`check_gradient_signs`, one grey level of an 8-bit image:
+#: a model that rounds its input to the 8-bit grid still sees it.
+SIGN_STEP = 1 / 255
+
+
+def check_gradient_signs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                         coordinates: int = 16, step: float = SIGN_STEP,
+                         min_agreement: float = MIN_SIGN_AGREEMENT, batch_size: int = 500,
+                         seed: int = 0) -> dict:
+    """The gradient the white-box attacks follow must point where the loss rises.
+
+    PGD, FGSM and CW-inf step along the *sign* of the input gradient, so a gradient that is
+    wrong without being zero misleads them as much as a zero one, and
+    :func:`check_zero_gradients` cannot see it: an input rounded inside the model plus a term
+    too small to change any prediction, whose derivative has a pseudo-random sign (shattered
+    gradients, Athalye et al. 2018), leaves every coordinate a nonzero gradient and the attacks
+    moving those coordinates at random. This check asks the loss itself: at every image and at
+    one random start in its eps-ball, for ``coordinates`` coordinates drawn at random, it
+    moves the coordinate ``step`` up and ``step`` down (within [0, 1]) and compares the sign
+    of the loss's change with the sign of its gradient there, under the cross-entropy and
+    under the margin, in eval mode and IEEE fp32. A step of one grey level is one the model
+    sees even when it rounds its input to the 8-bit grid.
+
+    Passes when, under both losses, the signs agree on at least ``min_agreement`` of the
+    coordinates where the loss moved at all (a loss that did not move, e.g. the
+    cross-entropy of an image classified with certainty, says nothing about the sign; a
+    gradient of exactly zero where the loss moved counts as disagreeing). A model whose loss
+    moved on no sampled coordinate fails: nothing shows its gradient to be right.
+
+    Args:
+        model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
+            and integer labels ``(N,)`` on the model's device).
+        eps: the L-inf radius of the random start, > 0.
+        coordinates: coordinates sampled per point (each image and its random start), >= 1;
+            each costs two forward passes.
+        step: the finite-difference step, in (0, 1].
+        min_agreement: the share of agreeing signs required, in [0, 1].
+        seed: seeds the random starts and the coordinates, an int in [0, 2**63).
+
+    Returns:
+        ``{"agreement": {"ce": float | None, "margin": float | None}, "measured": {"ce": int,
+        "margin": int}, "sampled": int, "step": float, "min_agreement": float,
+        "passed": bool, "detail": str}``: per loss, the share of agreeing signs among the
+        ``measured`` coordinates where the loss moved (None when it moved nowhere), of the
+        ``sampled`` ones (``2 * N * coordinates``).
+    """
+    eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
+    coordinates = int(check_number(coordinates, "coordinates", low=1, integer=True))
+    step = check_number(step, "step", low=0.0, high=1.0, low_inclusive=False)
+    min_agreement = check_number(min_agreement, "min_agreement", low=0.0, high=1.0)
+    seed = check_seed(seed)
+    x, y = _check_data(x, y, batch_size)
+    losses = _ATTACK_LOSSES
+    # Counted on the device and read once at the end, not per batch.
+    agree = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
+    measured = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
+    with attack_mode(model), full_precision(), seeded(seed, x.device):
+        for s in _batches(len(x), batch_size):
+            xb, yb = x[s], y[s]
+            start = random_point(xb, eps).clamp(0, 1)   # PGD's random start
+            for point in (xb, start):
+                grads = _input_gradients(model, point, yb)
+                flat = point.detach().flatten(1)
+                rows = torch.arange(len(flat), device=x.device)
+                picks = torch.randint(flat.shape[1], (len(flat), coordinates), device=x.device)
+                for j in range(coordinates):
+                    col = picks[:, j]
+                    ends = []
+                    for direction in (1.0, -1.0):
+                        moved = flat.clone()
+                        moved[rows, col] = (moved[rows, col] + direction * step).clamp(0, 1)
+                        with torch.no_grad():
+                            ends.append(_checked(model, model(moved.view_as(point)), yb))
+                    for name, loss in losses.items():
+                        change = loss(ends[0], yb) - loss(ends[1], yb)
+                        moved_loss = change != 0
+                        same = torch.sign(grads[name][rows, col]) == torch.sign(change)
+                        agree[name] += (moved_loss & same).sum()
+                        measured[name] += moved_loss.sum()
+    measured = {name: int(count) for name, count in measured.items()}
+    share = {name: int(agree[name]) / measured[name] if measured[name] else None
+             for name in losses}
+    sampled = 2 * len(x) * coordinates
+    passed = all(v is not None and v >= min_agreement for v in share.values())
+
+    def said(name: str) -> str:
+        if share[name] is None:
+            return "the loss moved on none of them"
+        return f"they agree on {share[name]:.1%} of the {measured[name]:,} where the loss moved"
+
+    found = (f"the gradient's sign and the loss's change over +-{step * 255:g}/255, on "
+             f"{sampled:,} sampled coordinates: under the cross-entropy {said('ce')}, "
+             f"under the margin {said('margin')}")
+    detail = (found if passed else
+              f"{found}; at least {min_agreement:.0%} required: the gradient the attacks "
+              "follow points the wrong way on part of the input, so their numbers may "
+              "overstate robustness (shattered gradients: attack through a differentiable "
+              "stand-in, BPDA)")
+    return {"agreement": share, "measured": measured, "sampled": sampled, "step": step,
+            "min_agreement": min_agreement, "passed": passed, "detail": detail}
 
 
 #: The largest change of an image's logits, as a share of their largest magnitude (at least 1),
@@ -860,7 +993,7 @@ def _logit_tolerance(dtype: torch.dtype) -> float:
 
 
 def check_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                        batch_size: int = 500, seed: int = 0) -> dict:
+                        eps: float = EVAL_EPS, batch_size: int = 500, seed: int = 0) -> dict:
     """The model must give an image the same logits every time it sees it.
 
     Every other check, and every accuracy, assumes that the function the attacks search is the
@@ -880,8 +1013,14 @@ def check_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
       image's logits that depend on the other images of its batch (batch statistics, a batch
       size) are not the ones attacked: ``correct`` attacks only the clean-correct images, in
       other batches than it classified them in.
+    - ``"history"``: points the model has not seen, near images it has not been shown (each
+      image mirrored, and a random point of its eps-ball), before and after it is shown those
+      images. A model that remembers what it saw can answer the attacks from memory, since
+      ``correct`` classifies every clean image before attacking it (a second red-team review
+      built one that scored its clean accuracy under every attack and passed the other
+      comparisons: its memory returns the model's own logits).
 
-    Passes when, in each of the three, no logit of an image changes by more than the tolerance
+    Passes when, in each of the four, no logit of an image changes by more than the tolerance
     times the largest magnitude of that image's logits (at least 1); the images whose
     predicted class changed are counted too. The tolerance is :data:`MAX_LOGIT_CHANGE` for
     float32, 16 epsilons of the dtype for a less precise model or logits.
@@ -890,24 +1029,26 @@ def check_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         model, x, y, batch_size: as in :func:`correct` (float ``(N, C, H, W)`` images in [0, 1]
             and integer labels ``(N,)`` on the model's device); ``y`` only checks the logits'
             class count.
-        seed: seeds the shuffled order, an int in [0, 2**63). The model's own random draws are
-            not re-seeded between the calls.
+        eps: the L-inf radius of the history comparison's points, > 0.
+        seed: seeds the shuffled order and the points, an int in [0, 2**63). The model's own
+            random draws are not re-seeded between the calls.
 
     Returns:
-        ``{"max_change": {"repeat": float, "autograd": float, "batch": float},
+        ``{"max_change": {"repeat": float, "autograd": float, "batch": float, "history": float},
         "changed_predictions": {same keys: int}, "tolerance": float, "passed": bool,
         "detail": str}``; a change is relative to the image's largest logit magnitude (at
         least 1), the counts over the ``N`` images.
     """
+    eps = check_number(eps, "eps", low=0.0, low_inclusive=False)
     seed = check_seed(seed)
     x, y = _check_data(x, y, batch_size)
     half = min(batch_size, len(x)) // 2 + 1
-
     dtypes = {p.dtype for p in model.parameters()}
 
-    def logits(order: torch.Tensor | None, size: int, grad: bool) -> torch.Tensor:
-        """Every image's logits ``(N, K)`` in float32, in ``x``'s order."""
-        images, labels = (x, y) if order is None else (x[order], y[order])
+    def logits(order: torch.Tensor | None, size: int, grad: bool,
+               images: torch.Tensor = x) -> torch.Tensor:
+        """Every image's logits ``(N, K)`` in float32, in ``images``' order."""
+        images, labels = (images, y) if order is None else (images[order], y[order])
         out = []
         for s in _batches(len(images), size):
             xb = images[s].detach().clone().requires_grad_(grad)
@@ -924,12 +1065,19 @@ def check_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         others = {"repeat": logits(None, batch_size, grad=False),
                   "autograd": logits(None, batch_size, grad=True),
                   "batch": logits(order, half, grad=False)}
+        unseen = x.flip(-1)   # mirrored: images this evaluation has not shown the model
+        near = random_point(unseen, eps).clamp(0, 1)
+        before = logits(None, batch_size, grad=False, images=near)
+        logits(None, batch_size, grad=False, images=unseen)   # shown to the model
+        after = logits(None, batch_size, grad=False, images=near)
     # Each image's change relative to its own logits, so one image's large logits do not
     # loosen the limit for the others.
-    scale = first.abs().amax(1, keepdim=True).clamp(min=1.0)
-    predicted = first.argmax(1)
-    change = {k: float(((v - first).abs() / scale).max()) for k, v in others.items()}
-    flipped = {k: int((v.argmax(1) != predicted).sum()) for k, v in others.items()}
+    pairs = {**{k: (first, v) for k, v in others.items()}, "history": (before, after)}
+    change, flipped = {}, {}
+    for k, (a, b) in pairs.items():
+        scale = a.abs().amax(1, keepdim=True).clamp(min=1.0)
+        change[k] = float(((b - a).abs() / scale).max())
+        flipped[k] = int((b.argmax(1) != a.argmax(1)).sum())
     # The least precise of the parameters' and the logits' dtypes sets the limit.
     tolerance = max(_logit_tolerance(d) for d in dtypes | {x.dtype})
     passed = all(v <= tolerance for v in change.values())
@@ -939,7 +1087,9 @@ def check_deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
            "autograd": "it computes other logits while autograd records, as when attacked: "
                        "the attacks aim at another model than the one judged",
            "batch": "an image's logits depend on the other images of its batch, and the "
-                    "attacks see other batches than the clean verdict did"}
+                    "attacks see other batches than the clean verdict did",
+           "history": "it answers differently after it has seen nearby images: a model with "
+                      "a memory, which can answer the attacks from what it saw"}
     failed = next((k for k, v in change.items() if v > tolerance), None)
     detail = (f"the largest logit change is, relative to the logits' scale: {found}; allowed "
               f"{tolerance:.0e}")
@@ -993,12 +1143,14 @@ def check_autoattack_gap(pgd20_acc: float, aa_acc: float, max_gap: float = 0.05,
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EVAL_EPS, *,
                   pgd20: float | None = None, autoattack: float | None = None,
                   n_queries: int = 1000, batch_size: int = 500, seed: int = 0) -> dict[str, dict]:
-    """All six sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the ``sanity``
-    part of metrics.json. The first four look for the symptoms of gradient masking in what the
-    attacks achieve; the fifth, :func:`check_zero_gradients`, looks at the gradient itself and
-    catches partial masking, which can pass the other four; the sixth,
-    :func:`check_deterministic`, checks that the model the attacks search is the one judged
-    (no randomness, no other logits under autograd or in other batches).
+    """All seven sanity checks of the evaluation protocol (chapter 6) on ``(x, y)``; the
+    ``sanity`` part of metrics.json. The first four look for the symptoms of gradient masking
+    in what the attacks achieve; the fifth and sixth look at the gradient itself, which can
+    be masked on part of the input while the other four pass: :func:`check_zero_gradients`
+    (no exactly zero gradient) and :func:`check_gradient_signs` (its sign agrees with the
+    loss's change); the seventh, :func:`check_deterministic`, checks that the model the attacks
+    search is the one judged (no randomness, no other logits under autograd or in other
+    batches).
 
     The eps sweep uses ``eps * (0, 1/4, 1/2, 1, 2, 4, 8)`` (up to 64/255 at 8/255), capped at 1
     (:func:`eps_sweep`), so any eps in (0, 1] works. PGD-20 is measured once and shared by the
@@ -1021,7 +1173,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
     Returns:
         ``{"more_steps": ..., "eps_sweep": ..., "black_box_weaker": ..., "autoattack_gap": ...,
-        "zero_gradients": ..., "deterministic": ...}``,
+        "zero_gradients": ..., "gradient_signs": ..., "deterministic": ...}``,
         each a dict with the measured numbers, ``"passed"``, ``"detail"``, ``"n"`` (the images
         checked, as in an accuracy entry) and ``"seconds"`` (wall time, so that a GPU run's
         metrics.json shows where evaluation time goes).
@@ -1046,8 +1198,10 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         "autoattack_gap": lambda: check_autoattack_gap(pgd20, autoattack, n=len(x)),
         "zero_gradients": lambda: check_zero_gradients(model, x, y, eps, batch_size=batch_size,
                                                        seed=seed),
-        "deterministic": lambda: check_deterministic(model, x, y, batch_size=batch_size,
-                                                     seed=seed),
+        "gradient_signs": lambda: check_gradient_signs(model, x, y, eps, batch_size=batch_size,
+                                                       seed=seed),
+        "deterministic": lambda: check_deterministic(model, x, y, eps=eps,
+                                                     batch_size=batch_size, seed=seed),
     }
     out = {}
     for name, check in checks.items():

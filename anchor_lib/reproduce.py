@@ -211,6 +211,7 @@ def _other_images(metrics: dict[str, Any], dataset: data.CIFAR10) -> str:
 
 #: The sanity checks added after the first runs were evaluated, and how a status names them.
 _LATER_CHECKS = {"zero_gradients": "the zero-gradient check (evaluate.check_zero_gradients)",
+                 "gradient_signs": "the gradient-sign check (evaluate.check_gradient_signs)",
                  "deterministic": "the determinism check (evaluate.check_deterministic)"}
 
 

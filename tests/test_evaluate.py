@@ -27,6 +27,7 @@ from anchor_lib.evaluate import (
     check_black_box_weaker,
     check_deterministic,
     check_eps_sweep,
+    check_gradient_signs,
     check_more_steps,
     check_zero_gradients,
     evaluate_suite,
@@ -415,6 +416,88 @@ def test_zero_gradients_refuse_broken_models_and_labels(trained):
     assert result["passed"] is False and result["zero_share"]["ce"] >= 0.5
 
 
+def test_gradient_signs_pass_an_honest_model_and_catch_shattered_gradients(trained):
+    model, x, y = trained
+    x, y = x[:48], y[:48]
+    rng = torch.random.get_rng_state()
+    honest = check_gradient_signs(model, x, y, EPS)
+    assert torch.equal(torch.random.get_rng_state(), rng), "the check moved the caller's RNG"
+    assert honest["passed"] is True, honest
+    assert min(honest["agreement"].values()) > 0.95
+    assert honest["sampled"] == 2 * 48 * 16
+    assert 0 < honest["measured"]["ce"] <= honest["sampled"]
+    json.dumps(honest)
+    # A gradient of random sign on one channel: check 5 sees no zero, this check sees it.
+    with torch.no_grad():
+        assert torch.equal(ShatteredChannel(model)(x), RoundedChannel(model)(x))
+    assert check_zero_gradients(ShatteredChannel(model), x, y, EPS)["passed"] is True
+    shattered = check_gradient_signs(ShatteredChannel(model), x, y, EPS)
+    assert shattered["passed"] is False, shattered
+    for share in shattered["agreement"].values():
+        assert 0.6 < share < 0.9   # two channels of three right, the third at random
+    assert "points the wrong way" in shattered["detail"]
+    # However small the wrong gradient: the attacks follow its sign.
+    assert check_gradient_signs(ShatteredChannel(model, scale=1e-15), x, y, EPS)["passed"] is False
+    # A zero gradient where the loss moves disagrees too, and whole-input rounding fails.
+    assert check_gradient_signs(RoundedChannel(model), x, y, EPS)["passed"] is False
+    rounded = check_gradient_signs(QuantizedInput(model), x, y, EPS)
+    assert rounded["passed"] is False and max(rounded["agreement"].values()) < 0.1
+
+
+def test_gradient_signs_step_where_the_attacks_look(trained):
+    """One grey level up and down from the image and from PGD's random start, in eval mode."""
+    model, x, y = trained
+    x, y = x[:6], y[:6]
+
+    class Recording(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.seen = inner, []
+
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            self.seen.append(xb.detach().clone())
+            return self.inner(xb)
+
+    model.train()
+    recording = Recording(model)
+    check_gradient_signs(recording, x, y, EPS, coordinates=2, seed=5)
+    assert model.training, "the caller's train mode was not restored"
+    model.eval()
+    torch.manual_seed(5)
+    start = attacks.random_point(x, EPS).clamp(0, 1)
+    # the image, its two coordinates up and down, then the start and its four
+    assert len(recording.seen) == 10
+    assert torch.equal(recording.seen[0], x) and torch.equal(recording.seen[5], start)
+    for k, point in ((1, x), (6, start)):
+        for moved in recording.seen[k:k + 4]:
+            diff = (moved - point).flatten(1).abs()
+            assert ((diff != 0).sum(1) <= 1).all(), "more than one coordinate moved"
+            assert (diff <= 1 / 255 + 1e-6).all()
+        steps = torch.stack([(m - point).flatten(1).abs().amax(1)
+                             for m in recording.seen[k:k + 4]])
+        assert torch.isclose(steps, torch.tensor(1 / 255)).float().mean() > 0.9  # bar clipping
+
+
+def test_gradient_signs_need_a_loss_that_moves(trained):
+    """A model whose loss moves on no sampled coordinate shows nothing about its gradient."""
+    model, x, y = trained
+
+    class Constant(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(xb), K) + 0 * xb.sum((1, 2, 3))[:, None]
+
+    flat = check_gradient_signs(Constant(), x[:4], y[:4], EPS)
+    assert flat["passed"] is False and flat["agreement"] == {"ce": None, "margin": None}
+    assert "the loss moved on none" in flat["detail"]
+
+    class Broken(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return model(xb) * float("nan")
+
+    with pytest.raises(ValueError, match="NaN or Inf logits"):
+        check_gradient_signs(Broken(), x[:4], y[:4], EPS)
+
+
 def test_zero_gradients_pass_at_exactly_the_allowed_share(trained):
     """At most max_share passes: a share equal to it is allowed, like every limit of the checks."""
     model, x, y = trained
@@ -423,38 +506,11 @@ def test_zero_gradients_pass_at_exactly_the_allowed_share(trained):
                                 max_share=max(share.values()))["passed"] is True
 
 
-class Noisy(nn.Module):
-    """The wrapped model on its input plus Gaussian noise at every call, eval mode or not."""
-
-    def __init__(self, inner: nn.Module, sigma: float) -> None:
-        super().__init__()
-        self.inner, self.sigma = inner, sigma
-
-    def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        return self.inner(xb + self.sigma * torch.randn_like(xb))
-
-
-class BatchCentred(nn.Module):
-    """The wrapped model on each image minus its batch's mean image (batch statistics)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        return self.inner(xb - xb.mean(0, keepdim=True) + 0.5)
-
-
-class Decoy(nn.Module):
-    """``inner`` when it classifies, ``decoy`` while autograd records its input (when attacked)."""
-
-    def __init__(self, inner: nn.Module, decoy: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.decoy = inner, decoy
-
-    def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        attacked = torch.is_grad_enabled() and xb.requires_grad
-        return (self.decoy if attacked else self.inner)(xb)
+# The controls of benchmarks/later_checks.py (the file the README quotes), from the second
+# red-team review and the checks it led to.
+_later = by_path.load("benchmarks/later_checks.py", "_later_checks")
+Noisy, BatchCentred, Decoy = _later.Noisy, _later.BatchCentred, _later.Decoy
+ShatteredChannel, Remembering = _later.ShatteredGreen, _later.Remembering
 
 
 def test_deterministic_passes_an_honest_model_in_eval_mode(trained):
@@ -469,9 +525,9 @@ def test_deterministic_passes_an_honest_model_in_eval_mode(trained):
     model.eval()
     assert torch.equal(torch.random.get_rng_state(), rng), "the check moved the caller's RNG"
     assert result["passed"] is True, result
-    assert set(result["max_change"]) == {"repeat", "autograd", "batch"}
+    assert set(result["max_change"]) == {"repeat", "autograd", "batch", "history"}
     assert all(v <= evaluate.MAX_LOGIT_CHANGE for v in result["max_change"].values())
-    assert result["changed_predictions"] == {"repeat": 0, "autograd": 0, "batch": 0}
+    assert result["changed_predictions"] == dict.fromkeys(result["max_change"], 0)
     assert result["tolerance"] == evaluate.MAX_LOGIT_CHANGE
     json.dumps(result)
 
@@ -502,6 +558,26 @@ def test_deterministic_names_what_changes_the_logits(trained):
         differ = int((model(x).argmax(1) != other(x).argmax(1)).sum())
     assert decoy["changed_predictions"]["autograd"] == differ > 0
     assert "while autograd records" in decoy["detail"]
+
+
+def test_deterministic_catches_a_model_that_remembers(trained):
+    """The memory returns the model's own logits, so repeats, autograd and batches all agree;
+    only points near images shown after them tell."""
+    model, x, y = trained
+    x, y = (x[:24] * 255).round() / 255, y[:24]   # 8-bit images, as the test set's
+    remembering = Remembering(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        remembering(x)   # the protocol classifies the clean images first...
+    fooled = robust_accuracy(remembering, x, y, partial(pgd, eps=EPS, alpha=EPS / 4, steps=10))
+    torch.manual_seed(0)
+    honest = robust_accuracy(model, x, y, partial(pgd, eps=EPS, alpha=EPS / 4, steps=10))
+    assert fooled == accuracy(model, x, y) > honest   # ...so no attack gets through
+    result = check_deterministic(Remembering(model), x, y, eps=EPS)
+    assert result["passed"] is False
+    assert all(result["max_change"][k] == 0 for k in ("repeat", "autograd", "batch"))
+    assert result["max_change"]["history"] > 0.01
+    assert "a model with a memory" in result["detail"]
 
 
 def test_deterministic_changes_batches_and_their_order(trained):
@@ -575,6 +651,8 @@ def test_deterministic_refuses_broken_models_and_labels(trained):
         check_deterministic(model, x[:4], torch.full_like(y[:4], K))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         check_deterministic(model, x[:4], y[:4], batch_size=0)
+    with pytest.raises(ValueError, match="eps must be"):
+        check_deterministic(model, x[:4], y[:4], eps=0.0)
 
 
 def test_check_autoattack_gap():
@@ -603,7 +681,7 @@ def test_sanity_checks_all_pass_on_trained_model(trained, fast_autoattack):
     result = sanity_checks(model, x, y, eps=EPS, n_queries=50)
     assert torch.equal(torch.random.get_rng_state(), rng), "sanity checks moved the caller's RNG"
     assert set(result) == {"more_steps", "eps_sweep", "black_box_weaker", "autoattack_gap",
-                           "zero_gradients", "deterministic"}
+                           "zero_gradients", "gradient_signs", "deterministic"}
     assert all(r["seconds"] >= 0 for r in result.values())  # where a GPU run's time goes
     assert all(r["n"] == 48 for r in result.values())  # how many images each verdict rests on
     for name, check in result.items():
@@ -732,6 +810,12 @@ def test_sanity_check_arguments_are_checked(trained):
             (lambda: check_zero_gradients(model, x, y, 0.0), "eps must be"),
             (lambda: check_zero_gradients(model, x, y, EPS, max_share=1.5),
              "max_share must be <= 1"),
+            (lambda: check_gradient_signs(model, x, y, 0.0), "eps must be"),
+            (lambda: check_gradient_signs(model, x, y, EPS, coordinates=0),
+             "coordinates must be >= 1"),
+            (lambda: check_gradient_signs(model, x, y, EPS, step=0.0), "step must be"),
+            (lambda: check_gradient_signs(model, x, y, EPS, min_agreement=1.5),
+             "min_agreement must be <= 1"),
             (lambda: check_more_steps(model, x, y, EPS, steps=(1, 2.5)), "steps must be an int"),
             (lambda: evaluate_suite(model, x, y, attacks="clean", n=2.5), "n must be an int")):
         with pytest.raises((ValueError, TypeError), match=match):
@@ -1322,6 +1406,7 @@ SEED_CALLS = {
     "check_black_box_weaker": lambda m, x, y, s: check_black_box_weaker(m, x, y, EPS, seed=s),
     "check_zero_gradients": lambda m, x, y, s: check_zero_gradients(m, x, y, EPS, seed=s),
     "check_deterministic": lambda m, x, y, s: check_deterministic(m, x, y, seed=s),
+    "check_gradient_signs": lambda m, x, y, s: check_gradient_signs(m, x, y, EPS, seed=s),
     "seeded": lambda m, x, y, s: evaluate.seeded(s, x.device).__enter__(),
 }
 

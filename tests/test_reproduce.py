@@ -231,22 +231,25 @@ def test_a_finished_run_with_another_autoattack_configuration_says_so():
 
 
 def test_a_finished_run_checked_before_the_later_checks_says_so():
-    """The runs checked before evaluate.check_zero_gradients and check_deterministic existed
-    hold the other four checks: a call asking for the sanity checks names the ones they lack."""
+    """The runs checked before evaluate.check_zero_gradients, check_gradient_signs and
+    check_deterministic existed hold the other four checks: a call asking for the sanity checks
+    names the ones they lack."""
     four = {"accuracy": {"clean": {"value": 0.5}},
             "sanity": dict.fromkeys(("more_steps", "eps_sweep", "black_box_weaker",
                                      "autoattack_gap"), {"passed": True})}
     assert rep._missing_evaluation(four, ("clean",), sanity=True) == (
         " but evaluated without the zero-gradient check (evaluate.check_zero_gradients), "
-        "the determinism check (evaluate.check_deterministic) (evaluate its best.pt with "
-        "`python -m anchor_lib evaluate`, or move its folder away to run it again)")
-    five = {**four, "sanity": {**four["sanity"], "zero_gradients": {"passed": True}}}
+        "the gradient-sign check (evaluate.check_gradient_signs), the determinism check "
+        "(evaluate.check_deterministic) (evaluate its best.pt with `python -m anchor_lib "
+        "evaluate`, or move its folder away to run it again)")
+    five = {**four, "sanity": {**four["sanity"], "zero_gradients": {"passed": True},
+                               "gradient_signs": {"passed": True}}}
     assert rep._missing_evaluation(five, ("clean",), sanity=True) == (
         " but evaluated without the determinism check (evaluate.check_deterministic) "
         "(evaluate its best.pt with `python -m anchor_lib evaluate`, or move its folder away "
         "to run it again)")
-    six = {**five, "sanity": {**five["sanity"], "deterministic": {"passed": True}}}
-    assert rep._missing_evaluation(six, ("clean",), sanity=True) == ""
+    seven = {**five, "sanity": {**five["sanity"], "deterministic": {"passed": True}}}
+    assert rep._missing_evaluation(seven, ("clean",), sanity=True) == ""
     assert rep._missing_evaluation(four, ("clean",), sanity=False) == ""
 
 
