@@ -179,6 +179,11 @@ def measure(n: int = 1000, n_attacked: int = 100) -> dict:
               "deterministic": evaluate.check_deterministic}
     for name, model in models.items():
         for check, run in checks.items():
+            if isinstance(model, Remembering) and check == "gradient_signs":
+                # every one-grey-level step is an 8-bit input it would remember: a memory
+                # of 66,000 images, searched at every call
+                rows[name][check] = {"passed": None, "detail": "not run (see the comment)"}
+                continue
             start = time.perf_counter()
             rows[name][check] = run(model, x, y)
             rows[name][check]["cpu_seconds"] = round(time.perf_counter() - start, 1)
@@ -227,6 +232,6 @@ if __name__ == "__main__":
     checkpoint.write_json(path, result)
     for name, row in result["results"].items():
         for check in ("gradient_signs", "deterministic"):
-            print(f"{'PASS' if row[check]['passed'] else 'FAIL'}  {check:<15} {name}: "
-                  f"{row[check]['detail']}")
+            verdict = {True: "PASS", False: "FAIL", None: "----"}[row[check]["passed"]]
+            print(f"{verdict}  {check:<15} {name}: {row[check]['detail']}")
     print(f"wrote {path}")
