@@ -20,7 +20,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -425,39 +424,6 @@ def test_built_pages_hold_no_widget(html, page):
     assert path.is_file(), f"{page} was not built"
     assert "application/vnd.jupyter.widget-view+json" not in path.read_text(encoding="utf-8"), (
         f"{page}.html shows a widget, which cannot work without a kernel")
-
-
-class _InlineScripts(HTMLParser):
-    """The text of every <script> of a page that has no src."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bodies: list[str] = []
-        self._inside = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "script" and not dict(attrs).get("src"):
-            self._inside = True
-            self.bodies.append("")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "script":
-            self._inside = False
-
-    def handle_data(self, data: str) -> None:
-        if self._inside:
-            self.bodies[-1] += data
-
-
-@pytest.mark.parametrize("page", [*CHAPTERS, "book/index", "book/api"])
-def test_no_inline_script_is_repeated(html, page):
-    """sphinx-thebe's configuration script came twice on every page, and its repeated
-    ``const THEBE_JS_URL`` threw a SyntaxError in the console (_ext/unique_scripts.py)."""
-    parser = _InlineScripts()
-    parser.feed((html / f"{page}.html").read_text(encoding="utf-8"))
-    repeated = [body[:80] for body, count in Counter(b.strip() for b in parser.bodies).items()
-                if body and count > 1]
-    assert not repeated, f"{page}.html repeats inline scripts: {repeated}"
 
 
 # --- (d) accessibility of the built pages -----------------------------------------------------------
