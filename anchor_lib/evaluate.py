@@ -791,6 +791,19 @@ def _input_gradients(model: nn.Module, point: torch.Tensor, y: torch.Tensor
     return out
 
 
+def _points(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
+            seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Where the gradient checks look, batch by batch: each batch of images and then PGD's
+    random start in its eps-ball, with their labels, while the model is in eval mode, in IEEE
+    fp32 and under ``seed`` (draws the caller makes between points are seeded too)."""
+    with attack_mode(model), full_precision(), seeded(seed, x.device):
+        for s in _batches(len(x), batch_size):
+            xb, yb = x[s], y[s]
+            start = random_point(xb, eps).clamp(0, 1)   # PGD's random start
+            for point in (xb, start):
+                yield point, yb
+
+
 #: The share of input coordinates (pixels x colour channels) whose attack gradient may be exactly
 #: zero in :func:`check_zero_gradients`. The input gradient of a network that reads every pixel
 #: is exactly zero almost nowhere, since every pixel reaches the loss through many paths;
@@ -848,15 +861,11 @@ def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     # Counted on the device and read once at the end, not per batch.
     zeros = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
     whole = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
-    with attack_mode(model), full_precision(), seeded(seed, x.device):
-        for s in _batches(len(x), batch_size):
-            xb, yb = x[s], y[s]
-            start = random_point(xb, eps).clamp(0, 1)   # PGD's random start
-            for point in (xb, start):
-                for name, grad in _input_gradients(model, point, yb).items():
-                    zero = (grad == 0) | ~torch.isfinite(grad)   # no direction to follow
-                    zeros[name] += zero.sum()
-                    whole[name] += zero.all(1).sum()
+    for point, yb in _points(model, x, y, eps, batch_size, seed):
+        for name, grad in _input_gradients(model, point, yb).items():
+            zero = (grad == 0) | ~torch.isfinite(grad)   # no direction to follow
+            zeros[name] += zero.sum()
+            whole[name] += zero.all(1).sum()
     share = {name: int(zeros[name]) / (2 * x.numel()) for name in losses}
     whole = {name: int(count) for name, count in whole.items()}
     passed = all(v <= max_share for v in share.values())
@@ -933,29 +942,25 @@ def check_gradient_signs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     # Counted on the device and read once at the end, not per batch.
     agree = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
     measured = {name: torch.zeros((), dtype=torch.int64, device=x.device) for name in losses}
-    with attack_mode(model), full_precision(), seeded(seed, x.device):
-        for s in _batches(len(x), batch_size):
-            xb, yb = x[s], y[s]
-            start = random_point(xb, eps).clamp(0, 1)   # PGD's random start
-            for point in (xb, start):
-                grads = _input_gradients(model, point, yb)
-                flat = point.detach().flatten(1)
-                rows = torch.arange(len(flat), device=x.device)
-                picks = torch.randint(flat.shape[1], (len(flat), coordinates), device=x.device)
-                for j in range(coordinates):
-                    col = picks[:, j]
-                    ends = []
-                    for direction in (1.0, -1.0):
-                        moved = flat.clone()
-                        moved[rows, col] = (moved[rows, col] + direction * step).clamp(0, 1)
-                        with torch.no_grad():
-                            ends.append(_checked(model, model(moved.view_as(point)), yb))
-                    for name, loss in losses.items():
-                        change = loss(ends[0], yb) - loss(ends[1], yb)
-                        moved_loss = change != 0
-                        same = torch.sign(grads[name][rows, col]) == torch.sign(change)
-                        agree[name] += (moved_loss & same).sum()
-                        measured[name] += moved_loss.sum()
+    for point, yb in _points(model, x, y, eps, batch_size, seed):
+        grads = _input_gradients(model, point, yb)
+        flat = point.detach().flatten(1)
+        rows = torch.arange(len(flat), device=x.device)
+        picks = torch.randint(flat.shape[1], (len(flat), coordinates), device=x.device)
+        for j in range(coordinates):
+            col = picks[:, j]
+            ends = []
+            for direction in (1.0, -1.0):
+                moved = flat.clone()
+                moved[rows, col] = (moved[rows, col] + direction * step).clamp(0, 1)
+                with torch.no_grad():
+                    ends.append(_checked(model, model(moved.view_as(point)), yb))
+            for name, loss in losses.items():
+                change = loss(ends[0], yb) - loss(ends[1], yb)
+                moved_loss = change != 0
+                same = torch.sign(grads[name][rows, col]) == torch.sign(change)
+                agree[name] += (moved_loss & same).sum()
+                measured[name] += moved_loss.sum()
     measured = {name: int(count) for name, count in measured.items()}
     share = {name: int(agree[name]) / measured[name] if measured[name] else None
              for name in losses}
