@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -157,6 +158,8 @@ def browser(html):
                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost",
                  f"--user-data-dir={profile}"):
         options.add_argument(flag)
+    # the console's messages, for test_pages_log_no_script_error
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
     try:
@@ -424,6 +427,55 @@ def test_built_pages_hold_no_widget(html, page):
     assert path.is_file(), f"{page} was not built"
     assert "application/vnd.jupyter.widget-view+json" not in path.read_text(encoding="utf-8"), (
         f"{page}.html shows a widget, which cannot work without a kernel")
+
+
+class _InlineScripts(HTMLParser):
+    """The text of every <script> of a page that has no src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[str] = []
+        self._inside = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script" and not dict(attrs).get("src"):
+            self._inside = True
+            self.bodies.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self._inside = False
+
+    def handle_data(self, data: str) -> None:
+        if self._inside:
+            self.bodies[-1] += data
+
+
+@pytest.mark.parametrize("page", [*CHAPTERS, "book/index", "book/api"])
+def test_no_inline_script_is_repeated(html, page):
+    """sphinx-thebe's configuration script came twice on every page, and its repeated
+    ``const THEBE_JS_URL`` threw a SyntaxError in the console (_ext/unique_scripts.py)."""
+    parser = _InlineScripts()
+    parser.feed((html / f"{page}.html").read_text(encoding="utf-8"))
+    repeated = [body[:80] for body, count in Counter(b.strip() for b in parser.bodies).items()
+                if body and count > 1]
+    assert not repeated, f"{page}.html repeats inline scripts: {repeated}"
+
+
+# Offline by construction (the browser fixture's resolver rules): a script or font from a CDN
+# fails to load, which says nothing about the page's own scripts.
+_OFFLINE = ("net::ERR_NAME_NOT_RESOLVED", "net::ERR_INTERNET_DISCONNECTED")
+
+
+@pytest.mark.parametrize("page", [*CHAPTERS, "book/index", "book/api"])
+def test_pages_log_no_script_error(browser, html, page):
+    """No page logs an error to the browser's console but the CDNs it cannot reach offline: the
+    repeated ``const THEBE_JS_URL`` logged "Uncaught SyntaxError" on every page."""
+    browser.get_log("browser")                    # drop what the pages before this one logged
+    _open(browser, html / f"{page}.html")
+    errors = [entry["message"][:200] for entry in browser.get_log("browser")
+              if entry["level"] == "SEVERE" and not any(o in entry["message"] for o in _OFFLINE)]
+    assert not errors, f"{page}.html logs errors in the console: {errors}"
 
 
 # --- (d) accessibility of the built pages -----------------------------------------------------------
