@@ -23,7 +23,7 @@ the PGD-AT model itself; and all seven sanity checks on the shattered model and 
     python benchmarks/later_checks.py [OUT.json]
 
 Default output: ``data/results/cpu-checks/later_checks.json``. About 20 minutes on a 2-core CPU,
-most of it AutoAttack (the file's ``cpu_seconds``); reads the data from ``ANCHOR_DATA_DIR`` like
+most of it the attacks (its rows' ``cpu_seconds``); reads the data from ``ANCHOR_DATA_DIR`` like
 the library.
 """
 
@@ -140,6 +140,7 @@ def hidden(pairs: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor) -> dic
         out[name] = {a: suite[a]["value"] for a in suite}
         out[name]["worst_case"] = float(worst.double().mean())
         out[name]["cpu_seconds"] = round(time.perf_counter() - start, 1)
+        print(f"attacked {name}: {out[name]['cpu_seconds']} s", file=sys.stderr, flush=True)
         if k == 0:
             checks = evaluate.sanity_checks(m, x, y, pgd20=suite["pgd20"]["value"],
                                             autoattack=suite["autoattack"]["value"])
@@ -187,6 +188,8 @@ def measure(n: int = 1000, n_attacked: int = 100) -> dict:
             start = time.perf_counter()
             rows[name][check] = run(model, x, y)
             rows[name][check]["cpu_seconds"] = round(time.perf_counter() - start, 1)
+            print(f"{name} / {check}: {rows[name][check]['cpu_seconds']} s", file=sys.stderr,
+                  flush=True)
     xa, ya = x[:n_attacked], y[:n_attacked]
     masked = {}
     if "pgd_at" in models:
@@ -203,7 +206,8 @@ def measure(n: int = 1000, n_attacked: int = 100) -> dict:
                 "and margin, at each image and one random start) and 7 "
                 "(evaluate.check_deterministic: the largest change of an image's logits, "
                 "relative to its largest logit magnitude, on a second call, while autograd "
-                "records and in a shuffled order in batches of about half the size) on the "
+                "records, in a shuffled order in batches of about half the size, and near unseen "
+                "mirrored images before and after it is shown them) on the "
                 "committed tutorial checkpoints, whose runs were evaluated before the checks "
                 "existed, and on controls that break them by construction",
         "command": "python benchmarks/later_checks.py",

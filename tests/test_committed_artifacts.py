@@ -232,7 +232,7 @@ def test_committed_runs_trained_what_their_profile_trains_today():
 
 
 def scores(accuracies: dict) -> str:
-    """How the README words a model's scores in zero_gradients.json's partial_masking part."""
+    """How the README words a model's scores from zero_gradients.json and later_checks.json."""
     return (f"{accuracies['pgd20']:.0%} under PGD-20, {accuracies['cw']:.0%} under CW∞ and "
             f"{accuracies['autoattack']:.0%} under AutoAttack (worst case per image "
             f"{accuracies['worst_case']:.0%})").replace("%", " %")
@@ -268,3 +268,73 @@ def test_readme_quotes_check_5_on_the_committed_checkpoints():
     assert f"as it is it scores {scores(masked['as it is'])}" in readme
     assert f"through BPDA (the same function, the rounding's gradient taken as the identity) " \
            f"{scores(masked['through BPDA'])}" in readme
+
+
+
+def test_readme_quotes_checks_6_and_7_on_the_committed_checkpoints():
+    """data/results/cpu-checks/later_checks.json ran checks 6 and 7 on today's tutorial
+    checkpoints and on controls that break them, and measured what two controls hide; the README
+    says what it found."""
+    found = checkpoint.read_json(REPO / "data" / "results" / "cpu-checks" / "later_checks.json")
+    manifest = json.loads((REPO / "data" / "checkpoints" / "manifest.json").read_text())
+    rows = found["results"]
+    for entry in manifest["checkpoints"]:
+        assert rows[entry["method"]]["sha256"] == entry["sha256"], \
+            f"later_checks.json ran on another {entry['method']} checkpoint: run it again"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert found["n"] == 1000 and "the first 1,000 test images" in readme
+    honest = [row for row in rows.values() if not row.get("control")]
+    assert all(row[c]["passed"] for row in honest for c in ("gradient_signs", "deterministic"))
+    assert all(v == 0 for row in honest for v in row["deterministic"]["max_change"].values())
+    assert "no logit changes in any of the four comparisons" in readme
+    shares = [v for row in honest for v in row["gradient_signs"]["agreement"].values()]
+    quoted = f"{min(shares):.1%} to {max(shares):.1%}".replace("%", " %")
+    assert f"agrees with the loss's change on {quoted}" in readme
+    # and MIN_SIGN_AGREEMENT's doc comment, which gives the threshold's margins
+    source = " ".join((REPO / "anchor_lib" / "evaluate.py").read_text().replace("#:", "").split())
+
+    def control(start: str) -> dict:
+        (row,) = [row for name, row in rows.items() if name.startswith(start)]
+        return row
+
+    for row in (r for r in rows.values() if r.get("control")):
+        assert row["gradient_signs"]["passed"] is False or not row["deterministic"]["passed"]
+
+    def signs(row: dict) -> str:
+        return f"{row['gradient_signs']['agreement']['ce']:.1%}".replace("%", " %")
+
+    def change(row: dict, comparison: str) -> str:
+        return f"{row['deterministic']['max_change'][comparison]:.1e}"
+
+    shattered = control("pgd_at, green rounded, gradient of random sign")
+    noisy = control("pgd_at, input noise")
+    assert f"checkpoints agree on {quoted} and such a control on {signs(shattered)}" in source
+    assert f"the shattered model's signs agree on {signs(shattered)} (the rounded green's on " \
+           f"{signs(control('pgd_at, green channel rounded'))})" in readme
+    assert f"the noisy model's on {signs(noisy)} and its logits change by up to " \
+           f"{change(noisy, 'autograd')}" in readme
+    assert max(noisy["deterministic"]["max_change"].values()) == \
+        noisy["deterministic"]["max_change"]["autograd"]
+    assert f"the batch-centred model's by {change(control('pgd_at, images centred'), 'batch')}" \
+        in readme
+    assert f"the decoy's by {change(control('decoy'), 'autograd')} while autograd records" \
+        in readme
+    assert f"the memory's by {change(control('pgd_at, remembers'), 'history')} after" in readme
+
+    hidden = found["hidden"]
+    assert hidden["n"] == 100 and "On the first 100 test images the shattered model" in readme
+    green = hidden["shattered_green"]
+    assert [c for c, r in green["sanity"].items() if not r["passed"]] == ["gradient_signs"]
+    assert "the shattered model passes the other six checks" in readme
+    assert f"as it is it scores {scores(green['as it is'])}, through BPDA " \
+           f"{scores(green['through BPDA'])}" in readme
+    decoy = hidden["decoy"]
+    assert f"The decoy scores {scores(decoy['decoy'])} where the PGD-AT model it answers with, " \
+           f"attacked itself, scores {scores(decoy['pgd_at itself'])}" in readme
+    # chapter 6 says so in words: the decoy scores higher than the model that answers for it,
+    # and fails checks 3, 6 and 7
+    assert all(decoy["decoy"][a] > decoy["pgd_at itself"][a]
+               for a in ("pgd20", "cw", "autoattack", "worst_case"))
+    assert not any(decoy["sanity"][c]["passed"]
+                   for c in ("black_box_weaker", "gradient_signs", "deterministic"))
+    assert "so check 3 fails it too" in readme
