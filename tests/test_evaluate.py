@@ -655,6 +655,67 @@ def test_deterministic_refuses_broken_models_and_labels(trained):
         check_deterministic(model, x[:4], y[:4], eps=0.0)
 
 
+def test_gradient_signs_pass_at_exactly_the_required_share_and_need_both_losses(trained):
+    """At least min_agreement passes (a share equal to it is allowed), and under each loss:
+    a model whose signs agree well enough under one loss only fails."""
+    model, x, y = trained
+    x, y, shattered = x[:12], y[:12], ShatteredChannel(model)   # shares well below 1
+    found = check_gradient_signs(shattered, x, y, EPS, coordinates=4)["agreement"]
+    low, high = min(found.values()), max(found.values())
+    assert low < high, "the two losses agree on the same share: pick other images"
+    at_low = check_gradient_signs(shattered, x, y, EPS, coordinates=4, min_agreement=low)
+    assert at_low["passed"] is True and at_low["agreement"] == found
+    assert check_gradient_signs(shattered, x, y, EPS, coordinates=4,
+                                min_agreement=high)["passed"] is False
+
+
+def test_gradient_signs_refuse_arguments_they_cannot_use(trained):
+    model, x, y = trained
+    x, y = x[:4], y[:4]
+    for kwargs, match in (({"eps": 0.0}, "eps must be"),
+                          ({"coordinates": 0}, "coordinates must be"),
+                          ({"coordinates": 1.5}, "coordinates must be an int"),
+                          ({"step": 0.0}, "step must be"),
+                          ({"step": 1.5}, "step must be"),
+                          ({"min_agreement": -0.1}, "min_agreement must be"),
+                          ({"min_agreement": 1.5}, "min_agreement must be")):
+        args = {"eps": EPS, **kwargs}
+        with pytest.raises((ValueError, TypeError), match=match):
+            check_gradient_signs(model, x, y, **args)
+    # the extremes are allowed: one coordinate, a step across the whole range
+    assert check_gradient_signs(model, x, y, EPS, coordinates=1, step=1.0,
+                                min_agreement=1.0)["sampled"] == 2 * 4
+
+
+class _Drifting(nn.Module):
+    """``model`` whose logits grow by ``factor`` at every call after the first: a change of
+    ``factor`` relative to the logits' scale between the first call and any later one."""
+
+    def __init__(self, model: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.model, self.factor, self.calls = model, factor, 0
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        out = self.model(xb).double()
+        scale = out.abs().amax(1, keepdim=True).clamp(min=1.0)
+        drift = self.factor * scale * min(self.calls, 1)
+        self.calls += 1
+        return (out + drift).float()
+
+
+def test_deterministic_holds_float32_models_to_max_logit_change(trained, monkeypatch):
+    """MAX_LOGIT_CHANGE is the float32 limit, and a change equal to the limit passes."""
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    assert evaluate.MAX_LOGIT_CHANGE == pytest.approx(1e-4)
+    assert check_deterministic(_Drifting(model, 0.5e-4), x, y)["passed"] is True
+    over = check_deterministic(_Drifting(model, 1.5e-4), x, y)
+    assert over["passed"] is False and over["tolerance"] == evaluate.MAX_LOGIT_CHANGE
+    assert over["max_change"]["repeat"] == pytest.approx(1.5e-4, rel=0.05)
+    monkeypatch.setattr(evaluate, "MAX_LOGIT_CHANGE", max(over["max_change"].values()))
+    assert check_deterministic(_Drifting(model, 1.5e-4), x, y)["passed"] is True
+
+
 def test_check_autoattack_gap():
     ok = check_autoattack_gap(0.50, 0.48)
     assert ok["passed"] is True and ok["gap"] == pytest.approx(0.02)
