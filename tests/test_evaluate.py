@@ -476,6 +476,10 @@ def test_gradient_signs_step_where_the_attacks_look(trained):
         steps = torch.stack([(m - point).flatten(1).abs().amax(1)
                              for m in recording.seen[k:k + 4]])
         assert torch.isclose(steps, torch.tensor(1 / 255)).float().mean() > 0.9  # bar clipping
+    # A step never leaves the image range: on a white image every step up is clipped.
+    white = Recording(model.eval())
+    check_gradient_signs(white, torch.ones_like(x[:2]), y[:2], EPS, coordinates=2)
+    assert all(0 <= float(p.min()) and float(p.max()) <= 1 for p in white.seen)
 
 
 def test_gradient_signs_need_a_loss_that_moves(trained):
@@ -688,15 +692,16 @@ def test_gradient_signs_refuse_arguments_they_cannot_use(trained):
 
 
 class _Drifting(nn.Module):
-    """``model`` whose logits grow by ``factor`` at every call after the first: a change of
-    ``factor`` relative to the logits' scale between the first call and any later one."""
+    """``model``'s logits times ``gain``, grown by ``factor`` at every call after the first: a
+    change of ``factor`` relative to the logits' scale (their largest magnitude, at least 1)
+    between the first call and any later one."""
 
-    def __init__(self, model: nn.Module, factor: float) -> None:
+    def __init__(self, model: nn.Module, factor: float, gain: float = 1.0) -> None:
         super().__init__()
-        self.model, self.factor, self.calls = model, factor, 0
+        self.model, self.factor, self.gain, self.calls = model, factor, gain, 0
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        out = self.model(xb).double()
+        out = self.gain * self.model(xb).double()
         scale = out.abs().amax(1, keepdim=True).clamp(min=1.0)
         drift = self.factor * scale * min(self.calls, 1)
         self.calls += 1
@@ -708,12 +713,16 @@ def test_deterministic_holds_float32_models_to_max_logit_change(trained, monkeyp
     model, x, y = trained
     x, y = x[:8], y[:8]
     assert evaluate.MAX_LOGIT_CHANGE == pytest.approx(1e-4)
-    assert check_deterministic(_Drifting(model, 0.5e-4), x, y)["passed"] is True
-    over = check_deterministic(_Drifting(model, 1.5e-4), x, y)
-    assert over["passed"] is False and over["tolerance"] == evaluate.MAX_LOGIT_CHANGE
-    assert over["max_change"]["repeat"] == pytest.approx(1.5e-4, rel=0.05)
-    monkeypatch.setattr(evaluate, "MAX_LOGIT_CHANGE", max(over["max_change"].values()))
-    assert check_deterministic(_Drifting(model, 1.5e-4), x, y)["passed"] is True
+    # large logits (the scale is the largest magnitude) and tiny ones (the scale is 1)
+    for gain in (100.0, 1e-3):
+        assert check_deterministic(_Drifting(model, 0.5e-4, gain), x, y)["passed"] is True
+        over = check_deterministic(_Drifting(model, 1.5e-4, gain), x, y)
+        assert over["passed"] is False and over["tolerance"] == evaluate.MAX_LOGIT_CHANGE
+        assert over["max_change"]["repeat"] == pytest.approx(1.5e-4, rel=0.05), gain
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "MAX_LOGIT_CHANGE", max(over["max_change"].values()))
+        at_limit = check_deterministic(_Drifting(model, 1.5e-4, gain), x, y)
+    assert at_limit["passed"] is True and "not to be trusted" not in at_limit["detail"]
 
 
 def test_check_autoattack_gap():
