@@ -691,6 +691,26 @@ def test_gradient_signs_refuse_arguments_they_cannot_use(trained):
                                 min_agreement=1.0)["sampled"] == 2 * 4
 
 
+def test_deterministic_shows_the_model_only_images(trained):
+    """The history comparison's points near mirrored images stay in [0, 1], like every input
+    the check gives the model: on a white image half of a random point's coordinates would
+    leave the range unclipped."""
+    model, x, y = trained
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            seen.append(xb.detach().clone())
+            return model(xb)
+
+    white = torch.ones_like(x[:4])
+    assert check_deterministic(Recording().eval(), white, y[:4])["passed"] is True
+    # first, repeat, autograd, batch (of 3 and 1), near, mirrored, near
+    assert len(seen) == 8
+    assert all(0 <= float(p.min()) and float(p.max()) <= 1 for p in seen)
+    assert any(float(p.min()) < 1 for p in seen), "no point of the eps-ball was shown"
+
+
 class _Drifting(nn.Module):
     """``model``'s logits times ``gain``, grown by ``factor`` at every call after the first: a
     change of ``factor`` relative to the logits' scale (their largest magnitude, at least 1)
