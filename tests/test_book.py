@@ -384,6 +384,8 @@ def test_notebook_source_is_clean_and_runnable_in_colab(page):
 # A figure's alt text: one or two sentences on what it shows, set in its code cell's metadata as
 # {"mystnb": {"image": {"alt": "..."}}}; MyST-NB gives it to every image output of the cell.
 ALT_LENGTH = (40, 400)
+# A caption names the figure and says what to look for: a sentence or two.
+CAPTION_LENGTH = (60, 400)
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
@@ -406,6 +408,28 @@ def test_every_figure_cell_has_alt_text(page):
     assert not problems, (f"{page}.ipynb: figure cells without usable alt text (set the cell's "
                           f"metadata {{\"mystnb\": {{\"image\": {{\"alt\": \"...\"}}}}}}): "
                           f"{problems}")
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_every_figure_cell_has_a_caption(page):
+    """Each figure cell also carries a caption (``mystnb.figure.caption``): MyST-NB then puts its
+    images in a numbered <figure> with the caption under it, which says what is plotted and
+    what to look for (checked on the built pages by :func:`test_chapter_figures_have_captions`)."""
+    nb = static.load_notebook(page)
+    problems = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "plt.show()" not in cell.source:
+            continue
+        caption = cell.metadata.get("mystnb", {}).get("figure", {}).get("caption")
+        where = f"cell {index} (id {cell.get('id')})"
+        if not isinstance(caption, str) or not caption.strip():
+            problems.append(f"{where}: no metadata mystnb.figure.caption")
+        elif not CAPTION_LENGTH[0] <= len(caption) <= CAPTION_LENGTH[1]:
+            problems.append(f"{where}: caption of {len(caption)} characters, "
+                            f"expected {CAPTION_LENGTH[0]}-{CAPTION_LENGTH[1]}")
+        elif caption.strip() == cell.metadata["mystnb"].get("image", {}).get("alt", "").strip():
+            problems.append(f"{where}: the caption repeats the alt text")
+    assert not problems, f"{page}.ipynb: figure cells without a usable caption: {problems}"
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
@@ -510,6 +534,48 @@ def _has_alt_text(image: dict[str, str | None]) -> bool:
     alt, which a screen reader reads out as a file name: that counts as none."""
     alt, src = (image.get("alt") or "").strip(), image.get("src") or ""
     return bool(alt) and alt != src and Path(src).name not in alt
+
+
+class _Figures(HTMLParser):
+    """For every <img> of a page: whether it sits in a <figure>, and the text of that figure's
+    <figcaption> (empty when it has none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[dict[str, str | None], list[str]]] = []
+        self._figures: list[list[str]] = []   # caption text of each open <figure>
+        self._in_caption = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "figure":
+            self._figures.append([])
+        elif tag == "figcaption":
+            self._in_caption += 1
+        elif tag == "img":
+            self.images.append((dict(attrs), self._figures[-1] if self._figures else None))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "figure" and self._figures:
+            self._figures.pop()
+        elif tag == "figcaption":
+            self._in_caption -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self._in_caption and self._figures:
+            self._figures[-1].append(data)
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_chapter_figures_have_captions(html, page):
+    parser = _Figures()
+    parser.feed((html / f"{page}.html").read_text(encoding="utf-8"))
+    parser.close()
+    figures = [(img, caption) for img, caption in parser.images if _is_figure(img)]
+    bare = [Path(img.get("src") or "").name for img, caption in figures
+            if caption is None or not re.sub(r"Fig\.\s*[\d.]+", "", " ".join(caption)).strip()]
+    assert not bare, (f"{page}.html: {len(bare)} of {len(figures)} figures without a caption "
+                      f"(set mystnb.figure.caption in the metadata of the code cell that draws "
+                      f"them): {bare}")
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
