@@ -128,7 +128,7 @@ def plot_history(history: Any, ax=None, *, columns: Sequence[str] | None = None,
     if title:
         ax.set_title(title)
     if columns:
-        ax.legend(fontsize="small")
+        ax.legend()
     return ax
 
 
@@ -191,9 +191,8 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
         vh = [Line2D([], [], ls="", marker="", label="view"),
               *(Line2D([], [], ls="", marker=VIEW_MARKERS[v], color="0.3", label=VIEW_LABELS[v])
                 for v in drawn)] if len(drawn) > 1 else []
-        legend_ = ax.legend(handles=[*handles, *vh], fontsize="small", loc="upper left",
-                            bbox_to_anchor=(1.0, 1.0), frameon=False, title="class",
-                            title_fontsize="small")
+        legend_ = ax.legend(handles=[*handles, *vh], loc="upper left",
+                            bbox_to_anchor=(1.0, 1.0), frameon=False, title="class")
         if vh:
             legend_.get_texts()[len(handles)].set_fontweight("bold")
         legend_.get_title().set_fontweight("bold")
@@ -201,18 +200,23 @@ def plot_umap(coords: np.ndarray, labels: np.ndarray, views: Sequence[str] | np.
 
 
 # The height of one row of plot_umap's legend at matplotlib's default font size: its 15 rows
-# (two headings, ten classes, three views) measured 2.83 inches.
-LEGEND_ROW_INCHES = 0.19
+# (two headings, ten classes, three views) measured 3.23 inches.
+LEGEND_ROW_INCHES = 0.22
+# The height of one line of a figure title (suptitle) at the default font size, with its margin.
+TITLE_LINE_INCHES = 0.25
 
 
 def plot_umap_panels(results: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                      show_views: Sequence[str] | None = None, class_names: Sequence[str] = CLASSES,
-                     panel_size: float = 4.0, s: float = 10.0):
+                     panel_size: float = 4.0, s: float = 10.0, title: str | None = None):
     """One UMAP panel per method, side by side, with one shared legend on the right.
 
     Args:
         results: ``{name: (coords (N, 2), labels (N,), views (N,))}``; names like ``"anchor"``
             are shown as ``"ANCHOR"``.
+        panel_size: each panel's width in inches.
+        title: the figure's title, over all panels (lines split at ``"\\n"``); the figure is
+            made taller for it, so that it does not squeeze the panels.
 
     Returns:
         The Figure.
@@ -223,9 +227,12 @@ def plot_umap_panels(results: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndar
     # The legend beside the last panel lists every class and view under two headings; a figure
     # shorter than it made constrained layout flatten every panel and cut the legend off.
     rows = 2 + len(class_names) + len(VIEW_MARKERS)
-    height = max(panel_size + 0.4, LEGEND_ROW_INCHES * rows + 0.3)
+    lines = title.count("\n") + 1 if title else 0
+    height = max(panel_size + 0.4, LEGEND_ROW_INCHES * rows + 0.3) + TITLE_LINE_INCHES * lines
     fig, axes = plt.subplots(1, k, figsize=(panel_size * k + 1.6, height),
                              layout="constrained", squeeze=False)
+    if title:
+        fig.suptitle(title)
     for i, (name, (coords, labels, views)) in enumerate(results.items()):
         plot_umap(coords, labels, views, axes[0, i], title=METHOD_LABELS.get(name, name),
                   class_names=class_names, show_views=show_views, legend=(i == k - 1), s=s)
@@ -312,7 +319,7 @@ def show_images(x: Any, titles: Sequence[str] | None = None, *, ncols: int = 8,
                       cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1,
                       interpolation="nearest")
             if titles is not None:
-                ax.set_title(titles[i], fontsize="small")
+                ax.set_title(titles[i])
     if suptitle:
         fig.suptitle(suptitle)
     return fig
@@ -368,7 +375,8 @@ def plot_results(runs: Sequence[Any], ax=None, *, attacks: Sequence[str] = ATTAC
         raise ValueError(f"plot_results needs runs evaluated with some of {list(attacks)}; "
                          f"got {len(df)} run(s) with columns {list(df.columns)}")
     wide = 1.3 * len(shown) + 0.25 * len(df) * len(shown)  # inches: room for every bar
-    ax = _new_ax(ax, figsize=(min(10.0, max(6.0, wide)), 3.6))
+    # at most 8.5 inches: a wider figure is shrunk to the page's column, its text with it
+    ax = _new_ax(ax, figsize=(min(8.5, max(6.0, wide)), 3.6))
     acc = df[shown].to_numpy(dtype=float)
     n = df[[f"n_{a}" for a in shown]].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
     err = 2 * np.sqrt(acc * (1 - acc) / n)
@@ -382,12 +390,12 @@ def plot_results(runs: Sequence[Any], ax=None, *, attacks: Sequence[str] = ATTAC
         x = np.arange(len(shown)) + (i - (len(df) - 1) / 2) * width
         bars = ax.bar(x, acc[i], width, yerr=err[i], capsize=2, label=label, color=colors[i])
         # A bar of height 0 is invisible: say "0" where it stands, so it does not read as missing.
-        ax.bar_label(bars, labels=["0" if v == 0 else "" for v in acc[i]], fontsize=7)
+        ax.bar_label(bars, labels=["0" if v == 0 else "" for v in acc[i]], fontsize=9)
     ax.set_xticks(np.arange(len(shown)), [ATTACK_LABELS.get(a, a) for a in shown])
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncols=min(len(df), 5))
+    ax.legend(ncols=min(len(df), 5))
     if title:
         ax.set_title(title)
     return ax

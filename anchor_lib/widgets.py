@@ -130,7 +130,7 @@ def eps_frames(model, x: torch.Tensor, y: int | torch.Tensor, eps_values: Sequen
 
 
 def plot_eps_frame(frame: Mapping[str, Any], *, class_names: Sequence[str] = CLASSES,
-                   figsize=(10.0, 3.2)):
+                   figsize=(8.5, 3.0)):
     """Image, adversarial image, amplified perturbation and class probabilities for one eps.
 
     The perturbation ``delta = x_adv - x`` is shown as ``0.5 + delta / (2 eps)`` (grey = 0), so
@@ -151,16 +151,16 @@ def plot_eps_frame(frame: Mapping[str, Any], *, class_names: Sequence[str] = CLA
               (amp, "perturbation (amplified)"))
     for ax, (img, title) in zip(axes[:3], panels, strict=True):
         ax.imshow(np.clip(img, 0, 1))
-        ax.set_title(title, fontsize="small")
+        ax.set_title(title, fontsize=9)
         ax.axis("off")
     k = np.arange(len(pc))
     axes[3].bar(k - 0.2, pc, width=0.4, label="clean", color="0.6")
     axes[3].bar(k + 0.2, pa, width=0.4, label="adversarial", color="tab:red")
-    axes[3].set_xticks(k, [name(i) for i in k], rotation=45, ha="right", fontsize="small")
+    axes[3].set_xticks(k, [name(i) for i in k], rotation=45, ha="right", fontsize=9)
     axes[3].get_xticklabels()[y].set_fontweight("bold")
     axes[3].set_ylim(0, 1)
     axes[3].set_ylabel("probability")
-    axes[3].legend(fontsize="small")
+    axes[3].legend(fontsize=9)
     return fig
 
 
