@@ -338,3 +338,27 @@ def test_readme_quotes_checks_6_and_7_on_the_committed_checkpoints():
     assert not any(decoy["sanity"][c]["passed"]
                    for c in ("black_box_weaker", "gradient_signs", "deterministic"))
     assert "so check 3 fails it too" in readme
+
+
+def test_figure_text_was_measured_on_every_figure_and_the_readme_quotes_it():
+    """data/results/cpu-checks/figure_text.json measured every figure cell of today's chapters
+    (a cell added since is missing from it), none below the floor, as the README says."""
+    import nbformat
+
+    found = checkpoint.read_json(DATA / "results" / "cpu-checks" / "figure_text.json")
+    cells = set()
+    for path in sorted((REPO / "book").glob("0*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        cells |= {(path.stem, c.get("id")) for c in nb.cells
+                  if c.cell_type == "code" and "plt.show()" in c.source}
+    measured = {(f["chapter"], f["cell"]) for f in found["figures"]}
+    assert cells <= measured, f"figure cells not measured: {sorted(cells - measured)}"
+    sizes = [f["smallest_text_px"] for f in found["figures"]]
+    below = [f for f in found["figures"] if f["smallest_text_px"] < found["min_text_px"]]
+    assert found["below_min_text_px"] == len(below) == 0, below
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (f"the smallest of the {len(sizes)} figures reads at {min(sizes):.1f} px, none below "
+            f"the book's floor of {found['min_text_px']:g} px, and "
+            f"{sum(v < 11 for v in sizes)} of them below 11 px") in readme
+    assert f"scaled to the {found['column_px']}-px text column" in readme
+
