@@ -388,23 +388,33 @@ ALT_LENGTH = (40, 400)
 CAPTION_LENGTH = (60, 400)
 
 
-@pytest.mark.parametrize("page", CHAPTERS)
-def test_every_figure_cell_has_alt_text(page):
-    """Each code cell that calls ``plt.show()`` (how every figure of the book is drawn) carries
-    alt text in its metadata: MyST-NB renders the cell's images with it (checked on the built
-    pages by :func:`test_chapter_figures_have_alt_text`)."""
-    nb = static.load_notebook(page)
+def _figure_text_problems(page: str, key: str, name: str, length: tuple[int, int]) -> list[str]:
+    """What is wrong with ``mystnb.<key>`` of each figure cell of ``page`` (a code cell that
+    calls ``plt.show()``, how every figure of the book is drawn): missing, or its length
+    outside ``length``."""
     problems = []
-    for index, cell in enumerate(nb.cells):
+    for index, cell in enumerate(static.load_notebook(page).cells):
         if cell.cell_type != "code" or "plt.show()" not in cell.source:
             continue
-        alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt")
+        section, field = key.split(".")
+        text = cell.metadata.get("mystnb", {}).get(section, {}).get(field)
         where = f"cell {index} (id {cell.get('id')})"
-        if not isinstance(alt, str) or not alt.strip():
-            problems.append(f"{where}: no metadata mystnb.image.alt")
-        elif not ALT_LENGTH[0] <= len(alt) <= ALT_LENGTH[1]:
-            problems.append(f"{where}: alt text of {len(alt)} characters, "
-                            f"expected {ALT_LENGTH[0]}-{ALT_LENGTH[1]}")
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"{where}: no metadata mystnb.{key}")
+        elif not length[0] <= len(text) <= length[1]:
+            problems.append(f"{where}: {name} of {len(text)} characters, "
+                            f"expected {length[0]}-{length[1]}")
+        elif key == "figure.caption" and text.strip() == \
+                cell.metadata["mystnb"].get("image", {}).get("alt", "").strip():
+            problems.append(f"{where}: the caption repeats the alt text")
+    return problems
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_every_figure_cell_has_alt_text(page):
+    """Each figure cell carries alt text in its metadata: MyST-NB renders the cell's images with
+    it (checked on the built pages by :func:`test_chapter_figures_have_alt_text`)."""
+    problems = _figure_text_problems(page, "image.alt", "alt text", ALT_LENGTH)
     assert not problems, (f"{page}.ipynb: figure cells without usable alt text (set the cell's "
                           f"metadata {{\"mystnb\": {{\"image\": {{\"alt\": \"...\"}}}}}}): "
                           f"{problems}")
@@ -415,20 +425,7 @@ def test_every_figure_cell_has_a_caption(page):
     """Each figure cell also carries a caption (``mystnb.figure.caption``): MyST-NB then puts its
     images in a numbered <figure> with the caption under it, which says what is plotted and
     what to look for (checked on the built pages by :func:`test_chapter_figures_have_captions`)."""
-    nb = static.load_notebook(page)
-    problems = []
-    for index, cell in enumerate(nb.cells):
-        if cell.cell_type != "code" or "plt.show()" not in cell.source:
-            continue
-        caption = cell.metadata.get("mystnb", {}).get("figure", {}).get("caption")
-        where = f"cell {index} (id {cell.get('id')})"
-        if not isinstance(caption, str) or not caption.strip():
-            problems.append(f"{where}: no metadata mystnb.figure.caption")
-        elif not CAPTION_LENGTH[0] <= len(caption) <= CAPTION_LENGTH[1]:
-            problems.append(f"{where}: caption of {len(caption)} characters, "
-                            f"expected {CAPTION_LENGTH[0]}-{CAPTION_LENGTH[1]}")
-        elif caption.strip() == cell.metadata["mystnb"].get("image", {}).get("alt", "").strip():
-            problems.append(f"{where}: the caption repeats the alt text")
+    problems = _figure_text_problems(page, "figure.caption", "caption", CAPTION_LENGTH)
     assert not problems, f"{page}.ipynb: figure cells without a usable caption: {problems}"
 
 

@@ -238,16 +238,23 @@ def scores(accuracies: dict) -> str:
             f"{accuracies['worst_case']:.0%})").replace("%", " %")
 
 
+def _ran_on_todays_checkpoints(name: str) -> dict:
+    """The file ``data/results/cpu-checks/<name>``, after checking that its rows of the tutorial
+    checkpoints ran on the ones the manifest lists today (their sha256s)."""
+    found = checkpoint.read_json(REPO / "data" / "results" / "cpu-checks" / name)
+    manifest = json.loads((REPO / "data" / "checkpoints" / "manifest.json").read_text())
+    for entry in manifest["checkpoints"]:
+        assert found["results"][entry["method"]]["sha256"] == entry["sha256"], \
+            f"{name} ran on another {entry['method']} checkpoint: run it again"
+    return found
+
+
 def test_readme_quotes_check_5_on_the_committed_checkpoints():
     """data/results/cpu-checks/zero_gradients.json ran the fifth sanity check on today's tutorial
     checkpoints (the manifest's sha256s) and measured what the green rounding hides, and the
     README says what it found."""
-    found = checkpoint.read_json(REPO / "data" / "results" / "cpu-checks" / "zero_gradients.json")
-    manifest = json.loads((REPO / "data" / "checkpoints" / "manifest.json").read_text())
+    found = _ran_on_todays_checkpoints("zero_gradients.json")
     rows = found["results"]
-    for entry in manifest["checkpoints"]:
-        assert rows[entry["method"]]["sha256"] == entry["sha256"], \
-            f"zero_gradients.json ran on another {entry['method']} checkpoint: run it again"
     readme = " ".join((REPO / "README.md").read_text().split())
     honest = [row for row in rows.values() if not row.get("control")]
     assert all(v == 0 for row in honest for v in row["zero_share"].values()), \
@@ -275,12 +282,8 @@ def test_readme_quotes_checks_6_and_7_on_the_committed_checkpoints():
     """data/results/cpu-checks/later_checks.json ran checks 6 and 7 on today's tutorial
     checkpoints and on controls that break them, and measured what two controls hide; the README
     says what it found."""
-    found = checkpoint.read_json(REPO / "data" / "results" / "cpu-checks" / "later_checks.json")
-    manifest = json.loads((REPO / "data" / "checkpoints" / "manifest.json").read_text())
+    found = _ran_on_todays_checkpoints("later_checks.json")
     rows = found["results"]
-    for entry in manifest["checkpoints"]:
-        assert rows[entry["method"]]["sha256"] == entry["sha256"], \
-            f"later_checks.json ran on another {entry['method']} checkpoint: run it again"
     readme = " ".join((REPO / "README.md").read_text().split())
     assert found["n"] == 1000 and "the first 1,000 test images" in readme
     honest = [row for row in rows.values() if not row.get("control")]
