@@ -73,7 +73,6 @@ def measure_figure(fig, column_px: float = COLUMN_PX) -> dict:
 
 def run_chapter(path: Path) -> list[dict]:
     """Execute one chapter's code cells and measure every figure it shows."""
-    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -110,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", nargs="?", type=Path, default=OUT)
     parser.add_argument("--chapters", nargs="*", help="chapter numbers (default: all)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+    from execute_book import chapters as toc_chapters  # the notebooks _toc.yml lists
+
     from anchor_lib import checkpoint, provenance
     from anchor_lib.train import default_profile
 
-    chapters = sorted((REPO / "book").glob("0*.ipynb"))
+    chapters = toc_chapters(REPO)
     if args.chapters:
         chapters = [p for p in chapters if p.name[:2] in args.chapters]
     figures, seconds = [], {}
